@@ -1,0 +1,1 @@
+"""The ScalingCache torch.compile backend and its lowering (``sc_compile.backends``)."""

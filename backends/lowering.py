@@ -1,0 +1,83 @@
+"""Lowering: specialise the cond-guarded graph into a full-step and a cached-step graph.
+
+Inductor could lower ``torch.cond`` itself, but on CPU and CUDA that becomes a host ``pred.item()``
+with the branches outside CUDA graphs, keeps the embedders in the cached step, and on Wan meets a
+stride bug in ``ir.Conditional``. So the predicate is fixed before Inductor: every cond is replaced
+by the inlined body of one branch, dead code is eliminated (the cached-step graph loses the blocks,
+embedders and text projections no output needs), and unused inputs are pruned. Each graph records
+which of the cond graph's inputs it takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx
+
+from sc_compile.passes.insert_cache_conds import IS_FULL
+from sc_compile.passes.pass_manager import copy_graph_module
+
+
+@dataclasses.dataclass
+class SpecializedGraph:
+    """A graph with the predicate fixed, and the cond-graph input positions it reads."""
+
+    graph_module: torch.fx.GraphModule
+    input_indices: list[int]
+
+    @property
+    def num_compute_nodes(self) -> int:
+        return sum(1 for n in self.graph_module.graph.nodes if n.op in ("call_function", "call_method"))
+
+
+def _inline_cond(gm: torch.fx.GraphModule, cond: torch.fx.Node, take_full: bool) -> None:
+    graph = gm.graph
+    _, true_attr, false_attr, operands = cond.args
+    branch_attr = true_attr if take_full else false_attr
+    branch: torch.fx.GraphModule = getattr(gm, branch_attr.target)
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    placeholders = [n for n in branch.graph.nodes if n.op == "placeholder"]
+    for placeholder, operand in zip(placeholders, operands, strict=True):
+        env[placeholder] = operand
+    results: tuple = ()
+    with graph.inserting_before(cond):
+        for node in branch.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                results = tuple(env[r] for r in node.args[0])
+                continue
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    for user in list(cond.users):
+        assert user.op == "call_function" and user.target is operator.getitem, user
+        user.replace_all_uses_with(results[user.args[1]])
+        graph.erase_node(user)
+    graph.erase_node(cond)
+    for attr in (true_attr, false_attr):
+        if not attr.users:
+            graph.erase_node(attr)
+
+
+def specialize_cache_conds(cond_gm: torch.fx.GraphModule, *, full: bool) -> SpecializedGraph:
+    """The full-step (``full=True``) or cached-step graph of a cond-guarded graph."""
+    gm = copy_graph_module(cond_gm)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.higher_order.cond:
+            _inline_cond(gm, node, full)
+    gm.graph.eliminate_dead_code()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    kept: list[int] = []
+    for index, node in enumerate(placeholders):
+        if node.users:
+            kept.append(index)
+        else:
+            gm.graph.erase_node(node)
+    assert all(p.name != IS_FULL for p in gm.graph.nodes if p.op == "placeholder")
+    # Branch submodules are no longer referenced.
+    for name, _ in list(gm.named_children()):
+        delattr(gm, name)
+    gm.graph.lint()
+    gm.recompile()
+    return SpecializedGraph(gm, kept)

@@ -1,0 +1,231 @@
+"""The ``scalingcache`` torch.compile backend.
+
+``torch.compile(model, backend="scalingcache", options={...})`` resolves here through the
+``torch_dynamo_backends`` entry point. The backend is thin: validate the options, run the cache
+passes on a copy of Dynamo's graph, lower the cond-guarded graph into a full-step and a cached-step
+graph, compile both with the inner compiler (Inductor by default, with every Inductor option and
+``mode`` the user gave), and return the runtime that picks one per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+
+from sc_compile.alpha import AlphaTable, resolve_alpha_source
+from sc_compile.backends.lowering import SpecializedGraph, specialize_cache_conds
+from sc_compile.config import Fallback, InnerCompiler, ScalingCacheConfig, split_options
+from sc_compile.passes import run_cache_passes
+from sc_compile.passes.find_blocks import NoBlocksFoundError, UnsupportedGraphError
+from sc_compile.passes.layout import CacheLayout, tensor_meta
+from sc_compile.runtime import CompiledStep, PointLayout, ScalingCacheRuntime, session_for
+
+log = logging.getLogger(__name__)
+
+TIMESTEP_NAMES = ("timestep", "timesteps", "t", "time", "sigma", "sigmas")
+
+
+def traced_module() -> torch.nn.Module | None:
+    """The ``nn.Module`` whose forward Dynamo is compiling (``self`` of the traced frame)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    if tx is None:
+        return None
+    for value in tx.f_locals.values():
+        if isinstance(value, torch.nn.Module):
+            return getattr(value, "_orig_mod", value)
+    return None
+
+
+def _source_name(node: torch.fx.Node) -> str:
+    source = getattr(node, "_dynamo_source", None)
+    return source.name if source is not None and hasattr(source, "name") else node.name
+
+
+def find_timestep_input(gm: torch.fx.GraphModule, model_class: str) -> int:
+    """Index of the placeholder carrying the diffusion timestep."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    candidates = []
+    for index, node in enumerate(placeholders):
+        name = _source_name(node)
+        # Last component of L['kwargs']['timestep'] / L['timestep'].
+        leaf = name.replace('"', "'").rstrip("]").split("[")[-1].strip("'") if "[" in name else name
+        leaf = leaf.lower()
+        meta = tensor_meta(node)
+        if leaf in TIMESTEP_NAMES and meta is not None and meta.numel() <= 4096:
+            candidates.append(index)
+    if not candidates:
+        raise UnsupportedGraphError(
+            f"{model_class}: could not find the timestep input among the graph inputs "
+            f"{[_source_name(p) for p in placeholders if not isinstance(tensor_meta(p), torch.nn.Parameter)][:12]}. "
+            "ScalingCache places each call in a generation by the timestep: pass it as a tensor named "
+            "'timestep' (diffusers pipelines do)."
+        )
+    return candidates[0]
+
+
+def compile_inner(
+    spec: SpecializedGraph,
+    example_inputs: Sequence[Any],
+    compiler: InnerCompiler,
+    config_patches: Mapping[str, Any],
+) -> CompiledStep:
+    inputs = [example_inputs[i] for i in spec.input_indices]
+    start = time.perf_counter()
+    fn: Callable[..., Any]
+    if compiler is InnerCompiler.EAGER:
+        fn = spec.graph_module
+    elif compiler is InnerCompiler.AOT_EAGER:
+        from torch._dynamo.backends.registry import lookup_backend
+
+        fn = lookup_backend("aot_eager")(spec.graph_module, inputs)
+    else:
+        from torch._inductor.compile_fx import compile_fx
+
+        # Each graph gets its own tracing context and fake mode: Dynamo's hold the metadata and the
+        # shape environment of the one graph it traced, which neither specialised graph (other
+        # inputs, other outputs) matches, and symbols added to its shape environment would break
+        # Dynamo's guards.
+        with torch._guards.tracing(torch._guards.TracingContext(None)):
+            fn = compile_fx(spec.graph_module, inputs, config_patches=dict(config_patches))
+    return CompiledStep(fn, spec.input_indices, spec.num_compute_nodes, time.perf_counter() - start)
+
+
+def _asset_dirs() -> list[Path]:
+    root = Path(__file__).resolve().parents[1] / "assets"
+    return [root] if root.is_dir() else []
+
+
+def _fallback(gm: torch.fx.GraphModule, example_inputs, config, patches, error: Exception):
+    log.warning(
+        "ScalingCache: %s; falling back to uncached %s as options={'fallback': 'inductor'} asks.",
+        error,
+        config.compiler.value,
+    )
+    if config.compiler is InnerCompiler.EAGER:
+        return gm
+    if config.compiler is InnerCompiler.AOT_EAGER:
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=dict(patches))
+
+
+def build_runtime(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: ScalingCacheConfig,
+    config_patches: Mapping[str, Any],
+    module: torch.nn.Module | None = None,
+):
+    """Passes, lowering, inner compilation and the runtime for one Dynamo graph."""
+    model_class = type(module).__name__ if module is not None else "the compiled module"
+    try:
+        cond_gm, layout = run_cache_passes(gm, model_class=model_class, granularity=config.granularity.value)
+        timestep_index = find_timestep_input(gm, model_class)
+    except (NoBlocksFoundError, UnsupportedGraphError) as error:
+        if config.fallback is Fallback.INDUCTOR:
+            return _fallback(gm, example_inputs, config, config_patches, error)
+        raise
+    alpha = resolve_alpha_source(
+        config.alpha,
+        model_class=model_class,
+        fingerprint=layout.fingerprint(),
+        num_points=layout.num_points,
+        granularity=layout.granularity,
+        search_dirs=_asset_dirs(),
+    )
+    return _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_gm, layout, alpha, timestep_index)
+
+
+def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_gm, layout: CacheLayout, alpha: AlphaTable | None, timestep_index: int):
+    points = layout.cache_points
+    device = tensor_meta(layout.blocks[-1].cache_points[0]).device
+    point_layout = PointLayout(
+        shapes=[p.shape for p in points],
+        dtypes=[p.dtype for p in points],
+        device=device,
+        feeds_output=[p.feeds_output for p in points],
+    )
+    session = session_for(module) if module is not None else _orphan_session()
+    full_spec = specialize_cache_conds(cond_gm, full=True)
+    cached_spec = specialize_cache_conds(cond_gm, full=False)
+    # Example state for compilation: the first stream's buffers.
+    from sc_compile.runtime import StreamState
+
+    state = StreamState(point_layout, config.cache_dtype)
+    examples = [
+        *example_inputs,
+        torch.ones((), dtype=torch.bool, device=device),
+        *state.buffers,
+        torch.zeros(len(points), device=device),
+        torch.zeros(len(points), device=device),
+        state.stats,
+    ]
+    full_step = compile_inner(full_spec, examples, config.compiler, config_patches)
+    cached_step = compile_inner(cached_spec, examples, config.compiler, config_patches)
+    alpha_source = "ones" if alpha is None else (alpha.command or f"table ({alpha.num_steps} steps)")
+    runtime = ScalingCacheRuntime(
+        model_class=layout.model_class,
+        layout=point_layout,
+        full_step=full_step,
+        cached_step=cached_step,
+        config=config,
+        alpha=alpha,
+        alpha_source=alpha_source,
+        timestep_index=timestep_index,
+        num_graph_inputs=len(example_inputs),
+        session=session,
+    )
+    runtime.streams[0] = state
+    log.info(
+        "ScalingCache: %s: %d blocks, %d cache points (%s); full step %d nodes (%.1fs), cached step %d nodes (%.1fs)",
+        layout.model_class,
+        len(layout.blocks),
+        len(points),
+        layout.granularity,
+        full_step.num_compute_nodes,
+        full_step.compile_seconds,
+        cached_step.num_compute_nodes,
+        cached_step.compile_seconds,
+    )
+    return runtime
+
+
+def _orphan_session():
+    """A session for a graph whose module Dynamo did not expose (the runtime keeps it alive)."""
+    from sc_compile.runtime import ModuleSession
+
+    return ModuleSession()
+
+
+def scalingcache(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    mode: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    config: ScalingCacheConfig | None = None,
+) -> Callable[..., Any]:
+    """The torch.compile backend: ``torch.compile(model, backend="scalingcache", options={...})``.
+
+    ``options`` holds ScalingCache's keys (see :class:`~sc_compile.config.ScalingCacheConfig`) and
+    any Inductor options; ``mode`` is Inductor's. ``config`` (the Python API) replaces the
+    ScalingCache keys of ``options``.
+    """
+    parsed, patches = split_options(options, mode)
+    if config is None:
+        config = parsed
+    elif options and any(k in ScalingCacheConfig.option_names() for k in options):
+        raise ValueError("pass ScalingCache settings either as config= or in options=, not both")
+    module = traced_module()
+    return build_runtime(gm, example_inputs, config, patches, module)

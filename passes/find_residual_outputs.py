@@ -1,0 +1,118 @@
+"""Find the residual-module outputs on each block's residual stream.
+
+A residual module writes ``y = x + gate * f(x)``. Walking back from a block's outputs through
+stream-preserving ops (casts, views, slices, ``cat``) we meet such adds; of an add's two operands the
+skip connection is the one whose in-block ancestors are a subset of the other's (``x`` versus
+``gate * f(x)``, whichever side of the ``+`` it is written on). An add followed only by a cast
+(``(x.float() + a * g).type_as(x)``) is recorded at the cast, so its buffer has the model's dtype.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from sc_compile.passes.layout import BlockInfo, tensor_meta
+
+_ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor}
+_CAST_METHODS = {"to", "float", "half", "bfloat16", "type_as", "type", "contiguous", "clone"}
+_STREAM_METHODS = _CAST_METHODS | {"view", "reshape", "clip", "clamp", "unflatten", "flatten"}
+_STREAM_FUNCTIONS = {operator.getitem, torch.cat, torch.clip, torch.clamp, torch.reshape}
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADD_TARGETS
+    return node.op == "call_method" and node.target in ("add", "add_", "__add__")
+
+
+def _is_cast(node: torch.fx.Node) -> bool:
+    return node.op == "call_method" and node.target in _CAST_METHODS
+
+
+def _stream_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The inputs through which a stream-preserving op carries the residual stream."""
+    if node.op == "call_method" and node.target in _STREAM_METHODS:
+        first = node.args[0]
+        return [first] if isinstance(first, torch.fx.Node) else []
+    if node.op == "call_function" and node.target in _STREAM_FUNCTIONS:
+        first = node.args[0]
+        if node.target is torch.cat and isinstance(first, (list, tuple)):
+            return [a for a in first if isinstance(a, torch.fx.Node)]
+        return [first] if isinstance(first, torch.fx.Node) else []
+    return []
+
+
+def _ancestors(node: torch.fx.Node, members: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """Everything ``node`` reads inside the block, and the block inputs those read."""
+    seen: set[torch.fx.Node] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        for arg in current.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                if arg in members:
+                    stack.append(arg)
+    return seen
+
+
+def _skip_operand(add: torch.fx.Node, members: set[torch.fx.Node]) -> torch.fx.Node | None:
+    """The skip connection ``x`` of ``x + g * f(x)``: the operand the other one is computed from.
+
+    It must also carry the add's full shape: a bias or a gate broadcast into an add is no stream.
+    """
+    operands = [a for a in add.args[:2] if isinstance(a, torch.fx.Node)]
+    out_meta = tensor_meta(add)
+    if len(operands) != 2 or out_meta is None:
+        return None
+    left, right = operands
+    for skip, branch in ((left, right), (right, left)):
+        skip_meta = tensor_meta(skip)
+        if skip_meta is None or tuple(skip_meta.shape) != tuple(out_meta.shape):
+            continue
+        if skip in _ancestors(branch, members):
+            return skip
+    return None
+
+
+def _through_casts(node: torch.fx.Node) -> torch.fx.Node:
+    while len(node.users) == 1:
+        (user,) = node.users
+        if not _is_cast(user):
+            break
+        node = user
+    return node
+
+
+def residual_outputs_of(block: BlockInfo) -> list[torch.fx.Node]:
+    """Residual-add outputs on ``block``'s residual stream, in graph order."""
+    members = set(block.members)
+    found: set[torch.fx.Node] = set()
+    visited: set[torch.fx.Node] = set()
+    stack = list(block.outputs)
+    while stack:
+        node = stack.pop()
+        if node in visited or node not in members:
+            continue
+        visited.add(node)
+        if _is_add(node):
+            skip = _skip_operand(node, members)
+            if skip is not None:
+                found.add(_through_casts(node))
+                stack.append(skip)
+                continue
+        stack.extend(_stream_inputs(node))
+    return [n for n in block.members if n in found]
+
+
+def find_residual_outputs(gm: torch.fx.GraphModule) -> PassResult:
+    """Record every block's residual outputs in the layout (an analysis; the graph is unchanged)."""
+    from sc_compile.passes.pass_manager import layout_of
+
+    for block in layout_of(gm).blocks:
+        block.residual_outputs = residual_outputs_of(block)
+    return PassResult(gm, False)

@@ -1,0 +1,290 @@
+"""Rewrite every block into a ``torch.cond`` between its real computation and the prediction.
+
+For block ``l`` with cache points ``p`` the pass emits::
+
+    outputs_l = torch.ops.higher_order.cond(
+        sc_is_full, sc_full_<block>, sc_cached_<block>,
+        (block inputs..., sc_y_full_p, sc_dy_p for p in the block..., sc_coef, sc_refresh, sc_stats))
+
+The *full* branch is the block itself followed by the cache update of each of its points: the
+change statistics the host decides with, written into ``sc_stats[p]``; the refreshed difference
+estimate of SPEC §1 (paper eq. 6), ``dy <- (y - y_full) * sc_refresh[p]``; and ``y_full <- y``. The
+*cached* branch is the closed-form prediction ``y_full + sc_coef[p] * dy``. The state tensors are new
+graph inputs (the runtime owns them, one set per stream); the lowering specialises the predicate.
+
+``sc_stats[p]`` holds, in float32, for the value ``prev = y_full + sc_coef[p] * dy`` the previous
+step had: ``[|y - prev|_1, |prev|_1, |dy_new|_1, |y|_1, <y - prev, dy>, <dy, dy>]``. The first two
+give the step's relative change, the next two the change a later cached step will make, the last
+two the least-squares α of paper eq. 5 (calibration).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from sc_compile.passes.choose_cache_points import replay_nodes
+from sc_compile.passes.layout import BlockInfo, CachePointSpec, example_value, tensor_meta
+
+# Columns of the per-point statistics row (see the module docstring).
+STAT_COLUMNS = ("change_l1", "prev_l1", "next_change_l1", "value_l1", "change_dot_dy", "dy_dot_dy")
+
+IS_FULL = "sc_is_full"
+COEF = "sc_coef"
+REFRESH = "sc_refresh"
+STATS = "sc_stats"
+
+
+def y_full_name(index: int) -> str:
+    return f"sc_y_full_{index}"
+
+
+def dy_name(index: int) -> str:
+    return f"sc_dy_{index}"
+
+
+def _fake_mode(gm: torch.fx.GraphModule):
+    """A fake mode of our own for the new inputs' metadata: Dynamo's has a shape environment
+    whose guards must not learn about tensors Dynamo never saw."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode()
+
+
+def _set_example(node: torch.fx.Node, value: object) -> None:
+    node.meta["example_value"] = value
+    node.meta["val"] = value
+
+
+def _new_placeholder(
+    graph: torch.fx.Graph, name: str, example: torch.Tensor, fake_mode
+) -> torch.fx.Node:
+    node = graph.placeholder(name)
+    node._dynamo_source = None  # type: ignore[attr-defined]
+    node.meta["tensor_dict"] = {}
+    fake = fake_mode.from_tensor(example, static_shapes=True) if fake_mode is not None else example
+    _set_example(node, fake)
+    return node
+
+
+def _block_attr_name(prefix: str, block: str) -> str:
+    return f"sc_{prefix}_" + re.sub(r"\W", "_", block)
+
+
+def _feeds_output(node: torch.fx.Node, block_members: set[torch.fx.Node]) -> bool:
+    """Whether ``node`` reaches the graph output without passing through a block."""
+    seen: set[torch.fx.Node] = set()
+    stack = list(node.users)
+    while stack:
+        user = stack.pop()
+        if user in seen or user in block_members:
+            continue
+        seen.add(user)
+        if user.op == "output":
+            return True
+        stack.extend(user.users)
+    return False
+
+
+class _BranchBuilder:
+    """Builds one cond branch as a standalone GraphModule over the cond operands."""
+
+    def __init__(self, operands: list[torch.fx.Node]):
+        self.graph = torch.fx.Graph()
+        self.env: dict[torch.fx.Node, torch.fx.Node] = {}
+        for operand in operands:
+            placeholder = self.graph.placeholder(operand.name)
+            placeholder.meta = dict(operand.meta)
+            self.env[operand] = placeholder
+
+    def copy(self, node: torch.fx.Node) -> torch.fx.Node:
+        new = self.graph.node_copy(node, lambda n: self.env[n])
+        self.env[node] = new
+        return new
+
+    def fn(self, target, *args, **kwargs) -> torch.fx.Node:
+        return self.graph.call_function(target, args, kwargs)
+
+    def method(self, name: str, *args) -> torch.fx.Node:
+        return self.graph.call_method(name, args)
+
+    def finish(self, outputs: list[torch.fx.Node]) -> torch.fx.GraphModule:
+        self.graph.output(tuple(outputs))
+        self.graph.lint()
+        return torch.fx.GraphModule(torch.nn.Module(), self.graph)
+
+
+def _contiguous(builder: _BranchBuilder, node: torch.fx.Node, original: torch.fx.Node) -> torch.fx.Node:
+    """Cond branches must agree on strides: the prediction is contiguous, so the real value is too."""
+    meta = tensor_meta(original)
+    if meta is not None and not meta.is_contiguous():
+        return builder.graph.call_method("clone", (node,), {"memory_format": torch.contiguous_format})
+    return node
+
+
+def _full_branch(
+    block: BlockInfo,
+    operands: list[torch.fx.Node],
+    buffers: dict[torch.fx.Node, tuple[torch.fx.Node, torch.fx.Node, int]],
+    coef: torch.fx.Node,
+    refresh: torch.fx.Node,
+    stats: torch.fx.Node,
+) -> torch.fx.GraphModule:
+    b = _BranchBuilder(operands)
+    for member in block.members:
+        b.copy(member)
+    writes: list[tuple[torch.fx.Node, torch.fx.Node]] = []
+    for point in block.cache_points:
+        y_full_op, dy_op, index = buffers[point]
+        y_full, dy = b.env[y_full_op], b.env[dy_op]
+        value32 = b.method("float", b.env[point])
+        y_full32 = b.method("float", y_full)
+        dy32 = b.method("float", dy)
+        coef_p = b.fn(operator.getitem, b.env[coef], index)
+        refresh_p = b.fn(operator.getitem, b.env[refresh], index)
+        prev = b.fn(operator.add, y_full32, b.fn(operator.mul, dy32, coef_p))
+        change = b.fn(operator.sub, value32, prev)
+        new_dy = b.fn(operator.mul, b.fn(operator.sub, value32, y_full32), refresh_p)
+
+        def l1(x: torch.fx.Node) -> torch.fx.Node:
+            return b.method("sum", b.method("abs", x))
+
+        row = b.fn(
+            torch.stack,
+            [
+                l1(change),
+                l1(prev),
+                l1(new_dy),
+                l1(value32),
+                b.method("sum", b.fn(operator.mul, change, dy32)),
+                b.method("sum", b.fn(operator.mul, dy32, dy32)),
+            ],
+        )
+        b.fn(torch.ops.aten.copy_.default, b.fn(torch.ops.aten.select.int, b.env[stats], 0, index), row)
+        writes.append((dy, b.method("to", new_dy, tensor_meta(point).dtype)))
+        writes.append((y_full, b.env[point]))
+    # Every read of the old buffers above happens before the first write below.
+    for destination, source in writes:
+        b.fn(torch.ops.aten.copy_.default, destination, source)
+    return b.finish([_contiguous(b, b.env[o], o) for o in block.outputs])
+
+
+def _cached_branch(
+    block: BlockInfo,
+    operands: list[torch.fx.Node],
+    buffers: dict[torch.fx.Node, tuple[torch.fx.Node, torch.fx.Node, int]],
+    coef: torch.fx.Node,
+) -> torch.fx.GraphModule:
+    b = _BranchBuilder(operands)
+    points = set(block.cache_points)
+    members = set(block.members)
+    for point in block.cache_points:
+        y_full_op, dy_op, index = buffers[point]
+        coef_p = b.fn(operator.getitem, b.env[coef], index)
+        # y_t = y_full + c_t * dy: the closed form of the paper's recursion, no buffer writes.
+        b.env[point] = b.fn(operator.add, b.env[y_full_op], b.fn(operator.mul, b.env[dy_op], coef_p))
+    for output in block.outputs:
+        if output in points:
+            continue
+        needed = set(replay_nodes(output, points, members) or ())
+        for member in block.members:
+            if member in needed and member not in b.env:
+                b.copy(member)
+    return b.finish([_contiguous(b, b.env[o], o) for o in block.outputs])
+
+
+def insert_cache_conds(gm: torch.fx.GraphModule) -> PassResult:
+    """Rewrite each block of the layout into a cond over new state inputs."""
+    from sc_compile.passes.pass_manager import layout_of
+
+    layout = layout_of(gm)
+    graph = gm.graph
+    fake_mode = _fake_mode(gm)
+    all_members = {m for block in layout.blocks for m in block.members}
+
+    specs: list[CachePointSpec] = []
+    for block in layout.blocks:
+        for point in block.cache_points:
+            meta = tensor_meta(point)
+            assert meta is not None, point
+            specs.append(
+                CachePointSpec(
+                    index=len(specs),
+                    block=block.name,
+                    node_name=point.name,
+                    shape=tuple(int(s) for s in meta.shape),
+                    dtype=meta.dtype,
+                    feeds_output=False,
+                )
+            )
+    if not specs:
+        raise RuntimeError(f"{layout.model_class}: blocks were found but no cache point was chosen")
+    device = tensor_meta(layout.blocks[-1].cache_points[0]).device
+    num_points = len(specs)
+
+    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    buffers: dict[torch.fx.Node, tuple[torch.fx.Node, torch.fx.Node, int]] = {}
+    with graph.inserting_after(last_placeholder):
+        # inserting_after keeps inserting at the same spot, so create in reverse order.
+        stats = _new_placeholder(graph, STATS, torch.empty(num_points, len(STAT_COLUMNS), device=device), fake_mode)
+    with graph.inserting_before(stats):
+        is_full = _new_placeholder(graph, IS_FULL, torch.empty((), dtype=torch.bool, device=device), fake_mode)
+        index = 0
+        for block in layout.blocks:
+            for point in block.cache_points:
+                meta = tensor_meta(point)
+                empty = torch.empty(tuple(meta.shape), dtype=meta.dtype, device=meta.device)
+                y_full = _new_placeholder(graph, y_full_name(index), empty, fake_mode)
+                dy = _new_placeholder(graph, dy_name(index), empty, fake_mode)
+                buffers[point] = (y_full, dy, index)
+                index += 1
+        coef = _new_placeholder(graph, COEF, torch.empty(num_points, device=device), fake_mode)
+        refresh = _new_placeholder(graph, REFRESH, torch.empty(num_points, device=device), fake_mode)
+
+    feeding: set[int] = set()
+    # Outputs of rewritten blocks are replaced by the cond's results; later blocks read those.
+    replaced: dict[torch.fx.Node, torch.fx.Node] = {}
+    for block in layout.blocks:
+        block.inputs = [replaced.get(n, n) for n in block.inputs]
+        member_set = set(block.members)
+        point_buffers = [t for p in block.cache_points for t in buffers[p][:2]]
+        operands = block.inputs + point_buffers + [coef, refresh, stats]
+        full_gm = _full_branch(block, operands, buffers, coef, refresh, stats)
+        cached_gm = _cached_branch(block, operands, buffers, coef)
+        full_name, cached_name = _block_attr_name("full", block.name), _block_attr_name("cached", block.name)
+        gm.add_submodule(full_name, full_gm)
+        gm.add_submodule(cached_name, cached_gm)
+        for output in block.outputs:
+            if _feeds_output(output, all_members):
+                derived = {output} if output in buffers else set()
+                if not derived:
+                    needed = replay_nodes(output, set(block.cache_points), member_set) or []
+                    derived = {a for n in needed for a in n.all_input_nodes if a in buffers}
+                feeding.update(buffers[p][2] for p in derived)
+        with graph.inserting_before(block.members[0]):
+            true_attr = graph.get_attr(full_name)
+            false_attr = graph.get_attr(cached_name)
+            cond = graph.call_function(
+                torch.ops.higher_order.cond, (is_full, true_attr, false_attr, tuple(operands))
+            )
+            _set_example(cond, tuple(example_value(o) for o in block.outputs))
+            results = []
+            for k, output in enumerate(block.outputs):
+                result = graph.call_function(operator.getitem, (cond, k))
+                result.meta = dict(output.meta)
+                results.append(result)
+        for output, result in zip(block.outputs, results, strict=True):
+            output.replace_all_uses_with(result, delete_user_cb=lambda user: user not in member_set)
+            replaced[output] = result
+        for member in reversed(block.members):
+            graph.erase_node(member)
+    layout.cache_points = [
+        CachePointSpec(**{**spec.__dict__, "feeds_output": spec.index in feeding}) for spec in specs
+    ]
+    graph.lint()
+    gm.recompile()
+    return PassResult(gm, True)

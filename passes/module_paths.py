@@ -1,0 +1,58 @@
+"""Normalising Dynamo's ``nn_module_stack`` paths and naming the top-level block of a node.
+
+Dynamo records the owning module of every node as a path rooted at the traced module, e.g.
+``L['self'].__dict__['_modules']['transformer_blocks'].0.attn``. We normalise it to the dotted
+form a user sees in ``model.named_modules()`` (``transformer_blocks.0.attn``). A *top-level block*
+is a ``<name>.<int>`` child of the root: nested ``<name>.<int>`` paths (HunyuanVideo's token
+refiner, ``context_embedder.token_refiner.refiner_blocks.0``) are parts of other modules, not blocks.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch.fx
+
+_ROOT_PREFIX = re.compile(r"^(?:L|G)\[['\"](?:self|mod|model)['\"]\]")
+_DICT_MODULES = re.compile(r"\.__dict__\[['\"]_modules['\"]\]\[['\"]([^'\"]+)['\"]\]")
+_MODULES_ITEM = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]")
+_STRING_ITEM = re.compile(r"\[['\"]([^'\"]+)['\"]\]")
+_INT_ITEM = re.compile(r"\[(\d+)\]")
+_TOP_LEVEL_BLOCK = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\.(\d+)(?:\.|$)")
+
+
+def normalize_module_path(path: str) -> str:
+    """Turn a Dynamo module path into the dotted name ``named_modules()`` uses.
+
+    >>> normalize_module_path("L['self'].__dict__['_modules']['transformer_blocks'].0.attn")
+    'transformer_blocks.0.attn'
+    >>> normalize_module_path("L['self'].blocks[3]")
+    'blocks.3'
+    """
+    path = _ROOT_PREFIX.sub("", path)
+    path = _DICT_MODULES.sub(r".\1", path)
+    path = _MODULES_ITEM.sub(r".\1", path)
+    path = _STRING_ITEM.sub(r".\1", path)
+    path = _INT_ITEM.sub(r".\1", path)
+    return path.lstrip(".")
+
+
+def module_paths(node: torch.fx.Node) -> list[str]:
+    """The normalised module paths of ``node``'s owners, outermost first (empty at the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = []
+    for value in stack.values():
+        raw = value[0] if isinstance(value, tuple) else str(value)
+        normalized = normalize_module_path(raw)
+        if normalized:
+            paths.append(normalized)
+    return paths
+
+
+def top_level_block_of(node: torch.fx.Node) -> str | None:
+    """The ``<name>.<int>`` top-level block that owns ``node``, or ``None``."""
+    for path in module_paths(node):
+        match = _TOP_LEVEL_BLOCK.match(path)
+        if match:
+            return f"{match.group(1)}.{match.group(2)}"
+    return None

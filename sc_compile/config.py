@@ -1,0 +1,192 @@
+"""The one configuration object of the backend, and how ``options={...}`` become one.
+
+``torch.compile(model, backend="scalingcache", options={...})`` hands every option to the backend.
+The names below are ScalingCache's; every other name must be an Inductor option (they keep their
+meaning and go to Inductor as config patches); anything else is an error naming the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from sc_compile.alpha import AlphaTable
+
+
+class Granularity(str, enum.Enum):
+    """Where the cache points sit."""
+
+    BLOCK = "block"
+    """Each top-level block's outputs (both streams of a two-stream MMDiT block)."""
+    MODULE = "module"
+    """Each residual module's output (attention, feed-forward) inside every block."""
+
+
+class InnerCompiler(str, enum.Enum):
+    """What compiles the specialised full-step and cached-step graphs."""
+
+    INDUCTOR = "inductor"
+    """``torch._inductor.compile_fx``: the product setting."""
+    AOT_EAGER = "aot_eager"
+    """AOT Autograd tracing without code generation: fast compiles, for debugging and tests."""
+    EAGER = "eager"
+    """Run the FX graphs as they are: fastest compiles, for debugging and tests."""
+
+
+class Fallback(str, enum.Enum):
+    """What happens when the model cannot be cached (no blocks, unsupported graph)."""
+
+    ERROR = "error"
+    """Raise an error that says what was looked for (the default: never silently uncached)."""
+    INDUCTOR = "inductor"
+    """Compile the graph uncached with the inner compiler and log a warning."""
+
+
+# Paper setting: S_f = 10 full warm-up steps out of 50.
+REFERENCE_WARMUP_STEPS = 10
+REFERENCE_NUM_STEPS = 50
+MIN_WARMUP_STEPS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingCacheConfig:
+    """Everything ScalingCache takes. Every field is also a key of ``torch.compile(options=...)``."""
+
+    warmup_steps: int | None = None
+    """S_f, the first steps that always run in full (at least 2: the first difference needs two
+    full steps). ``None``: 10, the paper's setting for 50 steps, scaled to 20% of the steps (at
+    least 2) when the step count is known (``num_inference_steps`` or :func:`sc_compile.generation`)
+    and below 50."""
+
+    alpha: str | os.PathLike[str] | AlphaTable | None = None
+    """α: a path to an α file (safetensors), an :class:`~sc_compile.alpha.AlphaTable`, or ``"ones"``
+    (α = 1, TaylorSeer-style first-order prediction). ``None``: the table shipped in ``assets/``
+    for this model's layout if there is one, else α = 1 with one warning that says how to
+    calibrate."""
+
+    granularity: Granularity = Granularity.BLOCK
+    """Cache points at block outputs (default) or at every residual module's output."""
+
+    final_full_steps: int = 0
+    """Force the last steps of a generation to run in full (needs the step count to be known)."""
+
+    share_decision_across_streams: bool = True
+    """With guidance as separate calls per step (cond, uncond), whether the streams take one shared
+    full/cached decision (the paper's setting) or each stream decides on its own changes."""
+
+    compiler: InnerCompiler = InnerCompiler.INDUCTOR
+    """The inner compiler of both specialised graphs."""
+
+    num_inference_steps: int | None = None
+    """The pipeline's step count when known in advance; :func:`sc_compile.generation` overrides it
+    per generation. Scales the default warm-up and enables ``final_full_steps``."""
+
+    fallback: Fallback = Fallback.ERROR
+    """What to do with a model ScalingCache cannot cache."""
+
+    cache_dtype: torch.dtype | None = None
+    """dtype of the cache buffers; ``None``: the dtype of each cached hidden state."""
+
+    def __post_init__(self) -> None:
+        def coerce(name: str, enum_type: type[enum.Enum]) -> None:
+            value = getattr(self, name)
+            if isinstance(value, enum_type):
+                return
+            try:
+                object.__setattr__(self, name, enum_type(value))
+            except ValueError:
+                valid = ", ".join(repr(m.value) for m in enum_type)  # type: ignore[attr-defined]
+                raise ValueError(f"{name} must be one of {valid}, but got {value!r}") from None
+
+        coerce("granularity", Granularity)
+        coerce("compiler", InnerCompiler)
+        coerce("fallback", Fallback)
+        if self.warmup_steps is not None:
+            if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool):
+                raise ValueError(f"warmup_steps must be an int or None, but got {self.warmup_steps!r}")
+            if self.warmup_steps < MIN_WARMUP_STEPS:
+                raise ValueError(
+                    f"warmup_steps must be at least {MIN_WARMUP_STEPS} (the first difference needs two "
+                    f"full steps), but got {self.warmup_steps}"
+                )
+        if not isinstance(self.final_full_steps, int) or isinstance(self.final_full_steps, bool) or self.final_full_steps < 0:
+            raise ValueError(f"final_full_steps must be an int >= 0, but got {self.final_full_steps!r}")
+        if self.num_inference_steps is not None and (
+            not isinstance(self.num_inference_steps, int) or isinstance(self.num_inference_steps, bool) or self.num_inference_steps < 1
+        ):
+            raise ValueError(f"num_inference_steps must be a positive int or None, but got {self.num_inference_steps!r}")
+        if not isinstance(self.share_decision_across_streams, bool):
+            raise ValueError(
+                f"share_decision_across_streams must be a bool, but got {self.share_decision_across_streams!r}"
+            )
+        if self.cache_dtype is not None and not (isinstance(self.cache_dtype, torch.dtype) and self.cache_dtype.is_floating_point):
+            raise ValueError(f"cache_dtype must be a floating torch.dtype or None, but got {self.cache_dtype!r}")
+        self._check_alpha()
+
+    def _check_alpha(self) -> None:
+        from sc_compile.alpha import AlphaTable
+
+        alpha = self.alpha
+        if alpha is None or isinstance(alpha, AlphaTable):
+            return
+        if isinstance(alpha, str) and alpha == "ones":
+            return
+        if isinstance(alpha, str | os.PathLike):
+            if not os.path.isfile(alpha):
+                raise ValueError(
+                    f"alpha must be 'ones', an AlphaTable or the path of an α file, but {os.fspath(alpha)!r} "
+                    "is not a file. Write one with `python -m sc_compile calibrate ...`."
+                )
+            return
+        raise ValueError(f"alpha must be 'ones', an AlphaTable, a path or None, but got {type(alpha).__name__}")
+
+    def warmup_for(self, num_steps: int | None) -> int:
+        """S_f for a generation of ``num_steps`` steps (``None``: unknown)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        if num_steps is None or num_steps >= REFERENCE_NUM_STEPS:
+            return REFERENCE_WARMUP_STEPS
+        return max(MIN_WARMUP_STEPS, round(REFERENCE_WARMUP_STEPS * num_steps / REFERENCE_NUM_STEPS))
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def split_options(
+    options: Mapping[str, Any] | None, mode: str | None = None
+) -> tuple[ScalingCacheConfig, dict[str, Any]]:
+    """Split ``torch.compile`` options into our config and Inductor config patches.
+
+    Raises ``ValueError`` naming an unknown key and the valid ones.
+    """
+    options = dict(options or {})
+    ours = {k: options.pop(k) for k in list(options) if k in ScalingCacheConfig.option_names()}
+    inductor_names = set(torch._inductor.list_options())
+    unknown = sorted(k for k in options if k not in inductor_names)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for backend 'scalingcache'. ScalingCache options are "
+            f"{list(ScalingCacheConfig.option_names())}; any other key must be an Inductor option "
+            "(torch._inductor.list_options())."
+        )
+    config = ScalingCacheConfig(**ours)
+    patches: dict[str, Any] = {}
+    if mode is not None and mode != "default":
+        modes = torch._inductor.list_mode_options()
+        if mode not in modes:
+            raise ValueError(f"unknown mode {mode!r}; valid modes are {sorted(modes)}")
+        patches.update(torch._inductor.list_mode_options(mode))
+    patches.update(options)
+    if patches and config.compiler is not InnerCompiler.INDUCTOR:
+        raise ValueError(
+            f"Inductor options or mode {sorted(patches)} were given but compiler={config.compiler.value!r}; "
+            "drop them or use compiler='inductor'."
+        )
+    return config, patches

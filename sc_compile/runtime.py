@@ -1,0 +1,358 @@
+"""The ScalingCache runtime: the host side of a compiled model.
+
+Dynamo calls the runtime with the traced graph's inputs. Per call it reads the timestep (the one
+scalar it needs to place the call in a generation), detects step and generation boundaries, takes
+the step's decision, and runs the compiled full-step or cached-step graph with the state of the
+call's stream. The full-step graph updates the state in place; the cached-step graph only reads
+the buffers of the cache points the output head needs. The only device→host read besides the
+timestep is the statistics row table written by a full step, read once when the next step decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from sc_compile.alpha import AlphaTable
+from sc_compile.config import ScalingCacheConfig
+from sc_compile.reporting import GenerationReport, StreamReport
+from sc_compile.schedule import DecisionUnit, StepDecision
+
+log = logging.getLogger(__name__)
+
+NUM_STAT_COLUMNS = 6
+
+
+@dataclasses.dataclass
+class CompiledStep:
+    """One specialised graph, compiled, and the cond-graph inputs it takes."""
+
+    fn: Callable[..., Any]
+    input_indices: list[int]
+    num_compute_nodes: int
+    compile_seconds: float
+
+
+@dataclasses.dataclass
+class PointLayout:
+    """The part of the cache layout the runtime needs."""
+
+    shapes: list[tuple[int, ...]]
+    dtypes: list[torch.dtype]
+    device: torch.device
+    feeds_output: list[bool]
+
+
+class StreamState:
+    """Preallocated state of one stream: two buffers per cache point and the statistics table."""
+
+    def __init__(self, layout: PointLayout, cache_dtype: torch.dtype | None):
+        self.buffers: list[torch.Tensor] = []
+        for shape, dtype in zip(layout.shapes, layout.dtypes, strict=True):
+            for _ in range(2):  # y_full, dy
+                self.buffers.append(torch.zeros(shape, dtype=cache_dtype or dtype, device=layout.device))
+        self.stats = torch.zeros(len(layout.shapes), NUM_STAT_COLUMNS, dtype=torch.float32, device=layout.device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers) + self.stats.numel() * 4
+
+    def zero_(self) -> None:
+        for buffer in self.buffers:
+            buffer.zero_()
+        self.stats.zero_()
+
+
+class ModuleSession:
+    """Per original module: its runtimes (one per compiled graph) and explicit generation info."""
+
+    def __init__(self) -> None:
+        self.runtimes: list[weakref.ReferenceType[ScalingCacheRuntime]] = []
+        self.generation_epoch = 0
+        self.num_inference_steps: int | None = None
+        self.last_active: weakref.ReferenceType[ScalingCacheRuntime] | None = None
+
+
+_SESSIONS: weakref.WeakKeyDictionary[torch.nn.Module, ModuleSession] = weakref.WeakKeyDictionary()
+_SESSIONS_LOCK = threading.Lock()
+
+
+def session_for(module: torch.nn.Module, create: bool = True) -> ModuleSession | None:
+    module = getattr(module, "_orig_mod", module)
+    with _SESSIONS_LOCK:
+        session = _SESSIONS.get(module)
+        if session is None and create:
+            session = ModuleSession()
+            _SESSIONS[module] = session
+        return session
+
+
+class ScalingCacheRuntime:
+    """Dispatches each call of one compiled graph to its full-step or cached-step graph."""
+
+    def __init__(
+        self,
+        *,
+        model_class: str,
+        layout: PointLayout,
+        full_step: CompiledStep,
+        cached_step: CompiledStep,
+        config: ScalingCacheConfig,
+        alpha: AlphaTable | None,
+        alpha_source: str,
+        timestep_index: int,
+        num_graph_inputs: int,
+        session: ModuleSession,
+        calibration_hook: Callable[[ScalingCacheRuntime, int, int, torch.Tensor], None] | None = None,
+    ):
+        self.model_class = model_class
+        self.layout = layout
+        self.full_step = full_step
+        self.cached_step = cached_step
+        self.config = config
+        self.alpha = alpha
+        self.alpha_source = alpha_source
+        self.timestep_index = timestep_index
+        self.num_graph_inputs = num_graph_inputs
+        self.session = session
+        session.runtimes.append(weakref.ref(self))
+        self.num_points = len(layout.shapes)
+        self.streams: list[StreamState] = [StreamState(layout, config.cache_dtype)]
+        self.is_full_flag = torch.ones((), dtype=torch.bool, device=layout.device)
+        # Set by sc_compile.calibrate: every step full, the stats handed over after each step.
+        self.calibration_hook = calibration_hook
+        self.num_calls = 0
+        self.num_full_calls = 0
+        self.num_cached_calls = 0
+        self._last_report: GenerationReport | None = None
+        self._warned: set[str] = set()
+        self._reset_generation(started=False)
+
+    # -- generations ---------------------------------------------------------------------------
+    def _reset_generation(self, started: bool = True) -> None:
+        self._generation_started = started
+        self._epoch = self.session.generation_epoch
+        self._last_timestep: float | None = None
+        self._step = -1
+        self._stream = 0
+        self._num_steps = self.session.num_inference_steps or self.config.num_inference_steps
+        self._warmup = self.config.warmup_for(self._num_steps)
+        self._units: dict[int, DecisionUnit] = {}
+        self._decisions: dict[tuple[int, int], StepDecision] = {}  # (step, stream) -> decision
+        self._streams_per_step: list[int] = []
+        self._pending_full: dict[int, list[int]] = {}  # unit key -> streams of its last full step
+        self._observed_through: dict[int, int] = {}
+        self._resampled_logged = False
+        self._timesteps: list[float] = []
+
+    def _start_generation(self) -> None:
+        if self._generation_started:
+            self._last_report = self._build_report(finished=True)
+        self._reset_generation()
+        if self.config.final_full_steps and self._num_steps is None:
+            raise ValueError(
+                f"final_full_steps={self.config.final_full_steps} needs the generation's step count: set "
+                "options={'num_inference_steps': N} or wrap the pipeline call in "
+                "`with sc_compile.generation(transformer, num_inference_steps=N):`"
+            )
+        if self._num_steps is not None and self._warmup >= self._num_steps:
+            self._warn_once(
+                "warmup",
+                "ScalingCache: warm-up of %d steps covers the whole %d-step generation; nothing will be cached.",
+                self._warmup,
+                self._num_steps,
+            )
+        for stream in self.streams:
+            stream.zero_()
+
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    def _unit_key(self, stream: int) -> int:
+        return 0 if self.config.share_decision_across_streams else stream
+
+    def _unit(self, key: int) -> DecisionUnit:
+        unit = self._units.get(key)
+        if unit is None:
+            unit = DecisionUnit(
+                num_points=self.num_points,
+                warmup_steps=self._warmup,
+                final_full_steps=self.config.final_full_steps,
+                num_steps=self._num_steps,
+            )
+            self._units[key] = unit
+        return unit
+
+    def _stream_state(self, stream: int) -> StreamState:
+        while len(self.streams) <= stream:
+            self.streams.append(StreamState(self.layout, self.config.cache_dtype))
+            self.streams[-1].zero_()
+        return self.streams[stream]
+
+    # -- the clock -----------------------------------------------------------------------------
+    def _tick(self, timestep: float) -> None:
+        """Place a call in the generation: a new generation, a new step, or the next stream."""
+        forced = self.session.generation_epoch != self._epoch
+        last = self._last_timestep
+        if forced or last is None or timestep > last * (1 + 1e-6) + 1e-9:
+            self._start_generation()
+            self._step, self._stream = 0, 0
+        elif math.isclose(timestep, last, rel_tol=1e-6, abs_tol=1e-9):
+            self._stream += 1
+        else:
+            self._step += 1
+            self._stream = 0
+        self._last_timestep = timestep
+        if self._stream == 0:
+            self._streams_per_step.append(1)
+            self._timesteps.append(timestep)
+        else:
+            self._streams_per_step[-1] = self._stream + 1
+
+    def _alpha_row(self, step: int, timestep: float) -> list[float]:
+        if self.alpha is None:
+            return [1.0] * self.num_points
+        if self.alpha.matches_schedule(step, timestep):
+            return self.alpha.alpha[step].tolist()
+        if not self._resampled_logged:
+            self._resampled_logged = True
+            log.info(
+                "ScalingCache: step %d timestep %.6g is not the calibrated schedule's (%d steps); "
+                "resampling α over the timestep",
+                step,
+                timestep,
+                self.alpha.num_steps,
+            )
+        return self.alpha.resampled_row(timestep)
+
+    def _observe(self, key: int, unit: DecisionUnit, upto_step: int) -> None:
+        """Fold the changes of steps before ``upto_step`` into ``unit`` (at most one read)."""
+        step = self._observed_through.get(key, -1) + 1
+        while step < upto_step:
+            decision = unit.decisions[step] if step < len(unit.decisions) else None
+            if decision is None:
+                break
+            if decision.full:
+                streams = self._pending_full.get(key, [])
+                stats = torch.stack([self.streams[s].stats for s in streams]).tolist() if streams else []
+                unit.observe_full(step, stats)
+            else:
+                unit.observe_cached(step)
+            self._observed_through[key] = step
+            step += 1
+
+    def _decision(self, step: int, stream: int, timestep: float) -> StepDecision:
+        key = self._unit_key(stream)
+        unit = self._unit(key)
+        if len(unit.decisions) > step:
+            return unit.decisions[step]
+        self._observe(key, unit, step)
+        decision = unit.decide(step, self._alpha_row(step, timestep))
+        if self.calibration_hook is not None and not decision.full:
+            raise AssertionError("calibration runs every step in full")
+        if decision.full:
+            self._pending_full[key] = []
+        return decision
+
+    # -- the call ------------------------------------------------------------------------------
+    def __call__(self, *args: Any) -> Any:
+        timestep_tensor = args[self.timestep_index]
+        timestep = float(timestep_tensor.reshape(-1)[0])
+        self._tick(timestep)
+        step, stream = self._step, self._stream
+        state = self._stream_state(stream)
+        decision = self._decision(step, stream, timestep)
+        self.num_calls += 1
+        self.session.last_active = weakref.ref(self)
+        device = self.layout.device
+        coef = torch.tensor(decision.coef, dtype=torch.float32).to(device, non_blocking=True)
+        refresh = torch.tensor(decision.refresh, dtype=torch.float32).to(device, non_blocking=True)
+        inputs = [*args, self.is_full_flag, *state.buffers, coef, refresh, state.stats]
+        compiled = self.full_step if decision.full else self.cached_step
+        out = compiled.fn(*[inputs[i] for i in compiled.input_indices])
+        if decision.full:
+            self.num_full_calls += 1
+            self._pending_full[self._unit_key(stream)].append(stream)
+            if self.calibration_hook is not None:
+                self.calibration_hook(self, step, stream, state.stats)
+        else:
+            self.num_cached_calls += 1
+        return out
+
+    # -- reports -------------------------------------------------------------------------------
+    def _build_report(self, finished: bool) -> GenerationReport:
+        for key, unit in self._units.items():
+            self._observe(key, unit, len(unit.decisions))
+        num_steps = self._step + 1
+        streams = []
+        max_streams = max(self._streams_per_step, default=0)
+        for stream in range(max_streams):
+            unit = self._units.get(self._unit_key(stream))
+            if unit is None:
+                continue
+            decisions = unit.decisions[:num_steps]
+            streams.append(
+                StreamReport(
+                    stream=stream,
+                    full_steps=tuple(d.step for d in decisions if d.full),
+                    cached_steps=tuple(d.step for d in decisions if not d.full),
+                    changes=tuple(unit.changes[:num_steps]) + (None,) * (num_steps - len(unit.changes[:num_steps])),
+                    reasons=tuple(d.reason for d in decisions),
+                )
+            )
+        first = streams[0] if streams else None
+        return GenerationReport(
+            num_steps=num_steps,
+            full_steps=first.full_steps if first else (),
+            cached_steps=first.cached_steps if first else (),
+            streams=tuple(streams),
+            warmup_steps=self._warmup,
+            num_points=self.num_points,
+            alpha_source=self.alpha_source,
+            shared_decisions=self.config.share_decision_across_streams,
+            nonfinite_steps=tuple(sorted({s for u in self._units.values() for s in u.nonfinite_steps})),
+            buffer_bytes=sum(s.nbytes for s in self.streams[:max(max_streams, 1)]),
+            finished=finished,
+        )
+
+    def report(self) -> GenerationReport:
+        """The current generation's record (or the last finished one if none has started)."""
+        if not self._generation_started:
+            if self._last_report is None:
+                raise RuntimeError("no generation has run on this compiled model yet")
+            return self._last_report
+        return self._build_report(finished=False)
+
+    def end_generation(self) -> None:
+        if self._generation_started:
+            self._last_report = self._build_report(finished=True)
+            self._generation_started = False
+            self._last_timestep = None
+
+
+def runtimes_of(model: torch.nn.Module) -> list[ScalingCacheRuntime]:
+    session = session_for(model, create=False)
+    if session is None:
+        return []
+    return [r for ref in session.runtimes if (r := ref()) is not None]
+
+
+def latest_runtime(model: torch.nn.Module) -> ScalingCacheRuntime:
+    session = session_for(model, create=False)
+    runtime = session.last_active() if session is not None and session.last_active is not None else None
+    if runtime is None:
+        name = type(getattr(model, "_orig_mod", model)).__name__
+        raise RuntimeError(
+            f"{name} has not run under backend='scalingcache' yet: compile it with "
+            "torch.compile(model, backend='scalingcache') and call it (run a generation) first."
+        )
+    return runtime
