@@ -79,6 +79,21 @@ def _skip_operand(add: torch.fx.Node, members: set[torch.fx.Node]) -> torch.fx.N
     return None
 
 
+def _bias_add_carrier(add: torch.fx.Node, members: set[torch.fx.Node]) -> torch.fx.Node | None:
+    """For ``stream + bias`` (a smaller, broadcast operand that does not read the stream), the
+    stream operand: the residual stream passes through such an add unchanged in shape."""
+    operands = [a for a in add.args[:2] if isinstance(a, torch.fx.Node)]
+    out_meta = tensor_meta(add)
+    if len(operands) != 2 or out_meta is None:
+        return None
+    full = [a for a in operands if (m := tensor_meta(a)) is not None and tuple(m.shape) == tuple(out_meta.shape)]
+    if len(full) != 1:
+        return None
+    (carrier,) = full
+    (other,) = [a for a in operands if a is not carrier]
+    return None if carrier in _ancestors(other, members) else carrier
+
+
 def _through_casts(node: torch.fx.Node) -> torch.fx.Node:
     while len(node.users) == 1:
         (user,) = node.users
@@ -104,6 +119,10 @@ def residual_outputs_of(block: BlockInfo) -> list[torch.fx.Node]:
             if skip is not None:
                 found.add(_through_casts(node))
                 stack.append(skip)
+                continue
+            carrier = _bias_add_carrier(node, members)
+            if carrier is not None:
+                stack.append(carrier)
                 continue
         stack.extend(_stream_inputs(node))
     return [n for n in block.members if n in found]

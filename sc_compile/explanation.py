@@ -1,0 +1,140 @@
+"""``sc_compile.explain``: what the passes find in a model, and the graphs they emit, as text."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from sc_compile.config import Granularity
+from sc_compile.passes.layout import CachePointSpec
+
+
+def graph_text(gm: torch.fx.GraphModule) -> str:
+    """``print_readable`` of ``gm`` with Dynamo's naming noise normalised (stable across runs)."""
+    from torch._dynamo.testing import normalize_gm
+
+    return normalize_gm(gm.print_readable(print_output=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSummary:
+    name: str
+    num_nodes: int
+    outputs: tuple[str, ...]
+    residual_outputs: tuple[str, ...]
+    cache_points: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """What :func:`explain` found. Graph texts can be pinned in graph-diff regression tests."""
+
+    model_class: str
+    granularity: str
+    blocks: tuple[BlockSummary, ...]
+    cache_points: tuple[CachePointSpec, ...]
+    fingerprint: str
+    # Two buffers per cache point, per stream (plus a small statistics table).
+    buffer_bytes_per_stream: int
+    # Bytes the cached step reads from the buffers (the points that feed the output).
+    cached_step_buffer_bytes: int
+    graph_before: str
+    graph_after: str
+    full_step_graph: str
+    cached_step_graph: str
+    full_step_nodes: int
+    cached_step_nodes: int
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.model_class}: {len(self.blocks)} blocks, {len(self.cache_points)} cache points "
+            f"({self.granularity} granularity), layout fingerprint {self.fingerprint}",
+            f"  buffers: {self.buffer_bytes_per_stream / 2**20:.2f} MiB per stream; the cached step reads "
+            f"{self.cached_step_buffer_bytes / 2**20:.2f} MiB",
+            f"  full-step graph {self.full_step_nodes} compute nodes, cached-step graph {self.cached_step_nodes}",
+        ]
+        for block in self.blocks:
+            lines.append(
+                f"  {block.name}: {block.num_nodes} nodes, outputs {list(block.outputs)}, "
+                f"residual outputs {list(block.residual_outputs)}"
+            )
+        for point in self.cache_points:
+            lines.append(
+                f"  point {point.index}: {point.block}/{point.node_name} {list(point.shape)} {point.dtype}"
+                f"{' -> output head' if point.feeds_output else ''}"
+            )
+        return "\n".join(lines)
+
+
+def explain_graph(gm: torch.fx.GraphModule, model_class: str, granularity: str = "block") -> Explanation:
+    """Run the passes and the lowering on a Dynamo graph and describe the result."""
+    from sc_compile.backends.lowering import specialize_cache_conds
+    from sc_compile.passes import run_cache_passes
+    from sc_compile.passes.pass_manager import copy_graph_module
+    from sc_compile.passes.find_blocks import find_blocks
+    from sc_compile.passes.find_residual_outputs import find_residual_outputs
+    from sc_compile.passes.choose_cache_points import choose_cache_points
+
+    # The analysis alone, on its own copy, to report node names before the rewrite erases them.
+    analysis = copy_graph_module(gm)
+    find_blocks(analysis, model_class=model_class)
+    find_residual_outputs(analysis)
+    choose_cache_points(analysis, granularity=granularity)
+    from sc_compile.passes.pass_manager import layout_of
+
+    summaries = tuple(
+        BlockSummary(
+            name=b.name,
+            num_nodes=len(b.members),
+            outputs=tuple(n.name for n in b.outputs),
+            residual_outputs=tuple(n.name for n in b.residual_outputs),
+            cache_points=tuple(n.name for n in b.cache_points),
+        )
+        for b in layout_of(analysis).blocks
+    )
+    cond_gm, layout = run_cache_passes(gm, model_class=model_class, granularity=granularity)
+    full = specialize_cache_conds(cond_gm, full=True)
+    cached = specialize_cache_conds(cond_gm, full=False)
+    points = tuple(layout.cache_points)
+
+    def nbytes(point: CachePointSpec) -> int:
+        return point.numel * torch.empty((), dtype=point.dtype).element_size()
+
+    return Explanation(
+        model_class=model_class,
+        granularity=granularity,
+        blocks=summaries,
+        cache_points=points,
+        fingerprint=layout.fingerprint(),
+        buffer_bytes_per_stream=sum(2 * nbytes(p) for p in points) + len(points) * 6 * 4,
+        cached_step_buffer_bytes=sum(2 * nbytes(p) for p in points if p.feeds_output),
+        graph_before=graph_text(gm),
+        graph_after=graph_text(cond_gm),
+        full_step_graph=graph_text(full.graph_module),
+        cached_step_graph=graph_text(cached.graph_module),
+        full_step_nodes=full.num_compute_nodes,
+        cached_step_nodes=cached.num_compute_nodes,
+    )
+
+
+def explain(model: torch.nn.Module, *args: Any, granularity: str | Granularity = "block", **kwargs: Any) -> Explanation:
+    """Trace ``model(*args, **kwargs)`` with Dynamo and describe what ScalingCache would do.
+
+    The traced graph runs once, eagerly, to finish Dynamo's call; no generation state is created.
+    """
+    granularity = Granularity(granularity).value
+    module = getattr(model, "_orig_mod", model)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(module, backend=capture, fullgraph=True)(*args, **kwargs)
+    if len(graphs) != 1:
+        raise RuntimeError(f"expected one traced graph for {type(module).__name__}, got {len(graphs)}")
+    # Analysed outside the backend so that errors reach the caller as they are, not wrapped by Dynamo.
+    return explain_graph(graphs[0], type(module).__name__, granularity)

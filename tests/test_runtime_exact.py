@@ -1,0 +1,139 @@
+"""The dummy DiT with exact arithmetic: which steps are full and what the cached steps output.
+
+``hidden_states = s_t * ones`` makes every cache point ``s_t`` times a constant, so the relative
+change of a step is ``|s_t - s_{t-1}| / |s_{t-1}|`` and the cached output is the head applied to
+``y_full + c_t * dy``. The expected values below are derived by hand in the comments.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sc_compile
+from dummy_dit import DummyDiT, output_scale
+from sc_compile.alpha import AlphaTable
+
+SEQUENCE = [16.0, 12.0, 10.0, 9.0, 8.5, 8.0, 4.0]
+
+
+def _run(model, compiled, values, timesteps=None):
+    outputs = []
+    timesteps = timesteps or [1000.0 - 100.0 * i for i in range(len(values))]
+    with torch.no_grad():
+        for value, t in zip(values, timesteps, strict=True):
+            out = compiled(torch.ones(1, 4, 8) * value, torch.tensor([t]))
+            outputs.append(out[0, 0, 0].item() / output_scale())
+    return outputs
+
+
+def test_alpha_one_decisions_and_predictions():
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3, "alpha": "ones"})
+    outputs = _run(model, compiled, SEQUENCE)
+    report = sc_compile.report(compiled)
+    # t0..t2 warm-up. ē1 = 4/16 = .25, ē2 = 2/12 = .1667: δ = .2083, ε = .1667 and dy = -2.
+    # t3 cached: c3 = 1 -> 10 - 2 = 8; predicted ē3 = 1 * 2/10 = .2, ε = .3667 > δ.
+    # t4 full: change against the prediction |8.5 - 8|/8 = .0625; E = [.25, .1667, .0625],
+    #    δ = .1597; eq. 6 over a two-step gap with α = 1: dy = (8.5 - 10)/2 = -.75.
+    # t5 cached: 8.5 - .75 = 7.75, ē5 = .75/8.5 = .0882, ε = .1507 <= δ.
+    # t6 cached: c6 = 2 -> 8.5 - 1.5 = 7.0.
+    assert report.full_steps == (0, 1, 2, 4)
+    assert report.cached_steps == (3, 5, 6)
+    assert outputs == pytest.approx([16.0, 12.0, 10.0, 8.0, 8.5, 7.75, 7.0], abs=1e-5)
+    changes = report.streams[0].changes
+    assert changes[0] is None
+    assert changes[1:] == pytest.approx([0.25, 1 / 6, 0.2, 0.0625, 0.75 / 8.5, 0.75 / 8.5], abs=1e-6)
+
+
+def _table_for(model, value: float, steps: int) -> AlphaTable:
+    explanation = sc_compile.explain(model, torch.ones(1, 4, 8), torch.tensor([1.0]))
+    alpha = torch.full((steps, len(explanation.cache_points)), value)
+    alpha[:2] = 1.0  # undefined before the second step
+    return AlphaTable(alpha, explanation.model_class, explanation.fingerprint, "block")
+
+
+def test_alpha_table_scales_the_prediction_and_the_refresh():
+    model = DummyDiT()
+    table = _table_for(model, 0.5, len(SEQUENCE))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3, "alpha": table})
+    outputs = _run(model, compiled, SEQUENCE)
+    report = sc_compile.report(model)
+    # After the warm-up: dy = -2 (gap 1: Π/Σ = α2/α2 = 1), δ = .2083, ε = .1667.
+    # t3 cached: c3 = α3 = .5 -> 10 - 1 = 9; ē3 = .5 * 2/10 = .1, ε = .2667 > δ.
+    # t4 full: ē4 = .5/9; eq. 6 over two steps: Π = .25, Σ = .5 + .25 -> dy = (8.5 - 10)/3 = -.5.
+    # t5 cached: c5 = .5 -> 8.5 - .25 = 8.25; ε = .0556 + .5 * .5/8.5 = .0850 <= δ = .1574.
+    # t6 cached: c6 = .5 + .25 = .75 -> 8.5 - .375 = 8.125.
+    assert report.full_steps == (0, 1, 2, 4)
+    assert outputs == pytest.approx([16.0, 12.0, 10.0, 9.0, 8.5, 8.25, 8.125], abs=1e-5)
+
+
+def test_every_step_full_when_warmup_covers_the_generation():
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 7})
+    assert _run(model, compiled, SEQUENCE) == pytest.approx(SEQUENCE)
+    assert sc_compile.report(model).cached_steps == ()
+
+
+def test_generations_restart_when_the_timestep_goes_up():
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3})
+    first = _run(model, compiled, SEQUENCE)
+    second = _run(model, compiled, SEQUENCE)
+    assert first == second
+    report = sc_compile.report(model)
+    assert report.num_steps == len(SEQUENCE)
+    assert report.full_steps == (0, 1, 2, 4)
+
+
+def test_separate_guidance_calls_are_streams_sharing_one_decision():
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3})
+    cond, uncond = [], []
+    with torch.no_grad():
+        for i, value in enumerate(SEQUENCE):
+            t = torch.tensor([1000.0 - 100.0 * i])
+            cond.append(compiled(torch.ones(1, 4, 8) * value, t)[0, 0, 0].item() / output_scale())
+            uncond.append(compiled(torch.ones(1, 4, 8) * value * 2, t)[0, 0, 0].item() / output_scale())
+    report = sc_compile.report(model)
+    assert len(report.streams) == 2
+    assert report.streams[0].full_steps == report.streams[1].full_steps == (0, 1, 2, 4)
+    # Each stream predicts from its own buffers: the uncond stream is the cond stream doubled.
+    assert uncond == pytest.approx([2 * v for v in cond], abs=1e-5)
+
+
+def test_independent_decisions_per_stream():
+    model = DummyDiT()
+    compiled = torch.compile(
+        model,
+        backend="scalingcache",
+        options={"compiler": "eager", "warmup_steps": 3, "share_decision_across_streams": False},
+    )
+    steady = [16.0, 12.0, 10.0, 9.0, 8.5, 8.0, 4.0]
+    # Stream 1 stops changing at t2: ē2 = 0, δ = .125, ε = 0 and dy = 0, so every later predicted
+    # change is 0 and it never needs another full step.
+    flat = [16.0, 12.0, 12.0, 12.0, 12.0, 12.0, 12.0]
+    with torch.no_grad():
+        for i, (a, b) in enumerate(zip(steady, flat, strict=True)):
+            t = torch.tensor([1000.0 - 100.0 * i])
+            compiled(torch.ones(1, 4, 8) * a, t)
+            compiled(torch.ones(1, 4, 8) * b, t)
+    report = sc_compile.report(model)
+    assert report.streams[0].full_steps == (0, 1, 2, 4)
+    assert report.streams[1].full_steps == (0, 1, 2)
+    assert report.shared_decisions is False
+
+
+def test_report_string_summarises_the_generation():
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3})
+    _run(model, compiled, SEQUENCE)
+    text = str(sc_compile.report(model))
+    assert "7 steps, 4 full, 3 cached" in text
+    assert "FFF.F.." in text
+
+
+def test_report_before_any_call_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="has not run under backend='scalingcache'"):
+        sc_compile.report(DummyDiT())
