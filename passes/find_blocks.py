@@ -16,7 +16,7 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from sc_compile.passes.layout import BlockInfo, CacheLayout, example_value
-from sc_compile.passes.module_paths import top_level_block_of
+from sc_compile.passes.module_paths import numbered_ancestor_of, top_level_block_of
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,14 @@ def _check_static(node: torch.fx.Node, model_class: str) -> None:
 
 
 def _attributed_blocks(graph: torch.fx.Graph) -> dict[torch.fx.Node, str]:
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    prefixes = {found[0] for n in nodes if (found := numbered_ancestor_of(n)) is not None}
+    if not prefixes:
+        return {}
+    root = min(prefixes, key=lambda p: (p.count(".") + bool(p), p))
     owner: dict[torch.fx.Node, str] = {}
-    for node in graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr"):
-            continue
-        block = top_level_block_of(node)
+    for node in nodes:
+        block = top_level_block_of(node, root)
         if block is not None:
             owner[node] = block
     return owner

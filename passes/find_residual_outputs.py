@@ -74,9 +74,18 @@ def _skip_operand(add: torch.fx.Node, members: set[torch.fx.Node]) -> torch.fx.N
         skip_meta = tensor_meta(skip)
         if skip_meta is None or tuple(skip_meta.shape) != tuple(out_meta.shape):
             continue
-        if skip in _ancestors(branch, members):
+        # Casts are traced anew at every use (``x.float()`` in the norm and in the residual add
+        # are two nodes), so the branch is compared against the value before the casts.
+        if _strip_casts(skip, members) in _ancestors(branch, members):
             return skip
     return None
+
+
+def _strip_casts(node: torch.fx.Node, members: set[torch.fx.Node]) -> torch.fx.Node:
+    """The value before the block's own casts of it (never past the block's inputs)."""
+    while node in members and _is_cast(node) and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node
 
 
 def _bias_add_carrier(add: torch.fx.Node, members: set[torch.fx.Node]) -> torch.fx.Node | None:

@@ -13,12 +13,12 @@ import re
 
 import torch.fx
 
-_ROOT_PREFIX = re.compile(r"^(?:L|G)\[['\"](?:self|mod|model)['\"]\]")
+_ROOT_PREFIX = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\]")
 _DICT_MODULES = re.compile(r"\.__dict__\[['\"]_modules['\"]\]\[['\"]([^'\"]+)['\"]\]")
 _MODULES_ITEM = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]")
 _STRING_ITEM = re.compile(r"\[['\"]([^'\"]+)['\"]\]")
 _INT_ITEM = re.compile(r"\[(\d+)\]")
-_TOP_LEVEL_BLOCK = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\.(\d+)(?:\.|$)")
+_NUMBERED_CHILD = re.compile(r"(?:^|\.)([A-Za-z_][A-Za-z0-9_]*)\.(\d+)(?:\.|$)")
 
 
 def normalize_module_path(path: str) -> str:
@@ -49,10 +49,29 @@ def module_paths(node: torch.fx.Node) -> list[str]:
     return paths
 
 
-def top_level_block_of(node: torch.fx.Node) -> str | None:
-    """The ``<name>.<int>`` top-level block that owns ``node``, or ``None``."""
+def numbered_ancestor_of(node: torch.fx.Node) -> tuple[str, str] | None:
+    """``(prefix, "<name>.<int>")`` for the outermost numbered module that owns ``node``.
+
+    ``transformer_blocks.3.attn`` gives ``("", "transformer_blocks.3")``; a wrapper's
+    ``transformer.blocks.0`` gives ``("transformer", "transformer.blocks.0")``.
+    """
     for path in module_paths(node):
-        match = _TOP_LEVEL_BLOCK.match(path)
+        match = _NUMBERED_CHILD.search(path)
         if match:
-            return f"{match.group(1)}.{match.group(2)}"
+            end = match.end(2)
+            prefix = path[: match.start(1)].rstrip(".")
+            return prefix, path[:end]
     return None
+
+
+def top_level_block_of(node: torch.fx.Node, root: str = "") -> str | None:
+    """The ``<name>.<int>`` block directly under module ``root`` that owns ``node``, or ``None``.
+
+    Blocks are the numbered children of the shallowest module that has any (the model itself for
+    diffusers DiTs); numbered modules nested deeper (HunyuanVideo's token refiner,
+    ``context_embedder.token_refiner.refiner_blocks.0``) are parts of other modules, not blocks.
+    """
+    found = numbered_ancestor_of(node)
+    if found is None or found[0] != root:
+        return None
+    return found[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any
 
 import torch
@@ -119,6 +120,21 @@ def explain_graph(gm: torch.fx.GraphModule, model_class: str, granularity: str =
     )
 
 
+def _throwaway_caller(module: torch.nn.Module) -> Any:
+    """``module(*args, **kwargs)`` behind a code object of its own.
+
+    Dynamo keeps its compiled entries on the code object it compiles; tracing ``module`` directly
+    would leave an entry on the model's forward (shared by every model of its class) that counts
+    against the user's recompile limit. The entries of this code object die with it.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return module(*args, **kwargs)
+
+    code = call.__code__.replace(co_name=f"sc_explain_{id(module):x}")
+    return types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__, call.__closure__)
+
+
 def explain(model: torch.nn.Module, *args: Any, granularity: str | Granularity = "block", **kwargs: Any) -> Explanation:
     """Trace ``model(*args, **kwargs)`` with Dynamo and describe what ScalingCache would do.
 
@@ -133,7 +149,7 @@ def explain(model: torch.nn.Module, *args: Any, granularity: str | Granularity =
         return gm.forward
 
     with torch.no_grad():
-        torch.compile(module, backend=capture, fullgraph=True)(*args, **kwargs)
+        torch.compile(_throwaway_caller(module), backend=capture, fullgraph=True)(*args, **kwargs)
     if len(graphs) != 1:
         raise RuntimeError(f"expected one traced graph for {type(module).__name__}, got {len(graphs)}")
     # Analysed outside the backend so that errors reach the caller as they are, not wrapped by Dynamo.

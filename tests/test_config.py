@@ -1,0 +1,135 @@
+"""Options, their validation, and the errors bad input gets."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sc_compile
+from dummy_dit import DummyDiT
+from sc_compile.alpha import AlphaTable, AlphaTableError
+from sc_compile.config import Granularity, InnerCompiler, ScalingCacheConfig, split_options
+
+
+def test_backend_resolves_through_the_entry_point():
+    entry_points = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    (entry,) = [e for e in entry_points if e.name == "scalingcache"]
+    from sc_compile.backends.scalingcache import scalingcache
+
+    assert entry.load() is scalingcache
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("scalingcache") is scalingcache
+
+
+def test_importing_the_package_loads_nothing_heavy():
+    code = "import sys, sc_compile; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_unknown_option_names_the_valid_keys():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['warmup'\].*'warmup_steps'.*'granularity'"):
+        split_options({"warmup": 3})
+
+
+def test_unknown_option_is_an_error_through_torch_compile():
+    compiled = torch.compile(DummyDiT(), backend="scalingcache", options={"warm_up_steps": 3})
+    with pytest.raises(Exception, match=r"unknown option\(s\) \['warm_up_steps'\]"), torch.no_grad():
+        compiled(torch.ones(1, 2, 4), torch.tensor([1.0]))
+
+
+def test_inductor_options_and_mode_pass_through():
+    config, patches = split_options({"warmup_steps": 4, "max_autotune": True, "epilogue_fusion": False})
+    assert config.warmup_steps == 4
+    assert patches == {"max_autotune": True, "epilogue_fusion": False}
+    _, patches = split_options({}, mode="max-autotune")
+    assert patches["max_autotune"] is True
+    with pytest.raises(ValueError, match="unknown mode 'fastest'"):
+        split_options({}, mode="fastest")
+
+
+def test_inductor_options_with_another_inner_compiler_are_an_error():
+    with pytest.raises(ValueError, match="compiler='eager'"):
+        split_options({"compiler": "eager", "max_autotune": True})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"warmup_steps": 1}, "warmup_steps must be at least 2"),
+        ({"warmup_steps": "10"}, "warmup_steps must be an int or None, but got '10'"),
+        ({"granularity": "layer"}, "granularity must be one of 'block', 'module', but got 'layer'"),
+        ({"compiler": "tvm"}, "compiler must be one of 'inductor', 'aot_eager', 'eager', but got 'tvm'"),
+        ({"final_full_steps": -1}, "final_full_steps must be an int >= 0"),
+        ({"share_decision_across_streams": "yes"}, "share_decision_across_streams must be a bool"),
+        ({"alpha": "/no/such/alpha.safetensors"}, "is not a file"),
+        ({"alpha": 3}, "alpha must be 'ones', an AlphaTable, a path or None, but got int"),
+        ({"cache_dtype": torch.int8}, "cache_dtype must be a floating torch.dtype"),
+    ],
+)
+def test_bad_values_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        split_options(options)
+
+
+def test_enums_accept_their_values():
+    config = ScalingCacheConfig(granularity="module", compiler="eager")
+    assert config.granularity is Granularity.MODULE
+    assert config.compiler is InnerCompiler.EAGER
+
+
+def test_default_warmup_scales_with_a_known_step_count():
+    config = ScalingCacheConfig()
+    assert config.warmup_for(None) == 10
+    assert config.warmup_for(50) == 10
+    assert config.warmup_for(28) == 6
+    assert config.warmup_for(10) == 2
+    assert ScalingCacheConfig(warmup_steps=4).warmup_for(10) == 4
+
+
+def test_alpha_file_for_another_model_is_refused(tmp_path):
+    path = tmp_path / "alpha.safetensors"
+    AlphaTable(torch.ones(7, 5), "OtherDiT", "0123456789abcdef", "block").save(path)
+    compiled = torch.compile(DummyDiT(), backend="scalingcache", options={"compiler": "eager", "alpha": str(path)})
+    with pytest.raises(Exception, match=r"does not fit this model: it has 5 cache points \(the model has 3\).*calibrate"), torch.no_grad():
+        compiled(torch.ones(1, 2, 4), torch.tensor([1.0]))
+
+
+def test_alpha_file_of_another_granularity_is_refused(tmp_path):
+    model = DummyDiT()
+    explanation = sc_compile.explain(model, torch.ones(1, 2, 4), torch.tensor([1.0]))
+    path = tmp_path / "alpha.safetensors"
+    AlphaTable(torch.ones(7, 3), explanation.model_class, explanation.fingerprint, "module").save(path)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "alpha": str(path)})
+    with pytest.raises(Exception, match=r"granularity 'module' \(the model is compiled with 'block'\)"), torch.no_grad():
+        compiled(torch.ones(1, 2, 4), torch.tensor([1.0]))
+
+
+def test_alpha_file_round_trip_and_corrupt_files(tmp_path):
+    table = AlphaTable(torch.rand(4, 3) + 0.5, "DummyDiT", "abc", "block", timesteps=(1.0, 0.75, 0.5, 0.25), scheduler="Euler", beta=0.9, num_samples=5, command="calibrate x")
+    path = tmp_path / "alpha.safetensors"
+    table.save(path)
+    loaded = AlphaTable.load(path)
+    assert torch.equal(loaded.alpha, table.alpha)
+    assert (loaded.timesteps, loaded.scheduler, loaded.beta, loaded.num_samples, loaded.command) == (
+        table.timesteps, "Euler", 0.9, 5, "calibrate x"
+    )
+    assert "steps=4, points=3" in repr(loaded)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(AlphaTableError, match="not a readable α file"):
+        AlphaTable.load(truncated)
+    with pytest.raises(AlphaTableError, match="non-finite"):
+        AlphaTable(torch.tensor([[1.0, float("nan")]]), "DummyDiT", "abc", "block")
+
+
+def test_final_full_steps_without_a_step_count_is_an_error():
+    compiled = torch.compile(DummyDiT(), backend="scalingcache", options={"compiler": "eager", "final_full_steps": 1})
+    with pytest.raises(ValueError, match="final_full_steps=1 needs the generation's step count"), torch.no_grad():
+        compiled(torch.ones(1, 2, 4), torch.tensor([1.0]))
