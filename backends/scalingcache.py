@@ -185,6 +185,8 @@ def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_
         timestep_index=timestep_index,
         num_graph_inputs=len(example_inputs),
         session=session,
+        fingerprint=layout.fingerprint(),
+        granularity=layout.granularity,
     )
     runtime.streams[0] = state
     log.info(

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AlphaTable",
+    "calibrate",
     "ScalingCacheConfig",
     "compile",
     "explain",
@@ -69,6 +70,13 @@ def compile(  # noqa: A001 - the verb users expect, as torch.compile
         return scalingcache(gm, example_inputs, mode=mode, options=options, config=config)
 
     return torch.compile(model, backend=backend, **torch_compile_kwargs)
+
+
+def calibrate(target: Any, samples: Any, **kwargs: Any) -> AlphaTable:
+    """Calibrate an α table (paper eq. 5); see :func:`sc_compile.calibration.calibrate`."""
+    from sc_compile.calibration import calibrate as _calibrate
+
+    return _calibrate(target, samples, **kwargs)
 
 
 def report(model: torch.nn.Module) -> GenerationReport:

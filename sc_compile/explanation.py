@@ -120,19 +120,24 @@ def explain_graph(gm: torch.fx.GraphModule, model_class: str, granularity: str =
     )
 
 
-def _throwaway_caller(module: torch.nn.Module) -> Any:
-    """``module(*args, **kwargs)`` behind a code object of its own.
+def _throwaway_forward(module: torch.nn.Module) -> Any:
+    """``module.forward`` behind a copy of its code object.
 
     Dynamo keeps its compiled entries on the code object it compiles; tracing ``module`` directly
     would leave an entry on the model's forward (shared by every model of its class) that counts
-    against the user's recompile limit. The entries of this code object die with it.
+    against the user's recompile limit. The copy traces to the same graph, with the same input
+    names, as ``torch.compile(module)`` does, and its entries die with it.
     """
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return module(*args, **kwargs)
-
-    code = call.__code__.replace(co_name=f"sc_explain_{id(module):x}")
-    return types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__, call.__closure__)
+    function = module.forward.__func__  # type: ignore[attr-defined]
+    copy = types.FunctionType(
+        function.__code__.replace(),
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return types.MethodType(copy, module)
 
 
 def explain(model: torch.nn.Module, *args: Any, granularity: str | Granularity = "block", **kwargs: Any) -> Explanation:
@@ -149,7 +154,7 @@ def explain(model: torch.nn.Module, *args: Any, granularity: str | Granularity =
         return gm.forward
 
     with torch.no_grad():
-        torch.compile(_throwaway_caller(module), backend=capture, fullgraph=True)(*args, **kwargs)
+        torch.compile(_throwaway_forward(module), backend=capture, fullgraph=True)(*args, **kwargs)
     if len(graphs) != 1:
         raise RuntimeError(f"expected one traced graph for {type(module).__name__}, got {len(graphs)}")
     # Analysed outside the backend so that errors reach the caller as they are, not wrapped by Dynamo.

@@ -110,9 +110,13 @@ class ScalingCacheRuntime:
         timestep_index: int,
         num_graph_inputs: int,
         session: ModuleSession,
+        fingerprint: str = "",
+        granularity: str = "block",
         calibration_hook: Callable[[ScalingCacheRuntime, int, int, torch.Tensor], None] | None = None,
     ):
         self.model_class = model_class
+        self.fingerprint = fingerprint
+        self.granularity = granularity
         self.layout = layout
         self.full_step = full_step
         self.cached_step = cached_step
@@ -331,6 +335,11 @@ class ScalingCacheRuntime:
                 raise RuntimeError("no generation has run on this compiled model yet")
             return self._last_report
         return self._build_report(finished=False)
+
+    @property
+    def timesteps(self) -> list[float]:
+        """The timesteps of the current (or last) generation's steps."""
+        return list(self._timesteps)
 
     def end_generation(self) -> None:
         if self._generation_started:

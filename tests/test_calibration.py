@@ -1,0 +1,105 @@
+"""α calibration (paper eq. 5), the EMA over samples, the CLI, and step-count resampling."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sc_compile
+from dummy_dit import DummyDiT
+from sc_compile.alpha import AlphaTable
+from sc_compile.calibration import AlphaAccumulator, least_squares_alpha
+
+
+def test_eq5_against_a_hand_computed_case():
+    y2, y1, y0 = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0]), torch.tensor([1.5, 3.0])
+    delta = y1 - y2
+    # <y_t - y_{t-1}, Δ> / <Δ, Δ> = (0.5 * 1 + 1 * 2) / (1 + 4) = 0.5
+    alpha = least_squares_alpha(float(torch.dot(y0 - y1, delta)), float(torch.dot(delta, delta)))
+    assert alpha == pytest.approx(0.5)
+    assert least_squares_alpha(1.0, 0.0) == 1.0  # no difference: α undefined, held at 1
+
+
+def test_ema_against_a_hand_computed_case():
+    accumulator = AlphaAccumulator(num_points=1, beta=0.5)
+    for value in (1.0, 0.0, 1.0):
+        accumulator.observe(2, [value])
+    # 1.0 initialises; then .5 * 1 + .5 * 0 = .5; then .5 * .5 + .5 * 1 = .75
+    assert accumulator.rows[2] == [pytest.approx(0.75)]
+
+
+def _geometric_generation(ratio: float, steps: int, offset: float = 1.0):
+    """A generation whose hidden states follow s_t = 10 + offset * Σ_{k<=t} ratio^k exactly."""
+
+    def run(compiled):
+        value = 10.0
+        for t in range(steps):
+            value += offset * ratio**t
+            compiled(torch.ones(1, 4, 8) * value, torch.tensor([1000.0 - 50.0 * t]))
+
+    return run
+
+
+def test_geometric_trajectory_calibrates_to_its_ratio():
+    table = sc_compile.calibrate(
+        DummyDiT(), [_geometric_generation(0.8, 8), _geometric_generation(0.8, 8, offset=-2.0)], progress=False
+    )
+    assert table.num_steps == 8 and table.num_points == 3
+    torch.testing.assert_close(table.alpha[:2], torch.ones(2, 3))
+    torch.testing.assert_close(table.alpha[2:], torch.full((6, 3), 0.8), rtol=1e-4, atol=1e-4)
+    assert table.timesteps == tuple(1000.0 - 50.0 * t for t in range(8))
+    assert table.num_samples == 2 and table.granularity == "block"
+
+
+def test_calibrated_table_is_accepted_and_resampled_for_other_step_counts(tmp_path, caplog):
+    model = DummyDiT()
+    table = sc_compile.calibrate(model, [_geometric_generation(0.9, 20)], progress=False)
+    path = tmp_path / "alpha.safetensors"
+    table.save(path)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "alpha": str(path), "warmup_steps": 3})
+    for steps in (10, 40, 20):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sc_compile.runtime"), torch.no_grad():
+            for t in torch.linspace(1000.0, 50.0, steps):
+                compiled(torch.ones(1, 4, 8) * (1 + t / 1000), t.reshape(1))
+        resampled = [r for r in caplog.records if "resampling α" in r.getMessage()]
+        assert len(resampled) == (0 if steps == 20 else 1), steps
+        assert sc_compile.report(model).num_steps == steps
+
+
+def test_resampled_row_interpolates_over_the_timestep():
+    alpha = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.8, 0.6], [0.4, 0.2]])
+    table = AlphaTable(alpha, "M", "f", "block", timesteps=(1000.0, 750.0, 500.0, 250.0))
+    assert table.resampled_row(375.0) == pytest.approx([0.6, 0.4])
+    assert table.resampled_row(1200.0) == pytest.approx([1.0, 1.0])  # clamped to the ends
+    assert table.resampled_row(0.0) == pytest.approx([0.4, 0.2])
+
+
+def test_cli_calibrates_a_tiny_pipeline_and_inspects_the_table(tmp_path):
+    from sc_compile.demo.models import random_flux_demo
+
+    pipe, embeddings = random_flux_demo(seed=0)
+    model_dir = tmp_path / "tiny_flux"
+    pipe.transformer.save_pretrained(model_dir)
+    embeddings.save(model_dir / "class_embeddings.safetensors")
+    out = tmp_path / "alpha.safetensors"
+    command = [sys.executable, "-m", "sc_compile", "calibrate", str(model_dir), "--out", str(out), "--steps", "6", "--classes", "2", "--seeds", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "2 samples x 6 steps" in result.stdout
+    table = AlphaTable.load(out)
+    assert table.model_class == "FluxTransformer2DModel"
+    assert table.scheduler == "FlowMatchEulerDiscreteScheduler"
+    assert "calibrate" in table.command
+    inspect = subprocess.run([sys.executable, "-m", "sc_compile", "inspect", str(out)], capture_output=True, text=True, check=True)
+    assert "steps=6" in inspect.stdout and "α mean" in inspect.stdout
+    # The backend accepts the file for the same architecture.
+    pipe.transformer = torch.compile(pipe.transformer, backend="scalingcache", options={"compiler": "eager", "alpha": str(out), "warmup_steps": 2})
+    with torch.no_grad():
+        pipe(**embeddings.pipeline_kwargs([0]), height=28, width=28, num_inference_steps=6, output_type="pt")
+    report = sc_compile.report(pipe.transformer)
+    assert report.num_steps == 6 and "calibrate" in report.alpha_source
