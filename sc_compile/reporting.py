@@ -12,7 +12,8 @@ class StreamReport:
     stream: int
     full_steps: tuple[int, ...]
     cached_steps: tuple[int, ...]
-    # ē per step: measured at full steps, predicted at cached steps, None where undefined.
+    # This stream's ē per step: measured at full steps, predicted at cached steps, None where
+    # undefined. With shared decisions the step's decision used the mean over streams.
     changes: tuple[float | None, ...]
     reasons: tuple[str, ...]
 

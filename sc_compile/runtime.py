@@ -304,12 +304,18 @@ class ScalingCacheRuntime:
             if unit is None:
                 continue
             decisions = unit.decisions[:num_steps]
+            # A shared unit measures every stream; its own index among them is the stream's.
+            position = stream if self.config.share_decision_across_streams else 0
+            changes: list[float | None] = []
+            for step in range(num_steps):
+                per_stream = unit.stream_changes.get(step)
+                changes.append(per_stream[position] if per_stream and position < len(per_stream) else None)
             streams.append(
                 StreamReport(
                     stream=stream,
                     full_steps=tuple(d.step for d in decisions if d.full),
                     cached_steps=tuple(d.step for d in decisions if not d.full),
-                    changes=tuple(unit.changes[:num_steps]) + (None,) * (num_steps - len(unit.changes[:num_steps])),
+                    changes=tuple(changes),
                     reasons=tuple(d.reason for d in decisions),
                 )
             )

@@ -63,6 +63,7 @@ class DecisionUnit:
         self.norms: list[tuple[list[float], list[float]]] = []  # per stream: |dy|_1, |y_full|_1
         self.decisions: list[StepDecision] = []
         self.changes: list[float | None] = []  # ē per step (None where undefined)
+        self.stream_changes: dict[int, list[float]] = {}  # step -> ē of each stream
         self.nonfinite_steps: list[int] = []
         self._force_full = False
 
@@ -79,6 +80,7 @@ class DecisionUnit:
             sum(_relative(row[CHANGE_L1], row[PREV_L1]) for row in table) / len(table) for table in stats_per_stream
         ]
         change = sum(per_stream) / len(per_stream)
+        self.stream_changes[step] = per_stream
         self._record(step, change)
         if math.isfinite(change):
             self.accumulated = change
@@ -93,6 +95,7 @@ class DecisionUnit:
             for dy_l1, y_l1 in self.norms
         ]
         change = sum(per_stream) / len(per_stream) if per_stream else 0.0
+        self.stream_changes[step] = per_stream
         self._record(step, change)
         if math.isfinite(change):
             self.accumulated += change
