@@ -10,6 +10,7 @@ graph, compile both with the inner compiler (Inductor by default, with every Ind
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -210,6 +211,121 @@ def _orphan_session():
     return ModuleSession()
 
 
+def _has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
+            return True
+        if isinstance(value, torch.Tensor) and any(not isinstance(s, int) for s in value.shape):
+            return True
+    return False
+
+
+_SIZE_ARITHMETIC = {
+    operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+    operator.neg, operator.pow, torch.sym_sum, torch.sym_max, torch.sym_min, torch.sym_int, torch.sym_float,
+}
+
+
+def _is_foldable(node: torch.fx.Node, folded: set[torch.fx.Node]) -> bool:
+    """Whether ``node`` is a constant of the specialised graph: a size input, ``x.size()`` or
+    ``x.shape[i]``, the value of a global constant tensor, or arithmetic on those."""
+    value = node.meta.get("example_value")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if node.op == "placeholder":
+        return True
+    if node.op == "call_method" and node.target in ("size", "dim", "numel"):
+        return True
+    if node.op == "call_function" and node.target in (torch.ops.aten.sym_size.int, getattr):
+        return True
+    if node.op == "call_function" and node.target is operator.getitem:
+        source = node.args[0]
+        return isinstance(source, torch.fx.Node) and (source in folded or isinstance(source.meta.get("example_value"), torch.Size))
+    if node.op == "call_method" and node.target == "item":
+        # The value of a global constant tensor (a function default Dynamo lifted as an input),
+        # never of a user input or a parameter.
+        source = node.args[0]
+        return isinstance(source, torch.fx.Node) and source.op == "placeholder" and _source_name(source).startswith("G[")
+    if node.op == "call_function" and node.target in _SIZE_ARITHMETIC:
+        return all(arg in folded for arg in node.all_input_nodes)
+    return False
+
+
+def specialize_to_inputs(gm: torch.fx.GraphModule, args: Sequence[Any]) -> torch.fx.GraphModule:
+    """A copy of a symbolic-size Dynamo graph with every size fixed to those of ``args``.
+
+    The graph runs once on ``args`` to record concrete metadata (sizes can feed data-dependent
+    ops such as ``.item()`` on constants, which fake tensors cannot run); size inputs and
+    arithmetic on sizes are then folded into constants. Values computed from tensor data are
+    never folded.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sc_compile.passes.pass_manager import copy_graph_module
+
+    static = copy_graph_module(gm)
+    mode = FakeTensorMode()
+
+    def record(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return mode.from_tensor(value, static_shapes=True)
+        if isinstance(value, tuple | list):
+            return type(value)(record(v) for v in value)
+        return value
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            result = super().run_node(node)
+            if node.op != "output":
+                node.meta["example_value"] = record(result)
+                node.meta.pop("val", None)
+            return result
+
+    with torch.no_grad():
+        Recorder(static).run(*args)
+    folded: set[torch.fx.Node] = set()
+    for node in static.graph.nodes:
+        if _is_foldable(node, folded):
+            folded.add(node)
+    for node in folded:
+        value = node.meta["example_value"]
+        for user in list(node.users):
+            user.replace_input_with(node, value)  # type: ignore[arg-type]
+    for node in reversed(list(static.graph.nodes)):
+        if node in folded and node.op != "placeholder" and not node.users:
+            static.graph.erase_node(node)
+    static.graph.lint()
+    static.recompile()
+    return static
+
+
+class ShapeSpecializingRuntime:
+    """ScalingCache for a graph Dynamo traced with dynamic sizes.
+
+    Dynamo marks a size dynamic after it changes (automatic dynamic shapes: a second resolution or
+    batch size). The cache buffers need static shapes, so each distinct set of input sizes gets
+    its own static specialisation, built on its first call and logged; the Dynamo graph stays one.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, config: ScalingCacheConfig, patches: Mapping[str, Any], module: torch.nn.Module | None):
+        self.gm = gm
+        self.config = config
+        self.patches = patches
+        self.module = module
+        self.by_sizes: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a if isinstance(a, int) else None for a in args)
+        runtime = self.by_sizes.get(key)
+        if runtime is None:
+            log.info("ScalingCache: specialising a dynamic-shape graph to sizes %s", [k for k in key if k is not None])
+            static = specialize_to_inputs(self.gm, args)
+            runtime = build_runtime(static, args, self.config, self.patches, self.module)
+            self.by_sizes[key] = runtime
+        return runtime(*args)
+
+
 def scalingcache(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -230,4 +346,7 @@ def scalingcache(
     elif options and any(k in ScalingCacheConfig.option_names() for k in options):
         raise ValueError("pass ScalingCache settings either as config= or in options=, not both")
     module = traced_module()
+    if _has_symbolic_shapes(gm):
+        # dynamic=True, or Dynamo's automatic dynamic shapes after a size changed.
+        return ShapeSpecializingRuntime(gm, config, patches, module)
     return build_runtime(gm, example_inputs, config, patches, module)

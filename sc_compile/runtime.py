@@ -248,9 +248,17 @@ class ScalingCacheRuntime:
             if decision.full:
                 streams = self._pending_full.get(key, [])
                 stats = torch.stack([self.streams[s].stats for s in streams]).tolist() if streams else []
-                unit.observe_full(step, stats)
+                change = unit.observe_full(step, stats)
             else:
-                unit.observe_cached(step)
+                change = unit.observe_cached(step)
+            if change is not None and not math.isfinite(change):
+                self._warn_once(
+                    "nonfinite",
+                    "ScalingCache: the change at step %d is %s (non-finite hidden states); the next step "
+                    "runs in full, and the report lists the step in nonfinite_steps.",
+                    step,
+                    change,
+                )
             self._observed_through[key] = step
             step += 1
 
