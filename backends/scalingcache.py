@@ -99,6 +99,14 @@ def compile_inner(
     return CompiledStep(fn, spec.input_indices, spec.num_compute_nodes, time.perf_counter() - start)
 
 
+def context_parallel_group(module: torch.nn.Module | None) -> Any:
+    """The process group of diffusers context parallelism (``model.enable_parallelism``), if any."""
+    config = getattr(module, "_parallel_config", None)
+    cp_config = getattr(config, "context_parallel_config", None)
+    mesh = getattr(cp_config, "_flattened_mesh", None)
+    return None if mesh is None else mesh.get_group()
+
+
 def _asset_dirs() -> list[Path]:
     root = Path(__file__).resolve().parents[1] / "assets"
     return [root] if root.is_dir() else []
@@ -188,6 +196,7 @@ def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_
         session=session,
         fingerprint=layout.fingerprint(),
         granularity=layout.granularity,
+        process_group=context_parallel_group(module),
     )
     runtime.streams[0] = state
     log.info(

@@ -31,9 +31,13 @@ class GenerationReport:
     alpha_source: str
     shared_decisions: bool
     nonfinite_steps: tuple[int, ...] = ()
-    # Bytes of cache buffers (all streams) this generation held.
+    # Bytes of cache buffers (all streams) this generation held, on this rank.
     buffer_bytes: int = 0
     finished: bool = False
+    # Context parallelism: ranks in the group; decisions are synchronised by one all-reduce of
+    # the statistics per full step (counted since the model was compiled).
+    world_size: int = 1
+    num_allreduces: int = 0
 
     @property
     def num_full_steps(self) -> int:
@@ -53,6 +57,11 @@ class GenerationReport:
             f"{self.num_points} cache points, α: {self.alpha_source}",
             f"  steps: {marks}  (F full, . cached)",
         ]
+        if self.world_size > 1:
+            lines.append(
+                f"  context parallel: {self.world_size} ranks, decisions synchronised "
+                f"({self.num_allreduces} all-reduces of the statistics so far)"
+            )
         if self.nonfinite_steps:
             lines.append(f"  non-finite changes at steps {list(self.nonfinite_steps)}: the next step ran in full")
         for stream in self.streams:

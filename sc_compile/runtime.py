@@ -112,11 +112,18 @@ class ScalingCacheRuntime:
         session: ModuleSession,
         fingerprint: str = "",
         granularity: str = "block",
+        process_group: Any = None,
         calibration_hook: Callable[[ScalingCacheRuntime, int, int, torch.Tensor], None] | None = None,
     ):
         self.model_class = model_class
         self.fingerprint = fingerprint
         self.granularity = granularity
+        # Context parallelism: the group whose ranks each hold a sequence shard of every hidden
+        # state. The statistics are sums over elements, so one all-reduce (sum) of the table per
+        # full step gives every rank the global values, hence the same decisions.
+        self.process_group = process_group
+        self.world_size = 1 if process_group is None else torch.distributed.get_world_size(process_group)
+        self.num_allreduces = 0
         self.layout = layout
         self.full_step = full_step
         self.cached_step = cached_step
@@ -247,7 +254,7 @@ class ScalingCacheRuntime:
                 break
             if decision.full:
                 streams = self._pending_full.get(key, [])
-                stats = torch.stack([self.streams[s].stats for s in streams]).tolist() if streams else []
+                stats = self._global_stats(torch.stack([self.streams[s].stats for s in streams])).tolist() if streams else []
                 change = unit.observe_full(step, stats)
             else:
                 change = unit.observe_cached(step)
@@ -261,6 +268,15 @@ class ScalingCacheRuntime:
                 )
             self._observed_through[key] = step
             step += 1
+
+    def _global_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """The statistics summed over the context-parallel group (one all-reduce)."""
+        if self.process_group is None:
+            return stats
+        stats = stats.clone()
+        torch.distributed.all_reduce(stats, group=self.process_group)
+        self.num_allreduces += 1
+        return stats
 
     def _decision(self, step: int, stream: int, timestep: float) -> StepDecision:
         key = self._unit_key(stream)
@@ -295,7 +311,7 @@ class ScalingCacheRuntime:
             self.num_full_calls += 1
             self._pending_full[self._unit_key(stream)].append(stream)
             if self.calibration_hook is not None:
-                self.calibration_hook(self, step, stream, state.stats)
+                self.calibration_hook(self, step, stream, self._global_stats(state.stats))
         else:
             self.num_cached_calls += 1
         return out
@@ -339,6 +355,8 @@ class ScalingCacheRuntime:
             shared_decisions=self.config.share_decision_across_streams,
             nonfinite_steps=tuple(sorted({s for u in self._units.values() for s in u.nonfinite_steps})),
             buffer_bytes=sum(s.nbytes for s in self.streams[:max(max_streams, 1)]),
+            world_size=self.world_size,
+            num_allreduces=self.num_allreduces,
             finished=finished,
         )
 
