@@ -35,8 +35,10 @@ class SpecializedGraph:
 def _inline_cond(gm: torch.fx.GraphModule, cond: torch.fx.Node, take_full: bool) -> None:
     graph = gm.graph
     _, true_attr, false_attr, operands = cond.args
+    assert isinstance(true_attr, torch.fx.Node) and isinstance(false_attr, torch.fx.Node)
+    assert isinstance(operands, tuple | list)
     branch_attr = true_attr if take_full else false_attr
-    branch: torch.fx.GraphModule = getattr(gm, branch_attr.target)
+    branch: torch.fx.GraphModule = getattr(gm, str(branch_attr.target))
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     placeholders = [n for n in branch.graph.nodes if n.op == "placeholder"]
     for placeholder, operand in zip(placeholders, operands, strict=True):
@@ -47,12 +49,16 @@ def _inline_cond(gm: torch.fx.GraphModule, cond: torch.fx.Node, take_full: bool)
             if node.op == "placeholder":
                 continue
             if node.op == "output":
-                results = tuple(env[r] for r in node.args[0])
+                outputs = node.args[0]
+                assert isinstance(outputs, tuple | list)
+                results = tuple(env[r] for r in outputs)  # type: ignore[index]
                 continue
             env[node] = graph.node_copy(node, lambda n: env[n])
     for user in list(cond.users):
         assert user.op == "call_function" and user.target is operator.getitem, user
-        user.replace_all_uses_with(results[user.args[1]])
+        index = user.args[1]
+        assert isinstance(index, int)
+        user.replace_all_uses_with(results[index])
         graph.erase_node(user)
     graph.erase_node(cond)
     for attr in (true_attr, false_attr):

@@ -24,7 +24,7 @@ from sc_compile.backends.lowering import SpecializedGraph, specialize_cache_cond
 from sc_compile.config import Fallback, InnerCompiler, ScalingCacheConfig, split_options
 from sc_compile.passes import run_cache_passes
 from sc_compile.passes.find_blocks import NoBlocksFoundError, UnsupportedGraphError
-from sc_compile.passes.layout import CacheLayout, tensor_meta
+from sc_compile.passes.layout import CacheLayout, required_tensor_meta, tensor_meta
 from sc_compile.runtime import CompiledStep, PointLayout, ScalingCacheRuntime, session_for
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def compile_inner(
     elif compiler is InnerCompiler.AOT_EAGER:
         from torch._dynamo.backends.registry import lookup_backend
 
-        fn = lookup_backend("aot_eager")(spec.graph_module, inputs)
+        fn = lookup_backend("aot_eager")(spec.graph_module, inputs)  # type: ignore[assignment]
     else:
         from torch._inductor.compile_fx import compile_fx
 
@@ -95,7 +95,7 @@ def compile_inner(
         # inputs, other outputs) matches, and symbols added to its shape environment would break
         # Dynamo's guards.
         with torch._guards.tracing(torch._guards.TracingContext(None)):
-            fn = compile_fx(spec.graph_module, inputs, config_patches=dict(config_patches))
+            fn = compile_fx(spec.graph_module, inputs, config_patches=dict(config_patches))  # type: ignore[assignment]
     return CompiledStep(fn, spec.input_indices, spec.num_compute_nodes, time.perf_counter() - start)
 
 
@@ -158,14 +158,14 @@ def build_runtime(
 
 def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_gm, layout: CacheLayout, alpha: AlphaTable | None, timestep_index: int):
     points = layout.cache_points
-    device = tensor_meta(layout.blocks[-1].cache_points[0]).device
+    device = required_tensor_meta(layout.blocks[-1].cache_points[0]).device
     point_layout = PointLayout(
         shapes=[p.shape for p in points],
         dtypes=[p.dtype for p in points],
         device=device,
         feeds_output=[p.feeds_output for p in points],
     )
-    session = session_for(module) if module is not None else _orphan_session()
+    session = (session_for(module) if module is not None else None) or _orphan_session()
     full_spec = specialize_cache_conds(cond_gm, full=True)
     cached_spec = specialize_cache_conds(cond_gm, full=False)
     # Example state for compilation: the first stream's buffers.

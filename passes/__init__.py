@@ -6,6 +6,11 @@ Analysis passes record what they found in ``gm.meta`` under :data:`LAYOUT_META_K
 pass reads it. :func:`run_cache_passes` runs them in their one fixed order.
 """
 
-from sc_compile.passes.pass_manager import CACHE_PASSES, LAYOUT_META_KEY, PassFailedError, run_cache_passes
+from sc_compile.passes.pass_manager import (
+    CACHE_PASSES,
+    LAYOUT_META_KEY,
+    PassFailedError,
+    run_cache_passes,
+)
 
 __all__ = ["CACHE_PASSES", "LAYOUT_META_KEY", "PassFailedError", "run_cache_passes"]

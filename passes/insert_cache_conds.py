@@ -28,7 +28,13 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from sc_compile.passes.choose_cache_points import replay_nodes
-from sc_compile.passes.layout import BlockInfo, CachePointSpec, example_value, tensor_meta
+from sc_compile.passes.layout import (
+    BlockInfo,
+    CachePointSpec,
+    example_value,
+    required_tensor_meta,
+    tensor_meta,
+)
 
 # Columns of the per-point statistics row (see the module docstring).
 STAT_COLUMNS = ("change_l1", "prev_l1", "next_change_l1", "value_l1", "change_dot_dy", "dy_dot_dy")
@@ -165,7 +171,7 @@ def _full_branch(
             ],
         )
         b.fn(torch.ops.aten.copy_.default, b.fn(torch.ops.aten.select.int, b.env[stats], 0, index), row)
-        writes.append((dy, b.method("to", new_dy, tensor_meta(point).dtype)))
+        writes.append((dy, b.method("to", new_dy, required_tensor_meta(point).dtype)))
         writes.append((y_full, b.env[point]))
     # Every read of the old buffers above happens before the first write below.
     for destination, source in writes:
@@ -209,8 +215,7 @@ def insert_cache_conds(gm: torch.fx.GraphModule) -> PassResult:
     specs: list[CachePointSpec] = []
     for block in layout.blocks:
         for point in block.cache_points:
-            meta = tensor_meta(point)
-            assert meta is not None, point
+            meta = required_tensor_meta(point)
             specs.append(
                 CachePointSpec(
                     index=len(specs),
@@ -223,7 +228,7 @@ def insert_cache_conds(gm: torch.fx.GraphModule) -> PassResult:
             )
     if not specs:
         raise RuntimeError(f"{layout.model_class}: blocks were found but no cache point was chosen")
-    device = tensor_meta(layout.blocks[-1].cache_points[0]).device
+    device = required_tensor_meta(layout.blocks[-1].cache_points[0]).device
     num_points = len(specs)
 
     last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -236,7 +241,7 @@ def insert_cache_conds(gm: torch.fx.GraphModule) -> PassResult:
         index = 0
         for block in layout.blocks:
             for point in block.cache_points:
-                meta = tensor_meta(point)
+                meta = required_tensor_meta(point)
                 empty = torch.empty(tuple(meta.shape), dtype=meta.dtype, device=meta.device)
                 y_full = _new_placeholder(graph, y_full_name(index), empty, fake_mode)
                 dy = _new_placeholder(graph, dy_name(index), empty, fake_mode)
@@ -277,8 +282,11 @@ def insert_cache_conds(gm: torch.fx.GraphModule) -> PassResult:
                 result = graph.call_function(operator.getitem, (cond, k))
                 result.meta = dict(output.meta)
                 results.append(result)
+        def outside(user: torch.fx.Node, members: set[torch.fx.Node] = member_set) -> bool:
+            return user not in members
+
         for output, result in zip(block.outputs, results, strict=True):
-            output.replace_all_uses_with(result, delete_user_cb=lambda user: user not in member_set)
+            output.replace_all_uses_with(result, delete_user_cb=outside)
             replaced[output] = result
         for member in reversed(block.members):
             graph.erase_node(member)

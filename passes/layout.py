@@ -86,3 +86,11 @@ def example_value(node: torch.fx.Node) -> object:
 def tensor_meta(node: torch.fx.Node) -> torch.Tensor | None:
     value = example_value(node)
     return value if isinstance(value, torch.Tensor) else None
+
+
+def required_tensor_meta(node: torch.fx.Node) -> torch.Tensor:
+    """The fake tensor of a node that must be tensor-valued (a cache point, a block output)."""
+    meta = tensor_meta(node)
+    if meta is None:
+        raise RuntimeError(f"node {node.name!r} has no tensor metadata (example_value)")
+    return meta

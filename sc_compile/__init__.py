@@ -69,7 +69,7 @@ def compile(  # noqa: A001 - the verb users expect, as torch.compile
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         return scalingcache(gm, example_inputs, mode=mode, options=options, config=config)
 
-    return torch.compile(model, backend=backend, **torch_compile_kwargs)
+    return torch.compile(model, backend=backend, **torch_compile_kwargs)  # type: ignore[return-value]
 
 
 def calibrate(target: Any, samples: Any, **kwargs: Any) -> AlphaTable:

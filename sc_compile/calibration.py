@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sc_compile.alpha import AlphaTable
-from sc_compile.config import ScalingCacheConfig
+from sc_compile.config import Granularity, InnerCompiler, ScalingCacheConfig
 from sc_compile.schedule import CHANGE_DOT_DY, DY_DOT_DY
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,9 @@ def calibrate(
         raise ValueError(f"target must be a pipeline with a .transformer or an nn.Module, got {type(target).__name__}")
     if not samples:
         raise ValueError("calibration needs at least one sample")
-    config = ScalingCacheConfig(warmup_steps=_ALL_FULL, alpha="ones", granularity=granularity, compiler=compiler)
+    config = ScalingCacheConfig(
+        warmup_steps=_ALL_FULL, alpha="ones", granularity=Granularity(granularity), compiler=InnerCompiler(compiler)
+    )
     accumulators: dict[str, AlphaAccumulator] = {}
     bar = tqdm(total=None, unit="step", disable=not progress, desc="calibrating α")
 

@@ -31,6 +31,7 @@ def load_demo_style_pipeline(model_dir: str | Path) -> tuple[Any, Any, str]:
     if not config_path.is_file():
         raise SystemExit(f"{model_dir}: no config.json; expected a transformer saved with save_pretrained")
     class_name = json.loads(config_path.read_text())["_class_name"]
+    pipe: Any
     if class_name == "FluxTransformer2DModel":
         pipe, embeddings = models.load_flux_demo(path=model_dir)
     elif class_name == "WanTransformer3DModel":

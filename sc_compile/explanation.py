@@ -73,10 +73,10 @@ def explain_graph(gm: torch.fx.GraphModule, model_class: str, granularity: str =
     """Run the passes and the lowering on a Dynamo graph and describe the result."""
     from sc_compile.backends.lowering import specialize_cache_conds
     from sc_compile.passes import run_cache_passes
-    from sc_compile.passes.pass_manager import copy_graph_module
+    from sc_compile.passes.choose_cache_points import choose_cache_points
     from sc_compile.passes.find_blocks import find_blocks
     from sc_compile.passes.find_residual_outputs import find_residual_outputs
-    from sc_compile.passes.choose_cache_points import choose_cache_points
+    from sc_compile.passes.pass_manager import copy_graph_module
 
     # The analysis alone, on its own copy, to report node names before the rewrite erases them.
     analysis = copy_graph_module(gm)

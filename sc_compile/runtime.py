@@ -324,9 +324,10 @@ class ScalingCacheRuntime:
         streams = []
         max_streams = max(self._streams_per_step, default=0)
         for stream in range(max_streams):
-            unit = self._units.get(self._unit_key(stream))
-            if unit is None:
+            stream_unit = self._units.get(self._unit_key(stream))
+            if stream_unit is None:
                 continue
+            unit = stream_unit
             decisions = unit.decisions[:num_steps]
             # A shared unit measures every stream; its own index among them is the stream's.
             position = stream if self.config.share_decision_across_streams else 0

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import sc_compile
-from dummy_dit import DummyDiT
 from sc_compile.alpha import AlphaTable
 from sc_compile.calibration import AlphaAccumulator, least_squares_alpha
+
+from dummy_dit import DummyDiT
 
 
 def test_eq5_against_a_hand_computed_case():

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import sc_compile
-from dummy_dit import DummyDiT
 from sc_compile.alpha import AlphaTable, AlphaTableError
 from sc_compile.config import Granularity, InnerCompiler, ScalingCacheConfig, split_options
+
+from dummy_dit import DummyDiT
 
 
 def test_backend_resolves_through_the_entry_point():

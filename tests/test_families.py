@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sc_compile
+
 from tiny_models import BUILDERS, timesteps, with_timestep
 
 # (blocks, block-granularity cache points, residual modules per block)

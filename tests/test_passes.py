@@ -7,9 +7,10 @@ import torch
 from expecttest import TestCase
 
 import sc_compile
-from dummy_dit import DummyDiT, NotADiT
 from sc_compile.passes.find_blocks import NoBlocksFoundError
 from sc_compile.passes.module_paths import normalize_module_path, top_level_block_of
+
+from dummy_dit import DummyDiT, NotADiT
 
 
 def _explain(model: torch.nn.Module, granularity: str = "block"):

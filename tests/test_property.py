@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import sc_compile
-from dummy_dit import DummyDiT, output_scale
 from sc_compile.alpha import AlphaTable
+
+from dummy_dit import DummyDiT, output_scale
 
 
 def reference(values: list[float], alpha: list[float], warmup: int) -> tuple[list[bool], list[float], float]:

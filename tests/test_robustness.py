@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sc_compile
+
 from dummy_dit import DummyDiT, NotADiT
 from tiny_models import BUILDERS, timesteps, with_timestep
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import sc_compile
-from dummy_dit import DummyDiT, output_scale
 from sc_compile.alpha import AlphaTable
+
+from dummy_dit import DummyDiT, output_scale
 
 SEQUENCE = [16.0, 12.0, 10.0, 9.0, 8.5, 8.0, 4.0]
 

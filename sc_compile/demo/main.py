@@ -83,7 +83,7 @@ def write_picture(path: Path, uncached: torch.Tensor, cached: torch.Tensor, num_
     picture = torch.cat([top, spacer, strip[:, : top.shape[1]]], dim=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((picture.numpy() * 255).round().astype("uint8"), mode="L").resize(
-        (picture.shape[1] * 3, picture.shape[0] * 3), Image.NEAREST
+        (picture.shape[1] * 3, picture.shape[0] * 3), Image.Resampling.NEAREST
     ).save(path)
 
 
