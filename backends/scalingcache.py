@@ -192,7 +192,6 @@ def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_
         alpha=alpha,
         alpha_source=alpha_source,
         timestep_index=timestep_index,
-        num_graph_inputs=len(example_inputs),
         session=session,
         fingerprint=layout.fingerprint(),
         granularity=layout.granularity,

@@ -108,7 +108,6 @@ class ScalingCacheRuntime:
         alpha: AlphaTable | None,
         alpha_source: str,
         timestep_index: int,
-        num_graph_inputs: int,
         session: ModuleSession,
         fingerprint: str = "",
         granularity: str = "block",
@@ -131,7 +130,6 @@ class ScalingCacheRuntime:
         self.alpha = alpha
         self.alpha_source = alpha_source
         self.timestep_index = timestep_index
-        self.num_graph_inputs = num_graph_inputs
         self.session = session
         session.runtimes.append(weakref.ref(self))
         self.num_points = len(layout.shapes)
@@ -156,7 +154,6 @@ class ScalingCacheRuntime:
         self._num_steps = self.session.num_inference_steps or self.config.num_inference_steps
         self._warmup = self.config.warmup_for(self._num_steps)
         self._units: dict[int, DecisionUnit] = {}
-        self._decisions: dict[tuple[int, int], StepDecision] = {}  # (step, stream) -> decision
         self._streams_per_step: list[int] = []
         self._pending_full: dict[int, list[int]] = {}  # unit key -> streams of its last full step
         self._observed_through: dict[int, int] = {}
