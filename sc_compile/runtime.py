@@ -159,6 +159,8 @@ class ScalingCacheRuntime:
         self._observed_through: dict[int, int] = {}
         self._resampled_logged = False
         self._timesteps: list[float] = []
+        # (decision, [2, P] tensor of its coef and refresh rows) of the step in flight.
+        self._step_tensor_cache: tuple[StepDecision | None, torch.Tensor | None] = (None, None)
 
     def _start_generation(self) -> None:
         if self._generation_started:
@@ -288,6 +290,14 @@ class ScalingCacheRuntime:
             self._pending_full[key] = []
         return decision
 
+    def _step_tensors(self, decision: StepDecision, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's coefficient vectors on the device, made once per step for all its streams."""
+        cached_decision, values = self._step_tensor_cache
+        if cached_decision is not decision or values is None:
+            values = torch.tensor([decision.coef, decision.refresh], dtype=torch.float32).to(device, non_blocking=True)
+            self._step_tensor_cache = (decision, values)
+        return values[0], values[1]
+
     # -- the call ------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
         timestep_tensor = args[self.timestep_index]
@@ -299,8 +309,7 @@ class ScalingCacheRuntime:
         self.num_calls += 1
         self.session.last_active = weakref.ref(self)
         device = self.layout.device
-        coef = torch.tensor(decision.coef, dtype=torch.float32).to(device, non_blocking=True)
-        refresh = torch.tensor(decision.refresh, dtype=torch.float32).to(device, non_blocking=True)
+        coef, refresh = self._step_tensors(decision, device)
         inputs = [*args, self.is_full_flag, *state.buffers, coef, refresh, state.stats]
         compiled = self.full_step if decision.full else self.cached_step
         out = compiled.fn(*[inputs[i] for i in compiled.input_indices])
