@@ -18,6 +18,9 @@ _DICT_MODULES = re.compile(r"\.__dict__\[['\"]_modules['\"]\]\[['\"]([^'\"]+)['\
 _MODULES_ITEM = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]")
 _STRING_ITEM = re.compile(r"\[['\"]([^'\"]+)['\"]\]")
 _INT_ITEM = re.compile(r"\[(\d+)\]")
+# diffusers hooks (context parallelism, caching hooks) replace ``forward`` by a partial of a bound
+# method; Dynamo then names the module path through it (``forward.__self__.transformer_blocks.0``).
+_BOUND_SELF = re.compile(r"(?:^|\.)[A-Za-z_]\w*\.__self__(?=\.|$)")
 _NUMBERED_CHILD = re.compile(r"(?:^|\.)([A-Za-z_][A-Za-z0-9_]*)\.(\d+)(?:\.|$)")
 
 
@@ -34,6 +37,7 @@ def normalize_module_path(path: str) -> str:
     path = _MODULES_ITEM.sub(r".\1", path)
     path = _STRING_ITEM.sub(r".\1", path)
     path = _INT_ITEM.sub(r".\1", path)
+    path = _BOUND_SELF.sub("", path)
     return path.lstrip(".")
 
 

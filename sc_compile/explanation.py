@@ -120,15 +120,20 @@ def explain_graph(gm: torch.fx.GraphModule, model_class: str, granularity: str =
     )
 
 
+def _call_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return self.forward(*args, **kwargs)
+
+
 def _throwaway_forward(module: torch.nn.Module) -> Any:
     """``module.forward`` behind a copy of its code object.
 
     Dynamo keeps its compiled entries on the code object it compiles; tracing ``module`` directly
     would leave an entry on the model's forward (shared by every model of its class) that counts
     against the user's recompile limit. The copy traces to the same graph, with the same input
-    names, as ``torch.compile(module)`` does, and its entries die with it.
+    names, as ``torch.compile(module)`` does, and its entries die with it. A forward that diffusers
+    hooks replaced by a ``functools.partial`` is reached through a method whose code is copied.
     """
-    function = module.forward.__func__  # type: ignore[attr-defined]
+    function = getattr(module.forward, "__func__", None) or _call_forward
     copy = types.FunctionType(
         function.__code__.replace(),
         function.__globals__,
@@ -154,7 +159,9 @@ def explain(model: torch.nn.Module, *args: Any, granularity: str | Granularity =
         return gm.forward
 
     with torch.no_grad():
-        torch.compile(_throwaway_forward(module), backend=capture, fullgraph=True)(*args, **kwargs)
+        # dynamic=False: the traced code is new each time, so Dynamo's automatic dynamic shapes must
+        # not carry sizes over from an earlier explain of another model.
+        torch.compile(_throwaway_forward(module), backend=capture, fullgraph=True, dynamic=False)(*args, **kwargs)
     if len(graphs) != 1:
         raise RuntimeError(f"expected one traced graph for {type(module).__name__}, got {len(graphs)}")
     # Analysed outside the backend so that errors reach the caller as they are, not wrapped by Dynamo.

@@ -244,12 +244,18 @@ class ScalingCacheRuntime:
             )
         return self.alpha.resampled_row(timestep)
 
-    def _observe(self, key: int, unit: DecisionUnit, upto_step: int) -> None:
-        """Fold the changes of steps before ``upto_step`` into ``unit`` (at most one read)."""
+    def _observe(self, key: int, unit: DecisionUnit, upto_step: int, collective: bool = True) -> None:
+        """Fold the changes of steps before ``upto_step`` into ``unit`` (at most one read).
+
+        ``collective=False`` stops before a full step whose statistics would need an all-reduce:
+        a report asked for on one rank must not start a collective the other ranks never join.
+        """
         step = self._observed_through.get(key, -1) + 1
         while step < upto_step:
             decision = unit.decisions[step] if step < len(unit.decisions) else None
             if decision is None:
+                break
+            if decision.full and not collective and self.process_group is not None:
                 break
             if decision.full:
                 streams = self._pending_full.get(key, [])
@@ -323,9 +329,9 @@ class ScalingCacheRuntime:
         return out
 
     # -- reports -------------------------------------------------------------------------------
-    def _build_report(self, finished: bool) -> GenerationReport:
+    def _build_report(self, finished: bool, collective: bool = True) -> GenerationReport:
         for key, unit in self._units.items():
-            self._observe(key, unit, len(unit.decisions))
+            self._observe(key, unit, len(unit.decisions), collective)
         num_steps = self._step + 1
         streams = []
         max_streams = max(self._streams_per_step, default=0)
@@ -373,7 +379,9 @@ class ScalingCacheRuntime:
             if self._last_report is None:
                 raise RuntimeError("no generation has run on this compiled model yet")
             return self._last_report
-        return self._build_report(finished=False)
+        # Under context parallelism the last full step's change is folded in by the next call
+        # (on every rank), not here: the report may be asked for on one rank only.
+        return self._build_report(finished=False, collective=False)
 
     @property
     def timesteps(self) -> list[float]:
