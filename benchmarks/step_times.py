@@ -1,6 +1,6 @@
 """Time of a full step and of a cached step under Inductor, on this CPU, in one process.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_times.py [--model demo-flux|tiny-flux]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_times.py [--model tiny-flux|demo-flux|large-flux]
 
 Both steps run the same compiled model in one process, interleaved, so the ratio is meaningful
 on a shared, noisy machine. Prints compile times, graph counts and node counts too.
@@ -27,6 +27,12 @@ def build(model: str):
     if model == "demo-flux":
         transformer = FluxTransformer2DModel(**flux_config()).eval()
         tokens, text, channels = 49, 4, flux_config()["in_channels"]
+    elif model == "large-flux":  # random init, for speed only: ~35M parameters, 1024 image tokens
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+            num_attention_heads=8, joint_attention_dim=512, pooled_projection_dim=256, axes_dims_rope=[16, 24, 24],
+        ).eval()
+        tokens, text, channels = 1024, 64, 64
     else:
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -47,7 +53,7 @@ def build(model: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", choices=["demo-flux", "tiny-flux"], default="tiny-flux")
+    parser.add_argument("--model", choices=["demo-flux", "tiny-flux", "large-flux"], default="tiny-flux")
     parser.add_argument("--generations", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
