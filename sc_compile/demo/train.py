@@ -1,9 +1,9 @@
 """Train the demo DiT models on Fashion-MNIST (rectified flow, class-conditional).
 
     python -m sc_compile.demo.train --model flux --out assets/demo_flux \\
-        --max-steps 3000 --batch-size 96 --threads 1
+        --max-steps 3000 --batch-size 96 --threads 1 --max-minutes 44
     python -m sc_compile.demo.train --model wan --out assets/demo_wan \\
-        --max-steps 4000 --batch-size 64 --threads 1
+        --max-steps 2200 --batch-size 16 --threads 1 --max-minutes 40
 
 Rectified flow: ``x_t = (1 - s) x0 + s noise``, target ``v = noise - x0``, ``s``
 logit-normal. The transformers get the timestep the way the pipelines pass it:
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", choices=["flux", "wan"], required=True)
     ap.add_argument("--out", required=True, help="output directory (e.g. assets/demo_flux)")
     ap.add_argument("--max-steps", type=int, default=3000)
-    ap.add_argument("--batch-size", type=int, default=None, help="default: 96 (flux), 64 (wan)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 96 (flux), 16 (wan)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=6e-4)
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     a = ap.parse_args(argv)
     if a.batch_size is None:
-        a.batch_size = 96 if a.model == "flux" else 64
+        a.batch_size = 96 if a.model == "flux" else 16
     return a
 
 
@@ -134,7 +134,7 @@ def build(a: argparse.Namespace):
             clips = make_clips(
                 images[idx], num_frames=M.WAN_NUM_FRAMES, size=M.WAN_FRAME_SIZE, seed=gen
             )
-            x0 = vae.latents_from_frames(clips)  # [B, 32, 5, 8, 8]
+            x0 = vae.latents_from_frames(clips)  # [B, 8, 5, 16, 16]
             noise = torch.randn(x0.shape, generator=gen)
             s = sigma.view(b, 1, 1, 1, 1)
             xt = (1 - s) * x0 + s * noise
@@ -211,7 +211,7 @@ def write_card(
             "(a Fashion-MNIST item starting centred and upright, then drifting <=0.5 px/frame and "
             "rotating <=2.5 deg/frame); the causal `VideoPixelShuffleVAE` shell (temporal factor "
             f"{M.WAN_TEMPORAL}: frame 0 alone, then frame pairs; spatial factor {M.WAN_SPATIAL}) gives "
-            "latents [B, 32, 5, 8, 8], patchified (1, 2, 2) into 80 tokens; "
+            "latents [B, 8, 5, 16, 16], patchified (1, 2, 2) into 320 tokens; "
             f"{M.WAN_TEXT_TOKENS} class-prompt tokens (cross attention)."
         )
         usage = (
