@@ -134,3 +134,19 @@ def test_final_full_steps_without_a_step_count_is_an_error():
     compiled = torch.compile(DummyDiT(), backend="scalingcache", options={"compiler": "eager", "final_full_steps": 1})
     with pytest.raises(ValueError, match="final_full_steps=1 needs the generation's step count"), torch.no_grad():
         compiled(torch.ones(1, 2, 4), torch.tensor([1.0]))
+
+
+def test_alpha_file_with_nan_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "nan.safetensors"
+    AlphaTable(torch.ones(4, 3), "DummyDiT", "abc", "block").save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    alpha = torch.ones(4, 3)
+    alpha[2, 1] = float("nan")
+    save_file({"alpha": alpha}, str(path), metadata=metadata)
+    with pytest.raises(AlphaTableError, match=r"non-finite values \(first at \[step, point\] \[\[2, 1\]\]\)"):
+        AlphaTable.load(path)
