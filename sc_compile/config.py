@@ -39,6 +39,15 @@ class InnerCompiler(str, enum.Enum):
     """Run the FX graphs as they are: fastest compiles, for debugging and tests."""
 
 
+class ChangePoints(str, enum.Enum):
+    """Which cache points the per-step change ē averages over."""
+
+    ALL = "all"
+    """Every cache point (paper eq. 7)."""
+    OUTPUT = "output"
+    """Only the points the output head reads at a cached step."""
+
+
 class Fallback(str, enum.Enum):
     """What happens when the model cannot be cached (no blocks, unsupported graph)."""
 
@@ -90,6 +99,14 @@ class ScalingCacheConfig:
     fallback: Fallback = Fallback.ERROR
     """What to do with a model ScalingCache cannot cache."""
 
+    static_interval: int | None = None
+    """Ablation setting: after the warm-up, run every ``static_interval``-th step in full instead of
+    deciding by the accumulated change (the paper's static-interval baseline). ``None``: dynamic."""
+
+    change_points: ChangePoints = ChangePoints.ALL
+    """Which cache points the per-step change ē averages over: ``"all"`` (the paper's eq. 7) or
+    ``"output"``, only the points the output head reads."""
+
     cache_dtype: torch.dtype | None = None
     """dtype of the cache buffers; ``None``: the dtype of each cached hidden state."""
 
@@ -107,6 +124,11 @@ class ScalingCacheConfig:
         coerce("granularity", Granularity)
         coerce("compiler", InnerCompiler)
         coerce("fallback", Fallback)
+        coerce("change_points", ChangePoints)
+        if self.static_interval is not None and (
+            not isinstance(self.static_interval, int) or isinstance(self.static_interval, bool) or self.static_interval < 1
+        ):
+            raise ValueError(f"static_interval must be a positive int or None, but got {self.static_interval!r}")
         if self.warmup_steps is not None:
             if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool):
                 raise ValueError(f"warmup_steps must be an int or None, but got {self.warmup_steps!r}")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from sc_compile.alpha import AlphaTable
-from sc_compile.config import ScalingCacheConfig
+from sc_compile.config import ChangePoints, ScalingCacheConfig
 from sc_compile.reporting import GenerationReport, StreamReport
 from sc_compile.schedule import DecisionUnit, StepDecision
 
@@ -198,6 +198,12 @@ class ScalingCacheRuntime:
                 warmup_steps=self._warmup,
                 final_full_steps=self.config.final_full_steps,
                 num_steps=self._num_steps,
+                static_interval=self.config.static_interval,
+                change_points=(
+                    None
+                    if self.config.change_points is ChangePoints.ALL
+                    else [i for i, feeds in enumerate(self.layout.feeds_output) if feeds]
+                ),
             )
             self._units[key] = unit
         return unit

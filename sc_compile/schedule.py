@@ -38,6 +38,11 @@ class StepDecision:
     reason: str
 
 
+def _mean(values: Sequence[float], indices: Sequence[int] | None) -> float:
+    chosen = values if indices is None else [values[i] for i in indices]
+    return sum(chosen) / len(chosen)
+
+
 def _relative(numerator: float, denominator: float) -> float:
     if denominator == 0.0:
         return 0.0 if numerator == 0.0 else math.inf
@@ -52,6 +57,10 @@ class DecisionUnit:
     warmup_steps: int
     final_full_steps: int = 0
     num_steps: int | None = None
+    # Ablation: full every ``static_interval`` steps after the warm-up instead of the ε > δ rule.
+    static_interval: int | None = None
+    # Points ē averages over (``None``: all).
+    change_points: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         self.accumulated = 0.0  # ε
@@ -77,7 +86,8 @@ class DecisionUnit:
             self._record(step, None)
             return None
         per_stream = [
-            sum(_relative(row[CHANGE_L1], row[PREV_L1]) for row in table) / len(table) for table in stats_per_stream
+            _mean([_relative(row[CHANGE_L1], row[PREV_L1]) for row in table], self.change_points)
+            for table in stats_per_stream
         ]
         change = sum(per_stream) / len(per_stream)
         self.stream_changes[step] = per_stream
@@ -91,7 +101,7 @@ class DecisionUnit:
         """Predict the change a cached ``step`` made, from the last full step's norms."""
         delta = [abs(c - p) for c, p in zip(self.coef, self.previous_coef, strict=True)]
         per_stream = [
-            sum(_relative(d * dy, y) for d, dy, y in zip(delta, dy_l1, y_l1, strict=True)) / self.num_points
+            _mean([_relative(d * dy, y) for d, dy, y in zip(delta, dy_l1, y_l1, strict=True)], self.change_points)
             for dy_l1, y_l1 in self.norms
         ]
         change = sum(per_stream) / len(per_stream) if per_stream else 0.0
@@ -127,6 +137,8 @@ class DecisionUnit:
             reason = "non-finite change"
         elif self.last_full is None or self.threshold is None:
             reason = "no history"
+        elif self.static_interval is not None:
+            reason = "interval" if (step - self.warmup_steps) % self.static_interval == 0 else ""
         elif self.accumulated > self.threshold:
             reason = "threshold"
         self._force_full = False

@@ -138,3 +138,24 @@ def test_report_string_summarises_the_generation():
 def test_report_before_any_call_is_a_clear_error():
     with pytest.raises(RuntimeError, match="has not run under backend='scalingcache'"):
         sc_compile.report(DummyDiT())
+
+
+def test_static_interval_ablation_ignores_the_changes():
+    model = DummyDiT()
+    compiled = torch.compile(
+        model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3, "static_interval": 2}
+    )
+    _run(model, compiled, SEQUENCE)
+    # Full at the warm-up, then every second step: t3, t5 (ε and δ play no part).
+    assert sc_compile.report(model).full_steps == (0, 1, 2, 3, 5)
+
+
+def test_change_over_output_points_only():
+    model = DummyDiT()
+    compiled = torch.compile(
+        model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3, "change_points": "output"}
+    )
+    outputs = _run(model, compiled, SEQUENCE)
+    # Every point changes by the same ratio here, so the last point alone gives the same schedule.
+    assert sc_compile.report(model).full_steps == (0, 1, 2, 4)
+    assert outputs == pytest.approx([16.0, 12.0, 10.0, 8.0, 8.5, 7.75, 7.0], abs=1e-5)

@@ -3,10 +3,10 @@
     python -m sc_compile.demo.train --model flux --out assets/demo_flux \\
         --max-steps 3000 --batch-size 96 --threads 1 --max-minutes 44
     python -m sc_compile.demo.train --model wan --out assets/demo_wan \\
-        --max-steps 2200 --batch-size 16 --threads 1 --max-minutes 40
+        --max-steps 2400 --batch-size 16 --threads 1 --max-minutes 40
 
 Rectified flow: ``x_t = (1 - s) x0 + s noise``, target ``v = noise - x0``, ``s``
-logit-normal. The transformers get the timestep the way the pipelines pass it:
+logit-normal (``--sigma-dist mixed``: every other sample uniform instead). The transformers get the timestep the way the pipelines pass it:
 Flux ``timestep = s`` (``FluxPipeline`` divides the scheduler's ``t = 1000 s`` by
 1000), Wan ``timestep = 1000 s``. Labels are dropped to the null class with
 probability ``--label-dropout`` for classifier-free guidance. AdamW with linear
@@ -53,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay (0 disables EMA)")
     ap.add_argument("--label-dropout", type=float, default=0.1)
+    ap.add_argument(
+        "--sigma-dist",
+        choices=["logit-normal", "mixed"],
+        default=None,
+        help="noise-level distribution: logit-normal(0, 1), or mixed = half logit-normal, half "
+        "uniform (covers sigma ~ 1, where sampling starts); default: logit-normal (flux), mixed (wan)",
+    )
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument(
         "--save-every", type=int, default=500, help="checkpoint interval (0: only at the end)"
@@ -70,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.batch_size is None:
         a.batch_size = 96 if a.model == "flux" else 16
+    if a.sigma_dist is None:
+        a.sigma_dist = "logit-normal" if a.model == "flux" else "mixed"
     return a
 
 
@@ -115,6 +124,9 @@ def build(a: argparse.Namespace):
         y = labels[idx].clone()
         y[torch.rand(b, generator=gen) < a.label_dropout] = M.NULL_CLASS
         sigma = torch.sigmoid(torch.randn(b, generator=gen))  # logit-normal(0, 1)
+        if a.sigma_dist == "mixed":
+            uniform = torch.rand(b, generator=gen)
+            sigma = torch.where(torch.arange(b) % 2 == 1, uniform, sigma)
         pe, pooled = emb(y)
         if a.model == "flux":
             x0 = M.flux_tokens(to_unit_range(images[idx]).unsqueeze(1))  # [B, 49, 16]
@@ -224,6 +236,11 @@ def write_card(
         tconv = "timestep passed to the transformer = 1000*sigma (as WanPipeline passes the scheduler's t)"
         cfg_note = "guidance: `guidance_scale` with the null class as `negative_prompt_embeds`"
 
+    sigma_desc = (
+        "logit-normal(0, 1)"
+        if a.sigma_dist == "logit-normal"
+        else "logit-normal(0, 1) for half of each batch, uniform(0, 1) for the other half"
+    )
     ev = ""
     if eval_result is not None:
         ev = (
@@ -251,7 +268,7 @@ Scheduler: `{sched}`. {cfg_note}.
 ## Training
 
 - data: Fashion-MNIST train split (60000 images, Debian package `dataset-fashion-mnist`)
-- objective: rectified flow, x_t = (1-s) x0 + s noise, target noise - x0, s ~ logit-normal(0, 1); {tconv}
+- objective: rectified flow, x_t = (1-s) x0 + s noise, target noise - x0, s ~ {sigma_desc}; {tconv}
 - label dropout {a.label_dropout} to the null class; AdamW lr {a.lr} (warmup {a.warmup}, cosine to x{a.min_lr_ratio}),
   weight decay {a.weight_decay}, grad clip {a.grad_clip}, EMA {a.ema} (EMA weights saved, {a.save_dtype})
 - steps: {step} of {a.max_steps}, batch {a.batch_size}, seed {a.seed}, threads {a.threads}
