@@ -37,6 +37,8 @@ def reference(values: list[float], alpha: list[float], warmup: int) -> tuple[lis
         if full:
             y = value
             if previous is not None:
+                if previous == 0.0:  # a prediction of exactly zero: relative change undefined
+                    return full_flags, outputs, 0.0
                 change = abs(y - previous) / abs(previous)
                 accumulated = change
                 changes_at_full.append(change)
@@ -68,12 +70,14 @@ def schedules(draw):
     return values, alpha, warmup
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same 30 examples every time.
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(schedules())
 def test_backend_matches_the_reference(schedule):
     values, alpha, warmup = schedule
     expected_full, expected_outputs, margin = reference(values, alpha, warmup)
-    assume(margin > 1e-3)  # float32 statistics against float64: skip near-ties of ε and δ
+    # float32 statistics against float64: skip near-ties of ε and δ (and undefined changes).
+    assume(margin > 1e-3)
     model = DummyDiT()
     explanation = sc_compile.explain(model, torch.ones(1, 4, 8), torch.tensor([1.0]))
     table = AlphaTable(
