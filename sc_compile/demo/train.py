@@ -4,11 +4,16 @@
         --max-steps 3000 --batch-size 96 --threads 1 --max-minutes 44
     python -m sc_compile.demo.train --model wan --out assets/demo_wan \\
         --max-steps 2400 --batch-size 16 --threads 1 --max-minutes 40
+    python -m sc_compile.demo.train --model wan --out assets/demo_wan \\
+        --init-from assets/demo_wan --max-steps 1700 --batch-size 16 --lr 3e-4 \\
+        --warmup 50 --seed 1 --threads 1 --max-minutes 20   # continue (shipped Wan)
 
 Rectified flow: ``x_t = (1 - s) x0 + s noise``, target ``v = noise - x0``, ``s``
-logit-normal (``--sigma-dist mixed``: every other sample uniform instead). The transformers get the timestep the way the pipelines pass it:
-Flux ``timestep = s`` (``FluxPipeline`` divides the scheduler's ``t = 1000 s`` by
-1000), Wan ``timestep = 1000 s``. Labels are dropped to the null class with
+logit-normal (Wan's default ``--sigma-dist mixed``: every other sample uniform
+instead, so that sigma ~ 1, where sampling starts, is trained too). The
+transformers get the timestep the way the pipelines pass it: Flux
+``timestep = s`` (``FluxPipeline`` divides the scheduler's ``t = 1000 s`` by 1000),
+Wan ``timestep = 1000 s``. Labels are dropped to the null class with
 probability ``--label-dropout`` for classifier-free guidance. AdamW with linear
 warmup and cosine decay, gradient clipping, EMA of the weights (the EMA weights are
 saved). The output directory gets ``config.json`` +
@@ -70,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16")
     ap.add_argument(
         "--eval-steps", type=int, default=20, help="sampling steps for samples.png / the check"
+    )
+    ap.add_argument(
+        "--init-from",
+        default=None,
+        help="continue from the weights in this directory (a previous run's --out, same model); "
+        "the model card then lists every command found in <out>/train_log.txt",
     )
     ap.add_argument(
         "--no-eval", action="store_true", help="skip samples.png and the separability check"
@@ -236,6 +247,24 @@ def write_card(
         tconv = "timestep passed to the transformer = 1000*sigma (as WanPipeline passes the scheduler's t)"
         cfg_note = "guidance: `guidance_scale` with the null class as `negative_prompt_embeds`"
 
+    commands, history = [command], ""
+    log_path = out / "train_log.txt"
+    if a.init_from is not None and log_path.is_file():
+        lines = log_path.read_text().splitlines()
+        commands = [ln[2:] for ln in lines if ln.startswith("# python -m sc_compile.demo.train")]
+        saved = [ln for ln in lines if ln.startswith("# saved ")]
+        prev = [
+            (int(ln.split(" after ")[1].split()[0]), float(ln.split(" steps, ")[1].split()[0]))
+            for ln in saved
+        ]
+        if done:  # the last "saved" line is this run's own final save
+            prev = prev[:-1]
+        if prev:
+            history = (
+                f" (this run, continued from {len(prev)} earlier run(s) of "
+                f"{sum(n for n, _ in prev)} steps / {sum(t for _, t in prev):.1f} min; total "
+                f"{step + sum(n for n, _ in prev)} steps, {wall / 60 + sum(t for _, t in prev):.1f} min)"
+            )
     sigma_desc = (
         "logit-normal(0, 1)"
         if a.sigma_dist == "logit-normal"
@@ -271,15 +300,15 @@ Scheduler: `{sched}`. {cfg_note}.
 - objective: rectified flow, x_t = (1-s) x0 + s noise, target noise - x0, s ~ {sigma_desc}; {tconv}
 - label dropout {a.label_dropout} to the null class; AdamW lr {a.lr} (warmup {a.warmup}, cosine to x{a.min_lr_ratio}),
   weight decay {a.weight_decay}, grad clip {a.grad_clip}, EMA {a.ema} (EMA weights saved, {a.save_dtype})
-- steps: {step} of {a.max_steps}, batch {a.batch_size}, seed {a.seed}, threads {a.threads}
+- steps: {step} of {a.max_steps}, batch {a.batch_size}, seed {a.seed}, threads {a.threads}{history}
 - final loss (mean of the last {a.log_every} steps): {final_loss:.4f}
 - wall time: {wall / 60:.1f} min ({s_per_step:.3f} s/step) on {platform.machine()} CPU, torch {torch.__version__}, diffusers {diffusers.__version__}
 - parameters: {nparams:,}; weights + embeddings on disk: {mb:.2f} MB
 {ev}
-Command:
+Command{"s (in order; each later one continues from the weights of the one before)" if len(commands) > 1 else ""}:
 
 ```
-{command}
+{chr(10).join(commands)}
 ```
 
 ## Transformer config
@@ -289,6 +318,25 @@ Command:
 ```
 """
     (out / "MODEL_CARD.md").write_text(text)
+
+
+def init_from(model, emb, d: Path) -> None:
+    """Load the weights of a previous run (same config and class embeddings) into ``model``."""
+    from safetensors.torch import load_file
+
+    from .models import ClassEmbeddings
+
+    saved_cfg = json.loads((d / "config.json").read_text())
+    for k, v in model.config.items():
+        if not k.startswith("_") and k in saved_cfg:
+            sv, mv = saved_cfg[k], list(v) if isinstance(v, tuple) else v
+            if sv != mv:
+                raise ValueError(f"--init-from {d}: config {k}={sv!r} differs from {mv!r}")
+    state = load_file(str(d / "diffusion_pytorch_model.safetensors"))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    old = ClassEmbeddings.load(d)
+    if not torch.equal(old.prompt_embeds, emb.prompt_embeds):
+        raise ValueError(f"--init-from {d}: class embeddings differ")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -303,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     model, emb, loss_fn = build(a)
+    if a.init_from is not None:
+        init_from(model, emb, Path(a.init_from))
     model.train()
     cfg = dict(model.config)
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
