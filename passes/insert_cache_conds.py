@@ -191,8 +191,10 @@ def _cached_branch(
     for point in block.cache_points:
         y_full_op, dy_op, index = buffers[point]
         coef_p = b.fn(operator.getitem, b.env[coef], index)
-        # y_t = y_full + c_t * dy: the closed form of the paper's recursion, no buffer writes.
-        b.env[point] = b.fn(operator.add, b.env[y_full_op], b.fn(operator.mul, b.env[dy_op], coef_p))
+        # y_t = y_full + c_t * dy: the closed form of the paper's recursion, no buffer writes. The
+        # cast back to the point's dtype matters when the buffers have another (cache_dtype).
+        prediction = b.fn(operator.add, b.env[y_full_op], b.fn(operator.mul, b.env[dy_op], coef_p))
+        b.env[point] = b.method("to", prediction, required_tensor_meta(point).dtype)
     for output in block.outputs:
         if output in points:
             continue

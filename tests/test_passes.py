@@ -116,7 +116,8 @@ class GraphModule(torch.nn.Module):
             getitem = sc_coef[0];  sc_coef = None
             mul = sc_dy_0 * getitem;  sc_dy_0 = getitem = None
             add = sc_y_full_0 + mul;  sc_y_full_0 = mul = None
-            return (add,)
+            to = add.to(torch.float32);  add = None
+            return (to,)
 
     class sc_full_blocks_1(torch.nn.Module):
         def forward(self, l_self_modules_blocks_modules_1_parameters_gain_: "f32[]", getitem: "f32[1, 2, 4]", temb: "f32[1, 1, 1]", sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 6]"):
@@ -160,7 +161,8 @@ class GraphModule(torch.nn.Module):
             getitem_1 = sc_coef[1];  sc_coef = None
             mul = sc_dy_1 * getitem_1;  sc_dy_1 = getitem_1 = None
             add = sc_y_full_1 + mul;  sc_y_full_1 = mul = None
-            return (add,)
+            to = add.to(torch.float32);  add = None
+            return (to,)
 """,
         )
         self.assertExpectedInline(
@@ -255,8 +257,9 @@ class GraphModule(torch.nn.Module):
         getitem_3 = sc_coef[1];  sc_coef = None
         mul_5 = sc_dy_1 * getitem_3;  sc_dy_1 = getitem_3 = None
         add_1 = sc_y_full_1 + mul_5;  sc_y_full_1 = mul_5 = None
+        to_1 = add_1.to(torch.float32);  add_1 = None
 
-        mul_4: "f32[1, 2, 4]" = add_1 * 2.0;  add_1 = None
+        mul_4: "f32[1, 2, 4]" = to_1 * 2.0;  to_1 = None
         return (mul_4,)
 """,
         )

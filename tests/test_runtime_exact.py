@@ -159,3 +159,22 @@ def test_change_over_output_points_only():
     # Every point changes by the same ratio here, so the last point alone gives the same schedule.
     assert sc_compile.report(model).full_steps == (0, 1, 2, 4)
     assert outputs == pytest.approx([16.0, 12.0, 10.0, 8.0, 8.5, 7.75, 7.0], abs=1e-5)
+
+
+def test_cache_dtype_keeps_the_model_dtype():
+    model = DummyDiT()
+    compiled = torch.compile(
+        model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3, "cache_dtype": torch.float64}
+    )
+    outputs = []
+    with torch.no_grad():
+        for t, value in enumerate(SEQUENCE):
+            out = compiled(torch.ones(1, 4, 8) * value, torch.tensor([1000.0 - t]))
+            assert out.dtype == torch.float32
+            outputs.append(out[0, 0, 0].item() / output_scale())
+    assert sc_compile.report(model).full_steps == (0, 1, 2, 4)
+    assert outputs == pytest.approx([16.0, 12.0, 10.0, 8.0, 8.5, 7.75, 7.0], abs=1e-5)
+    from sc_compile.runtime import latest_runtime
+
+    runtime = latest_runtime(model)
+    assert all(buffer.dtype == torch.float64 for buffer in runtime.streams[0].buffers)
