@@ -72,6 +72,36 @@ def find_timestep_input(gm: torch.fx.GraphModule, model_class: str) -> int:
     return candidates[0]
 
 
+def compile_graph(
+    gm: torch.fx.GraphModule,
+    inputs: Sequence[Any],
+    compiler: InnerCompiler,
+    config_patches: Mapping[str, Any],
+    *,
+    own_tracing_context: bool,
+) -> Callable[..., Any]:
+    """``gm`` compiled by the inner compiler.
+
+    ``own_tracing_context``: compile in a tracing context and fake mode of its own. The
+    specialised graphs need it: Dynamo's context holds the metadata and the shape environment of
+    the one graph it traced, which neither specialised graph (other inputs, other outputs)
+    matches, and symbols added to its shape environment would break Dynamo's guards. Dynamo's own
+    graph (the uncached fallback) is compiled in Dynamo's context, as any backend does.
+    """
+    if compiler is InnerCompiler.EAGER:
+        return gm
+    if compiler is InnerCompiler.AOT_EAGER:
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, list(inputs))  # type: ignore[return-value]
+    from torch._inductor.compile_fx import compile_fx
+
+    if not own_tracing_context:
+        return compile_fx(gm, list(inputs), config_patches=dict(config_patches))  # type: ignore[return-value]
+    with torch._guards.tracing(torch._guards.TracingContext(None)):
+        return compile_fx(gm, list(inputs), config_patches=dict(config_patches))  # type: ignore[return-value]
+
+
 def compile_inner(
     spec: SpecializedGraph,
     example_inputs: Sequence[Any],
@@ -80,22 +110,7 @@ def compile_inner(
 ) -> CompiledStep:
     inputs = [example_inputs[i] for i in spec.input_indices]
     start = time.perf_counter()
-    fn: Callable[..., Any]
-    if compiler is InnerCompiler.EAGER:
-        fn = spec.graph_module
-    elif compiler is InnerCompiler.AOT_EAGER:
-        from torch._dynamo.backends.registry import lookup_backend
-
-        fn = lookup_backend("aot_eager")(spec.graph_module, inputs)  # type: ignore[assignment]
-    else:
-        from torch._inductor.compile_fx import compile_fx
-
-        # Each graph gets its own tracing context and fake mode: Dynamo's hold the metadata and the
-        # shape environment of the one graph it traced, which neither specialised graph (other
-        # inputs, other outputs) matches, and symbols added to its shape environment would break
-        # Dynamo's guards.
-        with torch._guards.tracing(torch._guards.TracingContext(None)):
-            fn = compile_fx(spec.graph_module, inputs, config_patches=dict(config_patches))  # type: ignore[assignment]
+    fn = compile_graph(spec.graph_module, inputs, compiler, config_patches, own_tracing_context=True)
     return CompiledStep(fn, spec.input_indices, spec.num_compute_nodes, time.perf_counter() - start)
 
 
@@ -118,15 +133,7 @@ def _fallback(gm: torch.fx.GraphModule, example_inputs, config, patches, error: 
         error,
         config.compiler.value,
     )
-    if config.compiler is InnerCompiler.EAGER:
-        return gm
-    if config.compiler is InnerCompiler.AOT_EAGER:
-        from torch._dynamo.backends.registry import lookup_backend
-
-        return lookup_backend("aot_eager")(gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, example_inputs, config_patches=dict(patches))
+    return compile_graph(gm, example_inputs, config.compiler, patches, own_tracing_context=False)
 
 
 def build_runtime(
