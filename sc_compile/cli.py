@@ -10,11 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Per model family: generation size of the demo pipelines.
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "FluxTransformer2DModel": {"height": 28, "width": 28},
-    "WanTransformer3DModel": {"height": 32, "width": 32, "num_frames": 9},
-}
+# The transformer classes whose demo-style directories the CLI builds pipelines for.
+DEMO_CLASSES = ("FluxTransformer2DModel", "WanTransformer3DModel")
 
 
 def _command_line() -> str:
@@ -39,7 +36,7 @@ def load_demo_style_pipeline(model_dir: str | Path) -> tuple[Any, Any, str]:
     else:
         raise SystemExit(
             f"{model_dir}: {class_name} is not a demo-style model this CLI can build a pipeline for "
-            f"({', '.join(FAMILY_DEFAULTS)}); calibrate other models with the Python API sc_compile.calibrate(pipe, samples)"
+            f"({', '.join(DEMO_CLASSES)}); calibrate other models with the Python API sc_compile.calibrate(pipe, samples)"
         )
     return pipe, embeddings, class_name
 
@@ -51,7 +48,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     pipe, embeddings, class_name = load_demo_style_pipeline(args.model_dir)
-    size = dict(FAMILY_DEFAULTS[class_name])
+    from sc_compile.demo.check import demo_size
+
+    size = demo_size(class_name)
     samples = []
     for seed in range(args.seeds):
         for label in range(args.classes):

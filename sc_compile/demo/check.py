@@ -46,34 +46,42 @@ def generate_per_class(
     Returns ``(samples, labels)``: images ``[N, 1, 28, 28]`` (Flux) or clips
     ``[N, F, 1, 32, 32]`` (Wan), float in [0, 1], on the CPU.
     """
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(samples_per_class)
+    return generate(pipe, emb, labels, guidance_scale, num_inference_steps, seed), labels
+
+
+@torch.no_grad()
+def generate(
+    pipe: Any,
+    emb: Any,
+    labels: Any,
+    guidance_scale: float = 3.0,
+    num_inference_steps: int = 20,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Samples for ``labels`` at the demo size: images ``[N, 1, 28, 28]`` (Flux) or clips
+    ``[N, F, 1, 32, 32]`` (Wan), float in [0, 1], on the CPU."""
     from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 
-    from .models import FLUX_IMAGE_SIZE, WAN_FRAME_SIZE, WAN_NUM_FRAMES
-
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(samples_per_class)
+    # a CPU generator: randn_tensor draws on the CPU, so results match across devices
     gen = torch.Generator(device="cpu").manual_seed(seed)
     kw = emb.pipeline_kwargs(labels, guidance_scale=guidance_scale)
+    size = demo_size(pipe)
     if isinstance(pipe, WanPipeline):
-        out = pipe(
-            **kw,
-            height=WAN_FRAME_SIZE,
-            width=WAN_FRAME_SIZE,
-            num_frames=WAN_NUM_FRAMES,
-            num_inference_steps=num_inference_steps,
-            generator=gen,
-            output_type="pt",
-        ).frames
+        out = pipe(**kw, **size, num_inference_steps=num_inference_steps, generator=gen, output_type="pt").frames
     else:
-        # a CPU generator: randn_tensor draws on the CPU, so results match across devices
-        out = pipe(
-            **kw,
-            height=FLUX_IMAGE_SIZE,
-            width=FLUX_IMAGE_SIZE,
-            num_inference_steps=num_inference_steps,
-            generator=gen,
-            output_type="pt",
-        ).images
-    return out.float().cpu(), labels
+        out = pipe(**kw, **size, num_inference_steps=num_inference_steps, generator=gen, output_type="pt").images
+    return out.float().cpu()
+
+
+def demo_size(pipe_or_class_name: Any) -> dict[str, int]:
+    """Generation size of the demo pipelines, for a pipeline or a transformer class name."""
+    from .models import FLUX_IMAGE_SIZE, WAN_FRAME_SIZE, WAN_NUM_FRAMES
+
+    name = pipe_or_class_name if isinstance(pipe_or_class_name, str) else type(pipe_or_class_name.transformer).__name__
+    if name == "WanTransformer3DModel":
+        return {"height": WAN_FRAME_SIZE, "width": WAN_FRAME_SIZE, "num_frames": WAN_NUM_FRAMES}
+    return {"height": FLUX_IMAGE_SIZE, "width": FLUX_IMAGE_SIZE}
 
 
 def class_separability(

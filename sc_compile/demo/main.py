@@ -32,19 +32,6 @@ class TimedRun:
         return max(0.0, self.first_seconds - self.seconds)
 
 
-def _generate(pipe: Any, embeddings: Any, model: str, labels: list[int], steps: int, guidance: float) -> torch.Tensor:
-    from sc_compile.demo.models import FLUX_IMAGE_SIZE, WAN_FRAME_SIZE, WAN_NUM_FRAMES
-
-    generator = torch.Generator().manual_seed(0)
-    kwargs = embeddings.pipeline_kwargs(labels, guidance_scale=guidance)
-    with torch.no_grad():
-        if model == "wan":
-            return pipe(**kwargs, height=WAN_FRAME_SIZE, width=WAN_FRAME_SIZE, num_frames=WAN_NUM_FRAMES,
-                        num_inference_steps=steps, generator=generator, output_type="pt").frames.float()
-        return pipe(**kwargs, height=FLUX_IMAGE_SIZE, width=FLUX_IMAGE_SIZE, num_inference_steps=steps,
-                    generator=generator, output_type="pt").images.float()
-
-
 def _timed(pipe: Any, generate) -> TimedRun:
     start = time.perf_counter()
     generate()
@@ -89,6 +76,7 @@ def write_picture(path: Path, uncached: torch.Tensor, cached: torch.Tensor, num_
 
 def run_demo(args: argparse.Namespace) -> int:
     import sc_compile
+    from sc_compile.demo.check import generate as generate_samples
     from sc_compile.demo.models import load_flux_demo, load_wan_demo
     from sc_compile.metrics import psnr, ssim
 
@@ -101,7 +89,7 @@ def run_demo(args: argparse.Namespace) -> int:
     transformer = pipe.transformer
 
     def generate() -> torch.Tensor:
-        return _generate(pipe, embeddings, model, labels, steps, args.guidance_scale)
+        return generate_samples(pipe, embeddings, labels, args.guidance_scale, steps, seed=0)
 
     uncached_backend = "inductor" if args.compiler == "inductor" else args.compiler
     pipe.transformer = torch.compile(transformer, backend=uncached_backend)
