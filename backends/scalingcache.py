@@ -146,7 +146,9 @@ def build_runtime(
     """Passes, lowering, inner compilation and the runtime for one Dynamo graph."""
     model_class = type(module).__name__ if module is not None else "the compiled module"
     try:
-        cond_gm, layout = run_cache_passes(gm, model_class=model_class, granularity=config.granularity.value)
+        cond_gm, layout = run_cache_passes(
+            gm, model_class=model_class, granularity=config.granularity.value, prediction=config.prediction.value
+        )
         timestep_index = find_timestep_input(gm, model_class)
     except (NoBlocksFoundError, UnsupportedGraphError) as error:
         if config.fallback is Fallback.INDUCTOR:

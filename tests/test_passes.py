@@ -13,8 +13,10 @@ from sc_compile.passes.module_paths import normalize_module_path, top_level_bloc
 from dummy_dit import DummyDiT, NotADiT
 
 
-def _explain(model: torch.nn.Module, granularity: str = "block"):
-    return sc_compile.explain(model, torch.ones(1, 2, 4), torch.tensor([1.0]), granularity=granularity)
+def _explain(model: torch.nn.Module, granularity: str = "block", prediction: str = "hidden"):
+    return sc_compile.explain(
+        model, torch.ones(1, 2, 4), torch.tensor([1.0]), granularity=granularity, prediction=prediction
+    )
 
 
 class GoldenGraphs(TestCase):
@@ -258,6 +260,125 @@ class GraphModule(torch.nn.Module):
         mul_5 = sc_dy_1 * getitem_3;  sc_dy_1 = getitem_3 = None
         add_1 = sc_y_full_1 + mul_5;  sc_y_full_1 = mul_5 = None
         to_1 = add_1.to(torch.float32);  add_1 = None
+
+        mul_4: "f32[1, 2, 4]" = to_1 * 2.0;  to_1 = None
+        return (mul_4,)
+""",
+        )
+
+    def test_residual_prediction_graphs(self):
+        explanation = _explain(DummyDiT(gains=(1.0, 0.5)), prediction="residual")
+        # Full step: the stored value is the point minus its anchor (the block input; "+ temb * 0"
+        # is a bias add, which the anchor drops with the residual branch).
+        self.assertExpectedInline(
+            explanation.full_step_graph,
+            """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_timestep_: "f32[1]", L_self_modules_blocks_modules_0_parameters_gain_: "f32[]", L_hidden_states_: "f32[1, 2, 4]", L_self_modules_blocks_modules_1_parameters_gain_: "f32[]", sc_y_full_0: "f32[1, 2, 4]", sc_dy_0: "f32[1, 2, 4]", sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 6]"):
+        l_timestep_ = L_timestep_
+        l_self_modules_blocks_modules_0_parameters_gain_ = L_self_modules_blocks_modules_0_parameters_gain_
+        l_hidden_states_ = L_hidden_states_
+        l_self_modules_blocks_modules_1_parameters_gain_ = L_self_modules_blocks_modules_1_parameters_gain_
+
+        temb: "f32[1, 1, 1]" = l_timestep_.reshape(-1, 1, 1);  l_timestep_ = None
+
+        mul: "f32[1, 2, 4]" = l_self_modules_blocks_modules_0_parameters_gain_ * l_hidden_states_;  l_self_modules_blocks_modules_0_parameters_gain_ = None
+        add: "f32[1, 2, 4]" = l_hidden_states_ + mul;  mul = None
+        mul_1: "f32[1, 1, 1]" = temb * 0.0
+        hidden_states: "f32[1, 2, 4]" = add + mul_1;  add = mul_1 = None
+
+        float_1 = hidden_states.float()
+        float_2 = l_hidden_states_.float();  l_hidden_states_ = None
+        sub = float_1 - float_2;  float_1 = float_2 = None
+        to = sub.to(torch.float32)
+        float_3 = sc_y_full_0.float()
+        float_4 = sc_dy_0.float()
+        getitem_2 = sc_coef[0]
+        getitem_3 = sc_refresh[0]
+        mul_2 = float_4 * getitem_2;  getitem_2 = None
+        add_1 = float_3 + mul_2;  mul_2 = None
+        sub_1 = sub - add_1
+        sub_2 = sub - float_3;  float_3 = None
+        mul_3 = sub_2 * getitem_3;  sub_2 = getitem_3 = None
+        abs_1 = sub_1.abs()
+        sum_1 = abs_1.sum();  abs_1 = None
+        abs_2 = add_1.abs();  add_1 = None
+        sum_2 = abs_2.sum();  abs_2 = None
+        abs_3 = mul_3.abs()
+        sum_3 = abs_3.sum();  abs_3 = None
+        abs_4 = sub.abs();  sub = None
+        sum_4 = abs_4.sum();  abs_4 = None
+        mul_5 = sub_1 * float_4;  sub_1 = None
+        sum_5 = mul_5.sum();  mul_5 = None
+        mul_6 = float_4 * float_4;  float_4 = None
+        sum_6 = mul_6.sum();  mul_6 = None
+        stack = torch.stack([sum_1, sum_2, sum_3, sum_4, sum_5, sum_6]);  sum_1 = sum_2 = sum_3 = sum_4 = sum_5 = sum_6 = None
+        select_int = torch.ops.aten.select.int(sc_stats, 0, 0)
+        copy__default = torch.ops.aten.copy_.default(select_int, stack);  select_int = stack = copy__default = None
+        to_1 = mul_3.to(torch.float32);  mul_3 = None
+        copy__default_1 = torch.ops.aten.copy_.default(sc_dy_0, to_1);  sc_dy_0 = to_1 = copy__default_1 = None
+        copy__default_2 = torch.ops.aten.copy_.default(sc_y_full_0, to);  sc_y_full_0 = to = copy__default_2 = None
+
+        mul_7: "f32[1, 2, 4]" = l_self_modules_blocks_modules_1_parameters_gain_ * hidden_states;  l_self_modules_blocks_modules_1_parameters_gain_ = None
+        add_2: "f32[1, 2, 4]" = hidden_states + mul_7;  mul_7 = None
+        mul_8: "f32[1, 1, 1]" = temb * 0.0;  temb = None
+        hidden_states_1: "f32[1, 2, 4]" = add_2 + mul_8;  add_2 = mul_8 = None
+
+        float_5 = hidden_states_1.float()
+        float_6 = hidden_states.float();  hidden_states = None
+        sub_3 = float_5 - float_6;  float_5 = float_6 = None
+        to_2 = sub_3.to(torch.float32)
+        float_7 = sc_y_full_1.float()
+        float_8 = sc_dy_1.float()
+        getitem_4 = sc_coef[1];  sc_coef = None
+        getitem_5 = sc_refresh[1];  sc_refresh = None
+        mul_9 = float_8 * getitem_4;  getitem_4 = None
+        add_3 = float_7 + mul_9;  mul_9 = None
+        sub_4 = sub_3 - add_3
+        sub_5 = sub_3 - float_7;  float_7 = None
+        mul_10 = sub_5 * getitem_5;  sub_5 = getitem_5 = None
+        abs_5 = sub_4.abs()
+        sum_7 = abs_5.sum();  abs_5 = None
+        abs_6 = add_3.abs();  add_3 = None
+        sum_8 = abs_6.sum();  abs_6 = None
+        abs_7 = mul_10.abs()
+        sum_9 = abs_7.sum();  abs_7 = None
+        abs_8 = sub_3.abs();  sub_3 = None
+        sum_10 = abs_8.sum();  abs_8 = None
+        mul_11 = sub_4 * float_8;  sub_4 = None
+        sum_11 = mul_11.sum();  mul_11 = None
+        mul_12 = float_8 * float_8;  float_8 = None
+        sum_12 = mul_12.sum();  mul_12 = None
+        stack_1 = torch.stack([sum_7, sum_8, sum_9, sum_10, sum_11, sum_12]);  sum_7 = sum_8 = sum_9 = sum_10 = sum_11 = sum_12 = None
+        select_int_1 = torch.ops.aten.select.int(sc_stats, 0, 1);  sc_stats = None
+        copy__default_3 = torch.ops.aten.copy_.default(select_int_1, stack_1);  select_int_1 = stack_1 = copy__default_3 = None
+        to_3 = mul_10.to(torch.float32);  mul_10 = None
+        copy__default_4 = torch.ops.aten.copy_.default(sc_dy_1, to_3);  sc_dy_1 = to_3 = copy__default_4 = None
+        copy__default_5 = torch.ops.aten.copy_.default(sc_y_full_1, to_2);  sc_y_full_1 = to_2 = copy__default_5 = None
+
+        mul_4: "f32[1, 2, 4]" = hidden_states_1 * 2.0;  hidden_states_1 = None
+        return (mul_4,)
+""",
+        )
+        # Cached step: each block's predicted residual on top of its current input, the first
+        # block's input being the model's real input.
+        self.assertExpectedInline(
+            explanation.cached_step_graph,
+            """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_hidden_states_: "f32[1, 2, 4]", sc_y_full_0: "f32[1, 2, 4]", sc_dy_0: "f32[1, 2, 4]", sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_coef: "f32[2]"):
+        l_hidden_states_ = L_hidden_states_
+
+        getitem_2 = sc_coef[0]
+        mul = sc_dy_0 * getitem_2;  sc_dy_0 = getitem_2 = None
+        add = sc_y_full_0 + mul;  sc_y_full_0 = mul = None
+        add_1 = l_hidden_states_ + add;  l_hidden_states_ = add = None
+        to = add_1.to(torch.float32);  add_1 = None
+        getitem_3 = sc_coef[1];  sc_coef = None
+        mul_5 = sc_dy_1 * getitem_3;  sc_dy_1 = getitem_3 = None
+        add_2 = sc_y_full_1 + mul_5;  sc_y_full_1 = mul_5 = None
+        add_3 = to + add_2;  to = add_2 = None
+        to_1 = add_3.to(torch.float32);  add_3 = None
 
         mul_4: "f32[1, 2, 4]" = to_1 * 2.0;  to_1 = None
         return (mul_4,)

@@ -178,3 +178,28 @@ def test_cache_dtype_keeps_the_model_dtype():
 
     runtime = latest_runtime(model)
     assert all(buffer.dtype == torch.float64 for buffer in runtime.streams[0].buffers)
+
+
+def test_residual_prediction_adds_the_predicted_residual_to_the_current_input():
+    """``prediction="residual"``: every block's residual ``g * x`` is predicted and added to the
+    block's input of the current step, the first block's being the step's real input."""
+    model = DummyDiT()
+    compiled = torch.compile(
+        model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3, "alpha": "ones", "prediction": "residual"}
+    )
+    outputs = _run(model, compiled, SEQUENCE)
+    report = sc_compile.report(compiled)
+    # Every residual is s_t times a constant, so the relative changes - and the decisions - are
+    # those of the hidden-state test above.
+    assert report.full_steps == (0, 1, 2, 4)
+    assert report.cached_steps == (3, 5, 6)
+    # The residuals are extrapolated as if the scale were ŝ (8, 7.75, 7.0: the hidden-state test's
+    # predictions); block l adds g_l * prod_{k<l}(1 + g_k) * ŝ, which sums to (prod(1 + g) - 1) * ŝ,
+    # on top of the real input s_t; the head doubles.
+    growth = output_scale() / 2 - 1.0  # prod(1 + g) - 1 = 2.75
+
+    def cached(s_t: float, s_hat: float) -> float:
+        return 2 * (s_t + growth * s_hat) / output_scale()
+
+    expected = [16.0, 12.0, 10.0, cached(9.0, 8.0), 8.5, cached(8.0, 7.75), cached(4.0, 7.0)]
+    assert outputs == pytest.approx(expected, abs=1e-5)

@@ -1,0 +1,158 @@
+"""The models the benchmark runs: a transformer, the real diffusers pipeline around it, and how to
+call it for a batch of class labels.
+
+* ``demo-flux``: the shipped trained Flux demo (``assets/demo_flux``) through ``FluxPipeline``,
+  guidance as separate cond / uncond calls (``true_cfg_scale``), 28 × 28 images.
+* ``demo-wan``: the shipped trained Wan demo (``assets/demo_wan``) through ``WanPipeline`` (which
+  runs cond and uncond as separate calls), 9-frame 32 × 32 clips; fidelity is measured per frame.
+* ``large-flux``: a random-init ``FluxTransformer2DModel`` of 36M parameters at 1024 image + 64
+  text tokens through ``FluxPipeline`` (128 × 128), **for speed only**: its fidelity numbers are
+  those of an untrained network and say nothing about image quality.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass
+class Workload:
+    key: str
+    title: str  # one line for tables and plots
+    description: str
+    weights: str
+    transformer: Any
+    build_pipeline: Callable[[Any], Any]
+    # (pipe, class embeddings, labels, guidance, steps, generator) -> images [N, C, H, W] in [0, 1]
+    # (video frames folded into N)
+    call: Callable[[Any, Any, list[int], float, int, torch.Generator], torch.Tensor]
+    pipeline: str  # the diffusers pipeline class
+    guidance_arg: str  # how the pipeline takes the guidance scale of separate cond / uncond calls
+    trained: bool = True
+
+
+LARGE_FLUX_CONFIG = dict(
+    patch_size=1,
+    in_channels=16,  # PixelShuffleVAE's 4 channels × FluxPipeline's 2 × 2 packing
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=64,
+    num_attention_heads=8,
+    joint_attention_dim=512,
+    pooled_projection_dim=256,
+    axes_dims_rope=(16, 24, 24),
+)
+LARGE_FLUX_SIZE = 128  # 64 × 64 latent, packed 2 × 2 -> 1024 image tokens
+LARGE_FLUX_TEXT_TOKENS = 64
+
+
+def _flux_call(size: int) -> Callable[..., torch.Tensor]:
+    def call(pipe: Any, emb: Any, labels: list[int], guidance: float, steps: int, g: torch.Generator) -> torch.Tensor:
+        out = pipe(
+            **emb.pipeline_kwargs(labels, guidance_scale=guidance),
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            generator=g,
+            output_type="pt",
+        ).images
+        return out.float()
+
+    return call
+
+
+def _wan_call(pipe: Any, emb: Any, labels: list[int], guidance: float, steps: int, g: torch.Generator) -> torch.Tensor:
+    from sc_compile.demo.models import WAN_FRAME_SIZE, WAN_NUM_FRAMES
+
+    frames = pipe(
+        **emb.pipeline_kwargs(labels, guidance_scale=guidance),
+        height=WAN_FRAME_SIZE,
+        width=WAN_FRAME_SIZE,
+        num_frames=WAN_NUM_FRAMES,
+        num_inference_steps=steps,
+        generator=g,
+        output_type="pt",
+    ).frames  # [N, F, C, H, W]
+    return frames.float().flatten(0, 1)
+
+
+def load(key: str, random_weights: bool = False) -> tuple[Workload, Any]:
+    """``(workload, class embeddings)``."""
+    from sc_compile.demo import models as demo
+
+    if key == "demo-flux":
+        if random_weights:
+            pipe, emb = demo.random_flux_demo()
+            weights = "random (random_flux_demo)"
+        else:
+            pipe, emb = demo.load_flux_demo()
+            weights = str(demo.assets_dir() / demo.FLUX_DIRNAME)
+        wl = Workload(
+            key,
+            "Flux demo",
+            "Flux demo (FluxTransformer2DModel, 2 double + 4 single blocks, 2.3M params, 49 image + 4 text tokens)",
+            weights,
+            pipe.transformer,
+            demo.build_flux_pipeline,
+            _flux_call(demo.FLUX_IMAGE_SIZE),
+            "FluxPipeline",
+            "true_cfg_scale",
+            trained=not random_weights,
+        )
+        return wl, emb
+    if key == "demo-wan":
+        if random_weights:
+            pipe, emb = demo.random_wan_demo()
+            weights = "random (random_wan_demo)"
+        else:
+            pipe, emb = demo.load_wan_demo()
+            weights = str(demo.assets_dir() / demo.WAN_DIRNAME)
+        wl = Workload(
+            key,
+            "Wan demo",
+            "Wan demo (WanTransformer3DModel, 4 blocks, 0.96M params, 5 latent frames × 64 tokens + 4 text tokens)",
+            weights,
+            pipe.transformer,
+            demo.build_wan_pipeline,
+            _wan_call,
+            "WanPipeline",
+            "guidance_scale",
+            trained=not random_weights,
+        )
+        return wl, emb
+    if key == "large-flux":
+        from diffusers import FluxTransformer2DModel
+
+        torch.manual_seed(0)
+        tr = FluxTransformer2DModel(**LARGE_FLUX_CONFIG).eval()
+        emb = demo.ClassEmbeddings(
+            demo.make_class_embeddings(
+                LARGE_FLUX_TEXT_TOKENS,
+                LARGE_FLUX_CONFIG["joint_attention_dim"],
+                LARGE_FLUX_CONFIG["pooled_projection_dim"],
+                seed=0,
+            )
+        )
+        params = sum(p.numel() for p in tr.parameters()) / 1e6
+        wl = Workload(
+            key,
+            "large Flux (random init, speed only)",
+            f"random-init FluxTransformer2DModel, 2 double + 4 single blocks, width 512, {params:.1f}M params, "
+            f"1024 image + {LARGE_FLUX_TEXT_TOKENS} text tokens (speed only: untrained, fidelity is not image quality)",
+            "random init (seed 0)",
+            tr,
+            demo.build_flux_pipeline,
+            _flux_call(LARGE_FLUX_SIZE),
+            "FluxPipeline",
+            "true_cfg_scale",
+            trained=False,
+        )
+        return wl, emb
+    raise ValueError(f"unknown workload {key!r}: choose demo-flux, demo-wan or large-flux")
+
+
+WORKLOADS = ("demo-flux", "demo-wan", "large-flux")
