@@ -93,7 +93,7 @@ def calibrate(
     from tqdm.auto import tqdm
 
     from sc_compile.backends.scalingcache import scalingcache
-    from sc_compile.runtime import ScalingCacheRuntime, runtimes_of
+    from sc_compile.runtime import ScalingCacheRuntime
 
     pipeline = target if hasattr(target, "transformer") else None
     transformer = pipeline.transformer if pipeline is not None else target
@@ -118,11 +118,16 @@ def calibrate(
         accumulators[key].observe_stats(step, stats.tolist())
         bar.update(1)
 
+    # The runtimes of this calibration: the model's session may also hold runtimes of earlier
+    # compilations (another granularity, an earlier calibration), which must not be read here.
+    ours: list[ScalingCacheRuntime] = []
+
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         runtime = scalingcache(gm, example_inputs, config=config)
         if not isinstance(runtime, ScalingCacheRuntime):
             raise RuntimeError("calibration needs a model ScalingCache can cache")
         runtime.calibration_hook = hook
+        ours.append(runtime)
         return runtime
 
     compiled = torch.compile(transformer, backend=backend)
@@ -149,7 +154,9 @@ def calibrate(
                     if not callable(sample):
                         raise ValueError("with a transformer, samples must be callables taking the compiled model")
                     sample(compiled)
-            runtime = max(runtimes_of(transformer), key=lambda r: r.num_calls)
+            if not ours:
+                raise RuntimeError("the sample ran no call of the compiled transformer")
+            runtime = max(ours, key=lambda r: r.num_calls)
             runtime.end_generation()
             report = runtime.report()
             if num_steps is None:
@@ -166,7 +173,7 @@ def calibrate(
     if len(accumulators) != 1:
         raise RuntimeError(f"expected one traced graph layout, got {len(accumulators)} (did the shapes change?)")
     ((fingerprint, accumulator),) = accumulators.items()
-    runtime = max(runtimes_of(transformer), key=lambda r: r.num_calls)
+    runtime = max(ours, key=lambda r: r.num_calls)
     assert num_steps is not None
     return AlphaTable(
         alpha=accumulator.table(num_steps),

@@ -65,7 +65,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             )
     start = time.perf_counter()
     table = calibrate(
-        pipe, samples, beta=args.beta, granularity=args.granularity, compiler=args.compiler, command=_command_line()
+        pipe,
+        samples,
+        beta=args.beta,
+        granularity=args.granularity,
+        prediction=args.prediction,
+        compiler=args.compiler,
+        command=_command_line(),
     )
     seconds = time.perf_counter() - start
     table.save(args.out)
@@ -136,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--guidance-scale", type=float, default=3.0)
     cal.add_argument("--beta", type=float, default=0.97)
     cal.add_argument("--granularity", choices=["block", "module"], default="block")
+    cal.add_argument("--prediction", choices=["hidden", "residual"], default="hidden")
     cal.add_argument("--compiler", choices=["inductor", "aot_eager", "eager"], default="eager")
     cal.add_argument("--threads", type=int, default=1)
     cal.set_defaults(func=cmd_calibrate)

@@ -57,6 +57,19 @@ def test_geometric_trajectory_calibrates_to_its_ratio():
     assert table.num_samples == 2 and table.granularity == "block"
 
 
+def test_calibrations_of_one_model_do_not_mix():
+    """Each calibration reads its own runtime, not one an earlier compilation left on the model."""
+    model = DummyDiT()
+    module = sc_compile.calibrate(model, [_geometric_generation(0.8, 8)], granularity="module", progress=False)
+    block = sc_compile.calibrate(model, [_geometric_generation(0.8, 8)], progress=False)
+    residual = sc_compile.calibrate(model, [_geometric_generation(0.8, 8)], prediction="residual", progress=False)
+    assert (module.granularity, module.num_points) == ("module", 6)
+    assert (block.granularity, block.num_points) == ("block", 3)
+    assert residual.num_points == 3 and len({module.fingerprint, block.fingerprint, residual.fingerprint}) == 3
+    # A block's residual g * x (+ 0 * temb) follows the hidden state's geometric ratio too.
+    torch.testing.assert_close(residual.alpha[2:], torch.full((6, 3), 0.8), rtol=1e-4, atol=1e-4)
+
+
 def test_calibrated_table_is_accepted_and_resampled_for_other_step_counts(tmp_path, caplog):
     model = DummyDiT()
     table = sc_compile.calibrate(model, [_geometric_generation(0.9, 20)], progress=False)
