@@ -116,7 +116,7 @@ def main() -> None:
     full_after_warmup = max(1.0, dynamic["full_steps"] - warmup)
     interval = max(1, round(cached_budget / full_after_warmup))
     run(f"static interval {interval}, calibrated α, S={warmup}", "interval", {**base, "alpha": shipped, "static_interval": interval})
-    for k in sorted({max(1, interval - 1), interval + 1} - {interval}):
+    for k in sorted({max(2, interval - 1), interval + 1} - {interval}):
         run(f"static interval {k}, calibrated α, S={warmup}", "interval", {**base, "alpha": shipped, "static_interval": k})
     run(f"module granularity, its own α table, S={warmup}", "granularity", {**base, "alpha": module_table, "granularity": "module"})
     run(f"module granularity, α = 1, S={warmup}", "granularity", {**base, "alpha": "ones", "granularity": "module"})

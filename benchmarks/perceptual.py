@@ -134,16 +134,21 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def feature_distance(prediction: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean EfficientNet-Lite0 feature distance over the images (see the module docstring)."""
+def normalized_features(images: torch.Tensor) -> list[torch.Tensor]:
+    """The five stages' features of ``images``, unit-normalised along channels."""
+    return [f / (f.norm(dim=1, keepdim=True) + 1e-10) for f in load_efficientnet_lite0().features(preprocess(images))]
+
+
+@torch.no_grad()
+def feature_distance(
+    prediction: torch.Tensor, reference: torch.Tensor, reference_features: list[torch.Tensor] | None = None
+) -> float:
+    """Mean EfficientNet-Lite0 feature distance over the images (see the module docstring).
+
+    ``reference_features`` (from :func:`normalized_features`) saves recomputing the reference's.
+    """
     if prediction.shape != reference.shape:
         raise ValueError(f"shapes differ: {tuple(prediction.shape)} vs {tuple(reference.shape)}")
-    net = load_efficientnet_lite0()
-    fa = net.features(preprocess(prediction))
-    fb = net.features(preprocess(reference))
-    per_stage = []
-    for a, b in zip(fa, fb, strict=True):
-        a = a / (a.norm(dim=1, keepdim=True) + 1e-10)
-        b = b / (b.norm(dim=1, keepdim=True) + 1e-10)
-        per_stage.append(((a - b) ** 2).sum(dim=1).mean(dim=(1, 2)))
+    fb = reference_features if reference_features is not None else normalized_features(reference)
+    per_stage = [((a - b) ** 2).sum(dim=1).mean(dim=(1, 2)) for a, b in zip(normalized_features(prediction), fb, strict=True)]
     return torch.stack(per_stage).mean().item()

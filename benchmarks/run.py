@@ -315,7 +315,13 @@ class Bench:
         )
 
         # ScalingCache (ours)
-        def ours(S: int, compiler: str, granularity: str = "block") -> Callable[[], Any]:
+        def ours(
+            S: int,
+            compiler: str,
+            granularity: str = "block",
+            static_interval: int | None = None,
+            prediction: str = "hidden",
+        ) -> Callable[[], Any]:
             def build() -> Any:
                 import sc_compile
 
@@ -327,6 +333,8 @@ class Bench:
                     "granularity": granularity,
                     "compiler": compiler,
                     "num_inference_steps": N,
+                    "static_interval": static_interval,
+                    "prediction": prediction,
                 }
                 compiled = self.torch.compile(tr, backend="scalingcache", options=options)
                 pipe.transformer = compiled
@@ -371,6 +379,34 @@ class Bench:
                         f"S={S}",
                         "eager inner",
                         ours(S, "eager"),
+                        kind="ours",
+                    )
+                )
+        # The static-interval schedule (an option of ours, the paper's baseline): reaches full-step
+        # counts below what the dynamic rule chooses, to compare with peers there.
+        for k in a.static_intervals:
+            for compiler in dict.fromkeys([a.ours_compiler] + (["eager"] if a.ours_eager_variant else [])):
+                cfgs.append(
+                    Config(
+                        f"ScalingCache static k={k}",
+                        "ScalingCache static",
+                        f"S={a.static_warmup} k={k}",
+                        "eager inner" if compiler == "eager" else compiler,
+                        ours(a.static_warmup, compiler, static_interval=k),
+                        kind="ours",
+                    )
+                )
+        # prediction="residual" (each block's residual on top of its current input), with the α
+        # table of that layout when one is shipped beside the weights.
+        for S in a.residual_warmups:
+            for compiler in dict.fromkeys([a.ours_compiler] + (["eager"] if a.ours_eager_variant else [])):
+                cfgs.append(
+                    Config(
+                        f"ScalingCache residual S={S}",
+                        "ScalingCache residual",
+                        f"S={S}",
+                        "eager inner" if compiler == "eager" else compiler,
+                        ours(S, compiler, prediction="residual"),
                         kind="ours",
                     )
                 )
@@ -587,7 +623,7 @@ class Bench:
 
     # -- run
     def run(self) -> dict[str, Any]:
-        from perceptual import feature_distance
+        from perceptual import feature_distance, normalized_features
 
         import sc_compile.metrics as M
 
@@ -691,6 +727,7 @@ class Bench:
 
         # Metrics.
         ref = outputs.get("uncached|eager")
+        ref_features = normalized_features(ref) if (ref is not None and a.perceptual) else None
         for key, r in results.items():
             if r.status != "ok":
                 continue
@@ -703,7 +740,7 @@ class Bench:
                 r.psnr = M.psnr(outputs[key], ref)
                 r.ssim = M.ssim(outputs[key], ref)
                 if a.perceptual:
-                    r.perceptual = feature_distance(outputs[key], ref)
+                    r.perceptual = feature_distance(outputs[key], ref, ref_features)
             c = live[key][0]
             if c.twin and c.twin in outputs:
                 r.twin_max_abs_diff = (outputs[key] - outputs[c.twin]).abs().max().item()
@@ -892,6 +929,8 @@ def markdown(data: dict[str, Any]) -> str:
             out.append(f"- **{r['name']}** ({r['variant']}): `{r['error']}`")
     out += ["", "## Matched full-evaluation counts (eager-twin counts for compiled peers)", ""]
     out += matched(ok)
+    out += ["", "## Matched compute (block-Linear MACs)", ""]
+    out += matched(ok, by="macs")
     ours = [r for r in ok if r["kind"] == "ours"]
     if ours:
         out += ["", "## ScalingCache step patterns (last batch; F full, . cached)", ""]
@@ -920,16 +959,24 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def matched(ok: list[dict[str, Any]]) -> list[str]:
+def matched(ok: list[dict[str, Any]], by: str = "full") -> list[str]:
+    """Each peer next to the ScalingCache run nearest in full evaluations (``by="full"``) or in
+    block MACs (``by="macs"``)."""
     ours = [r for r in ok if r["kind"] == "ours" and r["full_evals_per_gen"] is not None]
     peers = [r for r in ok if r["kind"] == "peer" and r["full_evals_per_gen"] is not None]
     n = ok[0]["calls_per_gen"] if ok else 0
+    measure = "full_evals_per_gen" if by == "full" else "macs_frac"
     lines = [
-        "Each peer configuration that cached anything, next to the ScalingCache configuration with the nearest "
-        "number of full evaluations (eager peers against ScalingCache with the eager inner compiler, compiled "
-        "peers against ScalingCache with Inductor). *MACs* shows how much block compute each really ran: "
-        "TaylorSeerCache, PAB and FasterCache skip only attention, so their full-evaluation counts overstate "
-        "their savings.",
+        (
+            "Each peer configuration that cached anything, next to the ScalingCache configuration with the nearest "
+            "number of full evaluations (eager peers against ScalingCache with the eager inner compiler, compiled "
+            "peers against ScalingCache with Inductor). *MACs* shows how much block compute each really ran: "
+            "TaylorSeerCache, PAB and FasterCache skip only attention, so their full-evaluation counts overstate "
+            "their savings."
+            if by == "full"
+            else "The same pairing by the nearest block-Linear MACs (the compute each really ran) instead of full "
+            "evaluations."
+        ),
         "",
         "| peer | compile | full evals | MACs % | PSNR | SSIM | feat. dist. | ×ind | ScalingCache | full evals | MACs % | PSNR | SSIM | feat. dist. | ×ind | ΔPSNR (ours − peer) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -948,7 +995,7 @@ def matched(ok: list[dict[str, Any]]) -> list[str]:
         o = min(
             pool,
             key=lambda o: (
-                abs(o["full_evals_per_gen"] - p["full_evals_per_gen"]),
+                abs(o[measure] - p[measure]),
                 -(o["psnr"] or 0),
             ),
         )
@@ -956,7 +1003,7 @@ def matched(ok: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {p['name']} | {p['variant']} | {fmt(p['full_evals_per_gen'])} | {fmt(100 * p['macs_frac'], '.0f')} | "
             f"{fmt(p['psnr'])} | {fmt(p['ssim'], '.3f')} | {fmt(p.get('perceptual'), '.4f')} | {fmt(p['speedup_vs_inductor'], '.2f')} | "
-            f"{o['param']} ({o['variant']}) | "
+            f"{o['method'].removeprefix('ScalingCache').strip() or 'dynamic'} {o['param']} ({o['variant']}) | "
             f"{fmt(o['full_evals_per_gen'])} | {fmt(100 * o['macs_frac'], '.0f')} | {fmt(o['psnr'])} | {fmt(o['ssim'], '.3f')} | "
             f"{fmt(o.get('perceptual'), '.4f')} | "
             f"{fmt(o['speedup_vs_inductor'], '.2f')} | {fmt(dp, '+.1f')} |"
@@ -1089,6 +1136,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--module-warmups", type=str, default=None, help="warm-ups for granularity='module'"
     )
     p.add_argument(
+        "--residual-warmups",
+        type=str,
+        default=None,
+        help="warm-ups for prediction='residual', comma separated",
+    )
+    p.add_argument(
+        "--static-intervals",
+        type=str,
+        default=None,
+        help="ScalingCache with static_interval=k (warm-up 4), comma separated",
+    )
+    p.add_argument(
         "--ours-compiler",
         default=None,
         help="inner compiler of ScalingCache: inductor | aot_eager | eager",
@@ -1155,6 +1214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         rounds=1 if q else 2 if large else 3,
         warmups="3" if q else "2,4,8" if large else "2,3,4,6,8" if a.model == "demo-wan" else "2,3,4,6,8,10",
         module_warmups="4" if a.model == "demo-flux" and not q else "",
+        static_intervals="" if (q or large) else "2,3,4",
+        residual_warmups="" if (q or large) else "2,4,6,8",
         ours_compiler="eager" if q else "inductor",
         ours_eager_variant=not (q or large),
         peer_backend="eager" if q else "inductor",
@@ -1165,6 +1226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(a, k, v)
     a.warmups = [int(x) for x in a.warmups.split(",") if x]
     a.module_warmups = [int(x) for x in a.module_warmups.split(",") if x]
+    a.static_intervals = [int(x) for x in a.static_intervals.split(",") if x]
+    a.residual_warmups = [int(x) for x in a.residual_warmups.split(",") if x]
+    a.static_warmup = 4
     a.no_compile_peers = a.compile_peers == "none"
     if q or large:
         # one point per method (large: the middle of the trained models' sweeps, for speed only)

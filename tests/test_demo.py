@@ -76,3 +76,28 @@ def test_training_script_runs_a_few_steps(tmp_path, model):
     subprocess.run(command, capture_output=True, text=True, check=True)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "MODEL_CARD.md").is_file()
+
+
+def test_demo_size_sees_through_torch_compile():
+    from sc_compile.demo.check import demo_size
+    from sc_compile.demo.models import WAN_FRAME_SIZE, WAN_NUM_FRAMES, random_wan_demo
+
+    pipe, _ = random_wan_demo()
+    expected = {"height": WAN_FRAME_SIZE, "width": WAN_FRAME_SIZE, "num_frames": WAN_NUM_FRAMES}
+    assert demo_size(pipe) == expected
+    pipe.transformer = torch.compile(pipe.transformer, backend="scalingcache")  # wraps; compiles on first call
+    assert demo_size(pipe) == expected
+
+
+@pytest.mark.parametrize("model", ["flux", "wan"])
+def test_shipped_residual_alpha_table_is_picked_for_residual_prediction(model):
+    """alpha=None finds the table of the compiled layout: the residual one for prediction="residual"."""
+    import sc_compile
+    from sc_compile.demo.check import generate
+    from sc_compile.demo.models import random_flux_demo, random_wan_demo
+
+    pipe, emb = (random_flux_demo if model == "flux" else random_wan_demo)()
+    transformer = pipe.transformer
+    pipe.transformer = torch.compile(transformer, backend="scalingcache", options={"compiler": "eager", "prediction": "residual"})
+    generate(pipe, emb, [1], num_inference_steps=3)
+    assert "--prediction residual" in sc_compile.report(transformer).alpha_source

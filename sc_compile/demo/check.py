@@ -78,7 +78,11 @@ def demo_size(pipe_or_class_name: Any) -> dict[str, int]:
     """Generation size of the demo pipelines, for a pipeline or a transformer class name."""
     from .models import FLUX_IMAGE_SIZE, WAN_FRAME_SIZE, WAN_NUM_FRAMES
 
-    name = pipe_or_class_name if isinstance(pipe_or_class_name, str) else type(pipe_or_class_name.transformer).__name__
+    if isinstance(pipe_or_class_name, str):
+        name = pipe_or_class_name
+    else:  # the transformer may be wrapped by torch.compile
+        transformer = pipe_or_class_name.transformer
+        name = type(getattr(transformer, "_orig_mod", transformer)).__name__
     if name == "WanTransformer3DModel":
         return {"height": WAN_FRAME_SIZE, "width": WAN_FRAME_SIZE, "num_frames": WAN_NUM_FRAMES}
     return {"height": FLUX_IMAGE_SIZE, "width": FLUX_IMAGE_SIZE}
