@@ -114,7 +114,7 @@ def main() -> None:
     # Static interval at (about) the dynamic run's full-step count.
     cached_budget = steps - warmup
     full_after_warmup = max(1.0, dynamic["full_steps"] - warmup)
-    interval = max(1, round(cached_budget / full_after_warmup))
+    interval = max(2, round(cached_budget / full_after_warmup))  # 1 would be every step full
     run(f"static interval {interval}, calibrated α, S={warmup}", "interval", {**base, "alpha": shipped, "static_interval": interval})
     for k in sorted({max(2, interval - 1), interval + 1} - {interval}):
         run(f"static interval {k}, calibrated α, S={warmup}", "interval", {**base, "alpha": shipped, "static_interval": k})
