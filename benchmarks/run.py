@@ -1054,7 +1054,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         and (r["full_evals_per_gen"] or n) < n  # configurations that cached nothing are left out
     ]
     cap = 60.0  # PSNR above this is drawn at the cap (no visible difference)
-    fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
+    fig, axes = plt.subplots(1, 3, figsize=(22, 5.5))
     curves: dict[str, list[dict[str, Any]]] = {}
     for r in ok:
         curves.setdefault(f"{r['method']} [{r['variant']}]", []).append(r)
@@ -1064,10 +1064,11 @@ def plot(data: dict[str, Any], path: Path) -> None:
         "macs": lambda r: 100 * r["macs_frac"] if r["macs_frac"] is not None else None,
     }
     colors: dict[str, Any] = {}
-    cmap = plt.get_cmap("tab10")
+    num_methods = len({rs[0]["method"] for rs in curves.values()})
+    cmap = plt.get_cmap("tab10" if num_methods <= 10 else "tab20")
     for label, rs in sorted(curves.items()):
         method = rs[0]["method"]
-        colors.setdefault(method, cmap(len(colors) % 10))
+        colors.setdefault(method, cmap(len(colors) % cmap.N))
         ours = method.startswith("ScalingCache")
         compiled = rs[0]["variant"] not in ("eager", "eager inner")
         style = dict(
@@ -1096,7 +1097,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].axvline(1.0, color="gray", linewidth=0.8)
     axes[2].invert_xaxis()
-    axes[2].legend(fontsize=7, loc="upper right")
+    axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     s = data["setup"]
     fig.suptitle(
         f"{s.get('title', 'Flux demo')} via {s.get('pipeline', 'FluxPipeline')}, {s['steps']} steps, {s['samples']} samples, "
