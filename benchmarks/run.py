@@ -464,18 +464,21 @@ class Bench:
         # default intends on models whose attention modules carry a number.
         attn_names = [n for n, _ in self.base.named_modules() if re.fullmatch(r"blocks\.\d+\.attn\d+", n)]
         ts_identifiers = [r"^blocks\.\d+\.attn\d+$"] if attn_names else None
+        def taylorseer(k: int, **extra: Any) -> Any:
+            return TaylorSeerCacheConfig(
+                cache_interval=k,
+                disable_cache_before_step=a.ts_warmup,
+                max_order=1,
+                taylor_factors_dtype=self.torch.float32,
+                **extra,
+            )
+
         for i, k in enumerate(a.taylorseer):
             peers.append(
                 (
                     "TaylorSeerCache",
                     f"interval={k}",
-                    lambda p, k=k: TaylorSeerCacheConfig(
-                        cache_interval=k,
-                        disable_cache_before_step=a.ts_warmup,
-                        max_order=1,
-                        taylor_factors_dtype=self.torch.float32,
-                        cache_identifiers=ts_identifiers,
-                    ),
+                    lambda p, k=k: taylorseer(k, cache_identifiers=ts_identifiers),
                     a.compiles(i, len(a.taylorseer)),
                 )
             )
@@ -485,13 +488,7 @@ class Bench:
                 (
                     "TaylorSeerCache lite",
                     f"interval={k}",
-                    lambda p, k=k: TaylorSeerCacheConfig(
-                        cache_interval=k,
-                        disable_cache_before_step=a.ts_warmup,
-                        max_order=1,
-                        taylor_factors_dtype=self.torch.float32,
-                        use_lite_mode=True,
-                    ),
+                    lambda p, k=k: taylorseer(k, use_lite_mode=True),
                     a.compiles(i, len(a.taylorseer_lite)),
                 )
             )

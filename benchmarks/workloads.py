@@ -84,43 +84,38 @@ def load(key: str, random_weights: bool = False) -> tuple[Workload, Any]:
     """``(workload, class embeddings)``."""
     from sc_compile.demo import models as demo
 
-    if key == "demo-flux":
-        if random_weights:
-            pipe, emb = demo.random_flux_demo()
-            weights = "random (random_flux_demo)"
-        else:
-            pipe, emb = demo.load_flux_demo()
-            weights = str(demo.assets_dir() / demo.FLUX_DIRNAME)
-        wl = Workload(
-            key,
+    demos = {
+        # key: (random init, shipped weights, assets folder, title, description, pipeline builder,
+        #       call, pipeline class, guidance argument)
+        "demo-flux": (
+            demo.random_flux_demo,
+            demo.load_flux_demo,
+            demo.FLUX_DIRNAME,
             "Flux demo",
             "Flux demo (FluxTransformer2DModel, 2 double + 4 single blocks, 2.3M params, 49 image + 4 text tokens)",
-            weights,
-            pipe.transformer,
             demo.build_flux_pipeline,
             _flux_call(demo.FLUX_IMAGE_SIZE),
             "FluxPipeline",
             "true_cfg_scale",
-            trained=not random_weights,
-        )
-        return wl, emb
-    if key == "demo-wan":
-        if random_weights:
-            pipe, emb = demo.random_wan_demo()
-            weights = "random (random_wan_demo)"
-        else:
-            pipe, emb = demo.load_wan_demo()
-            weights = str(demo.assets_dir() / demo.WAN_DIRNAME)
-        wl = Workload(
-            key,
+        ),
+        "demo-wan": (
+            demo.random_wan_demo,
+            demo.load_wan_demo,
+            demo.WAN_DIRNAME,
             "Wan demo",
             "Wan demo (WanTransformer3DModel, 4 blocks, 0.96M params, 5 latent frames × 64 tokens + 4 text tokens)",
-            weights,
-            pipe.transformer,
             demo.build_wan_pipeline,
             _wan_call,
             "WanPipeline",
             "guidance_scale",
+        ),
+    }
+    if key in demos:
+        random_init, shipped, dirname, title, description, build, call, pipeline, guidance_arg = demos[key]
+        pipe, emb = random_init() if random_weights else shipped()
+        weights = f"random ({random_init.__name__})" if random_weights else str(demo.assets_dir() / dirname)
+        wl = Workload(
+            key, title, description, weights, pipe.transformer, build, call, pipeline, guidance_arg,
             trained=not random_weights,
         )
         return wl, emb
