@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from perceptual import feature_distance
+from perceptual import feature_distance, normalized_features
+from workloads import as_images
 
 import sc_compile
 from sc_compile.alpha import AlphaTable
@@ -33,13 +34,6 @@ MODELS = {
     "demo-flux": (load_flux_demo, "demo_flux/alpha_flux_28steps.safetensors", 28, "Flux demo"),
     "demo-wan": (load_wan_demo, "demo_wan/alpha_wan_20steps.safetensors", 20, "Wan demo"),
 }
-
-
-def _as_images(out: Any) -> torch.Tensor:
-    """Pipeline output -> [N, C, H, W] (video frames folded into N)."""
-    frames = getattr(out, "frames", None)
-    images = frames.flatten(0, 1) if frames is not None else out.images
-    return images.float()
 
 
 def main() -> None:
@@ -65,10 +59,11 @@ def main() -> None:
         kwargs = call_kwargs(label, seed)
         generator = torch.Generator().manual_seed(kwargs.pop("seed"))
         with torch.no_grad():
-            return _as_images(pipe(**kwargs, generator=generator))
+            return as_images(pipe(**kwargs, generator=generator))
 
     samples = [(i % 10, 100 + i) for i in range(args.samples)]  # (label, seed), not the calibration seeds
     references = [generate(label, seed) for label, seed in samples]
+    reference_features = [normalized_features(r) for r in references]
     shipped = AlphaTable.load(assets_dir() / alpha_file)
     calibration_samples = [call_kwargs(c, 1000 + s) for s in range(2) for c in range(10)]
     print("calibrating a module-granularity table (10 classes x 2 seeds) ...", flush=True)
@@ -80,7 +75,7 @@ def main() -> None:
 
     def run(name: str, group: str, options: dict[str, Any], per_sample_alpha: bool = False) -> dict[str, Any]:
         psnrs, ssims, dists, fulls = [], [], [], []
-        for (label, seed), reference in zip(samples, references, strict=True):
+        for (label, seed), reference, features in zip(samples, references, reference_features, strict=True):
             alpha = options.get("alpha")
             if per_sample_alpha:
                 alpha = sc_compile.calibrate(
@@ -98,7 +93,7 @@ def main() -> None:
             report = sc_compile.report(transformer)
             psnrs.append(psnr(images, reference))
             ssims.append(ssim(images, reference))
-            dists.append(feature_distance(images, reference))
+            dists.append(feature_distance(images, reference, features))
             fulls.append(report.num_full_steps)
         row = {"group": group, "config": name, "full_steps": statistics.mean(fulls), "steps": steps,
                "psnr": statistics.mean(psnrs), "ssim": statistics.mean(ssims), "feature_distance": statistics.mean(dists)}

@@ -50,39 +50,33 @@ LARGE_FLUX_SIZE = 128  # 64 × 64 latent, packed 2 × 2 -> 1024 image tokens
 LARGE_FLUX_TEXT_TOKENS = 64
 
 
-def _flux_call(size: int) -> Callable[..., torch.Tensor]:
+def as_images(out: Any) -> torch.Tensor:
+    """Pipeline output -> [N, C, H, W] in [0, 1] (video frames folded into N)."""
+    frames = getattr(out, "frames", None)  # [N, F, C, H, W]
+    images = frames.flatten(0, 1) if frames is not None else out.images
+    return images.float()
+
+
+def _pipeline_call(size: dict[str, int]) -> Callable[..., torch.Tensor]:
+    """A workload's call: the class-label prompt, guidance as separate calls, the given size."""
+
     def call(pipe: Any, emb: Any, labels: list[int], guidance: float, steps: int, g: torch.Generator) -> torch.Tensor:
         out = pipe(
             **emb.pipeline_kwargs(labels, guidance_scale=guidance),
-            height=size,
-            width=size,
+            **size,
             num_inference_steps=steps,
             generator=g,
             output_type="pt",
-        ).images
-        return out.float()
+        )
+        return as_images(out)
 
     return call
-
-
-def _wan_call(pipe: Any, emb: Any, labels: list[int], guidance: float, steps: int, g: torch.Generator) -> torch.Tensor:
-    from sc_compile.demo.models import WAN_FRAME_SIZE, WAN_NUM_FRAMES
-
-    frames = pipe(
-        **emb.pipeline_kwargs(labels, guidance_scale=guidance),
-        height=WAN_FRAME_SIZE,
-        width=WAN_FRAME_SIZE,
-        num_frames=WAN_NUM_FRAMES,
-        num_inference_steps=steps,
-        generator=g,
-        output_type="pt",
-    ).frames  # [N, F, C, H, W]
-    return frames.float().flatten(0, 1)
 
 
 def load(key: str, random_weights: bool = False) -> tuple[Workload, Any]:
     """``(workload, class embeddings)``."""
     from sc_compile.demo import models as demo
+    from sc_compile.demo.check import demo_size
 
     demos = {
         # key: (random init, shipped weights, assets folder, title, description, pipeline builder,
@@ -94,7 +88,7 @@ def load(key: str, random_weights: bool = False) -> tuple[Workload, Any]:
             "Flux demo",
             "Flux demo (FluxTransformer2DModel, 2 double + 4 single blocks, 2.3M params, 49 image + 4 text tokens)",
             demo.build_flux_pipeline,
-            _flux_call(demo.FLUX_IMAGE_SIZE),
+            _pipeline_call(demo_size("FluxTransformer2DModel")),
             "FluxPipeline",
             "true_cfg_scale",
         ),
@@ -105,7 +99,7 @@ def load(key: str, random_weights: bool = False) -> tuple[Workload, Any]:
             "Wan demo",
             "Wan demo (WanTransformer3DModel, 4 blocks, 0.96M params, 5 latent frames × 64 tokens + 4 text tokens)",
             demo.build_wan_pipeline,
-            _wan_call,
+            _pipeline_call(demo_size("WanTransformer3DModel")),
             "WanPipeline",
             "guidance_scale",
         ),
@@ -141,7 +135,7 @@ def load(key: str, random_weights: bool = False) -> tuple[Workload, Any]:
             "random init (seed 0)",
             tr,
             demo.build_flux_pipeline,
-            _flux_call(LARGE_FLUX_SIZE),
+            _pipeline_call({"height": LARGE_FLUX_SIZE, "width": LARGE_FLUX_SIZE}),
             "FluxPipeline",
             "true_cfg_scale",
             trained=False,
