@@ -4,7 +4,8 @@ Inductor could lower ``torch.cond`` itself, but on CPU and CUDA that becomes a h
 with the branches outside CUDA graphs, keeps the embedders in the cached step, and on Wan meets a
 stride bug in ``ir.Conditional``. So the predicate is fixed before Inductor: every cond is replaced
 by the inlined body of one branch, dead code is eliminated (the cached-step graph loses the blocks,
-embedders and text projections no output needs), and unused inputs are pruned. Each graph records
+embedders and text projections no output needs) while every mutation a live value can observe is
+kept (``dead_code.py``), and unused inputs are pruned. Each graph records
 which of the cond graph's inputs it takes.
 """
 
@@ -16,6 +17,7 @@ import operator
 import torch
 import torch.fx
 
+from sc_compile.backends.dead_code import eliminate_dead_code
 from sc_compile.passes.insert_cache_conds import IS_FULL
 from sc_compile.passes.pass_manager import copy_graph_module
 
@@ -72,7 +74,8 @@ def specialize_cache_conds(cond_gm: torch.fx.GraphModule, *, full: bool) -> Spec
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.higher_order.cond:
             _inline_cond(gm, node, full)
-    gm.graph.eliminate_dead_code()
+    # FX's own DCE drops in-place methods whose result is unused (it takes call_method as pure).
+    eliminate_dead_code(gm.graph)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     kept: list[int] = []
     for index, node in enumerate(placeholders):
