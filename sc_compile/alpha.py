@@ -1,11 +1,19 @@
-"""α tables: the differential scaling coefficients α[t][p] of paper eq. 5, as a checked artifact.
+"""α tables: the coefficients a cached step uses, calibrated offline, as a checked artifact.
 
-An α file is safetensors with one float32 tensor ``alpha`` of shape [N, P] (steps × cache points)
-and string metadata: the format version, the model class, the fingerprint of the cache-point
-layout it was calibrated on, N, the scheduler and its timesteps, the granularity, β, the number
-of samples, per-step mean and std of α, and the command that produced it. Loading against a traced
-model refuses a file whose fingerprint, P or granularity differ, with what differs and the command
-to recalibrate.
+An α file is safetensors with string metadata (the format version, the model class, the
+fingerprint of the cache-point layout it was calibrated on, N, the scheduler and its timesteps and
+sigmas, the granularity, β, the number of samples, per-step mean and std of α, the command that
+produced it) and these float32 tensors:
+
+* format 1 (the paper's): ``alpha`` [N, P], one-step α per step and cache point (eq. 5), chained
+  by the runtime;
+* format 2 adds the per-gap least-squares coefficients of :mod:`sc_compile.fitting`: ``coef``
+  [N, K+1, K, P], ``refresh`` [N, K+1, P], ``error`` [N, K+1, K] and ``max_gap`` [N] (int64), with
+  K in the metadata. ``alpha`` is still there, so the paper's chained variant stays available.
+
+Format-1 files still load and mean what they meant (chained α). Loading against a traced model
+refuses a file whose fingerprint, P or granularity differ, with what differs and the command to
+recalibrate.
 """
 
 from __future__ import annotations
@@ -13,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,9 +28,13 @@ from typing import Any
 
 import torch
 
+from sc_compile.fitting import FittedCoefficients
+
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = ("1", "2")
+FITTED_TENSORS = ("coef", "refresh", "error", "max_gap")
 RECALIBRATE_HINT = (
     "Recalibrate for this model with `python -m sc_compile calibrate MODEL_DIR --out alpha.safetensors` "
     "(or sc_compile.calibrate(...)), or pass options={'alpha': 'ones'}."
@@ -49,6 +60,8 @@ class AlphaTable:
     num_samples: int = 0
     command: str = ""
     extra: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Format 2: the per-gap least-squares coefficients (None: a format-1, chained-α table).
+    fitted: FittedCoefficients | None = None
 
     def __post_init__(self) -> None:
         alpha = self.alpha
@@ -61,6 +74,13 @@ class AlphaTable:
         if self.timesteps and len(self.timesteps) != self.num_steps:
             raise AlphaTableError(
                 f"the table has {self.num_steps} steps but {len(self.timesteps)} timesteps in its metadata"
+            )
+        if self.fitted is not None and (
+            self.fitted.num_steps != self.num_steps or self.fitted.num_points != self.num_points
+        ):
+            raise AlphaTableError(
+                f"fitted coefficients for {self.fitted.num_steps} steps × {self.fitted.num_points} points do not "
+                f"match alpha [{self.num_steps}, {self.num_points}]"
             )
 
     @property
@@ -103,8 +123,14 @@ class AlphaTable:
             "command": self.command,
             **{f"extra.{k}": v for k, v in self.extra.items()},
         }
+        tensors = {"alpha": self.alpha}
+        if self.fitted is not None:
+            metadata["max_gap_limit"] = str(self.fitted.max_gap_limit)
+            tensors.update({name: getattr(self.fitted, name).contiguous() for name in FITTED_TENSORS})
+        else:
+            metadata["format_version"] = "1"  # nothing a format-1 reader would miss
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file({"alpha": self.alpha}, os.fspath(path), metadata=metadata)
+        save_file(tensors, os.fspath(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AlphaTable:
@@ -114,19 +140,29 @@ class AlphaTable:
         try:
             with safe_open(path, framework="pt") as handle:
                 metadata = handle.metadata() or {}
-                keys = list(handle.keys())
-                if keys != ["alpha"]:
-                    raise AlphaTableError(f"{path}: expected one tensor 'alpha', found {keys}")
-                alpha = handle.get_tensor("alpha")
+                keys = sorted(handle.keys())
+                version = metadata.get("format_version")
+                if version not in READABLE_VERSIONS:
+                    raise AlphaTableError(
+                        f"{path}: format_version {version!r}; this sc_compile reads {list(READABLE_VERSIONS)}"
+                    )
+                expected = sorted(["alpha", *FITTED_TENSORS]) if "coef" in keys else ["alpha"]
+                if keys != expected or (version == "1" and keys != ["alpha"]):
+                    raise AlphaTableError(f"{path}: expected the tensors {expected} of format {version}, found {keys}")
+                tensors = {key: handle.get_tensor(key) for key in keys}
         except AlphaTableError:
             raise
         except Exception as error:  # safetensors raises its own error types for corrupt files
             raise AlphaTableError(f"{path}: not a readable α file ({error}). {RECALIBRATE_HINT}") from error
-        version = metadata.get("format_version")
-        if version != str(FORMAT_VERSION):
-            raise AlphaTableError(f"{path}: format_version {version!r}, this sc_compile reads {FORMAT_VERSION}")
+        alpha = tensors["alpha"]
         if alpha.dtype != torch.float32:
             raise AlphaTableError(f"{path}: alpha must be float32, but the file has {alpha.dtype}")
+        fitted = None
+        if "coef" in tensors:
+            try:
+                fitted = FittedCoefficients(**{name: tensors[name] for name in FITTED_TENSORS})
+            except ValueError as error:
+                raise AlphaTableError(f"{path}: {error}. {RECALIBRATE_HINT}") from None
         try:
             table = cls(
                 alpha=alpha,
@@ -140,6 +176,7 @@ class AlphaTable:
                 num_samples=int(metadata.get("num_samples", "0")),
                 command=metadata.get("command", ""),
                 extra={k[len("extra."):]: v for k, v in metadata.items() if k.startswith("extra.")},
+                fitted=fitted,
             )
         except KeyError as error:
             raise AlphaTableError(f"{path}: metadata lacks {error.args[0]!r}. {RECALIBRATE_HINT}") from None
@@ -161,39 +198,15 @@ class AlphaTable:
         if problems:
             raise AlphaTableError(f"{source} does not fit this model: it has " + "; ".join(problems) + f". {RECALIBRATE_HINT}")
 
-    def matches_schedule(self, step: int, timestep: float) -> bool:
-        """Whether ``step`` of the running generation is the calibrated step (same timestep)."""
-        if step >= self.num_steps:
-            return False
-        if not self.timesteps:
-            return True
-        reference = self.timesteps[step]
-        return math.isclose(reference, timestep, rel_tol=1e-4, abs_tol=1e-6)
-
-    def resampled_row(self, timestep: float) -> list[float]:
-        """α at ``timestep`` by linear interpolation over the calibrated timesteps."""
-        if not self.timesteps:
-            raise AlphaTableError("this α table has no timesteps to resample over")
-        times = torch.tensor(self.timesteps, dtype=torch.float64)
-        descending = bool(times[0] > times[-1])
-        if descending:
-            times = times.flip(0)
-        alpha = self.alpha.double().flip(0) if descending else self.alpha.double()
-        t = min(max(timestep, float(times[0])), float(times[-1]))
-        upper = int(torch.searchsorted(times, torch.tensor(t, dtype=torch.float64)).clamp(1, len(times) - 1))
-        lower = upper - 1
-        span = float(times[upper] - times[lower])
-        weight = 0.0 if span == 0 else (t - float(times[lower])) / span
-        row = alpha[lower] * (1 - weight) + alpha[upper] * weight
-        return row.tolist()
-
     def __repr__(self) -> str:
         mean = float(self.alpha.mean())
         return (
             f"AlphaTable(model_class={self.model_class!r}, steps={self.num_steps}, points={self.num_points}, "
             f"granularity={self.granularity!r}, fingerprint={self.fingerprint!r}, scheduler={self.scheduler!r}, "
             f"samples={self.num_samples}, beta={self.beta}, alpha mean={mean:.3f} "
-            f"range=[{float(self.alpha.min()):.3f}, {float(self.alpha.max()):.3f}])"
+            f"range=[{float(self.alpha.min()):.3f}, {float(self.alpha.max()):.3f}]"
+            + ("" if self.fitted is None else f", fitted per-gap coefficients K={self.fitted.max_gap_limit}")
+            + ")"
         )
 
 

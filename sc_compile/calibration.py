@@ -1,19 +1,24 @@
-"""α calibration (paper eq. 5): run generations with every step full and fit α per step and point.
+"""Calibration: run generations with every step full and fit the coefficients cached steps use.
 
-The model is compiled with the backend in calibration mode: every step runs in full and its
-statistics row holds ``<y_t - y_{t-1}, y_{t-1} - y_{t-2}>`` and ``|y_{t-1} - y_{t-2}|^2`` per
-cache point (the full-step graph computes them from the two buffers it already keeps, so at most
-three hidden states per point are alive: y_full, dy and the current value). The least-squares
-solution of ``min_α |y_{t-1} + α (y_{t-1} - y_{t-2}) - y_t|^2`` is their ratio; the α of each
-(sample, stream) is folded into an exponential moving average over samples, β = 0.97 as in the
-paper (the first observation initialises it). Steps t < 2, and points whose difference vanished,
-hold α = 1.
+The model is compiled with the backend in calibration mode: every step runs in full, and after
+each step the value of every cache point (its ``y_full`` buffer, which the full step has just
+written) is folded into a banded Gram ``⟨y_t, y_{t−d}⟩``, d ≤ 2K + 1, per (sample, stream): a
+window of 2K + 2 values per point is kept, never the trajectory. From the Grams:
+
+* the per-gap least-squares coefficients the runtime multiplies (:mod:`sc_compile.fitting`, the
+  default, table format 2), with the calibrated error of every gap for the schedule search;
+* the paper's one-step α (eq. 5), ``<y_t − y_{t−1}, y_{t−1} − y_{t−2}> / |y_{t−1} − y_{t−2}|²``,
+  folded over samples with an exponential moving average, β = 0.97 as in the paper (the first
+  observation initialises it; steps t < 2 and vanished differences hold α = 1).
+
+Points the output head does not read at a cached step enter their Gram through a fixed strided
+subsample of at most :data:`GRAM_SAMPLE_ELEMENTS` elements: their coefficients only scale the
+predicted change ē, and the subsample bounds the window's memory.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,19 +26,75 @@ import torch
 
 from sc_compile.alpha import AlphaTable
 from sc_compile.config import Granularity, InnerCompiler, Prediction, ScalingCacheConfig
-from sc_compile.schedule import CHANGE_DOT_DY, DY_DOT_DY
+from sc_compile.fitting import BandedGram, fit_gap_coefficients, gram_width, one_step_alpha
 
 log = logging.getLogger(__name__)
 
 # Warm-up long enough that no step of any generation is cached.
 _ALL_FULL = 1 << 30
+# Longest gap (in steps) the fitted coefficients serve by default.
+DEFAULT_MAX_GAP = 8
+# Elements of a non-output cache point that enter its Gram (a fixed strided subsample).
+GRAM_SAMPLE_ELEMENTS = 1 << 16
 
 
-def least_squares_alpha(change_dot_dy: float, dy_dot_dy: float) -> float:
-    """Paper eq. 5: ``<y_t - y_{t-1}, Δ> / <Δ, Δ>``; 1 where Δ vanished."""
-    if dy_dot_dy <= 0.0 or not math.isfinite(dy_dot_dy) or not math.isfinite(change_dot_dy):
-        return 1.0
-    return change_dot_dy / dy_dot_dy
+def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """``⟨a, b⟩`` accumulated in float64, in chunks: the fits subtract Gram entries of nearly equal
+    states, so float32 sums would lose the differences the coefficients are made of."""
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for start in range(0, a.numel(), chunk):
+        total += torch.dot(a[start : start + chunk].double(), b[start : start + chunk].double())
+    return total
+
+
+class TrajectoryGrams:
+    """Banded Grams of the running trajectories, one per (sample, stream)."""
+
+    def __init__(self, width: int, feeds_output: list[bool]):
+        self.width = width
+        self.feeds_output = feeds_output
+        self.rows: dict[tuple[int, int], list[torch.Tensor]] = {}  # (sample, stream) -> [P, W] per step
+        self.windows: dict[tuple[int, int], list[list[torch.Tensor]]] = {}  # per point, newest last
+
+    def _flat(self, value: torch.Tensor, point: int) -> torch.Tensor:
+        # Kept in the point's own dtype: the values are exact there, and the window is 2K + 2 of them.
+        flat = value.detach().reshape(-1)
+        if not self.feeds_output[point] and flat.numel() > GRAM_SAMPLE_ELEMENTS:
+            stride = -(-flat.numel() // GRAM_SAMPLE_ELEMENTS)
+            flat = flat[::stride]
+        return flat.clone()
+
+    def observe(self, sample: int, stream: int, step: int, values: list[torch.Tensor]) -> None:
+        key = (sample, stream)
+        rows = self.rows.setdefault(key, [])
+        if step != len(rows):
+            raise RuntimeError(f"calibration saw step {step} of stream {stream} after {len(rows)} steps")
+        windows = self.windows.setdefault(key, [[] for _ in values])
+        row = torch.full((len(values), self.width), float("nan"), dtype=torch.float64)
+        for point, value in enumerate(values):
+            current = self._flat(value, point)
+            window = windows[point]
+            window.append(current)
+            del window[: max(0, len(window) - self.width)]
+            dots = torch.stack([_dot64(current, past) for past in reversed(window)])  # d = 0, 1, ...
+            row[point, : dots.numel()] = dots.double().cpu()
+        rows.append(row)
+
+    def finish_sample(self, sample: int) -> None:
+        for key in [k for k in self.windows if k[0] == sample]:
+            del self.windows[key]
+
+    def grams(self, num_steps: int) -> list[BandedGram]:
+        result = []
+        for key in sorted(self.rows):
+            rows = self.rows[key]
+            if len(rows) != num_steps:
+                raise RuntimeError(f"sample {key[0]} stream {key[1]} ran {len(rows)} steps, expected {num_steps}")
+            gram = BandedGram(num_steps, rows[0].shape[0], self.width)
+            for step, row in enumerate(rows):
+                gram.set_row(step, row)
+            result.append(gram)
+        return result
 
 
 class AlphaAccumulator:
@@ -57,13 +118,6 @@ class AlphaAccumulator:
             self.rows[step] = [self.beta * c + (1 - self.beta) * a for c, a in zip(current, alpha_row, strict=True)]
         self.counts[step] = self.counts.get(step, 0) + 1
 
-    def observe_stats(self, step: int, stats: Sequence[Sequence[float]]) -> None:
-        """Fold in the statistics table a full ``step`` wrote (steps < 2 hold α = 1)."""
-        if step < 2:
-            self.observe(step, [1.0] * self.num_points)
-            return
-        self.observe(step, [least_squares_alpha(row[CHANGE_DOT_DY], row[DY_DOT_DY]) for row in stats])
-
     def table(self, num_steps: int) -> torch.Tensor:
         missing = [t for t in range(num_steps) if t not in self.rows]
         if missing:
@@ -81,8 +135,13 @@ def calibrate(
     compiler: str = "eager",
     command: str = "",
     progress: bool = True,
+    max_gap: int = DEFAULT_MAX_GAP,
 ) -> AlphaTable:
     """Calibrate an α table by running ``samples`` generations with every step full.
+
+    ``max_gap``: the longest gap K (in steps) the fitted coefficients may serve; each step's own
+    limit K_τ ≤ K comes from the data (:mod:`sc_compile.fitting`). Keeps 2K + 2 values of every
+    cache point while calibrating.
 
     ``target`` is a diffusers pipeline (anything with a ``.transformer``) and ``samples`` a list of
     keyword-argument dicts for ``target(**kwargs)`` (a ``"seed"`` key becomes a CPU generator); or
@@ -101,6 +160,8 @@ def calibrate(
         raise ValueError(f"target must be a pipeline with a .transformer or an nn.Module, got {type(target).__name__}")
     if not samples:
         raise ValueError("calibration needs at least one sample")
+    if not isinstance(max_gap, int) or isinstance(max_gap, bool) or max_gap < 1:
+        raise ValueError(f"max_gap must be a positive int, but got {max_gap!r}")
     config = ScalingCacheConfig(
         warmup_steps=_ALL_FULL,
         alpha="ones",
@@ -108,14 +169,16 @@ def calibrate(
         prediction=Prediction(prediction),
         compiler=InnerCompiler(compiler),
     )
-    accumulators: dict[str, AlphaAccumulator] = {}
-    bar = tqdm(total=None, unit="step", disable=not progress, desc="calibrating α")
+    grams: dict[str, TrajectoryGrams] = {}
+    sample_index = 0
+    bar = tqdm(total=None, unit="step", disable=not progress, desc="calibrating")
 
     def hook(runtime: ScalingCacheRuntime, step: int, stream: int, stats: torch.Tensor) -> None:
         key = runtime.fingerprint
-        if key not in accumulators:
-            accumulators[key] = AlphaAccumulator(runtime.num_points, beta)
-        accumulators[key].observe_stats(step, stats.tolist())
+        if key not in grams:
+            grams[key] = TrajectoryGrams(gram_width(max_gap), list(runtime.layout.feeds_output))
+        values = runtime.streams[stream].buffers[0::2]  # y_full of every point: this step's values
+        grams[key].observe(sample_index, stream, step, values)
         bar.update(1)
 
     # The runtimes of this calibration: the model's session may also hold runtimes of earlier
@@ -158,6 +221,9 @@ def calibrate(
                 raise RuntimeError("the sample ran no call of the compiled transformer")
             runtime = max(ours, key=lambda r: r.num_calls)
             runtime.end_generation()
+            for collected in grams.values():
+                collected.finish_sample(sample_index)
+            sample_index += 1
             report = runtime.report()
             if num_steps is None:
                 num_steps, timesteps = report.num_steps, runtime.timesteps
@@ -170,11 +236,18 @@ def calibrate(
                 )
     finally:
         bar.close()
-    if len(accumulators) != 1:
-        raise RuntimeError(f"expected one traced graph layout, got {len(accumulators)} (did the shapes change?)")
-    ((fingerprint, accumulator),) = accumulators.items()
+    if len(grams) != 1:
+        raise RuntimeError(f"expected one traced graph layout, got {len(grams)} (did the shapes change?)")
+    ((fingerprint, collected),) = grams.items()
     runtime = max(ours, key=lambda r: r.num_calls)
     assert num_steps is not None
+    trajectories = collected.grams(num_steps)
+    accumulator = AlphaAccumulator(runtime.num_points, beta)
+    for gram in trajectories:
+        for step, row in enumerate(one_step_alpha(gram).tolist()):
+            accumulator.observe(step, row)
+    limit = min(max_gap, max(1, num_steps - 2))
+    fitted = fit_gap_coefficients(trajectories, limit, collected.feeds_output) if num_steps >= 3 else None
     return AlphaTable(
         alpha=accumulator.table(num_steps),
         model_class=runtime.model_class,
@@ -186,4 +259,5 @@ def calibrate(
         beta=beta,
         num_samples=len(samples),
         command=command,
+        fitted=fitted,
     )

@@ -61,6 +61,16 @@ class ChangePoints(str, enum.Enum):
     """Only the points the output head reads at a cached step."""
 
 
+class Coefficients(str, enum.Enum):
+    """Which coefficients of an α table a cached step multiplies."""
+
+    FITTED = "fitted"
+    """Per-gap least-squares coefficients fitted for the gaps the runtime takes (format-2 tables;
+    see :mod:`sc_compile.fitting`)."""
+    CHAINED = "chained"
+    """The paper's one-step α's, chained: ``c = Σ_j Π_i α`` (every table has them)."""
+
+
 class Fallback(str, enum.Enum):
     """What happens when the model cannot be cached (no blocks, unsupported graph)."""
 
@@ -127,6 +137,18 @@ class ScalingCacheConfig:
     cache_dtype: torch.dtype | None = None
     """dtype of the cache buffers; ``None``: the dtype of each cached hidden state."""
 
+    full_steps: int | None = None
+    """Budget: run exactly this many full steps per generation, at the steps that minimise the α
+    table's calibrated error of the whole generation (dynamic programming over segments; without a
+    fitted table the full steps are spread evenly). Needs the step count. ``None``: no budget."""
+
+    speedup: float | None = None
+    """Budget as a target ratio of steps to full steps: ``full_steps = round(steps / speedup)``."""
+
+    coefficients: Coefficients | None = None
+    """The α table's per-gap fitted coefficients or the paper's chained α's. ``None``: fitted when
+    the table has them (format 2), else chained."""
+
     def __post_init__(self) -> None:
         def coerce(name: str, enum_type: type[enum.Enum]) -> None:
             value = getattr(self, name)
@@ -143,6 +165,19 @@ class ScalingCacheConfig:
         coerce("compiler", InnerCompiler)
         coerce("fallback", Fallback)
         coerce("change_points", ChangePoints)
+        if self.coefficients is not None:
+            coerce("coefficients", Coefficients)
+        if self.full_steps is not None and (
+            not isinstance(self.full_steps, int) or isinstance(self.full_steps, bool) or self.full_steps < 2
+        ):
+            raise ValueError(f"full_steps must be an int >= 2 (the first two steps are always full) or None, but got {self.full_steps!r}")
+        if self.speedup is not None and (
+            isinstance(self.speedup, bool) or not isinstance(self.speedup, int | float) or not self.speedup >= 1.0
+        ):
+            raise ValueError(f"speedup must be a number >= 1 or None, but got {self.speedup!r}")
+        schedules = [name for name in ("full_steps", "speedup", "static_interval") if getattr(self, name) is not None]
+        if len(schedules) > 1:
+            raise ValueError(f"{' and '.join(schedules)} each choose the schedule: give at most one of them")
         if self.static_interval is not None and (
             not isinstance(self.static_interval, int) or isinstance(self.static_interval, bool) or self.static_interval < 1
         ):
@@ -186,10 +221,24 @@ class ScalingCacheConfig:
             return
         raise ValueError(f"alpha must be 'ones', an AlphaTable, a path or None, but got {type(alpha).__name__}")
 
+    @property
+    def budgeted(self) -> bool:
+        return self.full_steps is not None or self.speedup is not None
+
+    def budget_for(self, num_steps: int) -> int:
+        """The number of full steps of a budgeted ``num_steps``-step generation."""
+        if self.full_steps is not None:
+            return self.full_steps
+        assert self.speedup is not None
+        return max(MIN_WARMUP_STEPS, min(num_steps, round(num_steps / self.speedup)))
+
     def warmup_for(self, num_steps: int | None) -> int:
         """S_f for a generation of ``num_steps`` steps (``None``: unknown)."""
         if self.warmup_steps is not None:
             return self.warmup_steps
+        if self.budgeted:
+            # The budget's search places the full steps; only the first difference is required.
+            return MIN_WARMUP_STEPS
         if num_steps is None or num_steps >= REFERENCE_NUM_STEPS:
             return REFERENCE_WARMUP_STEPS
         return max(MIN_WARMUP_STEPS, round(REFERENCE_WARMUP_STEPS * num_steps / REFERENCE_NUM_STEPS))

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from sc_compile.alpha import AlphaTable
-from sc_compile.config import ChangePoints, ScalingCacheConfig
+from sc_compile.budget import plan_full_steps
+from sc_compile.coefficients import Predictor, make_predictor, step_weights
+from sc_compile.config import ChangePoints, Coefficients, ScalingCacheConfig
 from sc_compile.reporting import GenerationReport, StreamReport
 from sc_compile.schedule import DecisionUnit, StepDecision
 
@@ -157,7 +159,8 @@ class ScalingCacheRuntime:
         self._streams_per_step: list[int] = []
         self._pending_full: dict[int, list[int]] = {}  # unit key -> streams of its last full step
         self._observed_through: dict[int, int] = {}
-        self._resampled_logged = False
+        self._predictor: Predictor | None = None
+        self._planned_full_steps: tuple[int, ...] | None = None
         self._timesteps: list[float] = []
         # (decision, [2, P] tensor of its coef and refresh rows) of the step in flight.
         self._step_tensor_cache: tuple[StepDecision | None, torch.Tensor | None] = (None, None)
@@ -190,12 +193,68 @@ class ScalingCacheRuntime:
     def _unit_key(self, stream: int) -> int:
         return 0 if self.config.share_decision_across_streams else stream
 
+    @property
+    def uses_fitted_coefficients(self) -> bool:
+        if self.config.coefficients is not None:
+            return self.config.coefficients is Coefficients.FITTED
+        return self.alpha is not None and self.alpha.fitted is not None
+
+    def _generation_predictor(self) -> Predictor:
+        """The coefficients of this generation (built at its first decision, then kept)."""
+        if self._predictor is None:
+            if self.alpha is None and self.config.coefficients is Coefficients.FITTED:
+                raise ValueError(
+                    "coefficients='fitted' needs a calibrated α table (format 2), but this model runs with "
+                    "α = 1: pass options={'alpha': 'alpha.safetensors'} or drop coefficients."
+                )
+            self._predictor = make_predictor(
+                self.alpha,
+                num_points=self.num_points,
+                num_steps=self._num_steps,
+                timestep_of=lambda step: self._timesteps[step] if step < len(self._timesteps) else None,
+                fitted=self.uses_fitted_coefficients,
+            )
+            if self.alpha is not None and self._num_steps is not None and self._num_steps != self.alpha.num_steps:
+                log.info(
+                    "ScalingCache: the α table was calibrated at %d steps; this generation (%s steps) maps its "
+                    "coefficients over normalised time",
+                    self.alpha.num_steps,
+                    self._num_steps if self._num_steps is not None else "unknown",
+                )
+            if self.config.budgeted:
+                self._planned_full_steps = self._plan(self._predictor)
+        return self._predictor
+
+    def _plan(self, predictor: Predictor) -> tuple[int, ...]:
+        if self._num_steps is None:
+            raise ValueError(
+                "full_steps / speedup plan the generation's full steps in advance and need its step count: set "
+                "options={'num_inference_steps': N} or wrap the pipeline call in "
+                "`with sc_compile.generation(transformer, num_inference_steps=N):`"
+            )
+        num_steps = self._num_steps
+        forced = set(range(min(self._warmup, num_steps)))
+        forced |= set(range(max(0, num_steps - self.config.final_full_steps), num_steps))
+        planned = plan_full_steps(
+            num_steps,
+            self.config.budget_for(num_steps),
+            predictor.segment_cost,
+            predictor.allows_gap,
+            forced=forced,
+            weights=step_weights(self.alpha, num_steps) if self.alpha is not None else None,
+        )
+        log.info("ScalingCache: planned full steps %s of %d", list(planned), num_steps)
+        return planned
+
     def _unit(self, key: int) -> DecisionUnit:
         unit = self._units.get(key)
         if unit is None:
+            predictor = self._generation_predictor()
             unit = DecisionUnit(
                 num_points=self.num_points,
                 warmup_steps=self._warmup,
+                predictor=predictor,
+                planned_full_steps=self._planned_full_steps,
                 final_full_steps=self.config.final_full_steps,
                 num_steps=self._num_steps,
                 static_interval=self.config.static_interval,
@@ -233,22 +292,6 @@ class ScalingCacheRuntime:
             self._timesteps.append(timestep)
         else:
             self._streams_per_step[-1] = self._stream + 1
-
-    def _alpha_row(self, step: int, timestep: float) -> list[float]:
-        if self.alpha is None:
-            return [1.0] * self.num_points
-        if self.alpha.matches_schedule(step, timestep):
-            return self.alpha.alpha[step].tolist()
-        if not self._resampled_logged:
-            self._resampled_logged = True
-            log.info(
-                "ScalingCache: step %d timestep %.6g is not the calibrated schedule's (%d steps); "
-                "resampling α over the timestep",
-                step,
-                timestep,
-                self.alpha.num_steps,
-            )
-        return self.alpha.resampled_row(timestep)
 
     def _observe(self, key: int, unit: DecisionUnit, upto_step: int, collective: bool = True) -> None:
         """Fold the changes of steps before ``upto_step`` into ``unit`` (at most one read).
@@ -295,7 +338,7 @@ class ScalingCacheRuntime:
         if len(unit.decisions) > step:
             return unit.decisions[step]
         self._observe(key, unit, step)
-        decision = unit.decide(step, self._alpha_row(step, timestep))
+        decision = unit.decide(step)
         if self.calibration_hook is not None and not decision.full:
             raise AssertionError("calibration runs every step in full")
         if decision.full:

@@ -1,4 +1,4 @@
-"""Host-side ScalingCache decisions: warm-up, the dynamic interval and the coefficients c_t.
+"""Host-side ScalingCache decisions: warm-up, the schedule and the coefficients c_t.
 
 Pure Python over scalars; no tensor is touched here. One :class:`DecisionUnit` serves the streams
 that decide together (all streams of a step by default, each stream alone otherwise). Per step t:
@@ -7,19 +7,23 @@ that decide together (all streams of a step by default, each stream alone otherw
    (``|y - prev|_1 / |prev|_1`` averaged over points and streams), predicted on the host at a cached
    step (``|c_{t-1} - c_{t-2}| * |dy|_1 / |y_full|_1``, SPEC §1): ε ← ē at a full step (and ē joins
    E), ε ← ε + ē at a cached step;
-2. step t is full if t < S_f, if it is one of the forced final steps, if ε > δ = mean(E), or if a
-   measured or predicted change was not finite;
-3. the coefficients are formed: at a cached step ``c_t = Σ_{k=τ+1..t} Π_{i=τ+1..k} α_i`` (the
-   prediction is y_full + c_t·dy); at a full step the previous step's coefficient (to measure the
-   change against what the previous step output) and the eq. 6 refresh factor
-   ``Π_{i=τ+1..t} α_i / Σ_{k=τ+1..t} Π_{i=τ+1..k} α_i``.
+2. step t is full if t < S_f, if it is one of the forced final steps, if a measured or predicted
+   change was not finite, if the gap since the last full step τ is longer than the predictor serves
+   (:mod:`sc_compile.coefficients`), or by the schedule: a planned set of full steps (a budget,
+   :mod:`sc_compile.budget`), every k-th step (static interval), or the paper's dynamic rule ε > δ =
+   mean(E);
+3. the coefficients come from the generation's predictor: at a cached step ``c`` for the gap
+   ``t − τ`` (the prediction is y_full + c·dy); at a full step the previous step's coefficient (to
+   measure the change against what the previous step output) and the refresh of dy for the gap.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+
+from sc_compile.coefficients import Predictor
 
 # Column indices of a stats row (see sc_compile.passes.insert_cache_conds.STAT_COLUMNS).
 CHANGE_L1, PREV_L1, NEXT_CHANGE_L1, VALUE_L1, CHANGE_DOT_DY, DY_DOT_DY = range(6)
@@ -51,14 +55,17 @@ def _relative(numerator: float, denominator: float) -> float:
 
 @dataclasses.dataclass
 class DecisionUnit:
-    """ε, E, τ and the running coefficient sums of the streams that decide together."""
+    """ε, E, τ and the coefficients of the streams that decide together."""
 
     num_points: int
     warmup_steps: int
+    predictor: Predictor
     final_full_steps: int = 0
     num_steps: int | None = None
-    # Ablation: full every ``static_interval`` steps after the warm-up instead of the ε > δ rule.
+    # Full every ``static_interval`` steps after the warm-up instead of the ε > δ rule.
     static_interval: int | None = None
+    # The planned full steps of a budgeted schedule (``None``: decide as the generation goes).
+    planned_full_steps: Collection[int] | None = None
     # Points ē averages over (``None``: all).
     change_points: Sequence[int] | None = None
 
@@ -66,7 +73,7 @@ class DecisionUnit:
         self.accumulated = 0.0  # ε
         self.full_changes: list[float] = []  # E
         self.last_full: int | None = None  # τ
-        self.product = [1.0] * self.num_points  # Π_{i=τ+1..t} α_i
+        self.previous_gap = 0  # τ minus the full step before it (0: none yet)
         self.coef = [0.0] * self.num_points  # c_t
         self.previous_coef = [0.0] * self.num_points  # c_{t-1}
         self.norms: list[tuple[list[float], list[float]]] = []  # per stream: |dy|_1, |y_full|_1
@@ -75,6 +82,12 @@ class DecisionUnit:
         self.stream_changes: dict[int, list[float]] = {}  # step -> ē of each stream
         self.nonfinite_steps: list[int] = []
         self._force_full = False
+        self._planned = None if self.planned_full_steps is None else frozenset(self.planned_full_steps)
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether decisions read the full steps' statistics (a planned schedule does not)."""
+        return self._planned is None
 
     # -- step t-1 ------------------------------------------------------------------------------
     def observe_full(self, step: int, stats_per_stream: Sequence[Sequence[Sequence[float]]]) -> float | None:
@@ -125,40 +138,45 @@ class DecisionUnit:
         """δ = mean(E)."""
         return sum(self.full_changes) / len(self.full_changes) if self.full_changes else None
 
-    def decide(self, step: int, alpha_row: Sequence[float]) -> StepDecision:
-        if len(alpha_row) != self.num_points:
-            raise ValueError(f"α row has {len(alpha_row)} values for {self.num_points} cache points")
+    def decide(self, step: int) -> StepDecision:
         reason = ""
+        gap = 0 if self.last_full is None else step - self.last_full
         if step < self.warmup_steps:
             reason = "warm-up"
         elif self.num_steps is not None and step >= self.num_steps - self.final_full_steps:
             reason = "final"
         elif self._force_full:
             reason = "non-finite change"
-        elif self.last_full is None or self.threshold is None:
+        elif self.last_full is None or self.previous_gap == 0:
             reason = "no history"
+        elif self._planned is not None:
+            reason = "planned" if step in self._planned else ""
+        elif not self.predictor.allows_gap(self.last_full, gap):
+            reason = "longest gap"
         elif self.static_interval is not None:
             reason = "interval" if (step - self.warmup_steps) % self.static_interval == 0 else ""
+        elif self.threshold is None:
+            reason = "no history"
         elif self.accumulated > self.threshold:
             reason = "threshold"
         self._force_full = False
-        product = [p * a for p, a in zip(self.product, alpha_row, strict=True)]
-        coef = [c + p for c, p in zip(self.coef, product, strict=True)]
         if reason:
             if self.last_full is None:
-                refresh = [0.0] * self.num_points
+                refresh = (0.0,) * self.num_points
             else:
-                gap = step - self.last_full
-                refresh = [p / c if c != 0.0 else 1.0 / gap for p, c in zip(product, coef, strict=True)]
-            decision = StepDecision(step, True, tuple(self.coef), tuple(refresh), reason)
+                refresh = self.predictor.refresh(step, gap)
+            decision = StepDecision(step, True, tuple(self.coef), refresh, reason)
+            self.previous_gap = gap
             self.last_full = step
-            self.product = [1.0] * self.num_points
             self.previous_coef = [0.0] * self.num_points
             self.coef = [0.0] * self.num_points
         else:
+            assert self.last_full is not None
+            coef = list(self.predictor.cached_coef(self.last_full, self.previous_gap, gap))
+            if len(coef) != self.num_points:
+                raise ValueError(f"the predictor gave {len(coef)} coefficients for {self.num_points} cache points")
             decision = StepDecision(step, False, tuple(coef), (0.0,) * self.num_points, "cached")
             self.previous_coef = self.coef
-            self.product = product
             self.coef = coef
         self.decisions.append(decision)
         return decision

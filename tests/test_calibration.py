@@ -12,18 +12,24 @@ import torch
 
 import sc_compile
 from sc_compile.alpha import AlphaTable
-from sc_compile.calibration import AlphaAccumulator, least_squares_alpha
+from sc_compile.calibration import AlphaAccumulator
+from sc_compile.fitting import BandedGram, one_step_alpha
 
 from dummy_dit import DummyDiT
 
 
 def test_eq5_against_a_hand_computed_case():
-    y2, y1, y0 = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0]), torch.tensor([1.5, 3.0])
-    delta = y1 - y2
-    # <y_t - y_{t-1}, Δ> / <Δ, Δ> = (0.5 * 1 + 1 * 2) / (1 + 4) = 0.5
-    alpha = least_squares_alpha(float(torch.dot(y0 - y1, delta)), float(torch.dot(delta, delta)))
-    assert alpha == pytest.approx(0.5)
-    assert least_squares_alpha(1.0, 0.0) == 1.0  # no difference: α undefined, held at 1
+    trajectory = [torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0]), torch.tensor([1.5, 3.0])]
+    gram = BandedGram(3, 1, 4)
+    for t, y in enumerate(trajectory):
+        gram.set_row(t, torch.tensor([[float(torch.dot(y, trajectory[t - d])) if d <= t else 0.0 for d in range(4)]]))
+    # <y_2 - y_1, Δ> / <Δ, Δ> with Δ = y_1 - y_0: (0.5 * 1 + 1 * 2) / (1 + 4) = 0.5
+    assert one_step_alpha(gram)[2, 0].item() == pytest.approx(0.5)
+    assert one_step_alpha(gram)[:2, 0].tolist() == [1.0, 1.0]  # undefined before the second difference
+    still = BandedGram(3, 1, 4)
+    for t in range(3):
+        still.set_row(t, torch.tensor([[4.0] * 4]))
+    assert one_step_alpha(still)[2, 0].item() == 1.0  # no difference: α undefined, held at 1
 
 
 def test_ema_against_a_hand_computed_case():
@@ -70,9 +76,10 @@ def test_calibrations_of_one_model_do_not_mix():
     torch.testing.assert_close(residual.alpha[2:], torch.full((6, 3), 0.8), rtol=1e-4, atol=1e-4)
 
 
-def test_calibrated_table_is_accepted_and_resampled_for_other_step_counts(tmp_path, caplog):
+def test_calibrated_table_is_accepted_and_mapped_to_other_step_counts(tmp_path, caplog):
     model = DummyDiT()
     table = sc_compile.calibrate(model, [_geometric_generation(0.9, 20)], progress=False)
+    assert table.fitted is not None and table.fitted.num_steps == 20
     path = tmp_path / "alpha.safetensors"
     table.save(path)
     torch._dynamo.reset()
@@ -80,19 +87,13 @@ def test_calibrated_table_is_accepted_and_resampled_for_other_step_counts(tmp_pa
     for steps in (10, 40, 20):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="sc_compile.runtime"), torch.no_grad():
-            for t in torch.linspace(1000.0, 50.0, steps):
-                compiled(torch.ones(1, 4, 8) * (1 + t / 1000), t.reshape(1))
-        resampled = [r for r in caplog.records if "resampling α" in r.getMessage()]
-        assert len(resampled) == (0 if steps == 20 else 1), steps
-        assert sc_compile.report(model).num_steps == steps
-
-
-def test_resampled_row_interpolates_over_the_timestep():
-    alpha = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.8, 0.6], [0.4, 0.2]])
-    table = AlphaTable(alpha, "M", "f", "block", timesteps=(1000.0, 750.0, 500.0, 250.0))
-    assert table.resampled_row(375.0) == pytest.approx([0.6, 0.4])
-    assert table.resampled_row(1200.0) == pytest.approx([1.0, 1.0])  # clamped to the ends
-    assert table.resampled_row(0.0) == pytest.approx([0.4, 0.2])
+            with sc_compile.generation(model, num_inference_steps=steps):
+                for t in torch.linspace(1000.0, 50.0, steps):
+                    compiled(torch.ones(1, 4, 8) * (1 + t / 1000), t.reshape(1))
+        mapped = [r for r in caplog.records if "over normalised time" in r.getMessage()]
+        assert len(mapped) == (0 if steps == 20 else 1), steps
+        report = sc_compile.report(model)
+        assert report.num_steps == steps, steps
 
 
 def test_cli_calibrates_a_tiny_pipeline_and_inspects_the_table(tmp_path):

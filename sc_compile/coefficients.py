@@ -1,0 +1,323 @@
+"""The coefficients a generation's cached and full steps use, from an α table or α = 1.
+
+A :class:`Predictor` answers, for the running generation, what the runtime multiplies:
+
+* ``cached_coef(τ, g, k)``: the per-point ``c`` of a cached step ``τ + k`` after the last full
+  step ``τ``, whose full step before it was ``τ − g`` (prediction ``y_full + c · dy``);
+* ``refresh(t, g)``: the per-point refresh of ``dy ← (y_t − y_full) · r`` at a full step ``t`` that
+  follows the last full step by ``g``;
+* ``allows_gap(τ, k)``: whether step ``τ + k`` may be cached after the last full step ``τ`` (a
+  longer gap is a full step, so no run of cached steps grows without bound);
+* ``segment_cost(τ, g, k)``: the calibrated error of that cached step, for the schedule search.
+
+:class:`ChainedPredictor` is the paper's closed form ``c = Σ_j Π_i α`` over one-step α's (an α file
+of format 1, or α = 1). :class:`FittedPredictor` reads the per-gap least-squares coefficients of a
+format-2 table (:mod:`sc_compile.fitting`).
+
+**Other step counts.** A generation of N' steps with a table calibrated at N maps every step to
+its *position* on the calibrated grid, in calibrated steps (``t · N / N'`` for the
+"spacing-then-transform" schedules diffusers' flow-matching and DDIM-style schedulers build, or
+through the timesteps when the step count is not known). A gap keeps its meaning in that normalised
+time: a fitted coefficient is looked up at the gap's length in calibrated steps, as a ratio to the
+α = 1 coefficient (trilinear over (τ, g, k)); a chained α is raised to the power of the step's
+length in calibrated steps (four quarter steps compound to one calibrated step's α), so products
+of α < 1 no longer shrink to zero at more steps. A table that cannot serve the generation (no time
+grid for another step count, or a step longer than its longest gap) is refused with what to do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+
+from sc_compile.alpha import AlphaTable, AlphaTableError
+from sc_compile.fitting import FittedCoefficients
+
+# Without a fitted table, no run of cached steps is longer than this fraction of the generation
+# (at least MIN_SAFEGUARD_GAP steps): the dynamic rule's accumulated change can stall when the
+# predicted change shrinks (α < 1 products), and a stalled run would otherwise never end.
+SAFEGUARD_GAP_FRACTION = 0.2
+MIN_SAFEGUARD_GAP = 3
+SAFEGUARD_GAP_UNKNOWN_STEPS = 8
+
+
+class Predictor(Protocol):
+    """What a generation's cached and full steps multiply (see the module docstring)."""
+
+    num_points: int
+
+    def cached_coef(self, last_full: int, previous_gap: int, gap: int) -> tuple[float, ...]: ...
+
+    def refresh(self, step: int, gap: int) -> tuple[float, ...]: ...
+
+    def allows_gap(self, last_full: int, gap: int) -> bool: ...
+
+    def segment_cost(self, last_full: int, previous_gap: int, gap: int) -> float | None: ...
+
+
+def safeguard_gap(num_steps: int | None) -> int:
+    if num_steps is None:
+        return SAFEGUARD_GAP_UNKNOWN_STEPS
+    return max(MIN_SAFEGUARD_GAP, math.ceil(SAFEGUARD_GAP_FRACTION * num_steps))
+
+
+def linear_positions(num_steps: int, calibrated_steps: int) -> Callable[[int], float]:
+    """Step ``t`` of an ``num_steps``-step generation at ``t · N / N'`` calibrated steps."""
+    scale = calibrated_steps / num_steps
+    return lambda step: step * scale
+
+
+def timestep_positions(table: AlphaTable, timestep_of: Callable[[int], float | None]) -> Callable[[int], float]:
+    """Positions through the timesteps: the calibrated step whose timestep equals the step's."""
+    if not table.timesteps:
+        raise AlphaTableError(
+            "this α table records no timesteps, and the generation's step count is not known: "
+            "declare it (options={'num_inference_steps': N} or sc_compile.generation(model, num_inference_steps=N))"
+        )
+    times = torch.tensor(table.timesteps, dtype=torch.float64)
+    descending = bool(times[0] > times[-1])
+    ordered = times.flip(0) if descending else times
+    n = len(times)
+
+    def position(step: int) -> float:
+        timestep = timestep_of(step)
+        if timestep is None:
+            raise AlphaTableError(f"the timestep of step {step} is not known: declare the generation's step count")
+        t = min(max(timestep, float(ordered[0])), float(ordered[-1]))
+        upper = int(torch.searchsorted(ordered, torch.tensor(t, dtype=torch.float64)).clamp(1, n - 1))
+        lower = upper - 1
+        span = float(ordered[upper] - ordered[lower])
+        fraction = 0.0 if span == 0 else (t - float(ordered[lower])) / span
+        index = lower + fraction
+        return (n - 1 - index) if descending else index
+
+    return position
+
+
+class ChainedPredictor:
+    """The paper's chained one-step α's (format-1 tables), or α = 1 (``table=None``)."""
+
+    def __init__(self, num_points: int, alpha_of_step: Callable[[int], Sequence[float]] | None, max_gap: int):
+        self.num_points = num_points
+        self._alpha_of_step = alpha_of_step
+        self._rows: dict[int, tuple[float, ...]] = {}
+        self._max_gap = max_gap
+
+    def alpha(self, step: int) -> tuple[float, ...]:
+        row = self._rows.get(step)
+        if row is None:
+            row = (1.0,) * self.num_points if self._alpha_of_step is None else tuple(self._alpha_of_step(step))
+            if len(row) != self.num_points:
+                raise ValueError(f"α row has {len(row)} values for {self.num_points} cache points")
+            self._rows[step] = row
+        return row
+
+    def _sums(self, start: int, gap: int) -> tuple[list[float], list[float]]:
+        """``Π_{i=1..gap} α_{start+i}`` and ``Σ_{j=1..gap} Π_{i=1..j} α_{start+i}`` per point."""
+        product = [1.0] * self.num_points
+        total = [0.0] * self.num_points
+        for i in range(1, gap + 1):
+            product = [p * a for p, a in zip(product, self.alpha(start + i), strict=True)]
+            total = [s + p for s, p in zip(total, product, strict=True)]
+        return product, total
+
+    def cached_coef(self, last_full: int, previous_gap: int, gap: int) -> tuple[float, ...]:
+        return tuple(self._sums(last_full, gap)[1])
+
+    def refresh(self, step: int, gap: int) -> tuple[float, ...]:
+        product, total = self._sums(step - gap, gap)
+        return tuple(p / s if s != 0.0 else 1.0 / gap for p, s in zip(product, total, strict=True))
+
+    def allows_gap(self, last_full: int, gap: int) -> bool:
+        return gap <= self._max_gap
+
+    def segment_cost(self, last_full: int, previous_gap: int, gap: int) -> float | None:
+        return None
+
+
+def chained_alpha_of_step(
+    table: AlphaTable, num_steps: int | None, position: Callable[[int], float], same_grid: bool
+) -> Callable[[int], list[float]]:
+    """α per step of the generation: the table's row on its own grid; elsewhere the product of the
+    calibrated α's of the calibrated steps the step covers, each to the power of the fraction
+    covered (calibrated step i spans positions (i − 1, i]; a step inside it has α_i^(its length),
+    a step over several has their product; positions before calibrated step 2, where α is undefined,
+    take α_2). Exact for geometric residuals on any grid."""
+    alpha = table.alpha.double()
+    n = table.num_steps
+
+    def of_step(step: int) -> list[float]:
+        if same_grid and step < n:
+            return alpha[step].tolist()
+        end = position(step)
+        start = position(step - 1) if step > 0 else end - 1.0
+        row = torch.ones(alpha.shape[1], dtype=torch.float64)
+        i = max(int(math.floor(start)) + 1, 1)
+        while i - 1 < end - 1e-12:
+            covered = min(end, float(i)) - max(start, float(i - 1))
+            if covered > 0:
+                # α_0, α_1 are undefined (held at 1): positions before step 2 borrow α_2.
+                factor = alpha[min(max(i, 2 if n > 2 else i), n - 1)]
+                # Signed power: a negative α keeps its sign (a reversal stays a reversal).
+                row = row * factor.sign() * factor.abs().pow(covered)
+            i += 1
+        return row.tolist()
+
+    return of_step
+
+
+def _interpolate(values: torch.Tensor, coordinates: Sequence[float], upper: Sequence[float]) -> torch.Tensor:
+    """Multilinear interpolation of ``values`` [D0, D1, ..., rest] at fractional leading indices,
+    each clamped to [0, upper]."""
+    result = values
+    for coordinate, top in zip(coordinates, upper, strict=True):
+        c = min(max(coordinate, 0.0), top)
+        lower = min(int(math.floor(c)), max(int(top) - 1, 0))
+        fraction = c - lower
+        upper_index = min(lower + 1, int(top))
+        if fraction <= 0.0 or upper_index == lower:
+            result = result[lower]  # also keeps an infinite neighbour from turning 0 · inf into NaN
+        elif fraction >= 1.0:
+            result = result[upper_index]
+        else:
+            result = result[lower] * (1 - fraction) + result[upper_index] * fraction
+    return result
+
+
+class FittedPredictor:
+    """Per-gap least-squares coefficients (format-2 tables), on their grid or mapped to another."""
+
+    def __init__(self, fitted: FittedCoefficients, position: Callable[[int], float] | None):
+        self.fitted = fitted
+        self.num_points = fitted.num_points
+        self._position = position  # None: the calibrated grid itself
+        coef = fitted.coef.double()
+        n, g_dim, k_dim, _ = coef.shape
+        gaps_g = torch.arange(1, g_dim + 1, dtype=torch.float64)[None, :, None, None]
+        gaps_k = torch.arange(1, k_dim + 1, dtype=torch.float64)[None, None, :, None]
+        # a = c · r, as a ratio to the α = 1 coefficient k / g: the form that carries to other grids.
+        self._ratio = coef * fitted.refresh.double()[:, :, None, :] / (gaps_k / gaps_g)
+        # Error as a function of k from 0 (no gap, no error) for sub-step gaps.
+        error = fitted.error.double()
+        self._error = torch.cat([torch.zeros(n, g_dim, 1, dtype=torch.float64), error], dim=2)
+
+    def _u(self, step: int) -> float:
+        return float(step) if self._position is None else self._position(step)
+
+    def _direct(self) -> bool:
+        return self._position is None
+
+    def cached_coef(self, last_full: int, previous_gap: int, gap: int) -> tuple[float, ...]:
+        f = self.fitted
+        if self._direct():
+            if previous_gap > f.max_gap_limit + 1 or gap > f.max_gap_limit:
+                raise ValueError(f"gap {gap} after a gap {previous_gap} is outside the table (K = {f.max_gap_limit})")
+            return tuple(f.coef[last_full, previous_gap - 1, gap - 1].tolist())
+        u = self._u(last_full)
+        span_g = u - self._u(last_full - previous_gap)
+        span_k = self._u(last_full + gap) - u
+        ratio = _interpolate(self._ratio, (u, span_g - 1, span_k - 1), (f.num_steps - 1, f.max_gap_limit, f.max_gap_limit - 1))
+        a = ratio * (span_k / span_g)
+        # dy = (y_t − y_full) / g (refresh below): c = a · g.
+        return tuple((a * previous_gap).tolist())
+
+    def refresh(self, step: int, gap: int) -> tuple[float, ...]:
+        f = self.fitted
+        if self._direct():
+            if gap > f.max_gap_limit + 1:
+                raise ValueError(f"gap {gap} is outside the table (K = {f.max_gap_limit})")
+            return tuple(f.refresh[step, gap - 1].tolist())
+        return (1.0 / gap,) * self.num_points
+
+    def allows_gap(self, last_full: int, gap: int) -> bool:
+        f = self.fitted
+        if self._direct():
+            return last_full < f.num_steps and gap <= int(f.max_gap[last_full])
+        u = self._u(last_full)
+        lower = min(max(int(math.floor(u)), 0), f.num_steps - 1)
+        upper = min(lower + 1, f.num_steps - 1)
+        limit = min(int(f.max_gap[lower]), int(f.max_gap[upper]))
+        return self._u(last_full + gap) - u <= limit + 1e-6
+
+    def segment_cost(self, last_full: int, previous_gap: int, gap: int) -> float | None:
+        """Relative L2 error of the cached step ``last_full + gap`` (the schedule search weighs it)."""
+        f = self.fitted
+        if self._direct():
+            squared = float(f.error[last_full, previous_gap - 1, gap - 1])
+        else:
+            u = self._u(last_full)
+            span_g = u - self._u(last_full - previous_gap)
+            span_k = self._u(last_full + gap) - u
+            squared = float(_interpolate(self._error, (u, span_g - 1, span_k), (f.num_steps - 1, f.max_gap_limit, f.max_gap_limit)))
+        return math.sqrt(squared) if math.isfinite(squared) else math.inf
+
+
+def make_predictor(
+    table: AlphaTable | None,
+    *,
+    num_points: int,
+    num_steps: int | None,
+    timestep_of: Callable[[int], float | None],
+    fitted: bool,
+) -> Predictor:
+    """The predictor of one generation (``table=None``: α = 1).
+
+    ``fitted``: use the table's per-gap coefficients (format 2); ``False``: its chained α's.
+    Raises :class:`AlphaTableError` when the table cannot serve the generation.
+    """
+    if table is None:
+        return ChainedPredictor(num_points, None, safeguard_gap(num_steps))
+    same_grid = num_steps == table.num_steps
+    position: Callable[[int], float] | None = None
+    if num_steps is not None and not same_grid:
+        position = linear_positions(num_steps, table.num_steps)
+    elif num_steps is None and table.timesteps:
+        position = timestep_positions(table, timestep_of)
+    elif num_steps is None:
+        # A table without timesteps (built by hand) and an undeclared step count: its own grid.
+        same_grid = True
+    if not fitted:
+        alpha_of_step = chained_alpha_of_step(table, num_steps, position or (lambda s: float(s)), same_grid)
+        return ChainedPredictor(num_points, alpha_of_step, safeguard_gap(num_steps))
+    if table.fitted is None:
+        raise AlphaTableError(
+            "coefficients='fitted' needs a format-2 α table (per-gap least squares); this one holds only the "
+            "paper's chained α's. Recalibrate with sc_compile.calibrate(...) or use coefficients='chained'."
+        )
+    predictor = FittedPredictor(table.fitted, None if same_grid else position)
+    if num_steps is not None and not same_grid:
+        # Every step must be servable: a step longer than every gap the table serves would make
+        # every step full without a word.
+        step_length = table.num_steps / num_steps
+        longest = int(table.fitted.max_gap.max())
+        if step_length > longest + 1e-6:
+            raise AlphaTableError(
+                f"the α table was calibrated at {table.num_steps} steps and serves gaps up to {longest} of its "
+                f"steps; one step of this {num_steps}-step generation spans {step_length:.2f} of them, so no "
+                f"step could be cached. Calibrate at {num_steps} steps (sc_compile.calibrate) or use alpha='ones'."
+            )
+    return predictor
+
+
+def step_weights(table: AlphaTable, num_steps: int) -> list[float] | None:
+    """How much each step's output moves the sample: the sampler's step size ``|σ_{t+1} − σ_t|``
+    on the table's sigma grid mapped to ``num_steps`` steps (``None``: the table has no sigmas)."""
+    sigmas = table.sigmas
+    n = table.num_steps
+    if len(sigmas) not in (n, n + 1) or n < 2:
+        return None
+    grid = list(sigmas) if len(sigmas) == n + 1 else [*sigmas, 2 * sigmas[-1] - sigmas[-2]]
+
+    def sigma_at(u: float) -> float:
+        u = min(max(u, 0.0), float(n))
+        lower = min(int(math.floor(u)), n - 1)
+        fraction = u - lower
+        return grid[lower] * (1 - fraction) + grid[lower + 1] * fraction
+
+    scale = n / num_steps
+    weights = [abs(sigma_at((t + 1) * scale) - sigma_at(t * scale)) for t in range(num_steps)]
+    total = sum(weights)
+    return [w * num_steps / total for w in weights] if total > 0 else None

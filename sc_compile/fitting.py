@@ -1,0 +1,234 @@
+"""Fit the coefficients the runtime multiplies, from full-step calibration trajectories.
+
+The runtime predicts a cached step ``τ + k`` after the last full step ``τ`` (whose full step before
+it was ``τ − g``) as ``y_full + c · dy`` with ``y_full = y_τ`` and ``dy = r · (y_τ − y_{τ−g})``
+(SPEC §1). The paper fits one-step α's and chains them; when the residuals are not geometric the
+chain misses a k-step gap (SPEC §1, "Where we depart"). Here every coefficient is fitted for the
+gaps the runtime takes, per last full step τ, previous gap g ≤ K + 1 (a full step after K cached ones), gap k ≤ K and
+cache point p:
+
+* ``r[τ, g, p]``: the least-squares map of ``D_g = y_τ − y_{τ−g}`` onto the one-step difference
+  ``D_1`` (so ``dy`` estimates the latest one-step difference, the paper's meaning of Δ);
+* ``a[τ, g, k, p]``: the least-squares coefficient of ``D_g`` that predicts ``y_{τ+k} − y_τ``;
+  the runtime's coefficient is ``c = a / r``, so ``c · dy = a · D_g`` exactly.
+
+Every inner product these need is a combination of the trajectory's Gram entries
+``⟨y_i, y_j⟩`` with ``|i − j| ≤ 2K + 1``, so calibration keeps a banded Gram per (sample, stream,
+point) — ``[N, P, 2K + 2]`` numbers — instead of trajectories.
+
+Samples are pooled as one least-squares problem (the ratio of summed inner products: the estimator
+that minimises the total squared error over the calibration set). Each coefficient is then shrunk
+toward the α = 1 coefficient ``k / g`` by the factor, among {0, ¼, ½, ¾, 1}, with the lowest
+leave-one-sample-out error: where samples disagree the fit is not trusted further than it
+generalises to a sample it did not see. ``K_τ``, the longest gap the table serves after τ, is the
+largest k for which every gap up to k predicts the output points better than reusing ``y_τ``.
+Gaps past the calibrated grid's last step (reached only by a finer grid's last steps) have no data:
+they carry the last calibrated gap's error and do not limit K_τ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+# Shrinkage factors toward α = 1 tried per coefficient (0: α = 1, 1: the pooled fit).
+SHRINKAGE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def gram_width(max_gap: int) -> int:
+    """Gram band needed for gaps up to ``max_gap`` (previous gaps up to ``max_gap + 1``)."""
+    return 2 * max_gap + 2
+
+
+class BandedGram:
+    """⟨y_i, y_j⟩ for |i − j| < width of one trajectory, per cache point: ``gram[i, p, i − j]``."""
+
+    def __init__(self, num_steps: int, num_points: int, width: int):
+        self.gram = torch.full((num_steps, num_points, width), math.nan, dtype=torch.float64)
+
+    @property
+    def num_steps(self) -> int:
+        return self.gram.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.gram.shape[2]
+
+    def set_row(self, step: int, row: torch.Tensor) -> None:
+        """``row[p, d] = ⟨y_step, y_{step − d}⟩`` (entries with step − d < 0 are ignored)."""
+        usable = min(self.width, step + 1)
+        self.gram[step, :, :usable] = row[:, :usable].to(torch.float64)
+
+    def entry(self, i: int, j: int) -> torch.Tensor:
+        """``⟨y_i, y_j⟩`` per point: [P]."""
+        hi, lo = max(i, j), min(i, j)
+        return self.gram[hi, :, hi - lo]
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedCoefficients:
+    """The per-gap coefficients of one calibration, indexed [τ, g − 1, k − 1, (p)]."""
+
+    coef: torch.Tensor  # [N, K + 1, K, P] c = a / r, the runtime's multiplier of dy
+    refresh: torch.Tensor  # [N, K + 1, P] r, the runtime's refresh of dy at a full step after gap g
+    error: torch.Tensor  # [N, K + 1, K] relative squared error of the output points' prediction
+    max_gap: torch.Tensor  # [N] int64, K_τ: the longest gap served after a full step τ
+
+    def __post_init__(self) -> None:
+        n, g, k, p = self.coef.shape
+        if g != k + 1 or self.refresh.shape != (n, g, p) or self.error.shape != (n, g, k) or self.max_gap.shape != (n,):
+            raise ValueError(
+                f"inconsistent fitted coefficient shapes: coef {tuple(self.coef.shape)}, refresh "
+                f"{tuple(self.refresh.shape)}, error {tuple(self.error.shape)}, max_gap {tuple(self.max_gap.shape)}"
+            )
+        for name in ("coef", "refresh"):
+            if not torch.isfinite(getattr(self, name)).all():
+                raise ValueError(f"fitted {name} has non-finite values")
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.coef.shape[0])
+
+    @property
+    def max_gap_limit(self) -> int:
+        return int(self.coef.shape[2])
+
+    @property
+    def num_points(self) -> int:
+        return int(self.coef.shape[3])
+
+
+def _inner_products(stacked: torch.Tensor, tau: int, g: int, k: int) -> tuple[torch.Tensor, ...]:
+    """Per (sample, point) [S, P]: ⟨Δ_k, D_g⟩, ⟨D_g, D_g⟩, ⟨D_g, D_1⟩, ⟨Δ_k, Δ_k⟩, ⟨y_{τ+k}, y_{τ+k}⟩.
+
+    ``stacked``: the samples' banded Grams, [S, N, P, W].
+    """
+
+    def e(i: int, j: int) -> torch.Tensor:
+        hi, lo = max(i, j), min(i, j)
+        return stacked[:, hi, :, hi - lo]
+
+    cross = e(tau + k, tau) - e(tau + k, tau - g) - e(tau, tau) + e(tau, tau - g)
+    dd = e(tau, tau) - 2 * e(tau, tau - g) + e(tau - g, tau - g)
+    d1 = e(tau, tau) - e(tau, tau - 1) - e(tau - g, tau) + e(tau - g, tau - 1)
+    xx = e(tau + k, tau + k) - 2 * e(tau + k, tau) + e(tau, tau)
+    yy = e(tau + k, tau + k)
+    return cross, dd, d1, xx, yy
+
+
+def _squared_error(a: torch.Tensor, cross: torch.Tensor, dd: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+    """``‖Δ_k − a · D_g‖²`` from inner products (clamped: rounding can make it slightly negative)."""
+    return (xx - 2 * a * cross + a * a * dd).clamp_min(0.0)
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    ok = (denominator > 0) & torch.isfinite(numerator) & torch.isfinite(denominator)
+    return torch.where(ok, numerator / torch.where(ok, denominator, torch.ones_like(denominator)), fallback)
+
+
+def fit_gap_coefficients(
+    grams: list[BandedGram], max_gap: int, feeds_output: list[bool], shrink: bool = True
+) -> FittedCoefficients:
+    """Fit ``r``, ``c`` and the error table from the banded Grams of S trajectories (S ≥ 1)."""
+    if not grams:
+        raise ValueError("fitting needs at least one trajectory")
+    num_steps, num_points = grams[0].num_steps, grams[0].gram.shape[1]
+    if any(g.gram.shape != grams[0].gram.shape for g in grams):
+        raise ValueError("all trajectories must have the same steps and points")
+    if max_gap < 1:
+        raise ValueError(f"max_gap must be at least 1, but got {max_gap}")
+    if grams[0].width < gram_width(max_gap):
+        raise ValueError(
+            f"the Gram band {grams[0].width} is too narrow for gaps up to {max_gap} (needs {gram_width(max_gap)})"
+        )
+    if len(feeds_output) != num_points or not any(feeds_output):
+        raise ValueError("feeds_output must mark the cache points the output reads")
+    out = torch.tensor(feeds_output)
+    big_k = max_gap
+    coef = torch.zeros(num_steps, big_k + 1, big_k, num_points, dtype=torch.float64)
+    refresh = torch.zeros(num_steps, big_k + 1, num_points, dtype=torch.float64)
+    error = torch.full((num_steps, big_k + 1, big_k), math.inf, dtype=torch.float64)
+    reuse_error = torch.full((num_steps, big_k), math.inf, dtype=torch.float64)
+    num_samples = len(grams)
+    stacked = torch.stack([g.gram for g in grams])  # [S, N, P, W]
+    for tau in range(num_steps):
+        for g in range(1, big_k + 2):
+            fallback_r = torch.full((num_points,), 1.0 / g, dtype=torch.float64)
+            if tau - g < 0:
+                refresh[tau, g - 1] = fallback_r
+                coef[tau, g - 1] = torch.arange(1, big_k + 1, dtype=torch.float64)[:, None].expand(big_k, num_points)
+                continue
+            _, dd, d1, _, _ = _inner_products(stacked, tau, g, 0)
+            r = _ratio(d1.sum(0), dd.sum(0), fallback_r)
+            r = torch.where(r > 0, r, fallback_r)
+            refresh[tau, g - 1] = r
+            for k in range(1, big_k + 1):
+                ones_a = torch.full((num_points,), k / g, dtype=torch.float64)
+                if tau + k > num_steps - 1:
+                    coef[tau, g - 1, k - 1] = ones_a / r
+                    continue
+                cross, dd, _, xx, yy = _inner_products(stacked, tau, g, k)
+                pooled = _ratio(cross.sum(0), dd.sum(0), ones_a)
+                chosen = pooled
+                if shrink and num_samples >= 2:
+                    # Leave-one-sample-out error of each shrinkage factor, per point.
+                    held_out = torch.stack(
+                        [_ratio(cross.sum(0) - cross[s], dd.sum(0) - dd[s], ones_a) for s in range(num_samples)]
+                    )  # [S, P]
+                    best_error: torch.Tensor | None = None
+                    for lam in SHRINKAGE_GRID:
+                        err = _squared_error(ones_a + lam * (held_out - ones_a), cross, dd, xx).sum(0)  # [P]
+                        candidate = ones_a + lam * (pooled - ones_a)
+                        if best_error is None:
+                            best_error, chosen = err, candidate
+                        else:
+                            better = err < best_error
+                            best_error = torch.where(better, err, best_error)
+                            chosen = torch.where(better, candidate, chosen)
+                coef[tau, g - 1, k - 1] = chosen / r
+                err = _squared_error(chosen.expand_as(cross), cross, dd, xx)  # [S, P]
+                norm = yy[:, out].sum()
+                error[tau, g - 1, k - 1] = err[:, out].sum() / norm if norm > 0 else math.inf
+                if g == 1:
+                    reuse_error[tau, k - 1] = xx[:, out].sum() / norm if norm > 0 else math.inf
+    # Gaps past the last calibrated step have no data: they are never taken on the calibrated
+    # grid, and on a finer grid (whose last steps lie past it) they carry the last gap's error.
+    for tau in range(num_steps):
+        last = num_steps - 1 - tau  # the longest gap with data after τ
+        for g in range(1, big_k + 2):
+            if last >= 1 and last < big_k:
+                error[tau, g - 1, last:] = error[tau, g - 1, last - 1]
+            elif last < 1 and tau >= 1:
+                error[tau, g - 1] = error[tau - 1, g - 1]
+    # τ = 0 has no difference to extrapolate: it borrows τ = 1's errors, for positions between the
+    # two on another grid (on this one it never precedes a cached step).
+    if num_steps > 1:
+        error[0] = error[1]
+        reuse_error[0] = reuse_error[1]
+    # K_τ: every gap up to it predicts better than reusing y_τ (for some previous gap); a gap
+    # with no data is no objection.
+    best_over_g = error.min(dim=1).values  # [N, K]
+    serves = best_over_g < reuse_error
+    max_gaps = torch.zeros(num_steps, dtype=torch.int64)
+    for tau in range(num_steps):
+        k = 0
+        while k < big_k and (tau + k + 1 > num_steps - 1 or bool(serves[tau, k])):
+            k += 1
+        max_gaps[tau] = k
+    return FittedCoefficients(
+        coef=coef.float(), refresh=refresh.float(), error=error.float(), max_gap=max_gaps
+    )
+
+
+def one_step_alpha(gram: BandedGram) -> torch.Tensor:
+    """The paper's eq. 5 α per step and point for one trajectory: [N, P] (1 where undefined)."""
+    num_steps, num_points = gram.num_steps, gram.gram.shape[1]
+    alpha = torch.ones(num_steps, num_points, dtype=torch.float64)
+    for t in range(2, num_steps):
+        e = gram.entry
+        cross = e(t, t - 1) - e(t, t - 2) - e(t - 1, t - 1) + e(t - 1, t - 2)
+        dd = e(t - 1, t - 1) - 2 * e(t - 1, t - 2) + e(t - 2, t - 2)
+        alpha[t] = _ratio(cross, dd, torch.ones(num_points, dtype=torch.float64))
+    return alpha
