@@ -32,9 +32,10 @@ def plan_full_steps(
 ) -> tuple[int, ...]:
     """The B full steps of least total cost (see the module docstring).
 
-    ``cost(τ, g, k)``: error of the cached step τ + k (``None``: no error model, every cached step
-    costs its weight, which spreads the full steps evenly); ``allows_gap(τ, k)``: whether τ + k may
-    be cached; ``weights[t]``: the weight of step t's output (default 1).
+    ``cost(τ, g, k)``: error of the cached step τ + k (``None``: no error model; an extrapolation's
+    error grows with its gap, so the k-th cached step of a run costs k times its weight, which
+    spreads the full steps evenly); ``allows_gap(τ, k)``: whether τ + k may be cached;
+    ``weights[t]``: the weight of step t's output (default 1).
     """
     forced_set = {0, 1, *forced}
     if any(not 0 <= s < num_steps for s in forced_set):
@@ -56,7 +57,7 @@ def plan_full_steps(
     def step_cost(tau: int, g: int, k: int) -> float:
         value = cost(tau, g, k)
         if value is None:
-            return w[tau + k]
+            return w[tau + k] * k
         return w[tau + k] * value if math.isfinite(value) else inf
 
     def run_costs(tau: int, g: int, limit: int) -> list[float]:

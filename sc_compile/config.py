@@ -140,7 +140,9 @@ class ScalingCacheConfig:
     full_steps: int | None = None
     """Budget: run exactly this many full steps per generation, at the steps that minimise the α
     table's calibrated error of the whole generation (dynamic programming over segments; without a
-    fitted table the full steps are spread evenly). Needs the step count. ``None``: no budget."""
+    fitted table the full steps are spread evenly) after the warm-up. The default warm-up is
+    shortened, down to 2 steps, when the budget could not be met after it. Needs the step count.
+    ``None``: no budget."""
 
     speedup: float | None = None
     """Budget as a target ratio of steps to full steps: ``full_steps = round(steps / speedup)``."""
@@ -236,9 +238,6 @@ class ScalingCacheConfig:
         """S_f for a generation of ``num_steps`` steps (``None``: unknown)."""
         if self.warmup_steps is not None:
             return self.warmup_steps
-        if self.budgeted:
-            # The budget's search places the full steps; only the first difference is required.
-            return MIN_WARMUP_STEPS
         if num_steps is None or num_steps >= REFERENCE_NUM_STEPS:
             return REFERENCE_WARMUP_STEPS
         return max(MIN_WARMUP_STEPS, round(REFERENCE_WARMUP_STEPS * num_steps / REFERENCE_NUM_STEPS))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from sc_compile.alpha import AlphaTable
-from sc_compile.budget import plan_full_steps
+from sc_compile.budget import BudgetError, plan_full_steps
 from sc_compile.coefficients import Predictor, make_predictor, step_weights
 from sc_compile.config import ChangePoints, Coefficients, ScalingCacheConfig
 from sc_compile.reporting import GenerationReport, StreamReport
@@ -233,18 +233,27 @@ class ScalingCacheRuntime:
                 "`with sc_compile.generation(transformer, num_inference_steps=N):`"
             )
         num_steps = self._num_steps
-        forced = set(range(min(self._warmup, num_steps)))
-        forced |= set(range(max(0, num_steps - self.config.final_full_steps), num_steps))
-        planned = plan_full_steps(
-            num_steps,
-            self.config.budget_for(num_steps),
-            predictor.segment_cost,
-            predictor.allows_gap,
-            forced=forced,
-            weights=step_weights(self.alpha, num_steps) if self.alpha is not None else None,
-        )
-        log.info("ScalingCache: planned full steps %s of %d", list(planned), num_steps)
-        return planned
+        budget = self.config.budget_for(num_steps)
+        final = set(range(max(0, num_steps - self.config.final_full_steps), num_steps))
+        weights = step_weights(self.alpha, num_steps) if self.alpha is not None else None
+        # The default warm-up (as the dynamic rule's) is shortened when the budget cannot be met
+        # after it; a warm-up the user set is kept, and an unmeetable budget is an error.
+        warmups = [self._warmup] if self.config.warmup_steps is not None else range(self._warmup, 1, -1)
+        error: BudgetError | None = None
+        for warmup in warmups:
+            forced = set(range(min(warmup, num_steps))) | final
+            try:
+                planned = plan_full_steps(
+                    num_steps, budget, predictor.segment_cost, predictor.allows_gap, forced=forced, weights=weights
+                )
+            except BudgetError as failure:
+                error = failure
+                continue
+            self._warmup = warmup
+            log.info("ScalingCache: planned full steps %s of %d (warm-up %d)", list(planned), num_steps, warmup)
+            return planned
+        assert error is not None
+        raise error
 
     def _unit(self, key: int) -> DecisionUnit:
         unit = self._units.get(key)
