@@ -316,11 +316,12 @@ class Bench:
 
         # ScalingCache (ours)
         def ours(
-            S: int,
+            S: int | None,
             compiler: str,
             granularity: str = "block",
             static_interval: int | None = None,
             prediction: str = "hidden",
+            full_steps: int | None = None,
         ) -> Callable[[], Any]:
             def build() -> Any:
                 import sc_compile
@@ -335,6 +336,7 @@ class Bench:
                     "num_inference_steps": N,
                     "static_interval": static_interval,
                     "prediction": prediction,
+                    "full_steps": full_steps,
                 }
                 compiled = self.torch.compile(tr, backend="scalingcache", options=options)
                 pipe.transformer = compiled
@@ -393,6 +395,20 @@ class Bench:
                         f"S={a.static_warmup} k={k}",
                         "eager inner" if compiler == "eager" else compiler,
                         ours(a.static_warmup, compiler, static_interval=k),
+                        kind="ours",
+                    )
+                )
+        # The budgeted schedule: exactly B full steps, placed by the calibrated errors (default
+        # warm-up, shortened where the budget needs it).
+        for budget in a.budgets:
+            for compiler in dict.fromkeys([a.ours_compiler] + (["eager"] if a.ours_eager_variant else [])):
+                cfgs.append(
+                    Config(
+                        f"ScalingCache budget B={budget}",
+                        "ScalingCache budget",
+                        f"B={budget}",
+                        "eager inner" if compiler == "eager" else compiler,
+                        ours(None, compiler, full_steps=budget),
                         kind="ours",
                     )
                 )
@@ -1163,6 +1179,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="warm-ups for prediction='residual', comma separated",
     )
     p.add_argument(
+        "--budgets", type=str, default="", help="ScalingCache with full_steps=B (budgeted schedule), comma separated"
+    )
+    p.add_argument(
         "--static-intervals",
         type=str,
         default=None,
@@ -1248,6 +1267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.warmups = [int(x) for x in a.warmups.split(",") if x]
     a.module_warmups = [int(x) for x in a.module_warmups.split(",") if x]
     a.static_intervals = [int(x) for x in a.static_intervals.split(",") if x]
+    a.budgets = [int(x) for x in a.budgets.split(",") if x]
     a.residual_warmups = [int(x) for x in a.residual_warmups.split(",") if x]
     a.static_warmup = 4
     a.no_compile_peers = a.compile_peers == "none"

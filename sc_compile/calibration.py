@@ -64,20 +64,28 @@ class TrajectoryGrams:
             flat = flat[::stride]
         return flat.clone()
 
-    def observe(self, sample: int, stream: int, step: int, values: list[torch.Tensor]) -> None:
+    def observe(
+        self, sample: int, stream: int, step: int, values: list[torch.Tensor], process_group: Any = None
+    ) -> None:
+        """Fold in the values of one step. Under context parallelism each rank holds a sequence
+        shard of every value: the dot products are summed over the group (one all-reduce)."""
         key = (sample, stream)
         rows = self.rows.setdefault(key, [])
         if step != len(rows):
             raise RuntimeError(f"calibration saw step {step} of stream {stream} after {len(rows)} steps")
         windows = self.windows.setdefault(key, [[] for _ in values])
-        row = torch.full((len(values), self.width), float("nan"), dtype=torch.float64)
+        usable = min(self.width, step + 1)
+        local = torch.zeros(len(values), usable, dtype=torch.float64, device=values[0].device)
         for point, value in enumerate(values):
             current = self._flat(value, point)
             window = windows[point]
             window.append(current)
             del window[: max(0, len(window) - self.width)]
-            dots = torch.stack([_dot64(current, past) for past in reversed(window)])  # d = 0, 1, ...
-            row[point, : dots.numel()] = dots.double().cpu()
+            local[point] = torch.stack([_dot64(current, past) for past in reversed(window)])  # d = 0, 1, ...
+        if process_group is not None:
+            torch.distributed.all_reduce(local, group=process_group)
+        row = torch.full((len(values), self.width), float("nan"), dtype=torch.float64)
+        row[:, :usable] = local.cpu()
         rows.append(row)
 
     def finish_sample(self, sample: int) -> None:
@@ -178,7 +186,7 @@ def calibrate(
         if key not in grams:
             grams[key] = TrajectoryGrams(gram_width(max_gap), list(runtime.layout.feeds_output))
         values = runtime.streams[stream].buffers[0::2]  # y_full of every point: this step's values
-        grams[key].observe(sample_index, stream, step, values)
+        grams[key].observe(sample_index, stream, step, values, runtime.process_group)
         bar.update(1)
 
     # The runtimes of this calibration: the model's session may also hold runtimes of earlier

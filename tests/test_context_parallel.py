@@ -422,9 +422,14 @@ def _replay(
 ) -> list[bool]:
     """The decisions one rank would take from ``tables`` (one per full step, in order), up to and
     including the first step where they differ from ``decisions_full``."""
+    from sc_compile.coefficients import ChainedPredictor
     from sc_compile.schedule import DecisionUnit
 
-    unit = DecisionUnit(num_points=num_points, warmup_steps=OPTIONS["warmup_steps"])
+    unit = DecisionUnit(
+        num_points=num_points,
+        warmup_steps=OPTIONS["warmup_steps"],
+        predictor=ChainedPredictor(num_points, None, max_gap=NUM_STEPS),
+    )
     taken: list[bool] = []
     full_tables = iter(tables)
     for step in range(NUM_STEPS):
@@ -433,7 +438,7 @@ def _replay(
                 unit.observe_full(step - 1, next(full_tables).tolist())
             else:
                 unit.observe_cached(step - 1)
-        taken.append(unit.decide(step, [1.0] * num_points).full)
+        taken.append(unit.decide(step).full)
         if taken[-1] != (step in decisions_full):
             break
     return taken
