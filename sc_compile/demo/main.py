@@ -76,8 +76,8 @@ def write_picture(path: Path, uncached: torch.Tensor, cached: torch.Tensor, num_
 
 def run_demo(args: argparse.Namespace) -> int:
     import sc_compile
-    from sc_compile.demo.check import generate as generate_samples
     from sc_compile.demo.models import load_flux_demo, load_wan_demo
+    from sc_compile.demo.sampling import generate as generate_samples
     from sc_compile.metrics import psnr, ssim
 
     torch.set_num_threads(args.threads)
