@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
 import shlex
@@ -352,6 +353,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_party_notices() -> None:
+    """Show only errors from diffusers' and transformers' own loggers on this CLI's console.
+
+    Their notices at import and load time (a missing optional torchvision, components saved as
+    None, ...) are addressed to their own users, not to someone running ``sc-compile``; our own
+    messages (``sc_compile.*`` loggers: a missing α table, a fallback) still reach the console. Only
+    this entry point does this, never the library.
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    if importlib.util.find_spec("transformers") is not None:  # an optional dependency (the demo extra)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("demo", "calibrate"):
+        quiet_third_party_notices()
     return int(args.func(args))

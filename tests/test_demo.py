@@ -67,9 +67,15 @@ def test_shipped_weights_are_trained(model):
 def test_demo_main_job_runs_and_keeps_fidelity(tmp_path):
     command = [sys.executable, "-m", "sc_compile", "demo", "--steps", "10", "--samples", "4",
                "--compiler", "aot_eager", "--out", str(tmp_path)]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Nothing but our own output: no notices of diffusers, transformers or torch on the console.
+    assert result.stderr == "", result.stderr
+    output = result.stdout
     psnr_db = float(re.search(r"PSNR:\s+([\d.]+) dB", output).group(1))
     full_steps = int(re.search(r"full steps:\s+(\d+)", output).group(1))
+    # Before each first (compiling) generation, the wait is announced with what it is.
+    assert output.count("compiling on the first generation (aot_eager") == 2, output
     assert psnr_db > DEMO_PSNR_FLOOR, output
     assert full_steps < 10, output
     assert (tmp_path / "demo_flux.png").is_file()
@@ -108,3 +114,45 @@ def test_shipped_residual_alpha_table_is_picked_for_residual_prediction(model):
     pipe.transformer = torch.compile(transformer, backend="scalingcache", options={"compiler": "eager", "prediction": "residual"})
     generate(pipe, emb, [1], num_inference_steps=3)
     assert "--prediction residual" in sc_compile.report(transformer).alpha_source
+
+
+def test_demo_picture_says_what_it_shows(tmp_path):
+    """Labels over both grids, the step strip with one cell per step, its legend and the summary."""
+    from PIL import Image
+
+    from sc_compile.demo.main import PICTURE_SCALE, STRIP_CELL, PictureCaptions, write_picture
+
+    samples = torch.full((2, 1, 28, 28), 0.5)  # uniform grids: every other non-black pixel is text or strip
+    captions = PictureCaptions("uncached (eager): every step full", "ScalingCache: 3 of 6 steps full",
+                               "steps 1-6: white = full step, grey = cached step", "speed-up 1.50x, PSNR 30.0 dB")
+    path = tmp_path / "demo.png"
+    write_picture(path, samples, samples, 6, (0, 1, 3), captions)
+    image = np.asarray(Image.open(path)).astype(int)
+    grid_value = round(0.5 * 255)
+    grid_rows = np.flatnonzero((image == grid_value).sum(axis=1) > 28 * PICTURE_SCALE)
+    top, bottom = grid_rows.min(), grid_rows.max()
+    grid_columns = np.flatnonzero(image[top] == grid_value)
+    # Two grids side by side: a gap between the left one and the right one.
+    split = grid_columns[np.flatnonzero(np.diff(grid_columns) > 1)[0] + 1]
+    header = image[:top]
+    assert (header[:, :split] > 200).any(), "no label over the uncached grid"
+    assert (header[:, split:] > 200).any(), "no label over the cached grid"
+    # The strip: one cell per step, white where the step ran in full, grey where it was cached.
+    cell = STRIP_CELL * PICTURE_SCALE
+    left = grid_columns.min()
+    centres = [left + step * cell + cell // 2 for step in range(6)]
+    expected = [255, 255, round(0.3 * 255), 255, round(0.3 * 255), round(0.3 * 255)]
+    strip_rows = [y for y in range(bottom + 1, image.shape[0]) if list(image[y, centres]) == expected]
+    assert strip_rows, "no step strip with full steps 0, 1, 3"
+    below_strip = image[max(strip_rows) + 1 :]
+    text_rows = np.flatnonzero((below_strip > 200).any(axis=1))
+    # The legend and the summary: two lines of text under the strip.
+    assert len(text_rows) and (np.diff(text_rows) > 1).sum() >= 1, "expected two lines of text under the strip"
+
+
+def test_demo_announces_the_inductor_cold_compile_and_its_length():
+    from sc_compile.demo.main import compile_notice
+
+    notice = compile_notice("inductor", threads=1)
+    assert "Inductor" in notice and "1-2 minutes" in notice and "cache" in notice
+    assert "a few seconds" in compile_notice("eager", threads=1)

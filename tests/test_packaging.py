@@ -123,6 +123,7 @@ def test_installed_wheel_resolves_the_backend_and_runs_the_demo_with_the_shipped
                  "--out", str(tmp_path / "out")], cwd=elsewhere, env=env)
     output = demo.stdout + demo.stderr
     assert "no α table" not in output, output
+    assert demo.stderr == "", demo.stderr  # no third-party notices on our CLI's console
     # The report names the table's source: the shipped 28-step table (resampled to 6 steps).
     assert "alpha_flux_28steps.safetensors" in demo.stdout, output
     assert (tmp_path / "out" / "demo_flux.png").is_file()
