@@ -128,8 +128,9 @@ def write_picture(
 def compile_notice(compiler: str, threads: int) -> str:
     """What the wait before the first samples is, and roughly how long it takes.
 
-    Measured for the demo models: Inductor compiles each model in 75-80 s with an empty on-disk
-    cache and 10-25 s from a warm one, on one thread of a 2-core CPU; eager in about 2 s.
+    Measured on one thread of a shared 2-core CPU: with an empty on-disk cache Inductor took
+    81 s / 76 s (Flux demo, uncached / ScalingCache) and 69 s / 95 s (Wan demo), from a warm one
+    9 s / 25 s (Flux); eager about 2 s.
     """
     if compiler != "inductor":
         return f"compiling on the first generation ({compiler}: a few seconds)"
