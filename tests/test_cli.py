@@ -149,9 +149,23 @@ def test_prompts_give_one_generation_per_prompt_and_seed(tmp_path):
     assert all(s["num_inference_steps"] == 5 and s["height"] == 64 and "width" not in s for s in samples)
 
 
-def _save_tiny_flux_pipeline(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """A FluxPipeline without text encoders (it runs on prompt embeddings) saved with save_pretrained;
-    returns two prompts' embeddings."""
+PROMPT_WORDS = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "bird", "on", "the", "mat"]
+
+
+def _word_tokenizer(max_length: int):
+    """A word-level tokenizer over PROMPT_WORDS, built locally (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(PROMPT_WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=max_length)
+
+
+def _save_tiny_flux_pipeline(directory: Path, text_encoders: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tiny FluxPipeline saved with save_pretrained: with tiny CLIP and T5 text encoders and
+    tokenizers, or without (it then runs on prompt embeddings). Returns two prompts' embeddings."""
     from diffusers import AutoencoderKL, FluxPipeline
 
     from sc_compile.demo.models import flux_scheduler, random_flux_demo
@@ -160,11 +174,38 @@ def _save_tiny_flux_pipeline(directory: Path) -> tuple[torch.Tensor, torch.Tenso
     vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(4, 4), latent_channels=4,
                         norm_num_groups=2, layers_per_block=1)
-    pipe = FluxPipeline(scheduler=flux_scheduler(), vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, transformer=demo.transformer)
+    encoders: dict[str, object] = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    if text_encoders:
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        torch.manual_seed(0)
+        # Widths as the demo transformer's pooled_projection_dim and joint_attention_dim (64).
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(PROMPT_WORDS), hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16,
+                                            bos_token_id=1, eos_token_id=1, pad_token_id=0)).eval()
+        t5 = T5EncoderModel(T5Config(vocab_size=len(PROMPT_WORDS), d_model=64, d_kv=16, d_ff=128, num_layers=1,
+                                     num_heads=4)).eval()
+        encoders = dict(text_encoder=clip, tokenizer=_word_tokenizer(16), text_encoder_2=t5, tokenizer_2=_word_tokenizer(32))
+    pipe = FluxPipeline(scheduler=flux_scheduler(), vae=vae, transformer=demo.transformer, **encoders)
     pipe.save_pretrained(directory)
     prompt_embeds, pooled = embeddings([0, 3])
     return prompt_embeds, pooled
+
+
+def test_calibrate_runs_on_a_saved_pipeline_with_text_prompts(tmp_path):
+    _save_tiny_flux_pipeline(tmp_path / "pipeline", text_encoders=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat on the mat\na dog\n")
+    out = tmp_path / "alpha.safetensors"
+    command = [sys.executable, "-m", "sc_compile", "calibrate", str(tmp_path / "pipeline"), "--out", str(out),
+               "--prompts-file", str(prompts), "--prompt", "a bird", "--steps", "4", "--seeds", "1",
+               "--height", "28", "--width", "28"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 samples x 4 steps" in result.stdout, result.stdout
+    table = AlphaTable.load(out)
+    assert (table.model_class, table.num_steps, table.num_samples) == ("FluxTransformer2DModel", 4, 3)
+    assert not torch.equal(table.alpha[2:], torch.ones_like(table.alpha[2:]))
 
 
 def test_calibrate_runs_on_a_saved_pipeline_with_prompt_embeddings(tmp_path):
