@@ -240,7 +240,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         # with prompt embeddings) must be passed as None, or diffusers refuses to load the rest.
         index = json.loads((Path(args.model_dir) / PIPELINE_INDEX).read_text())
         absent = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
-        pipe = DiffusionPipeline.from_pretrained(args.model_dir, **absent)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(args.model_dir, **absent)
+        except ValueError as error:
+            # diffusers loads a model that keeps modules in float32 (Wan's transformer) only
+            # through accelerate, and says so as "`low_cpu_mem_usage` cannot be False ...".
+            if "low_cpu_mem_usage" in str(error) and importlib.util.find_spec("accelerate") is None:
+                raise SystemExit(
+                    f"calibrate: diffusers cannot load the pipeline in {args.model_dir} without the accelerate "
+                    f"package ({error}); install it with `pip install accelerate` and run again"
+                ) from error
+            raise
         samples = calibration_samples(args, prompts, embeddings)
         _check_call_arguments(pipe, samples[0], args.model_dir)
     # One progress bar, calibration's own, instead of one per generation from the pipeline.

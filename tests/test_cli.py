@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -236,3 +237,22 @@ def test_calibrate_runs_on_a_saved_pipeline_with_prompt_embeddings(tmp_path):
         pipe(prompt_embeds=prompt_embeds[:1], pooled_prompt_embeds=pooled[:1], height=28, width=28,
              num_inference_steps=5, output_type="latent")
     assert "--prompt-embeds" in sc_compile.report(pipe.transformer).alpha_source  # the table's command
+
+
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is not None, reason="accelerate is installed: diffusers loads the pipeline")
+def test_calibrate_says_what_to_install_for_a_pipeline_diffusers_loads_only_with_accelerate(tmp_path):
+    """Wan's transformer keeps modules in float32, which diffusers' from_pretrained loads only with accelerate."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    from sc_compile.demo.models import random_wan_demo, wan_scheduler
+
+    demo, embeddings = random_wan_demo(seed=0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=wan_scheduler(), transformer=demo.transformer).save_pretrained(tmp_path / "wan")
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"prompt_embeds": embeddings([0])[0].contiguous()}, str(embeds))
+    command = [sys.executable, "-m", "sc_compile", "calibrate", str(tmp_path / "wan"), "--out", str(tmp_path / "a.safetensors"),
+               "--prompt-embeds", str(embeds), "--steps", "3", "--seeds", "1"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "pip install accelerate" in result.stderr, result.stderr
