@@ -206,8 +206,9 @@ def _check_call_arguments(pipe: Any, sample: dict[str, Any], model_dir: str) -> 
         )
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    # Everything that can be checked without the model is checked before it is loaded.
+def check_calibration_inputs(args: argparse.Namespace) -> tuple[str, Path, list[str] | None, dict[str, Any] | None]:
+    """Everything ``calibrate`` can check without the model, checked before the model is loaded:
+    ``(model directory format, output path, text prompts, prompt embeddings)``."""
     kind = model_dir_format(args.model_dir)
     out = check_writable_output(args.out)
     prompts = read_prompts(args)
@@ -224,6 +225,32 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             encoders = [name for name, value in index.items() if name.startswith("text_encoder") and isinstance(value, list) and value[0] is not None]
             if not encoders:
                 raise SystemExit(f"calibrate: the pipeline in {args.model_dir} has no text encoder to encode --prompt; give --prompt-embeds FILE")
+    return kind, out, prompts, embeddings
+
+
+def load_saved_pipeline(model_dir: str | Path) -> Any:
+    """``DiffusionPipeline.from_pretrained`` of a directory ``save_pretrained`` wrote."""
+    from diffusers import DiffusionPipeline
+
+    # Components saved as absent ([null, null]: a pipeline built without text encoders, as
+    # with prompt embeddings) must be passed as None, or diffusers refuses to load the rest.
+    index = json.loads((Path(model_dir) / PIPELINE_INDEX).read_text())
+    absent = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
+    try:
+        return DiffusionPipeline.from_pretrained(model_dir, **absent)
+    except ValueError as error:
+        # diffusers loads a model that keeps modules in float32 (Wan's transformer) only
+        # through accelerate, and says so as "`low_cpu_mem_usage` cannot be False ...".
+        if "low_cpu_mem_usage" in str(error) and importlib.util.find_spec("accelerate") is None:
+            raise SystemExit(
+                f"calibrate: diffusers cannot load the pipeline in {model_dir} without the accelerate "
+                f"package ({error}); install it with `pip install accelerate` and run again"
+            ) from error
+        raise
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    kind, out, prompts, embeddings = check_calibration_inputs(args)
 
     import torch
 
@@ -234,23 +261,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         pipe, class_embeddings, class_name = load_demo_style_pipeline(args.model_dir)
         samples = _demo_samples(args, class_embeddings, class_name)
     else:
-        from diffusers import DiffusionPipeline
-
-        # Components saved as absent ([null, null]: a pipeline built without text encoders, as
-        # with prompt embeddings) must be passed as None, or diffusers refuses to load the rest.
-        index = json.loads((Path(args.model_dir) / PIPELINE_INDEX).read_text())
-        absent = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
-        try:
-            pipe = DiffusionPipeline.from_pretrained(args.model_dir, **absent)
-        except ValueError as error:
-            # diffusers loads a model that keeps modules in float32 (Wan's transformer) only
-            # through accelerate, and says so as "`low_cpu_mem_usage` cannot be False ...".
-            if "low_cpu_mem_usage" in str(error) and importlib.util.find_spec("accelerate") is None:
-                raise SystemExit(
-                    f"calibrate: diffusers cannot load the pipeline in {args.model_dir} without the accelerate "
-                    f"package ({error}); install it with `pip install accelerate` and run again"
-                ) from error
-            raise
+        pipe = load_saved_pipeline(args.model_dir)
         samples = calibration_samples(args, prompts, embeddings)
         _check_call_arguments(pipe, samples[0], args.model_dir)
     # One progress bar, calibration's own, instead of one per generation from the pipeline.
