@@ -123,8 +123,10 @@ def context_parallel_group(module: torch.nn.Module | None) -> Any:
 
 
 def _asset_dirs() -> list[Path]:
-    root = Path(__file__).resolve().parents[1] / "assets"
-    return [root] if root.is_dir() else []
+    """Where the shipped α tables are searched: the installed ``sc_compile.assets``."""
+    from sc_compile.resources import assets_dir
+
+    return [assets_dir()]
 
 
 def _fallback(gm: torch.fx.GraphModule, example_inputs, config, patches, error: Exception):

@@ -25,7 +25,7 @@ import torch
 from workloads import as_images, load
 
 import sc_compile
-from sc_compile.demo.check import demo_size
+from sc_compile.demo.sampling import demo_size
 from sc_compile.metrics import psnr
 
 GUIDANCE = 3.0

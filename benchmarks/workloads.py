@@ -76,7 +76,7 @@ def _pipeline_call(size: dict[str, int]) -> Callable[..., torch.Tensor]:
 def load(key: str, random_weights: bool = False) -> tuple[Workload, Any]:
     """``(workload, class embeddings)``."""
     from sc_compile.demo import models as demo
-    from sc_compile.demo.check import demo_size
+    from sc_compile.demo.sampling import demo_size
 
     demos = {
         # key: (random init, shipped weights, assets folder, title, description, pipeline builder,

@@ -3,68 +3,271 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
 import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 # The transformer classes whose demo-style directories the CLI builds pipelines for.
 DEMO_CLASSES = ("FluxTransformer2DModel", "WanTransformer3DModel")
+PIPELINE_INDEX = "model_index.json"
+DEMO_EMBEDDINGS = "class_embeddings.safetensors"
+# α is fitted from the step-to-step changes of two steps before: steps 0 and 1 hold α = 1.
+MIN_CALIBRATION_STEPS = 3
+MODEL_DIR_FORMATS = (
+    f"a pipeline directory written by DiffusionPipeline.save_pretrained (with {PIPELINE_INDEX}), or a "
+    f"demo-style transformer directory (config.json of {' / '.join(DEMO_CLASSES)} and {DEMO_EMBEDDINGS}, "
+    "the format of the shipped demo models)"
+)
 
 
 def _command_line() -> str:
     return "python -m sc_compile " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _at_least(minimum: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer ``>= minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, but got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{why}, but got {value}")
+        return value
+
+    return parse
+
+
+def model_dir_format(model_dir: str | Path) -> str:
+    """``"pipeline"`` or ``"demo"`` for a directory ``calibrate`` accepts; ``SystemExit`` otherwise."""
+    directory = Path(model_dir)
+    if not directory.exists():
+        raise SystemExit(f"calibrate: {directory} does not exist; give {MODEL_DIR_FORMATS}")
+    if not directory.is_dir():
+        raise SystemExit(f"calibrate: {directory} is not a directory; give {MODEL_DIR_FORMATS}")
+    if (directory / PIPELINE_INDEX).is_file():
+        index = json.loads((directory / PIPELINE_INDEX).read_text())
+        transformer = index.get("transformer")
+        if not isinstance(transformer, list) or transformer[0] is None:
+            raise SystemExit(
+                f"calibrate: the pipeline in {directory} has no transformer component ({PIPELINE_INDEX} lists "
+                f"{', '.join(sorted(k for k in index if not k.startswith('_')))}); ScalingCache caches a pipeline's "
+                "diffusion transformer (pipe.transformer)"
+            )
+        return "pipeline"
+    config_path = directory / "config.json"
+    if config_path.is_file():
+        class_name = json.loads(config_path.read_text()).get("_class_name")
+        if class_name not in DEMO_CLASSES:
+            raise SystemExit(
+                f"calibrate: {directory} holds a {class_name} alone, without a pipeline around it; save the whole "
+                f"pipeline with pipe.save_pretrained(DIR) and calibrate DIR (give {MODEL_DIR_FORMATS})"
+            )
+        if not (directory / DEMO_EMBEDDINGS).is_file():
+            raise SystemExit(f"calibrate: {directory} is a {class_name} directory without {DEMO_EMBEDDINGS}; give {MODEL_DIR_FORMATS}")
+        return "demo"
+    raise SystemExit(f"calibrate: {directory} has neither {PIPELINE_INDEX} nor config.json; give {MODEL_DIR_FORMATS}")
+
+
+def check_writable_output(path: str | Path) -> Path:
+    """``path`` as a file that can be written, checked by opening it; ``SystemExit`` otherwise.
+
+    A file the probe creates is removed again, so a calibration that fails leaves nothing behind.
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise SystemExit(f"calibrate: --out {out} is a directory; give a file path such as {out / 'alpha.safetensors'}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise SystemExit(f"calibrate: --out {out}: {out.parent} is a file, not a directory; choose another path")
+    if not out.parent.is_dir():
+        raise SystemExit(f"calibrate: --out {out}: the directory {out.parent} does not exist; create it or choose another path")
+    existed = out.exists()
+    try:
+        with open(out, "ab"):
+            pass
+    except OSError as error:
+        raise SystemExit(f"calibrate: --out {out} cannot be written ({error.strerror}); choose a writable path") from error
+    finally:
+        if not existed:
+            out.unlink(missing_ok=True)
+    return out
+
+
+def read_prompts(args: argparse.Namespace) -> list[str] | None:
+    """The text prompts of ``--prompt`` and ``--prompts-file`` (one per non-empty line), if any."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise SystemExit(f"calibrate: --prompts-file {path} is not a file; give a text file with one prompt per line")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise SystemExit(f"calibrate: --prompts-file {path} holds no prompt; write one prompt per line")
+    return prompts or None
+
+
+def read_prompt_embeddings(path: str | None) -> dict[str, Any] | None:
+    """``--prompt-embeds``: a safetensors file of pipeline call arguments, one prompt per row.
+
+    Each tensor is named as the pipeline's keyword argument (``prompt_embeds``,
+    ``pooled_prompt_embeds``, ``negative_prompt_embeds``, ...) and all have the same first
+    dimension, the number of prompts.
+    """
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"calibrate: --prompt-embeds {file} is not a file; give a .safetensors file of prompt embeddings")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(file))
+    except SafetensorError as error:
+        raise SystemExit(f"calibrate: --prompt-embeds {file} is not a safetensors file ({error})") from error
+    if "prompt_embeds" not in tensors:
+        raise SystemExit(
+            f"calibrate: --prompt-embeds {file} has no tensor named prompt_embeds (it has {', '.join(sorted(tensors)) or 'none'}); "
+            "name each tensor as the pipeline argument it is, e.g. prompt_embeds [N, T, D]"
+        )
+    counts = {name: (tensor.shape[0] if tensor.dim() else 0) for name, tensor in tensors.items()}
+    if len(set(counts.values())) != 1 or counts["prompt_embeds"] < 1:
+        raise SystemExit(
+            f"calibrate: --prompt-embeds {file}: every tensor needs the same first dimension >= 1, the number of "
+            f"prompts; got {counts}"
+        )
+    return tensors
+
+
+def calibration_samples(
+    args: argparse.Namespace, prompts: list[str] | None, embeddings: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """One keyword-argument dict per generation: every prompt (or embeddings row) x ``--seeds``."""
+    common: dict[str, Any] = {"num_inference_steps": args.steps, "output_type": "latent"}
+    for name in ("height", "width", "num_frames", "guidance_scale"):
+        if getattr(args, name) is not None:
+            common[name] = getattr(args, name)
+    per_prompt: list[dict[str, Any]]
+    if embeddings is not None:
+        count = next(iter(embeddings.values())).shape[0]
+        per_prompt = [{name: tensor[row : row + 1] for name, tensor in embeddings.items()} for row in range(count)]
+    else:
+        assert prompts is not None
+        per_prompt = [{"prompt": prompt} for prompt in prompts]
+    return [{**prompt, **common, "seed": 1000 + seed} for seed in range(args.seeds) for prompt in per_prompt]
+
+
 def load_demo_style_pipeline(model_dir: str | Path) -> tuple[Any, Any, str]:
     """A transformer directory (``save_pretrained`` output plus class embeddings, the format of
-    ``assets/demo_*``) as a real diffusers pipeline: ``(pipeline, embeddings, class name)``."""
+    the shipped demo models) as a real diffusers pipeline: ``(pipeline, embeddings, class name)``."""
     from sc_compile.demo import models
 
     model_dir = Path(model_dir)
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise SystemExit(f"{model_dir}: no config.json; expected a transformer saved with save_pretrained")
-    class_name = json.loads(config_path.read_text())["_class_name"]
+    class_name = json.loads((model_dir / "config.json").read_text())["_class_name"]
     pipe: Any
     if class_name == "FluxTransformer2DModel":
         pipe, embeddings = models.load_flux_demo(path=model_dir)
-    elif class_name == "WanTransformer3DModel":
-        pipe, embeddings = models.load_wan_demo(path=model_dir)
     else:
-        raise SystemExit(
-            f"{model_dir}: {class_name} is not a demo-style model this CLI can build a pipeline for "
-            f"({', '.join(DEMO_CLASSES)}); calibrate other models with the Python API sc_compile.calibrate(pipe, samples)"
-        )
+        pipe, embeddings = models.load_wan_demo(path=model_dir)
     return pipe, embeddings, class_name
 
 
+def _demo_samples(args: argparse.Namespace, embeddings: Any, class_name: str) -> list[dict[str, Any]]:
+    from sc_compile.demo.sampling import demo_size
+
+    guidance_scale = 3.0 if args.guidance_scale is None else args.guidance_scale
+    return [
+        {
+            **embeddings.pipeline_kwargs([label], guidance_scale=guidance_scale),
+            **demo_size(class_name),
+            "num_inference_steps": args.steps,
+            "seed": 1000 + seed,
+            "output_type": "pt",
+        }
+        for seed in range(args.seeds)
+        for label in range(args.classes)
+    ]
+
+
+def _check_call_arguments(pipe: Any, sample: dict[str, Any], model_dir: str) -> None:
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    unknown = sorted(name for name in sample if name != "seed" and name not in parameters)
+    if unknown:
+        raise SystemExit(
+            f"calibrate: {type(pipe).__name__} (from {model_dir}) takes no argument {', '.join(unknown)}; "
+            f"name the tensors of --prompt-embeds after its arguments"
+        )
+
+
+def check_calibration_inputs(args: argparse.Namespace) -> tuple[str, Path, list[str] | None, dict[str, Any] | None]:
+    """Everything ``calibrate`` can check without the model, checked before the model is loaded:
+    ``(model directory format, output path, text prompts, prompt embeddings)``."""
+    kind = model_dir_format(args.model_dir)
+    out = check_writable_output(args.out)
+    prompts = read_prompts(args)
+    embeddings = read_prompt_embeddings(args.prompt_embeds)
+    if kind == "demo" and (prompts is not None or embeddings is not None):
+        raise SystemExit(f"calibrate: {args.model_dir} is a demo-style directory; its prompts are class labels (--classes), not --prompt / --prompt-embeds")
+    if kind == "pipeline":
+        if prompts is not None and embeddings is not None:
+            raise SystemExit("calibrate: give text prompts (--prompt / --prompts-file) or --prompt-embeds, not both")
+        if prompts is None and embeddings is None:
+            raise SystemExit(f"calibrate: the pipeline in {args.model_dir} needs prompts: --prompt TEXT, --prompts-file FILE or --prompt-embeds FILE")
+        if prompts is not None:
+            index = json.loads((Path(args.model_dir) / PIPELINE_INDEX).read_text())
+            encoders = [name for name, value in index.items() if name.startswith("text_encoder") and isinstance(value, list) and value[0] is not None]
+            if not encoders:
+                raise SystemExit(f"calibrate: the pipeline in {args.model_dir} has no text encoder to encode --prompt; give --prompt-embeds FILE")
+    return kind, out, prompts, embeddings
+
+
+def load_saved_pipeline(model_dir: str | Path) -> Any:
+    """``DiffusionPipeline.from_pretrained`` of a directory ``save_pretrained`` wrote."""
+    from diffusers import DiffusionPipeline
+
+    # Components saved as absent ([null, null]: a pipeline built without text encoders, as
+    # with prompt embeddings) must be passed as None, or diffusers refuses to load the rest.
+    index = json.loads((Path(model_dir) / PIPELINE_INDEX).read_text())
+    absent = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
+    try:
+        return DiffusionPipeline.from_pretrained(model_dir, **absent)
+    except ValueError as error:
+        # diffusers loads a model that keeps modules in float32 (Wan's transformer) only
+        # through accelerate, and says so as "`low_cpu_mem_usage` cannot be False ...".
+        if "low_cpu_mem_usage" in str(error) and importlib.util.find_spec("accelerate") is None:
+            raise SystemExit(
+                f"calibrate: diffusers cannot load the pipeline in {model_dir} without the accelerate "
+                f"package ({error}); install it with `pip install accelerate` and run again"
+            ) from error
+        raise
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    kind, out, prompts, embeddings = check_calibration_inputs(args)
+
     import torch
 
-    from sc_compile.calibration import calibrate
+    import sc_compile
 
     torch.set_num_threads(args.threads)
-    pipe, embeddings, class_name = load_demo_style_pipeline(args.model_dir)
-    from sc_compile.demo.check import demo_size
-
-    size = demo_size(class_name)
-    samples = []
-    for seed in range(args.seeds):
-        for label in range(args.classes):
-            samples.append(
-                {
-                    **embeddings.pipeline_kwargs([label], guidance_scale=args.guidance_scale),
-                    **size,
-                    "num_inference_steps": args.steps,
-                    "seed": 1000 + seed,
-                    "output_type": "pt",
-                }
-            )
+    if kind == "demo":
+        pipe, class_embeddings, class_name = load_demo_style_pipeline(args.model_dir)
+        samples = _demo_samples(args, class_embeddings, class_name)
+    else:
+        pipe = load_saved_pipeline(args.model_dir)
+        samples = calibration_samples(args, prompts, embeddings)
+        _check_call_arguments(pipe, samples[0], args.model_dir)
+    # One progress bar, calibration's own, instead of one per generation from the pipeline.
+    pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
-    table = calibrate(
+    table = sc_compile.calibrate(
         pipe,
         samples,
         beta=args.beta,
@@ -74,8 +277,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         command=_command_line(),
     )
     seconds = time.perf_counter() - start
-    table.save(args.out)
-    print(f"wrote {args.out}: {table!r}")
+    table.save(out)
+    print(f"wrote {out}: {table!r}")
     print(f"calibration: {len(samples)} samples x {table.num_steps} steps in {seconds:.1f} s")
     return 0
 
@@ -133,18 +336,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=1)
     demo.set_defaults(func=cmd_demo)
 
-    cal = sub.add_parser("calibrate", help="write an α file for a model directory")
-    cal.add_argument("model_dir", help="a transformer directory with class embeddings (assets/demo_* format)")
+    cal = sub.add_parser(
+        "calibrate",
+        help="write an α table for a diffusers pipeline directory (or a demo-style model directory)",
+        description="Calibrate an α table: run generations with every step full and fit α per step and cache "
+        "point. MODEL_DIR is " + MODEL_DIR_FORMATS + ". A pipeline needs prompts: --prompt / --prompts-file "
+        "(encoded by its text encoders) or --prompt-embeds; a demo-style directory uses its class labels.",
+    )
+    cal.add_argument("model_dir", help="pipeline directory (DiffusionPipeline.save_pretrained) or demo-style model directory")
     cal.add_argument("--out", required=True, help="the α file to write (.safetensors)")
-    cal.add_argument("--steps", type=int, default=28)
-    cal.add_argument("--classes", type=int, default=10, help="class labels used as prompts")
-    cal.add_argument("--seeds", type=int, default=2, help="seeds per class")
-    cal.add_argument("--guidance-scale", type=float, default=3.0)
+    steps_note = " (α is fitted from the third step on)"
+    cal.add_argument("--steps", type=_at_least(MIN_CALIBRATION_STEPS, steps_note), default=28, help="inference steps per generation")
+    cal.add_argument("--prompt", action="append", help="a text prompt (repeat for several)")
+    cal.add_argument("--prompts-file", help="a text file with one prompt per line")
+    cal.add_argument(
+        "--prompt-embeds",
+        help="a .safetensors file of pipeline arguments, one prompt per row: prompt_embeds [N, T, D] and, as the "
+        "pipeline takes them, pooled_prompt_embeds, negative_prompt_embeds, ...",
+    )
+    cal.add_argument("--seeds", type=_at_least(1), default=2, help="generations (seeds) per prompt or class")
+    cal.add_argument("--classes", type=_at_least(1), default=10, help="demo-style directories: class labels used as prompts")
+    cal.add_argument("--height", type=_at_least(1), default=None, help="pipeline directories: image height (default: the pipeline's)")
+    cal.add_argument("--width", type=_at_least(1), default=None, help="pipeline directories: image width (default: the pipeline's)")
+    cal.add_argument("--num-frames", type=_at_least(1), default=None, help="pipeline directories: video frames (default: the pipeline's)")
+    cal.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's (3.0 for demo-style directories)")
     cal.add_argument("--beta", type=float, default=0.97)
     cal.add_argument("--granularity", choices=["block", "module"], default="block")
     cal.add_argument("--prediction", choices=["hidden", "residual"], default="hidden")
     cal.add_argument("--compiler", choices=["inductor", "aot_eager", "eager"], default="eager")
-    cal.add_argument("--threads", type=int, default=1)
+    cal.add_argument("--threads", type=_at_least(1), default=1)
     cal.set_defaults(func=cmd_calibrate)
 
     inspect = sub.add_parser("inspect", help="summarise an α file")
@@ -154,6 +374,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_party_notices() -> None:
+    """Show only errors from diffusers' and transformers' own loggers on this CLI's console.
+
+    Their notices at import and load time (a missing optional torchvision, components saved as
+    None, ...) are addressed to their own users, not to someone running ``sc-compile``; our own
+    messages (``sc_compile.*`` loggers: a missing α table, a fallback) still reach the console. Only
+    this entry point does this, never the library.
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    if importlib.util.find_spec("transformers") is not None:  # an optional dependency (the demo extra)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("demo", "calibrate"):
+        quiet_third_party_notices()
     return int(args.func(args))

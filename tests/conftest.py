@@ -1,16 +1,50 @@
-"""Shared test set-up: tests run single-threaded and under inference (no autograd)."""
+"""Shared test set-up: tests run single-threaded and under inference (no autograd), and import
+the installed package only (never the source folders as top-level packages)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+
+# `python -m pytest` from the repository root puts the root on sys.path, which would make the
+# source folders passes/, backends/ and assets/ importable as top-level packages: a second copy of
+# every module (and exception class) beside sc_compile.passes / sc_compile.backends. The tests
+# import what is installed, as a user does (tests/test_packaging.py checks it).
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 torch.set_num_threads(1)
+
+# What a wheel build reads from the checkout is the tracked source; these are local by-products.
+_NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".mypy_cache", ".pytest_cache",
+    ".ruff_cache", ".hypothesis", "out",
+)
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel ``pip wheel`` builds from this checkout, once per session.
+
+    Built from a copy of the source, so that a stale ``build/`` folder of an earlier local build
+    cannot put files into it that the source no longer has.
+    """
+    source = tmp_path_factory.mktemp("source") / "sc_compile"
+    shutil.copytree(ROOT, source, ignore=_NOT_SOURCE, symlinks=True)
+    wheel_dir = tmp_path_factory.mktemp("wheel")
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(wheel_dir), str(source)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    wheels = sorted(wheel_dir.glob("sc_compile-*.whl"))
+    assert len(wheels) == 1, f"expected one sc_compile wheel in {wheel_dir}, found {wheels}"
+    return wheels[0]
 
 
 @pytest.fixture(autouse=True)

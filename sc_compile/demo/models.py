@@ -1,7 +1,7 @@
 """Build and load the demo DiT models and their diffusers pipelines, fully offline.
 
-Two class-conditional demo models, both trained on Fashion-MNIST in pixel space
-(see :mod:`sc_compile.demo.train`):
+Two class-conditional demo models, both trained on Fashion-MNIST in pixel space (the training
+code is an example outside the library: ``examples/demo_models/train.py`` in the source tree):
 
 * **Flux** (image): a small ``FluxTransformer2DModel`` run by the real
   ``FluxPipeline``. A 28x28 grayscale image in [-1, 1] is pixel-unshuffled 2x2
@@ -56,13 +56,14 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 from diffusers.utils import BaseOutput
 from safetensors.torch import load_file, save_file
 
+from sc_compile import resources
+
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # index of the unconditional ("empty prompt") embedding
 
 FLUX_DIRNAME = "demo_flux"
 WAN_DIRNAME = "demo_wan"
 EMBEDDINGS_FILE = "class_embeddings.safetensors"
-ASSETS_ENV_VAR = "SC_COMPILE_ASSETS"
 
 # Image model geometry
 FLUX_IMAGE_SIZE = 28
@@ -83,11 +84,8 @@ WAN_EMBED_SEED = 4321
 
 
 def assets_dir() -> Path:
-    """The repository's ``assets/`` directory (``$SC_COMPILE_ASSETS`` overrides it)."""
-    env = os.environ.get(ASSETS_ENV_VAR)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "assets"
+    """The shipped data files (``sc_compile.assets``): ``demo_flux/``, ``demo_wan/``."""
+    return resources.assets_dir()
 
 
 def _weights_dir(path: str | os.PathLike | None, dirname: str, model: str) -> Path:
@@ -100,7 +98,8 @@ def _weights_dir(path: str | os.PathLike | None, dirname: str, model: str) -> Pa
     if missing:
         raise FileNotFoundError(
             f"Demo {model} weights not found in {d} (missing: {', '.join(missing)}). "
-            f"Train them with `python -m sc_compile.demo.train --model {model} --out {d}` "
+            f"{'Pass the directory a training run wrote' if path is not None else 'The installed package is incomplete; reinstall sc-compile'}, "
+            f"or train them from a source checkout with `python -m examples.demo_models.train --model {model} --out DIR` "
             "(needs `apt-get install dataset-fashion-mnist`)."
         )
     return d
@@ -515,30 +514,3 @@ def load_wan_demo(
     d = _weights_dir(path, WAN_DIRNAME, "wan")
     tr = _load_transformer(WanTransformer3DModel, d, device, dtype)
     return build_wan_pipeline(tr), ClassEmbeddings.load(d).to(device, dtype)
-
-
-# --------------------------------------------------------------------------- training helpers
-
-
-def flux_tokens(x: torch.Tensor) -> torch.Tensor:
-    """Images ``[B, 1, 28, 28]`` in [-1, 1] -> packed Flux tokens ``[B, 49, 16]``."""
-    z = F.pixel_unshuffle(x, 2)  # same as PixelShuffleVAE.encode with scaling 1 / shift 0
-    b, c, h, w = z.shape
-    return FluxPipeline._pack_latents(z, b, c, h, w)
-
-
-def flux_ids(
-    num_text_tokens: int = FLUX_TEXT_TOKENS,
-    image_size: int = FLUX_IMAGE_SIZE,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(txt_ids [T, 3], img_ids [N, 3])`` exactly as ``FluxPipeline`` builds them."""
-    side = image_size // 4  # vae factor 2 x packing 2
-    img_ids = FluxPipeline._prepare_latent_image_ids(1, side, side, device, dtype)
-    txt_ids = torch.zeros(num_text_tokens, 3, device=device, dtype=dtype)
-    return txt_ids, img_ids
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -6,7 +6,9 @@ mean (L2 in [0, 1] pixel space, class means of the training split). The
 ``accuracy`` of that nearest-class-mean classifier is ~0.1 for an untrained
 model; on real Fashion-MNIST test images it is ``reference_accuracy()`` (~0.68).
 For the video pipeline the first frame of each clip (the item centred and
-upright, see :func:`sc_compile.demo.data.make_clips`) is cropped to 28x28 and used.
+upright, see :func:`examples.demo_models.data.make_clips`) is cropped to 28x28 and used.
+
+    python -m examples.demo_models.check --model flux --samples-per-class 2   # from the repository root
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from sc_compile.demo.sampling import generate
 
 from .data import NUM_CLASSES, center_crop, class_means, load_fashion_mnist
 
@@ -48,44 +52,6 @@ def generate_per_class(
     """
     labels = torch.arange(NUM_CLASSES).repeat_interleave(samples_per_class)
     return generate(pipe, emb, labels, guidance_scale, num_inference_steps, seed), labels
-
-
-@torch.no_grad()
-def generate(
-    pipe: Any,
-    emb: Any,
-    labels: Any,
-    guidance_scale: float = 3.0,
-    num_inference_steps: int = 20,
-    seed: int = 0,
-) -> torch.Tensor:
-    """Samples for ``labels`` at the demo size: images ``[N, 1, 28, 28]`` (Flux) or clips
-    ``[N, F, 1, 32, 32]`` (Wan), float in [0, 1], on the CPU."""
-    from diffusers.pipelines.wan.pipeline_wan import WanPipeline
-
-    # a CPU generator: randn_tensor draws on the CPU, so results match across devices
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    kw = emb.pipeline_kwargs(labels, guidance_scale=guidance_scale)
-    size = demo_size(pipe)
-    if isinstance(pipe, WanPipeline):
-        out = pipe(**kw, **size, num_inference_steps=num_inference_steps, generator=gen, output_type="pt").frames
-    else:
-        out = pipe(**kw, **size, num_inference_steps=num_inference_steps, generator=gen, output_type="pt").images
-    return out.float().cpu()
-
-
-def demo_size(pipe_or_class_name: Any) -> dict[str, int]:
-    """Generation size of the demo pipelines, for a pipeline or a transformer class name."""
-    from .models import FLUX_IMAGE_SIZE, WAN_FRAME_SIZE, WAN_NUM_FRAMES
-
-    if isinstance(pipe_or_class_name, str):
-        name = pipe_or_class_name
-    else:  # the transformer may be wrapped by torch.compile
-        transformer = pipe_or_class_name.transformer
-        name = type(getattr(transformer, "_orig_mod", transformer)).__name__
-    if name == "WanTransformer3DModel":
-        return {"height": WAN_FRAME_SIZE, "width": WAN_FRAME_SIZE, "num_frames": WAN_NUM_FRAMES}
-    return {"height": FLUX_IMAGE_SIZE, "width": FLUX_IMAGE_SIZE}
 
 
 def class_separability(
@@ -145,11 +111,11 @@ def save_grid(samples: torch.Tensor, path: str, columns: int | None = None) -> N
 def main() -> None:
     import argparse
 
-    from .models import load_flux_demo, load_wan_demo
+    from sc_compile.demo.models import load_flux_demo, load_wan_demo
 
-    ap = argparse.ArgumentParser(description="Class separability of the shipped demo models")
+    ap = argparse.ArgumentParser(prog="python -m examples.demo_models.check", description="Class separability of the shipped demo models")
     ap.add_argument("--model", choices=["flux", "wan"], default="flux")
-    ap.add_argument("--path", default=None, help="weights dir (default: assets/demo_<model>)")
+    ap.add_argument("--path", default=None, help="weights dir (default: the shipped demo_<model>)")
     ap.add_argument("--samples-per-class", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=3.0)

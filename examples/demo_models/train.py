@@ -1,10 +1,13 @@
 """Train the demo DiT models on Fashion-MNIST (rectified flow, class-conditional).
 
-    python -m sc_compile.demo.train --model flux --out assets/demo_flux \\
+Run from the repository root (this folder is an example, not part of the installed library; the
+model definitions it trains are ``sc_compile.demo.models``, which the wheel ships)::
+
+    python -m examples.demo_models.train --model flux --out assets/demo_flux \\
         --max-steps 3000 --batch-size 96 --threads 1 --max-minutes 44
-    python -m sc_compile.demo.train --model wan --out assets/demo_wan \\
+    python -m examples.demo_models.train --model wan --out assets/demo_wan \\
         --max-steps 2400 --batch-size 16 --threads 1 --max-minutes 40
-    python -m sc_compile.demo.train --model wan --out assets/demo_wan \\
+    python -m examples.demo_models.train --model wan --out assets/demo_wan \\
         --init-from assets/demo_wan --max-steps 1700 --batch-size 16 --lr 3e-4 \\
         --warmup 50 --seed 1 --threads 1 --max-minutes 20   # continue (shipped Wan)
 
@@ -40,10 +43,35 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+# How train_log.txt records a run's command: this script's, and its name when it was part of the
+# library (sc_compile.demo.train), which the logs of the shipped models still carry.
+COMMAND_PREFIXES = ("# python -m examples.demo_models.train", "# python -m sc_compile.demo.train")
+
+
+def flux_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Images ``[B, 1, 28, 28]`` in [-1, 1] -> packed Flux tokens ``[B, 49, 16]``."""
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+    z = F.pixel_unshuffle(x, 2)  # same as PixelShuffleVAE.encode with scaling 1 / shift 0
+    b, c, h, w = z.shape
+    return FluxPipeline._pack_latents(z, b, c, h, w)
+
+
+def flux_ids() -> tuple[torch.Tensor, torch.Tensor]:
+    """``(txt_ids [T, 3], img_ids [N, 3])`` exactly as ``FluxPipeline`` builds them."""
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+    from sc_compile.demo.models import FLUX_IMAGE_SIZE, FLUX_TEXT_TOKENS
+
+    side = FLUX_IMAGE_SIZE // 4  # vae factor 2 x packing 2
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, side, side, "cpu", torch.float32)
+    txt_ids = torch.zeros(FLUX_TEXT_TOKENS, 3)
+    return txt_ids, img_ids
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m sc_compile.demo.train", description=__doc__.split("\n")[0]
+        prog="python -m examples.demo_models.train", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--model", choices=["flux", "wan"], required=True)
     ap.add_argument("--out", required=True, help="output directory (e.g. assets/demo_flux)")
@@ -114,7 +142,8 @@ def build(a: argparse.Namespace):
     from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
     from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
-    from . import models as M
+    from sc_compile.demo import models as M
+
     from .data import load_fashion_mnist, make_clips, to_unit_range
 
     images, labels = load_fashion_mnist("train")
@@ -123,7 +152,7 @@ def build(a: argparse.Namespace):
     if a.model == "flux":
         model: Any = FluxTransformer2DModel(**M.flux_config())
         emb = M.flux_class_embeddings()
-        txt_ids, img_ids = M.flux_ids()
+        txt_ids, img_ids = flux_ids()
     else:
         model = WanTransformer3DModel(**M.wan_config())
         emb = M.wan_class_embeddings()
@@ -140,7 +169,7 @@ def build(a: argparse.Namespace):
             sigma = torch.where(torch.arange(b) % 2 == 1, uniform, sigma)
         pe, pooled = emb(y)
         if a.model == "flux":
-            x0 = M.flux_tokens(to_unit_range(images[idx]).unsqueeze(1))  # [B, 49, 16]
+            x0 = flux_tokens(to_unit_range(images[idx]).unsqueeze(1))  # [B, 49, 16]
             noise = torch.randn(x0.shape, generator=gen)
             s = sigma.view(b, 1, 1)
             xt = (1 - s) * x0 + s * noise
@@ -189,7 +218,8 @@ def save_model(model, ema, emb, out: Path, save_dtype: str) -> float:
 
 
 def evaluate(a: argparse.Namespace, out: Path) -> dict:
-    from . import models as M
+    from sc_compile.demo import models as M
+
     from .check import class_separability, save_grid
 
     loader = M.load_flux_demo if a.model == "flux" else M.load_wan_demo
@@ -205,7 +235,7 @@ def evaluate(a: argparse.Namespace, out: Path) -> dict:
 def write_card(
     a, out, cfg, nparams, step, final_loss, wall, s_per_step, mb, command, eval_result, done
 ):
-    from . import models as M
+    from sc_compile.demo import models as M
 
     status = "final" if done else f"checkpoint at step {step} (training still running)"
     if a.model == "flux":
@@ -251,7 +281,11 @@ def write_card(
     log_path = out / "train_log.txt"
     if a.init_from is not None and log_path.is_file():
         lines = log_path.read_text().splitlines()
-        commands = [ln[2:] for ln in lines if ln.startswith("# python -m sc_compile.demo.train")]
+        commands = [
+            ln[2:].replace("python -m sc_compile.demo.train", "python -m examples.demo_models.train", 1)
+            for ln in lines
+            if ln.startswith(COMMAND_PREFIXES)
+        ]
         saved = [ln for ln in lines if ln.startswith("# saved ")]
         prev = [
             (int(ln.split(" after ")[1].split()[0]), float(ln.split(" steps, ")[1].split()[0]))
@@ -273,7 +307,7 @@ def write_card(
     ev = ""
     if eval_result is not None:
         ev = (
-            f"- class separability (`sc_compile.demo.check`, 2 samples/class, {a.eval_steps} steps, "
+            f"- class separability (`python -m examples.demo_models.check`, 2 samples/class, {a.eval_steps} steps, "
             f"guidance 3.0): nearest-class-mean accuracy **{eval_result['accuracy']:.2f}** "
             f"(margin {eval_result['margin']:.3f}); real test images: {eval_result.get('reference', float('nan')):.2f}; "
             "an untrained model gives ~0.1\n- samples: `samples.png`\n"
@@ -305,7 +339,7 @@ Scheduler: `{sched}`. {cfg_note}.
 - wall time: {wall / 60:.1f} min ({s_per_step:.3f} s/step) on {platform.machine()} CPU, torch {torch.__version__}, diffusers {diffusers.__version__}
 - parameters: {nparams:,}; weights + embeddings on disk: {mb:.2f} MB
 {ev}
-Command{"s (in order; each later one continues from the weights of the one before)" if len(commands) > 1 else ""}:
+Command{"s" if len(commands) > 1 else ""} (from the repository root; the training code is `examples/demo_models/`, not installed{"; in order; each later one continues from the weights of the one before" if len(commands) > 1 else ""}):
 
 ```
 {chr(10).join(commands)}
@@ -324,7 +358,7 @@ def init_from(model, emb, d: Path) -> None:
     """Load the weights of a previous run (same config and class embeddings) into ``model``."""
     from safetensors.torch import load_file
 
-    from .models import ClassEmbeddings
+    from sc_compile.demo.models import ClassEmbeddings
 
     saved_cfg = json.loads((d / "config.json").read_text())
     for k, v in model.config.items():
@@ -346,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log = Logger(out / "train_log.txt")
-    command = "python -m sc_compile.demo.train " + " ".join(
+    command = "python -m examples.demo_models.train " + " ".join(
         shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)
     )
 
