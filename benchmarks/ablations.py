@@ -24,8 +24,8 @@ from workloads import as_images
 
 import sc_compile
 from sc_compile.alpha import AlphaTable
-from sc_compile.demo.sampling import demo_size
 from sc_compile.demo.models import assets_dir, load_flux_demo, load_wan_demo
+from sc_compile.demo.sampling import demo_size
 from sc_compile.metrics import psnr, ssim
 
 GUIDANCE = 3.0

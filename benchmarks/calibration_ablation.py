@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--only-transfer", action="store_true", help="only the runs at N/2, 2N and 4N steps")
     parser.add_argument("--quick", action="store_true", help="fewer configurations (smoke run)")
     parser.add_argument("--per-set", type=int, default=5, help="samples per held-out set (at most 5)")
+    parser.add_argument("--transfer-factors", default="0.5,2,4", help="step-count factors of the transfer runs")
+    parser.add_argument("--variants", default="chained,fitted,ones", help="which coefficient variants to run")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -111,9 +113,10 @@ def main() -> None:
         print(f"{group:>10} | {name:<34} | {steps:3d} steps | {cells}", flush=True)
         return row
 
-    variants = {"chained α": {"alpha": table, "coefficients": "chained"},
-                "fitted per-gap": {"alpha": table, "coefficients": "fitted"},
-                "α = 1": {"alpha": "ones"}}
+    all_variants = {"chained": ("chained α", {"alpha": table, "coefficients": "chained"}),
+                    "fitted": ("fitted per-gap", {"alpha": table, "coefficients": "fitted"}),
+                    "ones": ("α = 1", {"alpha": "ones"})}
+    variants = dict(all_variants[v] for v in args.variants.split(","))
     n = args.steps
     budgets = {round(n / 4), round(n / 3), round(n / 2), round(n / 1.5)}
     intervals = (2, 3, 4) if not args.quick else (3,)
@@ -128,7 +131,7 @@ def main() -> None:
         for b in sorted(budgets | matched) if not args.quick else sorted(budgets)[:1]:
             run("budget", f"{variant}, full_steps={b}", n, {**options, "full_steps": b})
     if args.transfer or args.only_transfer:
-        for steps in (n // 2, 2 * n, 4 * n):
+        for steps in (round(n * float(f)) for f in args.transfer_factors.split(",")):
             for variant, options in variants.items():
                 run("transfer", f"{variant}, dynamic", steps, options)
                 if variant != "chained α":
@@ -136,6 +139,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"calibration_{args.model.replace('-', '_')}_{n}" + ("_transfer" if args.only_transfer else "")
+    if args.variants != "chained,fitted,ones" or args.transfer_factors != "0.5,2,4":
+        stem += "_" + args.variants.replace(",", "_") + "_x" + args.transfer_factors.replace(",", "_")
     elapsed = time.perf_counter() - started
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"model": args.model, "steps": n, "calibration": CALIBRATION, "held_out": HELD_OUT, "guidance": GUIDANCE,
@@ -144,11 +149,12 @@ def main() -> None:
         f"# Calibration ablation — {workload.title}, calibrated at {n} steps",
         "",
         f"Table calibrated on classes 0-4 × seeds 1000-1001 (10 samples, guidance {GUIDANCE} as separate calls); "
-        "PSNR against the uncached output of the same seed, mean over 5 samples per held-out set, and mean full "
+        f"PSNR against the uncached output of the same seed, mean over {len(HELD_OUT['seeds'])} samples per held-out set, and mean full "
         "steps. *held-out seeds*: classes 0-4, seeds 2000+; *held-out classes+seeds*: classes 5-9, seeds 3000+. "
         f"K_τ of the fitted table: {fitted.max_gap.tolist()}. Run in {elapsed:.0f} s with",
         f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibration_ablation.py --model {args.model} --steps {n}"
-        + (" --transfer" if args.transfer else "") + (" --only-transfer" if args.only_transfer else "") + "`.",
+        + (" --transfer" if args.transfer else "") + (" --only-transfer" if args.only_transfer else "")
+        + (f" --per-set {args.per_set}" if args.per_set != 5 else "") + "`.",
         "",
         "| group | configuration | steps | held-out seeds: PSNR dB | full | held-out classes+seeds: PSNR dB | full |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",

@@ -19,7 +19,8 @@ its *position* on the calibrated grid, in calibrated steps (``t · N / N'`` for 
 "spacing-then-transform" schedules diffusers' flow-matching and DDIM-style schedulers build, or
 through the timesteps when the step count is not known). A gap keeps its meaning in that normalised
 time: a fitted coefficient is looked up at the gap's length in calibrated steps, as a ratio to the
-α = 1 coefficient (trilinear over (τ, g, k)); a chained α is raised to the power of the step's
+α = 1 coefficient (trilinear over (τ, g, k); a gap shorter than one calibrated step interpolates
+the ratio toward 1, its limit for a vanishing gap); a chained α is raised to the power of the step's
 length in calibrated steps (four quarter steps compound to one calibrated step's α), so products
 of α < 1 no longer shrink to zero at more steps. A table that cannot serve the generation (no time
 grid for another step count, or a step longer than its longest gap) is refused with what to do.
@@ -199,7 +200,10 @@ class FittedPredictor:
         gaps_g = torch.arange(1, g_dim + 1, dtype=torch.float64)[None, :, None, None]
         gaps_k = torch.arange(1, k_dim + 1, dtype=torch.float64)[None, None, :, None]
         # a = c · r, as a ratio to the α = 1 coefficient k / g: the form that carries to other grids.
-        self._ratio = coef * fitted.refresh.double()[:, :, None, :] / (gaps_k / gaps_g)
+        # As a gap shrinks to 0 every smooth trajectory's prediction tends to the linear one, so
+        # the ratio is 1 at k = 0, and a gap shorter than a calibrated step interpolates toward it.
+        ratio = coef * fitted.refresh.double()[:, :, None, :] / (gaps_k / gaps_g)
+        self._ratio = torch.cat([torch.ones_like(ratio[:, :, :1]), ratio], dim=2)
         # Error as a function of k from 0 (no gap, no error) for sub-step gaps.
         error = fitted.error.double()
         self._error = torch.cat([torch.zeros(n, g_dim, 1, dtype=torch.float64), error], dim=2)
@@ -219,7 +223,7 @@ class FittedPredictor:
         u = self._u(last_full)
         span_g = u - self._u(last_full - previous_gap)
         span_k = self._u(last_full + gap) - u
-        ratio = _interpolate(self._ratio, (u, span_g - 1, span_k - 1), (f.num_steps - 1, f.max_gap_limit, f.max_gap_limit - 1))
+        ratio = _interpolate(self._ratio, (u, span_g - 1, span_k), (f.num_steps - 1, f.max_gap_limit, f.max_gap_limit))
         a = ratio * (span_k / span_g)
         # dy = (y_t − y_full) / g (refresh below): c = a · g.
         return tuple((a * previous_gap).tolist())
