@@ -19,6 +19,7 @@ import torch
 import torch.fx
 
 from sc_compile.alpha import AlphaTable, resolve_alpha_source
+from sc_compile.backends.capture_check import check_whole_model
 from sc_compile.backends.lowering import SpecializedGraph, specialize_cache_conds
 from sc_compile.config import Fallback, InnerCompiler, ScalingCacheConfig, split_options
 from sc_compile.passes import run_cache_passes
@@ -177,6 +178,13 @@ def build_runtime(
         )
         timestep_index = find_timestep_input(gm, model_class)
     except (NoBlocksFoundError, UnsupportedGraphError) as error:
+        try:
+            # Nothing to cache here may mean that this graph is a piece of the model.
+            check_whole_model(module, failed=True)
+        except UnsupportedGraphError as cause:
+            if config.fallback is Fallback.INDUCTOR:
+                return _fallback(gm, example_inputs, config, config_patches, cause)
+            raise cause from error
         if config.fallback is Fallback.INDUCTOR:
             return _fallback(gm, example_inputs, config, config_patches, error)
         raise
@@ -408,6 +416,12 @@ def scalingcache(
     elif options and any(k in ScalingCacheConfig.option_names() for k in options):
         raise ValueError("pass ScalingCache settings either as config= or in options=, not both")
     module = traced_module()
+    try:
+        check_whole_model(module)
+    except UnsupportedGraphError as error:
+        if config.fallback is Fallback.INDUCTOR:
+            return _fallback(gm, example_inputs, config, patches, error)
+        raise
     if _has_symbolic_shapes(gm):
         # dynamic=True, or Dynamo's automatic dynamic shapes after a size changed.
         return ShapeSpecializingRuntime(gm, config, patches, module)
