@@ -76,7 +76,7 @@ class ForeignCacheError(UnsupportedGraphError):
 def _running_module_frames() -> Iterator[tuple[torch.nn.Module, FrameType]]:
     """Module methods running in Python above the backend call, innermost first (user code
     only: PyTorch's own frames, such as ``Module._call_impl``, are left out)."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self")
         if isinstance(owner, torch.nn.Module) and not frame.f_code.co_filename.startswith(_TORCH_DIR):
@@ -137,9 +137,9 @@ def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -
         )
     if module is not None and getattr(module, "_compiled_call_impl", None) is not None and running:
         outer, frame = running[0]
-        path = _module_path(outer, module) or type(module).__name__
+        block_path = _module_path(outer, module) or type(module).__name__
         raise RegionalCompilationError(
-            f"{type(module).__name__} ({path!r} of {type(outer).__name__}) is compiled on its own "
+            f"{type(module).__name__} ({block_path!r} of {type(outer).__name__}) is compiled on its own "
             "(regional compilation: diffusers' compile_repeated_blocks or module.compile()). ScalingCache "
             "works on the whole model: it skips all blocks of a step together and predicts the last "
             "block's output, and it tells the steps of a generation apart by the timestep the model "

@@ -23,7 +23,11 @@ from sc_compile.backends.capture_check import check_whole_model
 from sc_compile.backends.lowering import SpecializedGraph, specialize_cache_conds
 from sc_compile.config import Fallback, InnerCompiler, ScalingCacheConfig, split_options
 from sc_compile.passes import run_cache_passes
-from sc_compile.passes.find_blocks import NoBlocksFoundError, UnsupportedGraphError, input_size_symbols
+from sc_compile.passes.find_blocks import (
+    NoBlocksFoundError,
+    UnsupportedGraphError,
+    input_size_symbols,
+)
 from sc_compile.passes.layout import CacheLayout, required_tensor_meta, tensor_meta
 from sc_compile.runtime import CompiledStep, PointLayout, ScalingCacheRuntime, session_for
 
