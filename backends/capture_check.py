@@ -167,11 +167,17 @@ def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -
     if module is None:
         return
     for outer, frame in running:
-        path = _module_path(outer, module)
-        if path is None or not (failed or _NUMBERED.search(path)):
-            continue
+        if outer is module and failed and frame.f_code.co_name != tx.f_code.co_name:
+            # Another method of the model itself (``self.patchify``), compiled while its forward
+            # runs in Python.
+            compiled = f"{type(module).__name__}.{tx.f_code.co_name}"
+        else:
+            path = _module_path(outer, module)
+            if path is None or not (failed or _NUMBERED.search(path)):
+                continue
+            compiled = f"{path!r} ({type(module).__name__}) of {type(outer).__name__}"
         raise GraphBreakError(
-            f"Dynamo compiled {path!r} ({type(module).__name__}) of {type(outer).__name__} on its own: "
+            f"Dynamo compiled {compiled} on its own: "
             f"{type(outer).__name__}.{frame.f_code.co_name} runs in Python (it is now at "
             f"{_place(frame.f_code.co_filename, frame.f_lineno)}) because Dynamo gave up on it after a "
             f"graph break inside it (a break in a loop skips the whole frame). {WHOLE_MODEL_FIX}"

@@ -16,7 +16,7 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from sc_compile.passes.layout import BlockInfo, CacheLayout, example_value
-from sc_compile.passes.module_paths import numbered_ancestor_of, top_level_block_of
+from sc_compile.passes.module_paths import module_classes, numbered_ancestor_of, top_level_block_of
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,66 @@ def _attributed_blocks(graph: torch.fx.Graph) -> dict[torch.fx.Node, str]:
         block = top_level_block_of(node, root)
         if block is not None:
             owner[node] = block
-    return owner
+    owner = {node: block for node, block in owner.items() if block in _repeated_blocks(owner)}
+    return _first_calls_only(nodes, owner)
+
+
+# Single layers of torch.nn: a numbered group of them (``nn.Sequential(Linear, Linear)``) is not a
+# group of blocks. torch.nn's own blocks (``nn.TransformerEncoderLayer``) are.
+_LAYER_TYPES = (
+    torch.nn.Linear,
+    torch.nn.Identity,
+    torch.nn.modules.dropout._DropoutNd,
+    torch.nn.modules.conv._ConvNd,
+    torch.nn.LayerNorm,
+    torch.nn.GroupNorm,
+    torch.nn.RMSNorm,
+    torch.nn.Embedding,
+)
+
+
+def _is_layer(cls: object) -> bool:
+    return isinstance(cls, type) and (
+        issubclass(cls, _LAYER_TYPES) or cls.__module__ == "torch.nn.modules.activation"
+    )
+
+
+def _repeated_blocks(owner: dict[torch.fx.Node, str]) -> set[str]:
+    """The numbered children that are repeated blocks: every ``<name>.<int>`` of one ``<name>``
+    is an instance of one class, and not a single layer (``nn.Sequential(Linear, SiLU, Linear)``,
+    a timestep or text projection, is a numbered group of layers, not of blocks)."""
+    classes: dict[str, set[object]] = {}
+    for node, block in owner.items():
+        cls = module_classes(node).get(block)
+        if cls is not None:
+            classes.setdefault(block, set()).add(cls)
+    groups: dict[str, set[object]] = {}
+    for block, found in classes.items():
+        groups.setdefault(block.rsplit(".", 1)[0], set()).update(found)
+    dropped = {group for group, found in groups.items() if len(found) != 1 or _is_layer(next(iter(found)))}
+    if dropped:
+        log.debug("numbered groups that are not repeated blocks: %s", sorted(dropped))
+    return {block for block in owner.values() if block.rsplit(".", 1)[0] not in dropped}
+
+
+def _first_calls_only(nodes: list[torch.fx.Node], owner: dict[torch.fx.Node, str]) -> dict[torch.fx.Node, str]:
+    """Keep each block's first call: nodes of a block's modules that run again after the next block
+    has started are a later call of a shared submodule, not the block (DiT's output head calls
+    ``transformer_blocks[0].norm1.emb`` once more for its own conditioning). They stay outside
+    every block, so they run at every step."""
+    position = {node: index for index, node in enumerate(nodes)}
+    starts: dict[str, int] = {}
+    for node, block in owner.items():
+        starts[block] = min(starts.get(block, position[node]), position[node])
+    ordered = sorted(starts.values())
+    cutoff = {}
+    for block, start in starts.items():
+        later = [s for s in ordered if s > start]
+        cutoff[block] = later[0] if later else len(nodes)
+    kept = {node: block for node, block in owner.items() if position[node] < cutoff[block]}
+    if len(kept) != len(owner):
+        log.debug("%d nodes of later calls of block submodules left outside the blocks", len(owner) - len(kept))
+    return kept
 
 
 def _collect_block(
