@@ -69,7 +69,8 @@ def _attributed_blocks(graph: torch.fx.Graph) -> dict[torch.fx.Node, str]:
         block = top_level_block_of(node, root)
         if block is not None:
             owner[node] = block
-    owner = {node: block for node, block in owner.items() if block in _repeated_blocks(owner)}
+    repeated = _repeated_blocks(owner)
+    owner = {node: block for node, block in owner.items() if block in repeated}
     return _first_calls_only(nodes, owner)
 
 
@@ -303,6 +304,8 @@ def find_blocks(gm: torch.fx.GraphModule, model_class: str = "") -> PassResult:
         if scalars:
             members = _rematerialize_scalars(graph, members, scalars, name, model_class)
             modified = True
+            all_nodes = list(graph.nodes)
+            order = {node: index for index, node in enumerate(all_nodes)}
         member_set = set(members)
         inputs = _block_inputs(members)
         outputs = [n for n in members if any(user not in member_set for user in n.users)]
