@@ -10,7 +10,6 @@ graph, compile both with the inner compiler (Inductor by default, with every Ind
 from __future__ import annotations
 
 import logging
-import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,10 +19,15 @@ import torch
 import torch.fx
 
 from sc_compile.alpha import AlphaTable, resolve_alpha_source
+from sc_compile.backends.capture_check import check_whole_model
 from sc_compile.backends.lowering import SpecializedGraph, specialize_cache_conds
 from sc_compile.config import Fallback, InnerCompiler, ScalingCacheConfig, split_options
 from sc_compile.passes import run_cache_passes
-from sc_compile.passes.find_blocks import NoBlocksFoundError, UnsupportedGraphError
+from sc_compile.passes.find_blocks import (
+    NoBlocksFoundError,
+    UnsupportedGraphError,
+    input_size_symbols,
+)
 from sc_compile.passes.layout import CacheLayout, required_tensor_meta, tensor_meta
 from sc_compile.runtime import CompiledStep, PointLayout, ScalingCacheRuntime, session_for
 
@@ -72,6 +76,22 @@ def find_timestep_input(gm: torch.fx.GraphModule, model_class: str) -> int:
     return candidates[0]
 
 
+def static_fake_mode() -> Any:
+    """A fake mode of our own whose shape environment gives the graph's data-dependent values
+    (``nonzero``, boolean-mask indexing, ``.item()``) symbols of their own, as Dynamo's did when it
+    captured them. Without one, re-tracing a graph Dynamo captured whole fails on the first such op
+    (``DynamicOutputShapeException``, ``DataDependentOutputException``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return FakeTensorMode(shape_env=ShapeEnv(allow_scalar_outputs=True, allow_dynamic_output_shape_ops=True))
+
+
+def fake_inputs(mode: Any, inputs: Sequence[Any]) -> list[Any]:
+    """``inputs`` as fake tensors of ``mode`` with static sizes (other values as they are)."""
+    return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in inputs]
+
+
 def compile_graph(
     gm: torch.fx.GraphModule,
     inputs: Sequence[Any],
@@ -85,21 +105,32 @@ def compile_graph(
     ``own_tracing_context``: compile in a tracing context and fake mode of its own. The
     specialised graphs need it: Dynamo's context holds the metadata and the shape environment of
     the one graph it traced, which neither specialised graph (other inputs, other outputs)
-    matches, and symbols added to its shape environment would break Dynamo's guards. Dynamo's own
-    graph (the uncached fallback) is compiled in Dynamo's context, as any backend does.
+    matches, and symbols added to its shape environment would break Dynamo's guards. Their inputs
+    are fakes of static size in a mode whose own shape environment takes the graph's
+    data-dependent ops. Dynamo's own graph (the uncached fallback) is compiled in Dynamo's
+    context, as any backend does.
     """
     if compiler is InnerCompiler.EAGER:
         return gm
+    if not own_tracing_context:
+        return _compile_with(gm, list(inputs), compiler, config_patches)
+    for node in gm.graph.nodes:
+        # Bindings of data-dependent values to the symbols of Dynamo's shape environment: the
+        # re-trace below makes its own in its own environment (keeping Dynamo's names collides).
+        node.meta.pop("unbacked_bindings", None)
+    mode = static_fake_mode()
+    with torch._guards.tracing(torch._guards.TracingContext(mode)):
+        return _compile_with(gm, fake_inputs(mode, inputs), compiler, config_patches)
+
+
+def _compile_with(gm, inputs: list[Any], compiler: InnerCompiler, config_patches: Mapping[str, Any]) -> Callable[..., Any]:
     if compiler is InnerCompiler.AOT_EAGER:
         from torch._dynamo.backends.registry import lookup_backend
 
-        return lookup_backend("aot_eager")(gm, list(inputs))  # type: ignore[return-value]
+        return lookup_backend("aot_eager")(gm, inputs)  # type: ignore[return-value]
     from torch._inductor.compile_fx import compile_fx
 
-    if not own_tracing_context:
-        return compile_fx(gm, list(inputs), config_patches=dict(config_patches))  # type: ignore[return-value]
-    with torch._guards.tracing(torch._guards.TracingContext(None)):
-        return compile_fx(gm, list(inputs), config_patches=dict(config_patches))  # type: ignore[return-value]
+    return compile_fx(gm, inputs, config_patches=dict(config_patches))  # type: ignore[return-value]
 
 
 def compile_inner(
@@ -153,6 +184,13 @@ def build_runtime(
         )
         timestep_index = find_timestep_input(gm, model_class)
     except (NoBlocksFoundError, UnsupportedGraphError) as error:
+        try:
+            # Nothing to cache here may mean that this graph is a piece of the model.
+            check_whole_model(module, failed=True)
+        except UnsupportedGraphError as cause:
+            if config.fallback is Fallback.INDUCTOR:
+                return _fallback(gm, example_inputs, config, config_patches, cause)
+            raise cause from error
         if config.fallback is Fallback.INDUCTOR:
             return _fallback(gm, example_inputs, config, config_patches, error)
         raise
@@ -231,92 +269,111 @@ def _orphan_session():
 
 
 def _has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
-    for node in gm.graph.nodes:
-        value = node.meta.get("example_value")
-        if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
-            return True
-        if isinstance(value, torch.Tensor) and any(not isinstance(s, int) for s in value.shape):
-            return True
-    return False
+    """Whether Dynamo traced ``gm`` with symbolic input sizes (``dynamic=True`` or automatic
+    dynamic shapes). The symbols of data-dependent ops (``nonzero``) and of float inputs
+    (``.item()`` of a LoRA scale) are not sizes: such a graph is static and needs no
+    specialisation."""
+    return any(
+        input_size_symbols(node.meta.get("example_value")) for node in gm.graph.nodes if node.op == "placeholder"
+    )
 
 
-_SIZE_ARITHMETIC = {
-    operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
-    operator.neg, operator.pow, torch.sym_sum, torch.sym_max, torch.sym_min, torch.sym_int, torch.sym_float,
-}
+def _concrete(value: Any, shape_env: Any, bindings: Mapping[Any, int]) -> int | float | bool | None:
+    """The value of a symbolic size expression under ``bindings``; ``None`` if it is not fixed by
+    the input sizes (a data-dependent value)."""
+    if not isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
+        return None
+    expr = shape_env.replace(value.node.expr)
+    if not expr.free_symbols <= bindings.keys():
+        return None
+    result = expr.xreplace(dict(bindings))
+    if isinstance(value, torch.SymBool):
+        return bool(result)
+    return int(result) if isinstance(value, torch.SymInt) else float(result)
 
 
-def _is_foldable(node: torch.fx.Node, folded: set[torch.fx.Node]) -> bool:
-    """Whether ``node`` is a constant of the specialised graph: a size input, ``x.size()`` or
-    ``x.shape[i]``, the value of a global constant tensor, or arithmetic on those."""
-    value = node.meta.get("example_value")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    if node.op == "placeholder":
-        return True
-    if node.op == "call_method" and node.target in ("size", "dim", "numel"):
-        return True
-    if node.op == "call_function" and node.target in (torch.ops.aten.sym_size.int, getattr):
-        return True
-    if node.op == "call_function" and node.target is operator.getitem:
-        source = node.args[0]
-        return isinstance(source, torch.fx.Node) and (source in folded or isinstance(source.meta.get("example_value"), torch.Size))
-    if node.op == "call_method" and node.target == "item":
-        # The value of a global constant tensor (a function default Dynamo lifted as an input),
-        # never of a user input or a parameter.
-        source = node.args[0]
-        return isinstance(source, torch.fx.Node) and source.op == "placeholder" and _source_name(source).startswith("G[")
-    if node.op == "call_function" and node.target in _SIZE_ARITHMETIC:
-        return all(arg in folded for arg in node.all_input_nodes)
-    return False
+class _FakePropagator(torch.fx.Interpreter):
+    """Records every node's fake value (``example_value``) for fake inputs of static size."""
+
+    def __init__(self, gm: torch.fx.GraphModule, mode: Any):
+        super().__init__(gm)
+        self.mode = mode
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        with self.mode:
+            result = super().run_node(node)
+        if node.op != "output":
+            node.meta["example_value"] = result
+            node.meta.pop("val", None)
+        return result
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        return self.mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
 
 
 def specialize_to_inputs(gm: torch.fx.GraphModule, args: Sequence[Any]) -> torch.fx.GraphModule:
     """A copy of a symbolic-size Dynamo graph with every size fixed to those of ``args``.
 
-    The graph runs once on ``args`` to record concrete metadata (sizes can feed data-dependent
-    ops such as ``.item()`` on constants, which fake tensors cannot run); size inputs and
-    arithmetic on sizes are then folded into constants. Values computed from tensor data are
-    never folded.
+    Symbols are bound to the sizes of ``args`` with Dynamo's shape environment; every size input
+    and every size expression they fix is folded into a constant, and so is ``.item()`` of a
+    global constant tensor (a function default Dynamo lifted as an input, such as RoPE's theta).
+    Values computed from tensor data (the unbacked symbols of ``nonzero`` or ``.item()`` on a
+    float input, a LoRA scale, a norm's eps) are never folded. The metadata is then propagated
+    anew with fake inputs of static size in a fake mode of our own; no tensor data is computed
+    (a real run cannot record every view: ``view_as_complex`` of a reshaped view fails to fake).
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from sc_compile.passes.pass_manager import copy_graph_module
 
     static = copy_graph_module(gm)
-    mode = FakeTensorMode()
-
-    def record(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return mode.from_tensor(value, static_shapes=True)
-        if isinstance(value, tuple | list):
-            return type(value)(record(v) for v in value)
-        return value
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, node: torch.fx.Node) -> Any:
-            result = super().run_node(node)
-            if node.op != "output":
-                node.meta["example_value"] = record(result)
-                node.meta.pop("val", None)
-            return result
-
-    with torch.no_grad():
-        Recorder(static).run(*args)
-    folded: set[torch.fx.Node] = set()
+    placeholders = [n for n in static.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(args):
+        raise RuntimeError(f"the graph has {len(placeholders)} inputs but was called with {len(args)}")
+    values = [n.meta.get("example_value") for n in placeholders]
+    shape_env = next(
+        (s.node.shape_env for v in values for s in _symbolic_parts(v)),
+        None,
+    )
+    assert shape_env is not None, "specialize_to_inputs needs a graph with symbolic input sizes"
+    bindings = shape_env.bind_symbols([v if isinstance(v, torch.Tensor | torch.SymInt) else None for v in values], args)
+    argument = dict(zip(placeholders, args, strict=True))
+    folded: dict[torch.fx.Node, Any] = {}
     for node in static.graph.nodes:
-        if _is_foldable(node, folded):
-            folded.add(node)
-    for node in folded:
-        value = node.meta["example_value"]
+        value = node.meta.get("example_value")
+        concrete = _concrete(value, shape_env, bindings)
+        if concrete is None and _is_global_constant_item(node):
+            concrete = argument[node.args[0]].item()  # type: ignore[index]
+        if concrete is not None:
+            folded[node] = concrete
+    for node, concrete in folded.items():
         for user in list(node.users):
-            user.replace_input_with(node, value)  # type: ignore[arg-type]
+            user.replace_input_with(node, concrete)  # type: ignore[arg-type]
     for node in reversed(list(static.graph.nodes)):
         if node in folded and node.op != "placeholder" and not node.users:
             static.graph.erase_node(node)
     static.graph.lint()
     static.recompile()
+    mode = static_fake_mode()
+    with torch.no_grad():
+        _FakePropagator(static, mode).run(*fake_inputs(mode, args))
     return static
+
+
+def _symbolic_parts(value: Any) -> list[Any]:
+    if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
+        return [value]
+    if isinstance(value, torch.Tensor):
+        return [s for s in (*value.shape, *value.stride()) if isinstance(s, torch.SymInt)]
+    return []
+
+
+def _is_global_constant_item(node: torch.fx.Node) -> bool:
+    """``.item()`` of a global constant tensor (a function default Dynamo lifted as an input),
+    never of a user input, a module attribute or a parameter."""
+    if not (node.op == "call_method" and node.target == "item"):
+        return False
+    source = node.args[0]
+    return isinstance(source, torch.fx.Node) and source.op == "placeholder" and _source_name(source).startswith("G[")
 
 
 class ShapeSpecializingRuntime:
@@ -365,6 +422,12 @@ def scalingcache(
     elif options and any(k in ScalingCacheConfig.option_names() for k in options):
         raise ValueError("pass ScalingCache settings either as config= or in options=, not both")
     module = traced_module()
+    try:
+        check_whole_model(module)
+    except UnsupportedGraphError as error:
+        if config.fallback is Fallback.INDUCTOR:
+            return _fallback(gm, example_inputs, config, patches, error)
+        raise
     if _has_symbolic_shapes(gm):
         # dynamic=True, or Dynamo's automatic dynamic shapes after a size changed.
         return ShapeSpecializingRuntime(gm, config, patches, module)

@@ -16,7 +16,7 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from sc_compile.passes.layout import BlockInfo, CacheLayout, example_value
-from sc_compile.passes.module_paths import numbered_ancestor_of, top_level_block_of
+from sc_compile.passes.module_paths import module_classes, numbered_ancestor_of, top_level_block_of
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,28 @@ def _is_tensor_valued(node: torch.fx.Node) -> bool:
     return isinstance(example_value(node), torch.Tensor)
 
 
+def input_size_symbols(value: object) -> set[object]:
+    """Symbols of ``value`` that stand for input sizes (Dynamo's ``s0``). The symbols of
+    data-dependent ops (``u0`` of ``nonzero``, boolean-mask indexing or ``.item()``) and of float
+    inputs Dynamo does not specialise (``zf0``: a LoRA scale, a norm's eps) are values, not sizes,
+    and may stay in a graph the passes rewrite."""
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    return {s for s in free_symbols(value) if symbol_is_type(s, SymT.SIZE)}
+
+
 def _check_static(node: torch.fx.Node, model_class: str) -> None:
     value = example_value(node)
-    if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
+    if not isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool | torch.Tensor):
+        return
+    if input_size_symbols(value):
+        shown = tuple(value.shape) if isinstance(value, torch.Tensor) else value
         raise UnsupportedGraphError(
-            f"{model_class}: node {node.name!r} is a symbolic size; ScalingCache needs static shapes. "
-            "Compile with dynamic=False (the default for a first compile); a new resolution then "
-            "recompiles once for that shape."
-        )
-    if isinstance(value, torch.Tensor) and any(not isinstance(s, int) for s in value.shape):
-        raise UnsupportedGraphError(
-            f"{model_class}: tensor {node.name!r} has symbolic shape {tuple(value.shape)}; "
-            "ScalingCache needs static shapes. Compile with dynamic=False."
+            f"{model_class}: {node.name!r} has a symbolic input size ({shown}); the cache passes need "
+            "a graph specialised to static sizes. The backend specialises a dynamic-shape graph per "
+            "input size before these passes; call the passes on that specialisation, or compile with "
+            "dynamic=False."
         )
 
 
@@ -59,7 +69,67 @@ def _attributed_blocks(graph: torch.fx.Graph) -> dict[torch.fx.Node, str]:
         block = top_level_block_of(node, root)
         if block is not None:
             owner[node] = block
-    return owner
+    repeated = _repeated_blocks(owner)
+    owner = {node: block for node, block in owner.items() if block in repeated}
+    return _first_calls_only(nodes, owner)
+
+
+# Single layers of torch.nn: a numbered group of them (``nn.Sequential(Linear, Linear)``) is not a
+# group of blocks. torch.nn's own blocks (``nn.TransformerEncoderLayer``) are.
+_LAYER_TYPES = (
+    torch.nn.Linear,
+    torch.nn.Identity,
+    torch.nn.modules.dropout._DropoutNd,
+    torch.nn.modules.conv._ConvNd,
+    torch.nn.LayerNorm,
+    torch.nn.GroupNorm,
+    torch.nn.RMSNorm,
+    torch.nn.Embedding,
+)
+
+
+def _is_layer(cls: object) -> bool:
+    return isinstance(cls, type) and (
+        issubclass(cls, _LAYER_TYPES) or cls.__module__ == "torch.nn.modules.activation"
+    )
+
+
+def _repeated_blocks(owner: dict[torch.fx.Node, str]) -> set[str]:
+    """The numbered children that are repeated blocks: every ``<name>.<int>`` of one ``<name>``
+    is an instance of one class, and not a single layer (``nn.Sequential(Linear, SiLU, Linear)``,
+    a timestep or text projection, is a numbered group of layers, not of blocks)."""
+    classes: dict[str, set[object]] = {}
+    for node, block in owner.items():
+        cls = module_classes(node).get(block)
+        if cls is not None:
+            classes.setdefault(block, set()).add(cls)
+    groups: dict[str, set[object]] = {}
+    for block, found in classes.items():
+        groups.setdefault(block.rsplit(".", 1)[0], set()).update(found)
+    dropped = {group for group, found in groups.items() if len(found) != 1 or _is_layer(next(iter(found)))}
+    if dropped:
+        log.debug("numbered groups that are not repeated blocks: %s", sorted(dropped))
+    return {block for block in owner.values() if block.rsplit(".", 1)[0] not in dropped}
+
+
+def _first_calls_only(nodes: list[torch.fx.Node], owner: dict[torch.fx.Node, str]) -> dict[torch.fx.Node, str]:
+    """Keep each block's first call: nodes of a block's modules that run again after the next block
+    has started are a later call of a shared submodule, not the block (DiT's output head calls
+    ``transformer_blocks[0].norm1.emb`` once more for its own conditioning). They stay outside
+    every block, so they run at every step."""
+    position = {node: index for index, node in enumerate(nodes)}
+    starts: dict[str, int] = {}
+    for node, block in owner.items():
+        starts[block] = min(starts.get(block, position[node]), position[node])
+    ordered = sorted(starts.values())
+    cutoff = {}
+    for block, start in starts.items():
+        later = [s for s in ordered if s > start]
+        cutoff[block] = later[0] if later else len(nodes)
+    kept = {node: block for node, block in owner.items() if position[node] < cutoff[block]}
+    if len(kept) != len(owner):
+        log.debug("%d nodes of later calls of block submodules left outside the blocks", len(owner) - len(kept))
+    return kept
 
 
 def _collect_block(
@@ -106,6 +176,92 @@ def _collect_block(
         forced_out |= newly_forced
 
 
+def _block_inputs(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """Values from outside the block that members read, in first-use order."""
+    member_set = set(members)
+    inputs: list[torch.fx.Node] = []
+    seen: set[torch.fx.Node] = set()
+    for node in members:
+        for arg in node.all_input_nodes:
+            if arg not in member_set and arg not in seen:
+                seen.add(arg)
+                inputs.append(arg)
+    return inputs
+
+
+def _where(node: torch.fx.Node) -> str:
+    """The user source line of ``node`` as Dynamo recorded it (for error messages)."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
+    return lines[-1] if lines else f"node {node.format_node()}"
+
+
+def _scalar_chain(node: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The nodes that compute the non-tensor value ``node`` from tensors and constants, in graph
+    order (``scale.item() * 0.5``, ``x.shape[1] // 2``), or ``None`` when a non-tensor graph input
+    or a node that mutates something is among them."""
+    from sc_compile.backends.dead_code import mutated_inputs
+
+    chain: set[torch.fx.Node] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current in chain or _is_tensor_valued(current):
+            continue
+        if current.op not in ("call_function", "call_method") or mutated_inputs(current) or current.is_impure():
+            return None
+        chain.add(current)
+        stack.extend(current.all_input_nodes)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(chain, key=order.__getitem__)
+
+
+def _rematerialize_scalars(
+    graph: torch.fx.Graph,
+    members: list[torch.fx.Node],
+    scalars: list[torch.fx.Node],
+    name: str,
+    model_class: str,
+) -> list[torch.fx.Node]:
+    """Recompute, inside the block, the non-tensor values it reads from outside.
+
+    A block's cond operands must be tensors. A float forward argument or attribute that Dynamo
+    does not specialise (a LoRA scale after its second value, a norm's ``eps`` under
+    ``dynamic=True``) arrives as a 0-d tensor input and ``.item()``; the arithmetic on it that the
+    model does once before its blocks is repeated in each block that reads it, so the block
+    reads the tensor (a graph input) and the value stays an input of every specialised graph.
+    """
+    copies: dict[torch.fx.Node, torch.fx.Node] = {}
+    new_members: list[torch.fx.Node] = []
+    first = members[0]
+    for scalar in scalars:
+        chain = _scalar_chain(scalar)
+        if chain is None:
+            raise UnsupportedGraphError(
+                f"{model_class}: block {name!r} reads a non-tensor value {scalar.name!r} "
+                f"({type(example_value(scalar)).__name__}, {_where(scalar)}) that is not computed from "
+                "tensors alone (a Python scalar graph input, or a mutation). ScalingCache can only guard "
+                "blocks whose inputs are tensors: pass the value as a tensor, or let Dynamo specialise "
+                "it (torch._dynamo.config.specialize_float, the default without dynamic=True)."
+            )
+        for node in chain:
+            if node in copies:
+                continue
+            with graph.inserting_before(first):
+                copies[node] = graph.node_copy(node, lambda arg: copies.get(arg, arg))
+            new_members.append(copies[node])
+    member_set = set(members)
+    for member in members:
+        for scalar, copy in copies.items():
+            if scalar in member.all_input_nodes:
+                member.replace_input_with(scalar, copy)
+    for node in reversed(list(copies)):
+        if not node.users:
+            graph.erase_node(node)
+    assert all(c not in member_set for c in new_members)
+    return new_members + members
+
+
 def find_blocks(gm: torch.fx.GraphModule, model_class: str = "") -> PassResult:
     """Record the top-level blocks of ``gm`` in ``gm.meta``; hoist glue out of block ranges.
 
@@ -144,21 +300,22 @@ def find_blocks(gm: torch.fx.GraphModule, model_class: str = "") -> PassResult:
                 modified = True
         all_nodes = list(graph.nodes)
         order = {node: index for index, node in enumerate(all_nodes)}
+        scalars = [a for a in _block_inputs(members) if not _is_tensor_valued(a)]
+        if scalars:
+            members = _rematerialize_scalars(graph, members, scalars, name, model_class)
+            modified = True
+            all_nodes = list(graph.nodes)
+            order = {node: index for index, node in enumerate(all_nodes)}
         member_set = set(members)
-        inputs: list[torch.fx.Node] = []
-        seen: set[torch.fx.Node] = set()
-        for node in members:
-            for arg in node.all_input_nodes:
-                if arg not in member_set and arg not in seen:
-                    seen.add(arg)
-                    inputs.append(arg)
+        inputs = _block_inputs(members)
         outputs = [n for n in members if any(user not in member_set for user in n.users)]
-        for node in inputs + outputs:
+        for node in outputs:
             if not _is_tensor_valued(node):
                 raise UnsupportedGraphError(
-                    f"{model_class}: block {name!r} exchanges a non-tensor value {node.name!r} "
-                    f"({type(example_value(node)).__name__}) with the rest of the graph; ScalingCache "
-                    "can only guard blocks whose inputs and outputs are tensors."
+                    f"{model_class}: block {name!r} returns a non-tensor value {node.name!r} "
+                    f"({type(example_value(node)).__name__}, {_where(node)}) that the rest of the graph "
+                    "reads; a cached step could not produce it. ScalingCache can only skip blocks whose "
+                    "outputs are tensors: return it as a tensor, or compute it outside the block."
                 )
         if not outputs:
             log.debug("block %s has no outputs (dead code); skipped", name)

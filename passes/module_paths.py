@@ -79,3 +79,12 @@ def top_level_block_of(node: torch.fx.Node, root: str = "") -> str | None:
     if found is None or found[0] != root:
         return None
     return found[1]
+
+
+def module_classes(node: torch.fx.Node) -> dict[str, object]:
+    """The class of each module that owns ``node``, by normalised path (as ``nn_module_stack`` records it)."""
+    classes: dict[str, object] = {}
+    for value in (node.meta.get("nn_module_stack") or {}).values():
+        if isinstance(value, tuple) and len(value) >= 2:
+            classes[normalize_module_path(str(value[0]))] = value[1]
+    return classes
