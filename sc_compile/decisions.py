@@ -1,0 +1,224 @@
+"""The seam between the runtime and the decision logic (``schedule.py``, ``alpha.py``).
+
+Everything the runtime asks of the decision logic goes through :class:`Decisions`: constructing
+the decision units, folding in the statistics of full steps, deciding a step with its α row, and
+writing a decision's coefficients into the step's device buffers. The runtime gives it, per step,
+a :class:`StepInfo`: the step index, the generation's step count when known, and the step's
+timestep and sigma when known (read lazily, so a decision that does not need them costs no host
+read).
+
+The steps a unit decides are contiguous from the first step it sees: a step at which none of its
+streams ran is decided (and its coefficients accumulated) when a later step asks, so a stream that
+comes back predicts across the gap with the closed form of SPEC §1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+from sc_compile.alpha import AlphaTable
+from sc_compile.config import ChangePoints, ScalingCacheConfig
+from sc_compile.schedule import DecisionUnit, StepDecision
+from sc_compile.state import StepCoefficients
+
+log = logging.getLogger(__name__)
+
+StatsReader = Callable[[Sequence[int]], list[list[list[float]]]]
+
+
+class StepInfo:
+    """What the clock knows about a step. ``timestep()``/``sigma()`` may read the device once."""
+
+    def __init__(
+        self,
+        step: int,
+        num_steps: int | None,
+        timestep: Callable[[], float | None],
+        sigma: Callable[[], float | None] = lambda: None,
+    ):
+        self.step = step
+        self.num_steps = num_steps
+        self._timestep = timestep
+        self._sigma = sigma
+
+    def timestep(self) -> float | None:
+        return self._timestep()
+
+    def sigma(self) -> float | None:
+        return self._sigma()
+
+
+class Decisions:
+    """The decision units of one generation (one per stream, or one shared) and their α rows."""
+
+    def __init__(
+        self,
+        *,
+        config: ScalingCacheConfig,
+        num_points: int,
+        feeds_output: Sequence[bool],
+        alpha: AlphaTable | None,
+        num_steps: int | None,
+        read_stats: StatsReader,
+        warn: Callable[..., None],
+    ):
+        self.config = config
+        self.num_points = num_points
+        self.alpha = alpha
+        # The table's rows as host lists, read once (the table lives on the host).
+        self._alpha_rows: list[list[float]] = alpha.alpha.tolist() if alpha is not None else []
+        self.num_steps = num_steps
+        self.warmup_steps = config.warmup_for(num_steps)
+        self.change_points = (
+            None if config.change_points is ChangePoints.ALL else [i for i, feeds in enumerate(feeds_output) if feeds]
+        )
+        self._read_stats = read_stats
+        self._warn = warn
+        self.units: dict[int, DecisionUnit] = {}
+        self._first_step: dict[int, int] = {}
+        self._observed_through: dict[int, int] = {}
+        # Streams whose statistics measure the unit's last full step (they ran it in sync).
+        self._synced: dict[int, list[int]] = {}
+        self._coefficients: dict[int, StepCoefficients] = {}
+        self._resampled_logged = False
+
+    def unit_key(self, stream: int) -> int:
+        return 0 if self.config.share_decision_across_streams else stream
+
+    def _unit(self, key: int, step: int) -> DecisionUnit:
+        unit = self.units.get(key)
+        if unit is None:
+            unit = DecisionUnit(
+                num_points=self.num_points,
+                warmup_steps=self.warmup_steps,
+                final_full_steps=self.config.final_full_steps,
+                num_steps=self.num_steps,
+                static_interval=self.config.static_interval,
+                change_points=self.change_points,
+            )
+            self.units[key] = unit
+            self._first_step[key] = step
+            self._observed_through[key] = step - 1
+        return unit
+
+    def _decision_at(self, key: int, step: int) -> StepDecision | None:
+        unit = self.units[key]
+        index = step - self._first_step[key]
+        return unit.decisions[index] if 0 <= index < len(unit.decisions) else None
+
+    def _alpha_row(self, info: StepInfo) -> list[float]:
+        if self.alpha is None:
+            return [1.0] * self.num_points
+        step = info.step
+        if step < self.alpha.num_steps and not self.alpha.timesteps:
+            return self._alpha_rows[step]
+        timestep = info.timestep()
+        if timestep is None:
+            raise RuntimeError(
+                f"ScalingCache: step {step} needs the α table's timestep check, but the step's timestep is "
+                "unknown; this is a bug in sc_compile, please report it."
+            )
+        if self.alpha.matches_schedule(step, timestep):
+            return self._alpha_rows[step]
+        if not self._resampled_logged:
+            self._resampled_logged = True
+            log.info(
+                "ScalingCache: step %d timestep %.6g is not the calibrated schedule's (%d steps); "
+                "resampling α over the timestep",
+                step,
+                timestep,
+                self.alpha.num_steps,
+            )
+        return self.alpha.resampled_row(timestep)
+
+    def _observe(self, key: int, upto_step: int, collective: bool = True, has_group: bool = False) -> None:
+        """Fold the changes of the unit's steps before ``upto_step`` into it (at most one read)."""
+        unit = self.units[key]
+        step = self._observed_through[key] + 1
+        while step < upto_step:
+            decision = self._decision_at(key, step)
+            if decision is None:
+                break
+            if decision.full and not collective and has_group:
+                break
+            if decision.full:
+                streams = self._synced.get(key, [])
+                stats = self._read_stats(streams) if streams else []
+                change = unit.observe_full(step, stats)
+            else:
+                change = unit.observe_cached(step)
+            if change is not None and not math.isfinite(change):
+                self._warn(
+                    "nonfinite",
+                    "ScalingCache: the change at step %d is %s (non-finite hidden states); the next step "
+                    "runs in full, and the report lists the step in nonfinite_steps.",
+                    step,
+                    change,
+                )
+            self._observed_through[key] = step
+            step += 1
+
+    def decide(self, stream: int, info: StepInfo, step_info: Callable[[int], StepInfo]) -> StepDecision:
+        """The decision of ``info.step`` for ``stream``'s unit (made once per unit and step)."""
+        key = self.unit_key(stream)
+        unit = self._unit(key, info.step)
+        existing = self._decision_at(key, info.step)
+        if existing is not None:
+            return existing
+        next_step = self._first_step[key] + len(unit.decisions)
+        if info.step < next_step:
+            raise RuntimeError(f"ScalingCache: step {info.step} was decided out of order; this is a bug in sc_compile")
+        decision: StepDecision | None = None
+        for step in range(next_step, info.step + 1):
+            self._observe(key, step)
+            decision = unit.decide(step, self._alpha_row(info if step == info.step else step_info(step)))
+            if decision.full:
+                self._synced[key] = []
+        assert decision is not None
+        return decision
+
+    def unit_last_full(self, stream: int, before: int) -> int | None:
+        """The unit's last full step before step ``before``."""
+        key = self.unit_key(stream)
+        if key not in self.units:
+            return None
+        for step in range(before - 1, self._first_step[key] - 1, -1):
+            decision = self._decision_at(key, step)
+            if decision is not None and decision.full:
+                return step
+        return None
+
+    def synced_full(self, stream: int) -> None:
+        """``stream`` ran the unit's full step with the unit's coefficients: its stats count."""
+        self._synced.setdefault(self.unit_key(stream), []).append(stream)
+
+    def coefficients(self, stream: int, decision: StepDecision, device) -> StepCoefficients:
+        """The decision's coefficient buffers, written once per unit and step."""
+        key = self.unit_key(stream)
+        buffers = self._coefficients.get(key)
+        if buffers is None:
+            buffers = self._coefficients[key] = StepCoefficients(self.num_points, device)
+        buffers.write(decision.coef, decision.refresh, decision)
+        return buffers
+
+    def finish(self, collective: bool = True, has_group: bool = False) -> None:
+        """Fold in every decided step (for a report)."""
+        for key, unit in self.units.items():
+            self._observe(key, self._first_step[key] + len(unit.decisions), collective, has_group)
+
+    # -- what the report reads -----------------------------------------------------------------
+    def stream_changes(self, stream: int, steps: int) -> list[float | None]:
+        key = self.unit_key(stream)
+        unit = self.units.get(key)
+        position = stream if self.config.share_decision_across_streams else 0
+        changes: list[float | None] = []
+        for step in range(steps):
+            per_stream = unit.stream_changes.get(step) if unit is not None else None
+            changes.append(per_stream[position] if per_stream and position < len(per_stream) else None)
+        return changes
+
+    @property
+    def nonfinite_steps(self) -> tuple[int, ...]:
+        return tuple(sorted({s for u in self.units.values() for s in u.nonfinite_steps}))
