@@ -23,7 +23,8 @@ from sc_compile.config import ChangePoints, ScalingCacheConfig
 from sc_compile.schedule import DecisionUnit, StepDecision
 from sc_compile.state import StepCoefficients
 
-log = logging.getLogger(__name__)
+# The runtime's logger: what a generation did is logged under one name users filter on.
+log = logging.getLogger("sc_compile.runtime")
 
 StatsReader = Callable[[Sequence[int]], list[list[list[float]]]]
 

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from sc_compile.alpha import AlphaTable
     from sc_compile.reporting import GenerationReport
 
-log = logging.getLogger(__name__)
+# The runtime's logger: what a generation did is logged under one name users filter on.
+log = logging.getLogger("sc_compile.runtime")
 
 
 def module_key(module: torch.nn.Module) -> Any:
