@@ -70,6 +70,16 @@ class Fallback(str, enum.Enum):
     """Compile the graph uncached with the inner compiler and log a warning."""
 
 
+class StochasticSampler(str, enum.Enum):
+    """What a generation whose sampler injects fresh noise every step does (detected by
+    ``sc_compile.enable``, declared with ``sc_compile.generation(..., stochastic_sampler=True)``)."""
+
+    REFUSE = "refuse"
+    """Raise an error that says why and how to keep fidelity (the default)."""
+    WARN = "warn"
+    """Cache anyway and warn once per generation: cached steps never see the injected noise."""
+
+
 # Paper setting: S_f = 10 full warm-up steps out of 50.
 REFERENCE_WARMUP_STEPS = 10
 REFERENCE_NUM_STEPS = 50
@@ -127,6 +137,9 @@ class ScalingCacheConfig:
     cache_dtype: torch.dtype | None = None
     """dtype of the cache buffers; ``None``: the dtype of each cached hidden state."""
 
+    stochastic_sampler: StochasticSampler = StochasticSampler.REFUSE
+    """A sampler that injects fresh noise every step: refuse (default) or cache with a warning."""
+
     def __post_init__(self) -> None:
         def coerce(name: str, enum_type: type[enum.Enum]) -> None:
             value = getattr(self, name)
@@ -143,6 +156,7 @@ class ScalingCacheConfig:
         coerce("compiler", InnerCompiler)
         coerce("fallback", Fallback)
         coerce("change_points", ChangePoints)
+        coerce("stochastic_sampler", StochasticSampler)
         if self.static_interval is not None and (
             not isinstance(self.static_interval, int) or isinstance(self.static_interval, bool) or self.static_interval < 1
         ):

@@ -28,7 +28,7 @@ import torch
 
 from sc_compile.alpha import AlphaTable
 from sc_compile.clock import EXPLICIT_SOURCES, ClockError, NewGeneration
-from sc_compile.config import Prediction, ScalingCacheConfig
+from sc_compile.config import ScalingCacheConfig, StochasticSampler
 from sc_compile.decisions import StepInfo
 from sc_compile.generations import (
     Generation,
@@ -144,6 +144,7 @@ class ScalingCacheRuntime:
         self._last_session: ModuleSession | None = None
         self._uncached: _Uncached | None = None
         self._uncached_lock = threading.Lock()
+        self._warned_scopes: set[str] = set()
         if module is not None:
             self._session_of_key(self._fixed_key)
 
@@ -272,15 +273,25 @@ class ScalingCacheRuntime:
         return generation, (step, stream, lambda: mean)
 
     def _refuse_stochastic(self, scope: GenerationScope) -> None:
-        if self.config.prediction is Prediction.HIDDEN:
-            how = "declared with stochastic_sampler=True" if scope.stochastic_sampler else "its scheduler drew random numbers in a step"
-            raise StochasticSamplerError(
-                f"ScalingCache: this generation uses a stochastic sampler ({how}): it injects fresh noise "
-                "into the latents every step. A cached step predicts the hidden states from past full steps "
-                "and never sees that noise, so the image drifts from the uncached one. Compile with "
-                "options={'prediction': 'residual'}: a cached step then adds the predicted residual to the "
-                "current step's input, which carries the noise."
-            )
+        how = "declared with stochastic_sampler=True" if scope.stochastic_sampler else "its scheduler drew random numbers in a step"
+        what = (
+            f"ScalingCache: this generation uses a stochastic sampler ({how}): it injects fresh noise into the "
+            "latents every step, and a cached step, predicted from past full steps, never sees it, so the result "
+            "drifts from the uncached one"
+        )
+        if self.config.stochastic_sampler is StochasticSampler.WARN:
+            generation_key = f"stochastic-{id(scope)}"
+            if generation_key not in self._warned_scopes:
+                self._warned_scopes.add(generation_key)
+                log.warning("%s (caching anyway, as options={'stochastic_sampler': 'warn'} asks).", what)
+            return
+        raise StochasticSamplerError(
+            f"{what}. To keep fidelity use the scheduler's deterministic (ODE) mode, e.g. "
+            "FlowMatchEulerDiscreteScheduler(stochastic_sampling=False), or run this pipeline uncompiled by "
+            "ScalingCache; options={'stochastic_sampler': 'warn'} caches anyway with a warning "
+            "(prediction='residual' adds the prediction to the current input, which carries the noise, "
+            "and drifts less)."
+        )
 
     # -- dispatch ------------------------------------------------------------------------------
     def _dispatch(self, generation: Generation, placement: tuple[int, int, Callable[[], float | None]], args: tuple[Any, ...]) -> Any:
