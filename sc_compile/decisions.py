@@ -145,7 +145,9 @@ class Decisions:
             if decision.full and not collective and has_group:
                 break
             if decision.full:
-                streams = self._synced.get(key, [])
+                # The unit's first step measures no change (nothing before it), and the next step
+                # is full too (no history yet), whose statistics replace its norms: not read.
+                streams = self._synced.get(key, []) if step > self._first_step[key] else []
                 stats = self._read_stats(streams) if streams else []
                 change = unit.observe_full(step, stats)
             else:

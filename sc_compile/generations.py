@@ -179,6 +179,7 @@ class LayoutState:
         self.next_step.write([0.0] * layout.num_points, [1.0] * layout.num_points, "next")
         self.is_full_flag = torch.ones((), dtype=torch.bool, device=layout.device)
         self.scratch: StreamState | None = None
+        self._gathered: torch.Tensor | None = None
 
     def stream(self, index: int, pool: StatePool) -> StreamState:
         while len(self.streams) <= index:
@@ -198,9 +199,14 @@ class LayoutState:
         return stats
 
     def read_stats(self, streams: list[int] | tuple[int, ...]) -> list[list[list[float]]]:
-        """The one device→host read of a full step: the statistics of ``streams``."""
+        """The one device→host read of a full step: the statistics of ``streams``, gathered into a
+        preallocated table (it grows only when a generation has more streams than before)."""
         tables = [self.streams[s].stats for s in streams]  # type: ignore[union-attr]
-        return self.global_stats(torch.stack(tables)).tolist()
+        if self._gathered is None or self._gathered.shape[0] < len(tables):
+            self._gathered = torch.empty(len(tables), *tables[0].shape, dtype=tables[0].dtype, device=tables[0].device)
+        gathered = self._gathered[: len(tables)]  # [S, P, NUM_STAT_COLUMNS]
+        torch.stack(tables, out=gathered)
+        return self.global_stats(gathered).tolist()
 
     @property
     def nbytes(self) -> int:
