@@ -105,7 +105,13 @@ def generation(
     """
     import threading
 
-    from sc_compile.generations import GenerationScope, module_key, pop_scope, push_scope, sessions_of
+    from sc_compile.generations import (
+        GenerationScope,
+        module_key,
+        pop_scope,
+        push_scope,
+        sessions_of,
+    )
 
     if num_inference_steps is not None and (
         not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1

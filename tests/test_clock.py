@@ -85,7 +85,7 @@ def test_case01_threads_with_their_own_pipelines_share_a_compiled_model():
         results: dict[int, object] = {}
         barrier = threading.Barrier(len(pipes))
 
-        def work(index: int) -> None:
+        def work(index: int, barrier=barrier, results=results) -> None:
             barrier.wait()
             with torch.no_grad():
                 results[index] = pipes[index](_latents(index), 12)
@@ -136,7 +136,7 @@ def test_case01_concurrent_generations_in_their_own_contexts_are_isolated():
         results: dict[int, list[float]] = {}
         turn = threading.Barrier(3)
 
-        def work(index: int) -> None:
+        def work(index: int, turn=turn, results=results) -> None:
             scale = 1.0 + index
             out = []
             with torch.no_grad(), sc_compile.generation(model):

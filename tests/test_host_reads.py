@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_clock import EAGER, LoopPipeline, _latents
 
 import sc_compile
 from sc_compile.runtime import ScalingCacheRuntime
 
 from dummy_dit import DummyDiT
-from test_clock import EAGER, LoopPipeline, _latents
 
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu")
 CONSTRUCTORS = ("tensor", "zeros", "ones", "empty", "full", "zeros_like", "empty_like", "as_tensor")
