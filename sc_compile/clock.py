@@ -105,6 +105,11 @@ class StepClock:
         return first if all(v == first for v in values) else sum(values) / len(values)
 
     # -- pipeline ------------------------------------------------------------------------------
+    def record_timestep(self, step: int, value: float) -> None:
+        """Keep a timestep the runtime read for ``step`` (the pipeline clock reads none itself)."""
+        if 0 <= step < len(self._values) and self._values[step] is None:
+            self._values[step] = (value,)
+
     def place_in_pipeline_step(self, step: int, name: str | None) -> tuple[int, int]:
         """Place a call at ``step`` (the scheduler steps taken so far in the pipeline call)."""
         if step < self.step:

@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -68,8 +68,6 @@ class GenerationScope:
     pipeline: PipelineRun | None = None
     stochastic_sampler: bool = False
     generations: dict[int, Generation] = dataclasses.field(default_factory=dict)
-    # cache_context name of the call in flight (pipeline integration), if any.
-    stream_name: str | None = None
 
     def finish(self, error: BaseException | None) -> None:
         for generation in list(self.generations.values()):
@@ -198,7 +196,7 @@ class LayoutState:
         self.num_allreduces += 1
         return stats
 
-    def read_stats(self, streams: list[int] | tuple[int, ...]) -> list[list[list[float]]]:
+    def read_stats(self, streams: Sequence[int]) -> list[list[list[float]]]:
         """The one device→host read of a full step: the statistics of ``streams``, gathered into a
         preallocated table (it grows only when a generation has more streams than before)."""
         tables = [self.streams[s].stats for s in streams]  # type: ignore[union-attr]

@@ -217,18 +217,22 @@ class ScalingCacheRuntime:
         if scope.pipeline is not None:
             if scope.pipeline.stochastic or scope.stochastic_sampler:
                 self._refuse_stochastic(scope)
-            read: list[float | None] = []
+            read: list[float] = []
+
+            step, stream = generation.clock.place_in_pipeline_step(scope.pipeline.steps_taken, stream_name(key))
 
             def timestep() -> float | None:
                 if not read:
                     values, _ = self._timestep_values(args)
                     read.append(_mean(values))
+                    generation.clock.record_timestep(step, read[0])
                 return read[0]
 
-            if not generation.checked_samples:
+            if not generation.checked_samples or self.calibration_hook is not None:
+                # The one read of the generation's first (full) step: the batch check. Calibration
+                # (every step full, not a hot path) records every step's timestep.
                 generation.checked_samples = True
-                timestep()  # the one read of the generation's first (full) step
-            step, stream = generation.clock.place_in_pipeline_step(scope.pipeline.steps_taken, stream_name(key))
+                timestep()
             return step, stream, timestep
         if scope.stochastic_sampler:
             self._refuse_stochastic(scope)
@@ -378,12 +382,21 @@ class ScalingCacheRuntime:
         return self.session.report()
 
     @property
-    def timesteps(self) -> list[float | None]:
-        """The timesteps of the current (or last) generation's steps, where the clock read them."""
+    def timesteps(self) -> list[float]:
+        """The timestep inputs of the current (or last) generation's steps."""
         generation = self.session.last_generation
         if generation is None:
             return []
-        return [generation.timestep_of(s) for s in range(generation.clock.step + 1)]
+        timesteps = []
+        for step in range(generation.clock.step + 1):
+            timestep = generation.timestep_of(step)
+            if timestep is None:
+                raise RuntimeError(
+                    f"ScalingCache: the timestep of step {step} was not read (the pipeline clock reads none on "
+                    "cached steps); it is recorded for every step only while calibrating."
+                )
+            timesteps.append(timestep)
+        return timesteps
 
     def end_generation(self) -> None:
         """End the session's ambient (timestep-placed) generation: report it and free its state."""
