@@ -244,6 +244,7 @@ class Generation:
         self.num_calls = 0
         self.finished = False
         self.checked_samples = False
+        self.report: GenerationReport | None = None  # built when the generation finishes
         if self.session.config.final_full_steps and self.num_steps is None:
             raise ValueError(
                 f"final_full_steps={self.session.config.final_full_steps} needs the generation's step count: set "
@@ -371,7 +372,7 @@ class ModuleSession:
             report = build_report(generation, finished=True)
             if self.last_generation is generation or self.last_report is None:
                 self.last_report = report
-            generation.report = report  # type: ignore[attr-defined]
+            generation.report = report
         for layout_state in generation.layouts.values():
             states = [s for s in layout_state.streams if s is not None]
             self.pool.give_back(layout_state.key, states)

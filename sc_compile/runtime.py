@@ -180,6 +180,9 @@ class ScalingCacheRuntime:
         scope = active_scope(key)
         if scope is not None:
             generation = session.generation_for(scope)
+            if scope.pipeline is not None and generation.clock.stream_names and stream_name(key) is None:
+                # The pipeline names its denoising calls; one outside any cache_context is not one.
+                return self._run_uncached(args)
             with generation.lock:
                 placement = self._place_in_scope(generation, scope, key, args)
                 return self._dispatch(generation, placement, args)

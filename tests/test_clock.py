@@ -85,10 +85,14 @@ def test_case01_threads_with_their_own_pipelines_share_a_compiled_model():
         results: dict[int, object] = {}
         barrier = threading.Barrier(len(pipes))
 
-        def work(index: int, barrier=barrier, results=results) -> None:
+        def lockstep(pipe, i, t, kwargs, barrier=barrier):
+            barrier.wait(timeout=30)  # every thread finishes step i before any starts step i + 1
+            return kwargs
+
+        def work(index: int, barrier=barrier, results=results, lockstep=lockstep) -> None:
             barrier.wait()
             with torch.no_grad():
-                results[index] = pipes[index](_latents(index), 12)
+                results[index] = pipes[index](_latents(index), 12, callback_on_step_end=lockstep)
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(len(pipes))]
         for thread in threads:
@@ -453,3 +457,52 @@ def test_case14_samples_at_different_timesteps_in_one_batch_are_refused():
     compiled = _compile(DummyDiT())
     with torch.no_grad(), pytest.raises(BatchTimestepError, match="sample 1"):
         compiled(torch.ones(2, 4, 8), torch.tensor([1000.0, 900.0]))
+
+
+# -- 1, with diffusers: two FluxPipelines sharing one compiled transformer -------------------------
+def test_case01_flux_pipelines_in_threads_share_a_compiled_transformer():
+    from diffusers import FluxPipeline
+
+    from sc_compile.demo.models import random_flux_demo
+
+    pipe, embeddings = random_flux_demo(seed=0)
+    transformer = pipe.transformer
+    compiled = torch.compile(transformer, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3})
+    pipes = [
+        sc_compile.enable(FluxPipeline(**{**pipe.components, "transformer": compiled, "scheduler": copy.deepcopy(pipe.scheduler)}))
+        for _ in range(2)
+    ]
+
+    def generate(index, callback=None):
+        with torch.no_grad():
+            return pipes[index](
+                **embeddings.pipeline_kwargs([index + 1], guidance_scale=3.0),  # true CFG: cond, uncond
+                height=28,
+                width=28,
+                num_inference_steps=8,
+                generator=torch.Generator().manual_seed(index),
+                output_type="pt",
+                callback_on_step_end=callback,
+            ).images
+
+    serial = [generate(0), generate(1)]
+    report = sc_compile.report(transformer)
+    assert report.clock == "pipeline" and len(report.streams) == 2 and report.cached_steps
+    for _trial in range(2):
+        barrier = threading.Barrier(2)
+        results: dict[int, torch.Tensor] = {}
+
+        def lockstep(pipe, i, t, kwargs, barrier=barrier):
+            barrier.wait(timeout=60)
+            return kwargs
+
+        def work(index, results=results, lockstep=lockstep):
+            results[index] = generate(index, lockstep)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for index in range(2):
+            torch.testing.assert_close(results[index], serial[index], rtol=0, atol=0)
