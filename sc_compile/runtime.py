@@ -87,6 +87,29 @@ class CompiledStep:
 
 
 @dataclasses.dataclass
+class Placement:
+    """Where a call sits, and how to learn its step's timestep and sigma (each may read once)."""
+
+    step: int
+    stream: int
+    timestep: Callable[[], float | None]
+    sigma: Callable[[], float | None] = lambda: None
+
+
+def _scheduler_sigma(scheduler: Any, step: int) -> Callable[[], float | None]:
+    """The scheduler's sigma of the pipeline's ``step`` (read only when asked)."""
+
+    def sigma() -> float | None:
+        sigmas = getattr(scheduler, "sigmas", None)
+        index = (getattr(scheduler, "begin_index", None) or 0) + step
+        if not isinstance(sigmas, torch.Tensor) or index >= len(sigmas):
+            return None
+        return float(sigmas[index])
+
+    return sigma
+
+
+@dataclasses.dataclass
 class _Uncached:
     """Scratch state for calls outside any generation (``sc_compile.uncached``)."""
 
@@ -216,7 +239,7 @@ class ScalingCacheRuntime:
                     "batch only samples at the same step, or run each schedule in its own call."
                 )
 
-    def _place_in_scope(self, generation: Generation, scope: GenerationScope, key: Any, args: tuple[Any, ...]) -> tuple[int, int, Callable[[], float | None]]:
+    def _place_in_scope(self, generation: Generation, scope: GenerationScope, key: Any, args: tuple[Any, ...]) -> Placement:
         if scope.pipeline is not None:
             if scope.pipeline.stochastic or scope.stochastic_sampler:
                 self._refuse_stochastic(scope)
@@ -236,7 +259,7 @@ class ScalingCacheRuntime:
                 # (every step full, not a hot path) records every step's timestep.
                 generation.checked_samples = True
                 timestep()
-            return step, stream, timestep
+            return Placement(step, stream, timestep, _scheduler_sigma(scope.pipeline.scheduler, step))
         if scope.stochastic_sampler:
             self._refuse_stochastic(scope)
         values, dtype = self._timestep_values(args)
@@ -250,9 +273,9 @@ class ScalingCacheRuntime:
                 "`with sc_compile.uncached(transformer):`."
             ) from None
         mean = _mean(values)
-        return step, stream, lambda: mean
+        return Placement(step, stream, lambda: mean)
 
-    def _place_ambient(self, session: ModuleSession, key: Any, args: tuple[Any, ...]) -> tuple[Generation, tuple[int, int, Callable[[], float | None]]]:
+    def _place_ambient(self, session: ModuleSession, key: Any, args: tuple[Any, ...]) -> tuple[Generation, Placement]:
         values, dtype = self._timestep_values(args)
         generation = session.ambient
         if generation is not None and generation.owner != threading.get_ident():
@@ -277,7 +300,7 @@ class ScalingCacheRuntime:
             generation = session.restart_ambient(generation)
             step, stream = generation.clock.place_by_timestep(values, stream_name(key), dtype)
         mean = _mean(values)
-        return generation, (step, stream, lambda: mean)
+        return generation, Placement(step, stream, lambda: mean)
 
     def _refuse_stochastic(self, scope: GenerationScope) -> None:
         how = "declared with stochastic_sampler=True" if scope.stochastic_sampler else "its scheduler drew random numbers in a step"
@@ -301,12 +324,12 @@ class ScalingCacheRuntime:
         )
 
     # -- dispatch ------------------------------------------------------------------------------
-    def _dispatch(self, generation: Generation, placement: tuple[int, int, Callable[[], float | None]], args: tuple[Any, ...]) -> Any:
-        step, stream, timestep = placement
+    def _dispatch(self, generation: Generation, placement: Placement, args: tuple[Any, ...]) -> Any:
+        step, stream = placement.step, placement.stream
         layout_state = generation.layout_state(self)
         state = layout_state.stream(stream, generation.session.pool)
         decisions = layout_state.decisions
-        info = StepInfo(step, generation.num_steps, timestep)
+        info = StepInfo(step, generation.num_steps, placement.timestep, placement.sigma)
         decision = decisions.decide(
             stream, info, lambda s: StepInfo(s, generation.num_steps, lambda: generation.timestep_of(s))
         )

@@ -506,3 +506,26 @@ def test_case01_flux_pipelines_in_threads_share_a_compiled_transformer():
             thread.join()
         for index in range(2):
             torch.testing.assert_close(results[index], serial[index], rtol=0, atol=0)
+
+
+def test_the_decision_seam_gets_the_step_count_timestep_and_sigma(monkeypatch):
+    """What the decision logic is given per step under the pipeline clock (read lazily)."""
+    from sc_compile.decisions import Decisions
+
+    seen = []
+    decide = Decisions.decide
+
+    def spy(self, stream, info, step_info):
+        seen.append(info)
+        return decide(self, stream, info, step_info)
+
+    monkeypatch.setattr(Decisions, "decide", spy)
+    model = DummyDiT()
+    pipe = sc_compile.enable(LoopPipeline(_compile(model)))
+    with torch.no_grad():
+        pipe(_latents(), 12)
+    assert [info.step for info in seen] == list(range(12))
+    assert {info.num_steps for info in seen} == {12}
+    sigmas = pipe.scheduler.sigmas.tolist()
+    assert [info.sigma() for info in seen] == pytest.approx(sigmas[:12])
+    assert [info.timestep() for info in seen] == pytest.approx(pipe.scheduler.timesteps.tolist())
