@@ -176,7 +176,6 @@ class LayoutState:
         self.next_step = StepCoefficients(layout.num_points, layout.device)
         self.next_step.write([0.0] * layout.num_points, [1.0] * layout.num_points, "next")
         self.is_full_flag = torch.ones((), dtype=torch.bool, device=layout.device)
-        self.scratch: StreamState | None = None
         self._gathered: torch.Tensor | None = None
 
     def stream(self, index: int, pool: StatePool) -> StreamState:
@@ -377,7 +376,6 @@ class ModuleSession:
             states = [s for s in layout_state.streams if s is not None]
             self.pool.give_back(layout_state.key, states)
             layout_state.streams.clear()
-            layout_state.scratch = None
         if self.ambient is generation:
             self.ambient = None
 

@@ -529,3 +529,17 @@ def test_the_decision_seam_gets_the_step_count_timestep_and_sigma(monkeypatch):
     sigmas = pipe.scheduler.sigmas.tolist()
     assert [info.sigma() for info in seen] == pytest.approx(sigmas[:12])
     assert [info.timestep() for info in seen] == pytest.approx(pipe.scheduler.timesteps.tolist())
+
+
+def test_sequential_generations_in_different_threads_need_no_context():
+    """A serving thread pool: one generation after another, each in whichever worker is free."""
+    model = DummyDiT()
+    compiled = _compile(model)
+    reference = _run(compiled)
+    results = []
+    for _ in range(3):
+        worker = threading.Thread(target=lambda: results.append(_run(compiled)))
+        worker.start()
+        worker.join()
+    assert results == [reference] * 3
+    assert sc_compile.report(model).num_steps == len(SEQUENCE)
