@@ -139,3 +139,22 @@ def test_outputs_never_alias_the_cache_state():
     assert state_pointers
     assert all(out.untyped_storage().data_ptr() not in state_pointers for out in outputs)
     assert all(getattr(b, "_dynamo_static_input_type", None) for s in runtime.streams for b in s.buffers)
+
+
+def test_a_cached_step_mutates_nothing():
+    """The cached-step graph reads the state and writes nothing: not the state, not the inputs."""
+    from sc_compile.runtime import latest_runtime
+
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options=EAGER)
+    with torch.no_grad():
+        for i, value in enumerate([16.0, 12.0, 10.0]):  # the warm-up: full steps
+            compiled(torch.ones(1, 4, 8) * value, torch.tensor([1000.0 - 100.0 * i]))
+        runtime = latest_runtime(model)
+        state = [t for s in runtime.streams for t in (*s.buffers, s.stats)]
+        inputs = (torch.ones(1, 4, 8) * 9.0, torch.tensor([700.0]))
+        versions = [t._version for t in (*state, *inputs)]
+        cached_before = runtime.num_cached_calls
+        compiled(*inputs)
+    assert runtime.num_cached_calls == cached_before + 1  # the call was a cached step
+    assert [t._version for t in (*state, *inputs)] == versions
