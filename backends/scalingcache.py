@@ -29,7 +29,7 @@ from sc_compile.passes.find_blocks import (
     input_size_symbols,
 )
 from sc_compile.passes.layout import CacheLayout, required_tensor_meta, tensor_meta
-from sc_compile.runtime import CompiledStep, PointLayout, ScalingCacheRuntime, session_for
+from sc_compile.runtime import CompiledStep, PointLayout, ScalingCacheRuntime
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,22 @@ def traced_module() -> torch.nn.Module | None:
         if isinstance(value, torch.nn.Module):
             return getattr(value, "_orig_mod", value)
     return None
+
+
+def compile_token() -> object | None:
+    """What identifies the ``torch.compile`` call Dynamo is compiling for (shared by its recompiles)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    return None if tx is None else tx.output.compiler_fn
+
+
+def identity_input(example_inputs: Sequence[Any], module: torch.nn.Module | None) -> int | None:
+    """Index of the graph input that is ``module``'s first parameter (it names the module a call runs)."""
+    first = next(module.parameters(), None) if module is not None else None
+    if first is None:
+        return None
+    return next((i for i, value in enumerate(example_inputs) if value is first), None)
 
 
 def _source_name(node: torch.fx.Node) -> str:
@@ -175,6 +191,7 @@ def build_runtime(
     config: ScalingCacheConfig,
     config_patches: Mapping[str, Any],
     module: torch.nn.Module | None = None,
+    token: object | None = None,
 ):
     """Passes, lowering, inner compilation and the runtime for one Dynamo graph."""
     model_class = type(module).__name__ if module is not None else "the compiled module"
@@ -202,10 +219,10 @@ def build_runtime(
         granularity=layout.granularity,
         search_dirs=_asset_dirs(),
     )
-    return _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_gm, layout, alpha, timestep_index)
+    return _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_gm, layout, alpha, timestep_index, token)
 
 
-def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_gm, layout: CacheLayout, alpha: AlphaTable | None, timestep_index: int):
+def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_gm, layout: CacheLayout, alpha: AlphaTable | None, timestep_index: int, token: object | None):
     points = layout.cache_points
     device = required_tensor_meta(layout.blocks[-1].cache_points[0]).device
     point_layout = PointLayout(
@@ -213,8 +230,8 @@ def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_
         dtypes=[p.dtype for p in points],
         device=device,
         feeds_output=[p.feeds_output for p in points],
+        fingerprint=layout.fingerprint(),
     )
-    session = (session_for(module) if module is not None else None) or _orphan_session()
     full_spec = specialize_cache_conds(cond_gm, full=True)
     cached_spec = specialize_cache_conds(cond_gm, full=False)
     # Example state for compilation: the first stream's buffers.
@@ -241,12 +258,13 @@ def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_
         alpha=alpha,
         alpha_source=alpha_source,
         timestep_index=timestep_index,
-        session=session,
+        identity_index=identity_input(example_inputs, module),
+        module=module,
+        compile_token=token,
         fingerprint=layout.fingerprint(),
         granularity=layout.granularity,
         process_group=context_parallel_group(module),
     )
-    runtime.streams[0] = state
     log.info(
         "ScalingCache: %s: %d blocks, %d cache points (%s); full step %d nodes (%.1fs), cached step %d nodes (%.1fs)",
         layout.model_class,
@@ -259,13 +277,6 @@ def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_
         cached_step.compile_seconds,
     )
     return runtime
-
-
-def _orphan_session():
-    """A session for a graph whose module Dynamo did not expose (the runtime keeps it alive)."""
-    from sc_compile.runtime import ModuleSession
-
-    return ModuleSession()
 
 
 def _has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
@@ -384,8 +395,9 @@ class ShapeSpecializingRuntime:
     its own static specialisation, built on its first call and logged; the Dynamo graph stays one.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, config: ScalingCacheConfig, patches: Mapping[str, Any], module: torch.nn.Module | None):
+    def __init__(self, gm: torch.fx.GraphModule, config: ScalingCacheConfig, patches: Mapping[str, Any], module: torch.nn.Module | None, token: object | None = None):
         self.gm = gm
+        self.token = token
         self.config = config
         self.patches = patches
         self.module = module
@@ -397,7 +409,7 @@ class ShapeSpecializingRuntime:
         if runtime is None:
             log.info("ScalingCache: specialising a dynamic-shape graph to sizes %s", [k for k in key if k is not None])
             static = specialize_to_inputs(self.gm, args)
-            runtime = build_runtime(static, args, self.config, self.patches, self.module)
+            runtime = build_runtime(static, args, self.config, self.patches, self.module, self.token)
             self.by_sizes[key] = runtime
         return runtime(*args)
 
@@ -428,7 +440,8 @@ def scalingcache(
         if config.fallback is Fallback.INDUCTOR:
             return _fallback(gm, example_inputs, config, patches, error)
         raise
+    token = compile_token()
     if _has_symbolic_shapes(gm):
         # dynamic=True, or Dynamo's automatic dynamic shapes after a size changed.
-        return ShapeSpecializingRuntime(gm, config, patches, module)
-    return build_runtime(gm, example_inputs, config, patches, module)
+        return ShapeSpecializingRuntime(gm, config, patches, module, token)
+    return build_runtime(gm, example_inputs, config, patches, module, token)

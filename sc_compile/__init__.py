@@ -27,9 +27,12 @@ __all__ = [
     "calibrate",
     "ScalingCacheConfig",
     "compile",
+    "disable",
+    "enable",
     "explain",
     "generation",
     "report",
+    "uncached",
 ]
 
 __version__ = "0.1.0"
@@ -81,34 +84,84 @@ def calibrate(target: Any, samples: Any, **kwargs: Any) -> AlphaTable:
 
 def report(model: torch.nn.Module) -> GenerationReport:
     """The last generation's record of ``model`` (compiled, or the module that was compiled)."""
-    from sc_compile.runtime import latest_runtime
+    from sc_compile.runtime import report as _report
 
-    return latest_runtime(model).report()
+    return _report(model)
 
 
 @contextlib.contextmanager
-def generation(model: torch.nn.Module, num_inference_steps: int | None = None) -> Iterator[None]:
-    """Mark one generation explicitly: the first call inside starts it, leaving the block ends it.
+def generation(
+    model: torch.nn.Module, num_inference_steps: int | None = None, *, stochastic_sampler: bool = False
+) -> Iterator[None]:
+    """Mark one generation explicitly: the calls of ``model`` inside are one generation.
 
-    Pipelines whose timesteps do not go back up between generations, interrupted generations, and
-    callers that know the step count (it scales the default warm-up and enables
-    ``final_full_steps``) use this; plain diffusers pipelines need not.
+    The generation has its own clock and its own cache buffers, so generations in separate threads
+    each inside their own context are isolated. Inside, steps are told apart by the timestep
+    input (see the README, "Generations, steps and streams"); :func:`enable` gives a pipeline's
+    exact steps instead. ``num_inference_steps`` declares the step count (it scales the default
+    warm-up and enables ``final_full_steps``; a run with more steps is refused, one with fewer
+    warns). ``stochastic_sampler=True`` declares a sampler that injects noise every step:
+    hidden-state prediction is then refused in favour of ``prediction="residual"``.
     """
-    from sc_compile.runtime import runtimes_of, session_for
+    import threading
 
-    if num_inference_steps is not None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+    from sc_compile.generations import (
+        GenerationScope,
+        module_key,
+        pop_scope,
+        push_scope,
+        sessions_of,
+    )
+
+    if num_inference_steps is not None and (
+        not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1
+    ):
         raise ValueError(f"num_inference_steps must be a positive int, but got {num_inference_steps!r}")
-    session = session_for(model)
-    assert session is not None
-    session.generation_epoch += 1
-    session.num_inference_steps = num_inference_steps
+    for session in sessions_of(model):  # free a timestep-placed generation this thread left running
+        if session.ambient is not None and session.ambient.owner == threading.get_ident():
+            session.end_ambient()
+    scope = GenerationScope(
+        key=module_key(model), num_inference_steps=num_inference_steps, stochastic_sampler=stochastic_sampler
+    )
+    token = push_scope(scope)
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as caught:
+        error = caught
+        raise
+    finally:
+        pop_scope(token)
+        scope.finish(error)
+
+
+@contextlib.contextmanager
+def uncached(model: torch.nn.Module) -> Iterator[None]:
+    """Calls of ``model`` inside run in full on scratch state, outside any generation (previews,
+    probes): they neither advance nor read the generation that is running."""
+    from sc_compile.generations import module_key, pop_uncached, push_uncached
+
+    token = push_uncached(module_key(model))
     try:
         yield
     finally:
-        for runtime in runtimes_of(model):
-            runtime.end_generation()
-        session.num_inference_steps = None
-        session.generation_epoch += 1
+        pop_uncached(token)
+
+
+def enable(pipe: Any, *, denoisers: Any = None) -> Any:
+    """Give a pipeline's ScalingCache-compiled denoisers the pipeline's own step clock: a
+    generation per pipeline call, steps from its scheduler, streams from its ``cache_context``;
+    see :mod:`sc_compile.pipeline`. Returns ``pipe``."""
+    from sc_compile.pipeline import enable as _enable
+
+    return _enable(pipe, denoisers=denoisers)
+
+
+def disable(pipe: Any) -> Any:
+    """Undo :func:`enable`."""
+    from sc_compile.pipeline import disable as _disable
+
+    return _disable(pipe)
 
 
 def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Explanation:

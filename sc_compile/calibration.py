@@ -161,6 +161,7 @@ def calibrate(
 
     from sc_compile.backends.scalingcache import scalingcache
     from sc_compile.runtime import ScalingCacheRuntime
+    from sc_compile.state import StreamState
 
     pipeline = target if hasattr(target, "transformer") else None
     transformer = pipeline.transformer if pipeline is not None else target
@@ -181,11 +182,11 @@ def calibrate(
     sample_index = 0
     bar = tqdm(total=None, unit="step", disable=not progress, desc="calibrating")
 
-    def hook(runtime: ScalingCacheRuntime, step: int, stream: int, stats: torch.Tensor) -> None:
+    def hook(runtime: ScalingCacheRuntime, step: int, stream: int, state: StreamState) -> None:
         key = runtime.fingerprint
         if key not in grams:
             grams[key] = TrajectoryGrams(gram_width(max_gap), list(runtime.layout.feeds_output))
-        values = runtime.streams[stream].buffers[0::2]  # y_full of every point: this step's values
+        values = state.buffers[0::2]  # y_full of every point: the values this full step wrote
         grams[key].observe(sample_index, stream, step, values, runtime.process_group)
         bar.update(1)
 

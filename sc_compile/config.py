@@ -80,6 +80,16 @@ class Fallback(str, enum.Enum):
     """Compile the graph uncached with the inner compiler and log a warning."""
 
 
+class StochasticSampler(str, enum.Enum):
+    """What a generation whose sampler injects fresh noise every step does (detected by
+    ``sc_compile.enable``, declared with ``sc_compile.generation(..., stochastic_sampler=True)``)."""
+
+    REFUSE = "refuse"
+    """Raise an error that says why and how to keep fidelity (the default)."""
+    WARN = "warn"
+    """Cache anyway and warn once per generation: cached steps never see the injected noise."""
+
+
 # Paper setting: S_f = 10 full warm-up steps out of 50.
 REFERENCE_WARMUP_STEPS = 10
 REFERENCE_NUM_STEPS = 50
@@ -150,6 +160,8 @@ class ScalingCacheConfig:
     coefficients: Coefficients | None = None
     """The α table's per-gap fitted coefficients or the paper's chained α's. ``None``: fitted when
     the table has them (format 2), else chained."""
+    stochastic_sampler: StochasticSampler = StochasticSampler.REFUSE
+    """A sampler that injects fresh noise every step: refuse (default) or cache with a warning."""
 
     def __post_init__(self) -> None:
         def coerce(name: str, enum_type: type[enum.Enum]) -> None:
@@ -180,6 +192,7 @@ class ScalingCacheConfig:
         schedules = [name for name in ("full_steps", "speedup", "static_interval") if getattr(self, name) is not None]
         if len(schedules) > 1:
             raise ValueError(f"{' and '.join(schedules)} each choose the schedule: give at most one of them")
+        coerce("stochastic_sampler", StochasticSampler)
         if self.static_interval is not None and (
             not isinstance(self.static_interval, int) or isinstance(self.static_interval, bool) or self.static_interval < 1
         ):

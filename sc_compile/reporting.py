@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sc_compile.generations import Generation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +39,16 @@ class GenerationReport:
     buffer_bytes: int = 0
     finished: bool = False
     # Context parallelism: ranks in the group; decisions are synchronised by one all-reduce of
-    # the statistics per full step (counted since the model was compiled).
+    # the statistics per full step (counted over the generation).
     world_size: int = 1
     num_allreduces: int = 0
+    # Where the step clock came from: "pipeline" (sc_compile.enable), "context"
+    # (sc_compile.generation) or "timestep" (the timestep input, no context).
+    clock: str = "timestep"
+    # The step count the generation was declared or scheduled with, if any.
+    declared_steps: int | None = None
+    # Calls of the compiled model in the generation (all streams).
+    num_calls: int = 0
 
     @property
     def num_full_steps(self) -> int:
@@ -68,3 +79,45 @@ class GenerationReport:
             changes = " ".join("-" if c is None else f"{c:.3g}" for c in stream.changes)
             lines.append(f"  stream {stream.stream} change per step: {changes}")
         return "\n".join(lines)
+
+
+def build_report(generation: Generation, finished: bool, collective: bool = True) -> GenerationReport:
+    """The record of ``generation``. ``collective=False`` (a report asked for on one rank) folds in
+    no statistics that would need an all-reduce the other ranks never join."""
+    num_steps = generation.clock.step + 1
+    layouts = list(generation.layouts.values())
+    for layout_state in layouts:
+        layout_state.decisions.finish(collective, layout_state.process_group is not None)
+    main = layouts[0] if layouts else None
+    streams = []
+    for stream in sorted(generation.records):
+        record = generation.records[stream]
+        streams.append(
+            StreamReport(
+                stream=stream,
+                full_steps=tuple(sorted(record.full_steps)),
+                cached_steps=tuple(sorted(record.cached_steps)),
+                changes=tuple(main.decisions.stream_changes(stream, num_steps)) if main is not None else (),
+                reasons=tuple(record.reasons.get(step, "") for step in range(num_steps)),
+            )
+        )
+    full = sorted({s for r in streams for s in r.full_steps})
+    cached = sorted({s for r in streams for s in r.cached_steps} - set(full))
+    return GenerationReport(
+        num_steps=num_steps,
+        full_steps=tuple(full),
+        cached_steps=tuple(cached),
+        streams=tuple(streams),
+        warmup_steps=generation.warmup_steps,
+        num_points=main.layout.num_points if main is not None else 0,
+        alpha_source=main.alpha_source if main is not None else "",
+        shared_decisions=generation.session.config.share_decision_across_streams,
+        nonfinite_steps=tuple(sorted({s for ls in layouts for s in ls.decisions.nonfinite_steps})),
+        buffer_bytes=sum(ls.nbytes for ls in layouts),
+        finished=finished,
+        world_size=main.world_size if main is not None else 1,
+        num_allreduces=sum(ls.num_allreduces for ls in layouts),
+        clock=generation.source,
+        declared_steps=generation.declared_steps,
+        num_calls=generation.num_calls,
+    )

@@ -1,18 +1,24 @@
-"""The ScalingCache runtime: the host side of a compiled model.
+"""The ScalingCache runtime: dispatch of each call of a compiled graph.
 
-Dynamo calls the runtime with the traced graph's inputs. Per call it reads the timestep (the one
-scalar it needs to place the call in a generation), detects step and generation boundaries, takes
-the step's decision, and runs the compiled full-step or cached-step graph with the state of the
-call's stream. The full-step graph updates the state in place; the cached-step graph only reads
-the buffers of the cache points the output head needs. The only device→host read besides the
-timestep is the statistics row table written by a full step, read once when the next step decides.
+Dynamo calls the runtime with the traced graph's inputs. Per call the runtime finds the module's
+session (by the module's first parameter, an input of the graph) and the generation the call
+belongs to (an explicit scope in this thread, or the session's ambient generation), asks the
+generation's clock for the step and stream (``clock.py``), asks the decision seam for the step's
+decision (``decisions.py``), and runs the compiled full-step or cached-step graph with the stream's
+state (``state.py``). A stream is predicted only from buffers it wrote at the step the prediction
+starts from; otherwise it runs in full.
+
+Host reads: the pipeline clock reads nothing; the timestep clock reads the timestep once per call;
+the decision after a full step reads that step's statistics once. A cached step placed by the
+pipeline clock reads nothing and allocates nothing (its coefficients are written into
+preallocated buffers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
-import math
 import threading
 import weakref
 from collections.abc import Callable
@@ -21,15 +27,53 @@ from typing import Any
 import torch
 
 from sc_compile.alpha import AlphaTable
-from sc_compile.budget import BudgetError, plan_full_steps
-from sc_compile.coefficients import Predictor, make_predictor, step_weights
-from sc_compile.config import ChangePoints, Coefficients, ScalingCacheConfig
-from sc_compile.reporting import GenerationReport, StreamReport
-from sc_compile.schedule import DecisionUnit, StepDecision
+from sc_compile.clock import EXPLICIT_SOURCES, ClockError, NewGeneration
+from sc_compile.config import ScalingCacheConfig, StochasticSampler
+from sc_compile.decisions import StepInfo
+from sc_compile.generations import (
+    Generation,
+    GenerationScope,
+    LayoutState,
+    ModuleSession,
+    active_scope,
+    is_uncached,
+    module_key,
+    session_for,
+    sessions_of,
+    stream_name,
+)
+from sc_compile.reporting import GenerationReport
+from sc_compile.state import NUM_STAT_COLUMNS, PointLayout, StepCoefficients, StreamState
 
 log = logging.getLogger(__name__)
 
-NUM_STAT_COLUMNS = 6
+__all__ = [
+    "NUM_STAT_COLUMNS",
+    "BatchTimestepError",
+    "ClockError",
+    "CompiledStep",
+    "GradEnabledError",
+    "PointLayout",
+    "ScalingCacheRuntime",
+    "StochasticSamplerError",
+    "StreamState",
+    "latest_runtime",
+    "runtimes_of",
+]
+
+_ACTIVITY = itertools.count(1)
+
+
+class GradEnabledError(RuntimeError):
+    """A call with autograd recording: the cache updates its state in place."""
+
+
+class StochasticSamplerError(RuntimeError):
+    """A sampler that injects fresh noise every step, with hidden-state prediction."""
+
+
+class BatchTimestepError(ValueError):
+    """The samples of one batch are at different timesteps."""
 
 
 @dataclasses.dataclass
@@ -43,57 +87,35 @@ class CompiledStep:
 
 
 @dataclasses.dataclass
-class PointLayout:
-    """The part of the cache layout the runtime needs."""
+class Placement:
+    """Where a call sits, and how to learn its step's timestep and sigma (each may read once)."""
 
-    shapes: list[tuple[int, ...]]
-    dtypes: list[torch.dtype]
-    device: torch.device
-    feeds_output: list[bool]
-
-
-class StreamState:
-    """Preallocated state of one stream: two buffers per cache point and the statistics table."""
-
-    def __init__(self, layout: PointLayout, cache_dtype: torch.dtype | None):
-        self.buffers: list[torch.Tensor] = []
-        for shape, dtype in zip(layout.shapes, layout.dtypes, strict=True):
-            for _ in range(2):  # y_full, dy
-                self.buffers.append(torch.zeros(shape, dtype=cache_dtype or dtype, device=layout.device))
-        self.stats = torch.zeros(len(layout.shapes), NUM_STAT_COLUMNS, dtype=torch.float32, device=layout.device)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers) + self.stats.numel() * 4
-
-    def zero_(self) -> None:
-        for buffer in self.buffers:
-            buffer.zero_()
-        self.stats.zero_()
+    step: int
+    stream: int
+    timestep: Callable[[], float | None]
+    sigma: Callable[[], float | None] = lambda: None
 
 
-class ModuleSession:
-    """Per original module: its runtimes (one per compiled graph) and explicit generation info."""
+def _scheduler_sigma(scheduler: Any, step: int) -> Callable[[], float | None]:
+    """The scheduler's sigma of the pipeline's ``step`` (read only when asked)."""
 
-    def __init__(self) -> None:
-        self.runtimes: list[weakref.ReferenceType[ScalingCacheRuntime]] = []
-        self.generation_epoch = 0
-        self.num_inference_steps: int | None = None
-        self.last_active: weakref.ReferenceType[ScalingCacheRuntime] | None = None
+    def sigma() -> float | None:
+        sigmas = getattr(scheduler, "sigmas", None)
+        index = (getattr(scheduler, "begin_index", None) or 0) + step
+        if not isinstance(sigmas, torch.Tensor) or index >= len(sigmas):
+            return None
+        return float(sigmas[index])
+
+    return sigma
 
 
-_SESSIONS: weakref.WeakKeyDictionary[torch.nn.Module, ModuleSession] = weakref.WeakKeyDictionary()
-_SESSIONS_LOCK = threading.Lock()
+@dataclasses.dataclass
+class _Uncached:
+    """Scratch state for calls outside any generation (``sc_compile.uncached``)."""
 
-
-def session_for(module: torch.nn.Module, create: bool = True) -> ModuleSession | None:
-    module = getattr(module, "_orig_mod", module)
-    with _SESSIONS_LOCK:
-        session = _SESSIONS.get(module)
-        if session is None and create:
-            session = ModuleSession()
-            _SESSIONS[module] = session
-        return session
+    state: StreamState
+    coefficients: StepCoefficients
+    is_full_flag: torch.Tensor
 
 
 class ScalingCacheRuntime:
@@ -110,11 +132,13 @@ class ScalingCacheRuntime:
         alpha: AlphaTable | None,
         alpha_source: str,
         timestep_index: int,
-        session: ModuleSession,
+        identity_index: int | None = None,
+        module: torch.nn.Module | None = None,
+        compile_token: Any = None,
         fingerprint: str = "",
         granularity: str = "block",
         process_group: Any = None,
-        calibration_hook: Callable[[ScalingCacheRuntime, int, int, torch.Tensor], None] | None = None,
+        calibration_hook: Callable[[ScalingCacheRuntime, int, int, StreamState], None] | None = None,
     ):
         self.model_class = model_class
         self.fingerprint = fingerprint
@@ -124,7 +148,6 @@ class ScalingCacheRuntime:
         # full step gives every rank the global values, hence the same decisions.
         self.process_group = process_group
         self.world_size = 1 if process_group is None else torch.distributed.get_world_size(process_group)
-        self.num_allreduces = 0
         self.layout = layout
         self.full_step = full_step
         self.cached_step = cached_step
@@ -132,341 +155,307 @@ class ScalingCacheRuntime:
         self.alpha = alpha
         self.alpha_source = alpha_source
         self.timestep_index = timestep_index
-        self.session = session
-        session.runtimes.append(weakref.ref(self))
-        self.num_points = len(layout.shapes)
-        self.streams: list[StreamState] = [StreamState(layout, config.cache_dtype)]
-        self.is_full_flag = torch.ones((), dtype=torch.bool, device=layout.device)
-        # Set by sc_compile.calibrate: every step full, the stats handed over after each step.
+        # The graph input that is the module's first parameter: it names the module a call runs.
+        self.identity_index = identity_index
+        self.compile_token = compile_token
+        self.num_points = layout.num_points
         self.calibration_hook = calibration_hook
         self.num_calls = 0
         self.num_full_calls = 0
         self.num_cached_calls = 0
-        self._last_report: GenerationReport | None = None
-        self._warned: set[str] = set()
-        self._reset_generation(started=False)
+        self._fixed_key = module_key(module) if module is not None else object()
+        self._last_session: ModuleSession | None = None
+        self._uncached: _Uncached | None = None
+        self._uncached_lock = threading.Lock()
+        self._warned_scopes: set[str] = set()
+        if module is not None:
+            self._session_of_key(self._fixed_key)
 
-    # -- generations ---------------------------------------------------------------------------
-    def _reset_generation(self, started: bool = True) -> None:
-        self._generation_started = started
-        self._epoch = self.session.generation_epoch
-        self._last_timestep: float | None = None
-        self._step = -1
-        self._stream = 0
-        self._num_steps = self.session.num_inference_steps or self.config.num_inference_steps
-        self._warmup = self.config.warmup_for(self._num_steps)
-        self._units: dict[int, DecisionUnit] = {}
-        self._streams_per_step: list[int] = []
-        self._pending_full: dict[int, list[int]] = {}  # unit key -> streams of its last full step
-        self._observed_through: dict[int, int] = {}
-        self._predictor: Predictor | None = None
-        self._planned_full_steps: tuple[int, ...] | None = None
-        self._timesteps: list[float] = []
-        # (decision, [2, P] tensor of its coef and refresh rows) of the step in flight.
-        self._step_tensor_cache: tuple[StepDecision | None, torch.Tensor | None] = (None, None)
+    # -- sessions ------------------------------------------------------------------------------
+    def _session_of_key(self, key: Any) -> ModuleSession:
+        session = session_for(key, self.compile_token, self.config, self.model_class)
+        if not any(ref() is self for ref in session.runtimes):
+            session.runtimes.append(weakref.ref(self))
+        return session
 
-    def _start_generation(self) -> None:
-        if self._generation_started:
-            self._last_report = self._build_report(finished=True)
-        self._reset_generation()
-        if self.config.final_full_steps and self._num_steps is None:
-            raise ValueError(
-                f"final_full_steps={self.config.final_full_steps} needs the generation's step count: set "
-                "options={'num_inference_steps': N} or wrap the pipeline call in "
-                "`with sc_compile.generation(transformer, num_inference_steps=N):`"
-            )
-        if self._num_steps is not None and self._warmup >= self._num_steps:
-            self._warn_once(
-                "warmup",
-                "ScalingCache: warm-up of %d steps covers the whole %d-step generation; nothing will be cached.",
-                self._warmup,
-                self._num_steps,
-            )
-        for stream in self.streams:
-            stream.zero_()
-
-    def _warn_once(self, key: str, message: str, *args: object) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning(message, *args)
-
-    def _unit_key(self, stream: int) -> int:
-        return 0 if self.config.share_decision_across_streams else stream
+    def _key(self, args: tuple[Any, ...]) -> Any:
+        return args[self.identity_index] if self.identity_index is not None else self._fixed_key
 
     @property
-    def uses_fitted_coefficients(self) -> bool:
-        if self.config.coefficients is not None:
-            return self.config.coefficients is Coefficients.FITTED
-        return self.alpha is not None and self.alpha.fitted is not None
-
-    def _generation_predictor(self) -> Predictor:
-        """The coefficients of this generation (built at its first decision, then kept)."""
-        if self._predictor is None:
-            if self.alpha is None and self.config.coefficients is Coefficients.FITTED:
-                raise ValueError(
-                    "coefficients='fitted' needs a calibrated α table (format 2), but this model runs with "
-                    "α = 1: pass options={'alpha': 'alpha.safetensors'} or drop coefficients."
-                )
-            self._predictor = make_predictor(
-                self.alpha,
-                num_points=self.num_points,
-                num_steps=self._num_steps,
-                timestep_of=lambda step: self._timesteps[step] if step < len(self._timesteps) else None,
-                fitted=self.uses_fitted_coefficients,
-            )
-            if self.alpha is not None and self._num_steps is not None and self._num_steps != self.alpha.num_steps:
-                log.info(
-                    "ScalingCache: the α table was calibrated at %d steps; this generation (%s steps) maps its "
-                    "coefficients over normalised time",
-                    self.alpha.num_steps,
-                    self._num_steps if self._num_steps is not None else "unknown",
-                )
-            if self.config.budgeted:
-                self._planned_full_steps = self._plan(self._predictor)
-        return self._predictor
-
-    def _plan(self, predictor: Predictor) -> tuple[int, ...]:
-        if self._num_steps is None:
-            raise ValueError(
-                "full_steps / speedup plan the generation's full steps in advance and need its step count: set "
-                "options={'num_inference_steps': N} or wrap the pipeline call in "
-                "`with sc_compile.generation(transformer, num_inference_steps=N):`"
-            )
-        num_steps = self._num_steps
-        budget = self.config.budget_for(num_steps)
-        final = set(range(max(0, num_steps - self.config.final_full_steps), num_steps))
-        weights = step_weights(self.alpha, num_steps) if self.alpha is not None else None
-        # The default warm-up (as the dynamic rule's) is shortened when the budget cannot be met
-        # after it; a warm-up the user set is kept, and an unmeetable budget is an error.
-        warmups = [self._warmup] if self.config.warmup_steps is not None else range(self._warmup, 1, -1)
-        error: BudgetError | None = None
-        for warmup in warmups:
-            forced = set(range(min(warmup, num_steps))) | final
-            try:
-                planned = plan_full_steps(
-                    num_steps, budget, predictor.segment_cost, predictor.allows_gap, forced=forced, weights=weights
-                )
-            except BudgetError as failure:
-                error = failure
-                continue
-            self._warmup = warmup
-            log.info("ScalingCache: planned full steps %s of %d (warm-up %d)", list(planned), num_steps, warmup)
-            return planned
-        assert error is not None
-        raise error
-
-    def _unit(self, key: int) -> DecisionUnit:
-        unit = self._units.get(key)
-        if unit is None:
-            predictor = self._generation_predictor()
-            unit = DecisionUnit(
-                num_points=self.num_points,
-                warmup_steps=self._warmup,
-                predictor=predictor,
-                planned_full_steps=self._planned_full_steps,
-                final_full_steps=self.config.final_full_steps,
-                num_steps=self._num_steps,
-                static_interval=self.config.static_interval,
-                change_points=(
-                    None
-                    if self.config.change_points is ChangePoints.ALL
-                    else [i for i, feeds in enumerate(self.layout.feeds_output) if feeds]
-                ),
-            )
-            self._units[key] = unit
-        return unit
-
-    def _stream_state(self, stream: int) -> StreamState:
-        while len(self.streams) <= stream:
-            self.streams.append(StreamState(self.layout, self.config.cache_dtype))
-            self.streams[-1].zero_()
-        return self.streams[stream]
-
-    # -- the clock -----------------------------------------------------------------------------
-    def _tick(self, timestep: float) -> None:
-        """Place a call in the generation: a new generation, a new step, or the next stream."""
-        forced = self.session.generation_epoch != self._epoch
-        last = self._last_timestep
-        if forced or last is None or timestep > last * (1 + 1e-6) + 1e-9:
-            self._start_generation()
-            self._step, self._stream = 0, 0
-        elif math.isclose(timestep, last, rel_tol=1e-6, abs_tol=1e-9):
-            self._stream += 1
-        else:
-            self._step += 1
-            self._stream = 0
-        self._last_timestep = timestep
-        if self._stream == 0:
-            self._streams_per_step.append(1)
-            self._timesteps.append(timestep)
-        else:
-            self._streams_per_step[-1] = self._stream + 1
-
-    def _observe(self, key: int, unit: DecisionUnit, upto_step: int, collective: bool = True) -> None:
-        """Fold the changes of steps before ``upto_step`` into ``unit`` (at most one read).
-
-        ``collective=False`` stops before a full step whose statistics would need an all-reduce:
-        a report asked for on one rank must not start a collective the other ranks never join.
-        """
-        step = self._observed_through.get(key, -1) + 1
-        while step < upto_step:
-            decision = unit.decisions[step] if step < len(unit.decisions) else None
-            if decision is None:
-                break
-            if decision.full and not collective and self.process_group is not None:
-                break
-            if decision.full:
-                streams = self._pending_full.get(key, [])
-                stats = self._global_stats(torch.stack([self.streams[s].stats for s in streams])).tolist() if streams else []
-                change = unit.observe_full(step, stats)
-            else:
-                change = unit.observe_cached(step)
-            if change is not None and not math.isfinite(change):
-                self._warn_once(
-                    "nonfinite",
-                    "ScalingCache: the change at step %d is %s (non-finite hidden states); the next step "
-                    "runs in full, and the report lists the step in nonfinite_steps.",
-                    step,
-                    change,
-                )
-            self._observed_through[key] = step
-            step += 1
-
-    def _global_stats(self, stats: torch.Tensor) -> torch.Tensor:
-        """The statistics summed over the context-parallel group (one all-reduce)."""
-        if self.process_group is None:
-            return stats
-        stats = stats.clone()
-        torch.distributed.all_reduce(stats, group=self.process_group)
-        self.num_allreduces += 1
-        return stats
-
-    def _decision(self, step: int, stream: int, timestep: float) -> StepDecision:
-        key = self._unit_key(stream)
-        unit = self._unit(key)
-        if len(unit.decisions) > step:
-            return unit.decisions[step]
-        self._observe(key, unit, step)
-        decision = unit.decide(step)
-        if self.calibration_hook is not None and not decision.full:
-            raise AssertionError("calibration runs every step in full")
-        if decision.full:
-            self._pending_full[key] = []
-        return decision
-
-    def _step_tensors(self, decision: StepDecision, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's coefficient vectors on the device, made once per step for all its streams."""
-        cached_decision, values = self._step_tensor_cache
-        if cached_decision is not decision or values is None:
-            values = torch.tensor([decision.coef, decision.refresh], dtype=torch.float32).to(device, non_blocking=True)
-            self._step_tensor_cache = (decision, values)
-        return values[0], values[1]
+    def session(self) -> ModuleSession:
+        return self._last_session or self._session_of_key(self._fixed_key)
 
     # -- the call ------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
-        timestep_tensor = args[self.timestep_index]
-        timestep = float(timestep_tensor.reshape(-1)[0])
-        self._tick(timestep)
-        step, stream = self._step, self._stream
-        state = self._stream_state(stream)
-        decision = self._decision(step, stream, timestep)
-        self.num_calls += 1
-        self.session.last_active = weakref.ref(self)
-        device = self.layout.device
-        coef, refresh = self._step_tensors(decision, device)
-        inputs = [*args, self.is_full_flag, *state.buffers, coef, refresh, state.stats]
-        compiled = self.full_step if decision.full else self.cached_step
-        out = compiled.fn(*[inputs[i] for i in compiled.input_indices])
-        if decision.full:
-            self.num_full_calls += 1
-            self._pending_full[self._unit_key(stream)].append(stream)
-            if self.calibration_hook is not None:
-                self.calibration_hook(self, step, stream, self._global_stats(state.stats))
-        else:
-            self.num_cached_calls += 1
-        return out
-
-    # -- reports -------------------------------------------------------------------------------
-    def _build_report(self, finished: bool, collective: bool = True) -> GenerationReport:
-        for key, unit in self._units.items():
-            self._observe(key, unit, len(unit.decisions), collective)
-        num_steps = self._step + 1
-        streams = []
-        max_streams = max(self._streams_per_step, default=0)
-        for stream in range(max_streams):
-            stream_unit = self._units.get(self._unit_key(stream))
-            if stream_unit is None:
-                continue
-            unit = stream_unit
-            decisions = unit.decisions[:num_steps]
-            # A shared unit measures every stream; its own index among them is the stream's.
-            position = stream if self.config.share_decision_across_streams else 0
-            changes: list[float | None] = []
-            for step in range(num_steps):
-                per_stream = unit.stream_changes.get(step)
-                changes.append(per_stream[position] if per_stream and position < len(per_stream) else None)
-            streams.append(
-                StreamReport(
-                    stream=stream,
-                    full_steps=tuple(d.step for d in decisions if d.full),
-                    cached_steps=tuple(d.step for d in decisions if not d.full),
-                    changes=tuple(changes),
-                    reasons=tuple(d.reason for d in decisions),
-                )
+        if torch.is_grad_enabled():
+            raise GradEnabledError(
+                f"ScalingCache: {self.model_class} was called with autograd enabled. The cache updates its "
+                "buffers in place inside the graph, which autograd cannot differentiate, and a denoising loop "
+                "needs no gradients: run it under `torch.no_grad()` or `torch.inference_mode()` (diffusers "
+                "pipelines do)."
             )
-        first = streams[0] if streams else None
-        return GenerationReport(
-            num_steps=num_steps,
-            full_steps=first.full_steps if first else (),
-            cached_steps=first.cached_steps if first else (),
-            streams=tuple(streams),
-            warmup_steps=self._warmup,
-            num_points=self.num_points,
-            alpha_source=self.alpha_source,
-            shared_decisions=self.config.share_decision_across_streams,
-            nonfinite_steps=tuple(sorted({s for u in self._units.values() for s in u.nonfinite_steps})),
-            buffer_bytes=sum(s.nbytes for s in self.streams[:max(max_streams, 1)]),
-            world_size=self.world_size,
-            num_allreduces=self.num_allreduces,
-            finished=finished,
+        key = self._key(args)
+        session = self._session_of_key(key)
+        self._last_session = session
+        session.last_active = next(_ACTIVITY)
+        if is_uncached(key):
+            return self._run_uncached(args)
+        scope = active_scope(key)
+        if scope is not None:
+            generation = session.generation_for(scope)
+            if scope.pipeline is not None and generation.clock.stream_names and stream_name(key) is None:
+                # The pipeline names its denoising calls; one outside any cache_context is not one.
+                return self._run_uncached(args)
+            with generation.lock:
+                placement = self._place_in_scope(generation, scope, key, args)
+                return self._dispatch(generation, placement, args)
+        with session.lock:
+            generation, placement = self._place_ambient(session, key, args)
+            return self._dispatch(generation, placement, args)
+
+    # -- placement -----------------------------------------------------------------------------
+    def _timestep_values(self, args: tuple[Any, ...]) -> tuple[tuple[float, ...], torch.dtype]:
+        """The timestep input's values: one device→host read."""
+        timestep = args[self.timestep_index]
+        if not isinstance(timestep, torch.Tensor):
+            return (float(timestep),), torch.float64
+        values = tuple(timestep.detach().reshape(-1).tolist())
+        self._check_samples(timestep, values)
+        return values, timestep.dtype
+
+    def _check_samples(self, timestep: torch.Tensor, values: tuple[float, ...]) -> None:
+        """Refuse a batch whose samples are at different timesteps (dim 0 is the batch)."""
+        if timestep.ndim == 0 or timestep.shape[0] <= 1:
+            return
+        width = len(values) // timestep.shape[0]
+        first = values[:width]
+        for index in range(1, timestep.shape[0]):
+            if values[index * width : (index + 1) * width] != first:
+                row = values[index * width : index * width + min(width, 4)]
+                raise BatchTimestepError(
+                    f"ScalingCache: the samples of this batch are at different timesteps (sample 0: "
+                    f"{list(first[:4])}, sample {index}: {list(row)}). A compiled call takes one step decision "
+                    "and one set of cached states for the whole batch, so the samples must share one schedule: "
+                    "batch only samples at the same step, or run each schedule in its own call."
+                )
+
+    def _place_in_scope(self, generation: Generation, scope: GenerationScope, key: Any, args: tuple[Any, ...]) -> Placement:
+        if scope.pipeline is not None:
+            if scope.pipeline.stochastic or scope.stochastic_sampler:
+                self._refuse_stochastic(scope)
+            read: list[float] = []
+
+            step, stream = generation.clock.place_in_pipeline_step(scope.pipeline.steps_taken, stream_name(key))
+
+            def timestep() -> float | None:
+                if not read:
+                    values, _ = self._timestep_values(args)
+                    read.append(_mean(values))
+                    generation.clock.record_timestep(step, read[0])
+                return read[0]
+
+            if not generation.checked_samples or self.calibration_hook is not None:
+                # The one read of the generation's first (full) step: the batch check. Calibration
+                # (every step full, not a hot path) records every step's timestep.
+                generation.checked_samples = True
+                timestep()
+            return Placement(step, stream, timestep, _scheduler_sigma(scope.pipeline.scheduler, step))
+        if scope.stochastic_sampler:
+            self._refuse_stochastic(scope)
+        values, dtype = self._timestep_values(args)
+        try:
+            step, stream = generation.clock.place_by_timestep(values, stream_name(key), dtype)
+        except NewGeneration:
+            raise ClockError(
+                f"ScalingCache: inside one `sc_compile.generation`, the timestep went back to an earlier step's "
+                f"value ({_mean(values):.6g}): that is a second generation (or a call outside the denoising "
+                "loop). Open one context per generation; run side calls such as previews inside "
+                "`with sc_compile.uncached(transformer):`."
+            ) from None
+        mean = _mean(values)
+        return Placement(step, stream, lambda: mean)
+
+    def _place_ambient(self, session: ModuleSession, key: Any, args: tuple[Any, ...]) -> tuple[Generation, Placement]:
+        values, dtype = self._timestep_values(args)
+        generation = session.ambient
+        if generation is not None and generation.owner != threading.get_ident():
+            if not generation.clock.starts_new_generation(values):
+                session._other_thread(generation)
+            session.finish(generation, interrupted=True)
+            generation = None
+        if generation is None:
+            generation = session.generation_for(None)
+            if generation.source == "timestep" and not generation.num_calls:
+                session.warn_once(
+                    "timestep-clock",
+                    "ScalingCache: %s places calls by their timestep (no generation context). It cannot tell "
+                    "an interrupted generation from the next one that continues its schedule, nor a side call "
+                    "from a step; for exact boundaries %s.",
+                    self.model_class,
+                    EXPLICIT_SOURCES,
+                )
+        try:
+            step, stream = generation.clock.place_by_timestep(values, stream_name(key), dtype)
+        except NewGeneration:
+            generation = session.restart_ambient(generation)
+            step, stream = generation.clock.place_by_timestep(values, stream_name(key), dtype)
+        mean = _mean(values)
+        return generation, Placement(step, stream, lambda: mean)
+
+    def _refuse_stochastic(self, scope: GenerationScope) -> None:
+        how = "declared with stochastic_sampler=True" if scope.stochastic_sampler else "its scheduler drew random numbers in a step"
+        what = (
+            f"ScalingCache: this generation uses a stochastic sampler ({how}): it injects fresh noise into the "
+            "latents every step, and a cached step, predicted from past full steps, never sees it, so the result "
+            "drifts from the uncached one"
+        )
+        if self.config.stochastic_sampler is StochasticSampler.WARN:
+            generation_key = f"stochastic-{id(scope)}"
+            if generation_key not in self._warned_scopes:
+                self._warned_scopes.add(generation_key)
+                log.warning("%s (caching anyway, as options={'stochastic_sampler': 'warn'} asks).", what)
+            return
+        raise StochasticSamplerError(
+            f"{what}. To keep fidelity use the scheduler's deterministic (ODE) mode, e.g. "
+            "FlowMatchEulerDiscreteScheduler(stochastic_sampling=False), or run this pipeline uncompiled by "
+            "ScalingCache; options={'stochastic_sampler': 'warn'} caches anyway with a warning "
+            "(prediction='residual' adds the prediction to the current input, which carries the noise, "
+            "and drifts less)."
         )
 
+    # -- dispatch ------------------------------------------------------------------------------
+    def _dispatch(self, generation: Generation, placement: Placement, args: tuple[Any, ...]) -> Any:
+        step, stream = placement.step, placement.stream
+        layout_state = generation.layout_state(self)
+        state = layout_state.stream(stream, generation.session.pool)
+        decisions = layout_state.decisions
+        info = StepInfo(step, generation.num_steps, placement.timestep, placement.sigma)
+        decision = decisions.decide(
+            stream, info, lambda s: StepInfo(s, generation.num_steps, lambda: generation.timestep_of(s))
+        )
+        record = generation.record(stream)
+        synced = False
+        # The unit's last full step before this one: the step a stream's buffers must hold.
+        previous = decisions.unit_last_full(stream, before=step)
+        in_sync = state.last_full_step == previous and (decision.full or state.has_difference)
+        if in_sync:
+            full, synced = decision.full, decision.full
+            coefficients, reason = decisions.coefficients(stream, decision, self.layout.device), decision.reason
+        else:
+            full = True
+            coefficients, reason = self._outside_schedule(layout_state, state, step)
+        if full and state.last_full_step is None:
+            state.zero_()  # a stream's first step: nothing it holds is read as history
+        inputs = [*args, layout_state.is_full_flag, *state.buffers, coefficients.coef, coefficients.refresh, state.stats]
+        compiled = self.full_step if full else self.cached_step
+        out = compiled.fn(*[inputs[i] for i in compiled.input_indices])
+        self.num_calls += 1
+        generation.num_calls += 1
+        if full:
+            self.num_full_calls += 1
+            state.has_difference = state.last_full_step is not None
+            state.last_full_step = step
+            record.full_steps.append(step)
+            if synced:
+                decisions.synced_full(stream)
+                if self.calibration_hook is not None:
+                    self.calibration_hook(self, step, stream, state)
+        else:
+            self.num_cached_calls += 1
+            record.cached_steps.append(step)
+        record.reasons[step] = reason
+        return out
+
+    def _outside_schedule(self, layout_state: LayoutState, state: StreamState, step: int) -> tuple[StepCoefficients, str]:
+        """A full step for a stream whose buffers do not hold its unit's last full step.
+
+        Right after the stream's own full step the refresh is the plain difference (factor 1);
+        otherwise the stream starts over (its buffers hold nothing this step can use).
+        """
+        if state.last_full_step is not None and state.last_full_step == step - 1:
+            return layout_state.next_step, "stream catching up (its buffers missed the last full step)"
+        state.forget()
+        return layout_state.first_step, "stream's first step (nothing written to predict from)"
+
+    # -- calls outside any generation ----------------------------------------------------------
+    def _run_uncached(self, args: tuple[Any, ...]) -> Any:
+        with self._uncached_lock:
+            if self._uncached is None:
+                coefficients = StepCoefficients(self.num_points, self.layout.device)
+                coefficients.write([0.0] * self.num_points, [0.0] * self.num_points, "first")
+                self._uncached = _Uncached(
+                    StreamState(self.layout, self.config.cache_dtype),
+                    coefficients,
+                    torch.ones((), dtype=torch.bool, device=self.layout.device),
+                )
+            scratch = self._uncached
+            scratch.state.zero_()
+            inputs = [*args, scratch.is_full_flag, *scratch.state.buffers, scratch.coefficients.coef, scratch.coefficients.refresh, scratch.state.stats]
+            return self.full_step.fn(*[inputs[i] for i in self.full_step.input_indices])
+
+    # -- what callers of the old per-graph runtime read ----------------------------------------
+    @property
+    def streams(self) -> list[StreamState]:
+        """The stream states of this graph's layout in the session's current generation."""
+        generation = self.session.last_generation
+        if generation is None:
+            return []
+        layout_state = generation.layouts.get(self.layout.key(self.config.cache_dtype))
+        return [s for s in layout_state.streams if s is not None] if layout_state is not None else []
+
     def report(self) -> GenerationReport:
-        """The current generation's record (or the last finished one if none has started)."""
-        if not self._generation_started:
-            if self._last_report is None:
-                raise RuntimeError("no generation has run on this compiled model yet")
-            return self._last_report
-        # Under context parallelism the last full step's change is folded in by the next call
-        # (on every rank), not here: the report may be asked for on one rank only.
-        return self._build_report(finished=False, collective=False)
+        """The session's current generation's record (or its last finished one)."""
+        return self.session.report()
 
     @property
     def timesteps(self) -> list[float]:
-        """The timesteps of the current (or last) generation's steps."""
-        return list(self._timesteps)
+        """The timestep inputs of the current (or last) generation's steps."""
+        generation = self.session.last_generation
+        if generation is None:
+            return []
+        timesteps = []
+        for step in range(generation.clock.step + 1):
+            timestep = generation.timestep_of(step)
+            if timestep is None:
+                raise RuntimeError(
+                    f"ScalingCache: the timestep of step {step} was not read (the pipeline clock reads none on "
+                    "cached steps); it is recorded for every step only while calibrating."
+                )
+            timesteps.append(timestep)
+        return timesteps
 
     def end_generation(self) -> None:
-        if self._generation_started:
-            self._last_report = self._build_report(finished=True)
-            self._generation_started = False
-            self._last_timestep = None
+        """End the session's ambient (timestep-placed) generation: report it and free its state."""
+        self.session.end_ambient()
+
+
+def _mean(values: tuple[float, ...]) -> float:
+    first = values[0]
+    return first if all(v == first for v in values) else sum(values) / len(values)
 
 
 def runtimes_of(model: torch.nn.Module) -> list[ScalingCacheRuntime]:
-    session = session_for(model, create=False)
-    if session is None:
-        return []
-    return [r for ref in session.runtimes if (r := ref()) is not None]
+    return [r for session in sessions_of(model) for ref in session.runtimes if (r := ref()) is not None]
 
 
-def latest_runtime(model: torch.nn.Module) -> ScalingCacheRuntime:
-    session = session_for(model, create=False)
-    runtime = session.last_active() if session is not None and session.last_active is not None else None
-    if runtime is None:
+def latest_session(model: torch.nn.Module) -> ModuleSession:
+    sessions = [s for s in sessions_of(model) if s.last_active]
+    if not sessions:
         name = type(getattr(model, "_orig_mod", model)).__name__
         raise RuntimeError(
             f"{name} has not run under backend='scalingcache' yet: compile it with "
             "torch.compile(model, backend='scalingcache') and call it (run a generation) first."
         )
-    return runtime
+    return max(sessions, key=lambda s: s.last_active)
+
+
+def latest_runtime(model: torch.nn.Module) -> ScalingCacheRuntime:
+    session = latest_session(model)
+    runtimes = [r for ref in session.runtimes if (r := ref()) is not None]
+    if not runtimes:
+        raise RuntimeError("the compiled graphs of this model were freed")
+    return max(runtimes, key=lambda r: r.num_calls)
+
+
+def report(model: torch.nn.Module) -> GenerationReport:
+    return latest_session(model).report()

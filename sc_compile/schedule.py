@@ -86,8 +86,9 @@ class DecisionUnit:
 
     @property
     def needs_statistics(self) -> bool:
-        """Whether decisions read the full steps' statistics (a planned schedule does not)."""
-        return self._planned is None
+        """Whether decisions read the full steps' statistics (a planned or static schedule does
+        not: its steps do not depend on the changes)."""
+        return self._planned is None and self.static_interval is None
 
     # -- step t-1 ------------------------------------------------------------------------------
     def observe_full(self, step: int, stats_per_stream: Sequence[Sequence[Sequence[float]]]) -> float | None:
@@ -110,14 +111,18 @@ class DecisionUnit:
             self.full_changes.append(change)
         return change
 
-    def observe_cached(self, step: int) -> float:
-        """Predict the change a cached ``step`` made, from the last full step's norms."""
+    def observe_cached(self, step: int) -> float | None:
+        """Predict the change a cached ``step`` made, from the last full step's norms (``None``:
+        none were read)."""
         delta = [abs(c - p) for c, p in zip(self.coef, self.previous_coef, strict=True)]
         per_stream = [
             _mean([_relative(d * dy, y) for d, dy, y in zip(delta, dy_l1, y_l1, strict=True)], self.change_points)
             for dy_l1, y_l1 in self.norms
         ]
-        change = sum(per_stream) / len(per_stream) if per_stream else 0.0
+        if not per_stream:
+            self._record(step, None)
+            return None
+        change = sum(per_stream) / len(per_stream)
         self.stream_changes[step] = per_stream
         self._record(step, change)
         if math.isfinite(change):

@@ -398,8 +398,9 @@ def test_ulysses_matches_single_process(ranks, family):
         )
         # Every rank holds the whole (gathered) prediction at every step, full or cached.
         torch.testing.assert_close(result["outputs"], single["outputs"], rtol=1e-4, atol=1e-5)
-        # One all-reduce of the statistics per full step: counted by the runtime and at the call.
-        assert result["num_allreduces"] == len(result["full_steps"]) == result["counted_allreduces"]
+        # One all-reduce of the statistics per full step but the first (it measures no change and
+        # the second step, always full, replaces its norms): counted by the runtime and at the call.
+        assert result["num_allreduces"] == len(result["full_steps"]) - 1 == result["counted_allreduces"]
         # Each rank caches its sequence shard: half the buffers (the statistics table is per point).
         stats_bytes = 4 * 6 * result["num_points"]
         assert (
@@ -420,7 +421,7 @@ def test_explain_under_context_parallelism(ranks, family):
 def _replay(
     tables: list[torch.Tensor], decisions_full: tuple[int, ...], num_points: int
 ) -> list[bool]:
-    """The decisions one rank would take from ``tables`` (one per full step, in order), up to and
+    """The decisions one rank would take from ``tables`` (one per full step after the first, in order), up to and
     including the first step where they differ from ``decisions_full``."""
     from sc_compile.coefficients import ChainedPredictor
     from sc_compile.schedule import DecisionUnit
@@ -435,7 +436,8 @@ def _replay(
     for step in range(NUM_STEPS):
         if step > 0:
             if taken[-1]:
-                unit.observe_full(step - 1, next(full_tables).tolist())
+                # The first step's statistics are not read (the runtime passes none).
+                unit.observe_full(step - 1, next(full_tables).tolist() if step > 1 else [])
             else:
                 unit.observe_cached(step - 1)
         taken.append(unit.decide(step).full)
@@ -453,11 +455,11 @@ def test_strongly_different_shards_still_take_identical_decisions(ranks):
     assert single["cached_steps"], single
     for result in per_rank:
         torch.testing.assert_close(result["outputs"], single["outputs"], rtol=1e-4, atol=1e-4)
-        assert result["num_allreduces"] == len(full_steps) == len(result["local_stats"])
+        assert result["num_allreduces"] == len(full_steps) - 1 == len(result["local_stats"])
     # The shards really differ: at the steps that redraw rank 1's shard, its measured change dwarfs
     # rank 0's; at the others it is smaller ...
-    local = [torch.stack(r["local_stats"]) for r in per_rank]  # [full steps, streams, points, 6]
-    change = [(t[1:, 0, :, 0] / t[1:, 0, :, 1]).mean(dim=1) for t in local]  # CHANGE_L1 / PREV_L1
+    local = [torch.stack(r["local_stats"]) for r in per_rank]  # [full steps after the first, streams, points, 6]
+    change = [(t[:, 0, :, 0] / t[:, 0, :, 1]).mean(dim=1) for t in local]  # CHANGE_L1 / PREV_L1
     ratio = change[1] / change[0]
     assert ratio.max() > 10 and ratio.min() < 1, change
     # ... every rank decided on the sum of both ranks' statistics ...

@@ -1,0 +1,272 @@
+"""The seam between the runtime and the decision logic (``schedule.py``, ``coefficients.py``,
+``budget.py``).
+
+Everything the runtime asks of the decision logic goes through :class:`Decisions`: the
+generation's predictor (the coefficients of the α table, fitted or chained, mapped to the
+generation's step count) and, for a budget, its planned full steps; the decision units; folding in
+the statistics of full steps (none are read when the schedule does not depend on them); deciding a
+step; and writing a decision's coefficients into the step's device buffers. The runtime gives it, per step,
+a :class:`StepInfo`: the step index, the generation's step count when known, and the step's
+timestep and sigma when known (read lazily, so a decision that does not need them costs no host
+read).
+
+The steps a unit decides are contiguous from the first step it sees: a step at which none of its
+streams ran is decided (and its coefficients accumulated) when a later step asks, so a stream that
+comes back predicts across the gap with the closed form of SPEC §1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+from sc_compile.alpha import AlphaTable
+from sc_compile.budget import BudgetError, plan_full_steps
+from sc_compile.coefficients import Predictor, make_predictor, step_weights
+from sc_compile.config import ChangePoints, Coefficients, ScalingCacheConfig
+from sc_compile.schedule import DecisionUnit, StepDecision
+from sc_compile.state import StepCoefficients
+
+# The runtime's logger: what a generation did is logged under one name users filter on.
+log = logging.getLogger("sc_compile.runtime")
+
+StatsReader = Callable[[Sequence[int]], list[list[list[float]]]]
+
+
+class StepInfo:
+    """What the clock knows about a step. ``timestep()``/``sigma()`` may read the device once."""
+
+    def __init__(
+        self,
+        step: int,
+        num_steps: int | None,
+        timestep: Callable[[], float | None],
+        sigma: Callable[[], float | None] = lambda: None,
+    ):
+        self.step = step
+        self.num_steps = num_steps
+        self._timestep = timestep
+        self._sigma = sigma
+
+    def timestep(self) -> float | None:
+        return self._timestep()
+
+    def sigma(self) -> float | None:
+        return self._sigma()
+
+
+class Decisions:
+    """The decision units of one generation (one per stream, or one shared) and their α rows."""
+
+    def __init__(
+        self,
+        *,
+        config: ScalingCacheConfig,
+        num_points: int,
+        feeds_output: Sequence[bool],
+        alpha: AlphaTable | None,
+        num_steps: int | None,
+        read_stats: StatsReader,
+        warn: Callable[..., None],
+    ):
+        self.config = config
+        self.num_points = num_points
+        self.alpha = alpha
+        self.num_steps = num_steps
+        self.warmup_steps = config.warmup_for(num_steps)
+        self.change_points = (
+            None if config.change_points is ChangePoints.ALL else [i for i, feeds in enumerate(feeds_output) if feeds]
+        )
+        self._read_stats = read_stats
+        self._warn = warn
+        self._predictor: Predictor | None = None
+        self.planned_full_steps: tuple[int, ...] | None = None
+        self.units: dict[int, DecisionUnit] = {}
+        self._first_step: dict[int, int] = {}
+        self._observed_through: dict[int, int] = {}
+        # Streams whose statistics measure the unit's last full step (they ran it in sync).
+        self._synced: dict[int, list[int]] = {}
+        self._coefficients: dict[int, StepCoefficients] = {}
+
+    def unit_key(self, stream: int) -> int:
+        return 0 if self.config.share_decision_across_streams else stream
+
+    @property
+    def uses_fitted_coefficients(self) -> bool:
+        if self.config.coefficients is not None:
+            return self.config.coefficients is Coefficients.FITTED
+        return self.alpha is not None and self.alpha.fitted is not None
+
+    def predictor(self, step_info: Callable[[int], StepInfo]) -> Predictor:
+        """The coefficients of this generation (built at its first decision, then kept)."""
+        if self._predictor is None:
+            if self.alpha is None and self.config.coefficients is Coefficients.FITTED:
+                raise ValueError(
+                    "coefficients='fitted' needs a calibrated α table (format 2), but this model runs with "
+                    "α = 1: pass options={'alpha': 'alpha.safetensors'} or drop coefficients."
+                )
+            self._predictor = make_predictor(
+                self.alpha,
+                num_points=self.num_points,
+                num_steps=self.num_steps,
+                timestep_of=lambda step: step_info(step).timestep(),
+                fitted=self.uses_fitted_coefficients,
+            )
+            if self.alpha is not None and self.num_steps is not None and self.num_steps != self.alpha.num_steps:
+                log.info(
+                    "ScalingCache: the α table was calibrated at %d steps; this %d-step generation maps its "
+                    "coefficients over normalised time",
+                    self.alpha.num_steps,
+                    self.num_steps,
+                )
+            if self.config.budgeted:
+                self.planned_full_steps = self._plan(self._predictor)
+        return self._predictor
+
+    def _plan(self, predictor: Predictor) -> tuple[int, ...]:
+        if self.num_steps is None:
+            raise ValueError(
+                "full_steps / speedup plan the generation's full steps in advance and need its step count: set "
+                "options={'num_inference_steps': N}, use sc_compile.enable(pipe) or wrap the pipeline call in "
+                "`with sc_compile.generation(transformer, num_inference_steps=N):`"
+            )
+        num_steps = self.num_steps
+        budget = self.config.budget_for(num_steps)
+        final = set(range(max(0, num_steps - self.config.final_full_steps), num_steps))
+        weights = step_weights(self.alpha, num_steps) if self.alpha is not None else None
+        # The default warm-up (as the dynamic rule's) is shortened when the budget cannot be met
+        # after it; a warm-up the user set is kept, and an unmeetable budget is an error.
+        warmups = [self.warmup_steps] if self.config.warmup_steps is not None else range(self.warmup_steps, 1, -1)
+        error: BudgetError | None = None
+        for warmup in warmups:
+            forced = set(range(min(warmup, num_steps))) | final
+            try:
+                planned = plan_full_steps(
+                    num_steps, budget, predictor.segment_cost, predictor.allows_gap, forced=forced, weights=weights
+                )
+            except BudgetError as failure:
+                error = failure
+                continue
+            self.warmup_steps = warmup
+            log.info("ScalingCache: planned full steps %s of %d (warm-up %d)", list(planned), num_steps, warmup)
+            return planned
+        assert error is not None
+        raise error
+
+    def _unit(self, key: int, step: int, step_info: Callable[[int], StepInfo]) -> DecisionUnit:
+        unit = self.units.get(key)
+        if unit is None:
+            predictor = self.predictor(step_info)
+            unit = DecisionUnit(
+                num_points=self.num_points,
+                warmup_steps=self.warmup_steps,
+                predictor=predictor,
+                planned_full_steps=self.planned_full_steps,
+                final_full_steps=self.config.final_full_steps,
+                num_steps=self.num_steps,
+                static_interval=self.config.static_interval,
+                change_points=self.change_points,
+            )
+            self.units[key] = unit
+            self._first_step[key] = step
+            self._observed_through[key] = step - 1
+        return unit
+
+    def _decision_at(self, key: int, step: int) -> StepDecision | None:
+        unit = self.units[key]
+        index = step - self._first_step[key]
+        return unit.decisions[index] if 0 <= index < len(unit.decisions) else None
+
+    def _observe(self, key: int, upto_step: int, collective: bool = True, has_group: bool = False) -> None:
+        """Fold the changes of the unit's steps before ``upto_step`` into it (at most one read)."""
+        unit = self.units[key]
+        step = self._observed_through[key] + 1
+        while step < upto_step:
+            decision = self._decision_at(key, step)
+            if decision is None:
+                break
+            if decision.full and not collective and has_group:
+                break
+            if decision.full:
+                # The unit's first step measures no change (nothing before it), and the next step
+                # is full too (no history yet), whose statistics replace its norms: not read.
+                streams = self._synced.get(key, []) if step > self._first_step[key] else []
+                # A planned or static schedule does not depend on the changes: nothing is read.
+                stats = self._read_stats(streams) if streams and unit.needs_statistics else []
+                change = unit.observe_full(step, stats)
+            else:
+                change = unit.observe_cached(step)
+            if change is not None and not math.isfinite(change):
+                self._warn(
+                    "nonfinite",
+                    "ScalingCache: the change at step %d is %s (non-finite hidden states); the next step "
+                    "runs in full, and the report lists the step in nonfinite_steps.",
+                    step,
+                    change,
+                )
+            self._observed_through[key] = step
+            step += 1
+
+    def decide(self, stream: int, info: StepInfo, step_info: Callable[[int], StepInfo]) -> StepDecision:
+        """The decision of ``info.step`` for ``stream``'s unit (made once per unit and step)."""
+        key = self.unit_key(stream)
+        unit = self._unit(key, info.step, step_info)
+        existing = self._decision_at(key, info.step)
+        if existing is not None:
+            return existing
+        next_step = self._first_step[key] + len(unit.decisions)
+        if info.step < next_step:
+            raise RuntimeError(f"ScalingCache: step {info.step} was decided out of order; this is a bug in sc_compile")
+        decision: StepDecision | None = None
+        for step in range(next_step, info.step + 1):
+            self._observe(key, step)
+            decision = unit.decide(step)
+            if decision.full:
+                self._synced[key] = []
+        assert decision is not None
+        return decision
+
+    def unit_last_full(self, stream: int, before: int) -> int | None:
+        """The unit's last full step before step ``before``."""
+        key = self.unit_key(stream)
+        if key not in self.units:
+            return None
+        for step in range(before - 1, self._first_step[key] - 1, -1):
+            decision = self._decision_at(key, step)
+            if decision is not None and decision.full:
+                return step
+        return None
+
+    def synced_full(self, stream: int) -> None:
+        """``stream`` ran the unit's full step with the unit's coefficients: its stats count."""
+        self._synced.setdefault(self.unit_key(stream), []).append(stream)
+
+    def coefficients(self, stream: int, decision: StepDecision, device) -> StepCoefficients:
+        """The decision's coefficient buffers, written once per unit and step."""
+        key = self.unit_key(stream)
+        buffers = self._coefficients.get(key)
+        if buffers is None:
+            buffers = self._coefficients[key] = StepCoefficients(self.num_points, device)
+        buffers.write(decision.coef, decision.refresh, decision)
+        return buffers
+
+    def finish(self, collective: bool = True, has_group: bool = False) -> None:
+        """Fold in every decided step (for a report)."""
+        for key, unit in self.units.items():
+            self._observe(key, self._first_step[key] + len(unit.decisions), collective, has_group)
+
+    # -- what the report reads -----------------------------------------------------------------
+    def stream_changes(self, stream: int, steps: int) -> list[float | None]:
+        key = self.unit_key(stream)
+        unit = self.units.get(key)
+        position = stream if self.config.share_decision_across_streams else 0
+        changes: list[float | None] = []
+        for step in range(steps):
+            per_stream = unit.stream_changes.get(step) if unit is not None else None
+            changes.append(per_stream[position] if per_stream and position < len(per_stream) else None)
+        return changes
+
+    @property
+    def nonfinite_steps(self) -> tuple[int, ...]:
+        return tuple(sorted({s for u in self.units.values() for s in u.nonfinite_steps}))

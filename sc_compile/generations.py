@@ -1,0 +1,469 @@
+"""State per generation, sessions per compiled module, and explicit generation scopes.
+
+* A :class:`ModuleSession` belongs to one module and one ``torch.compile`` of it. Every graph Dynamo
+  compiles for that pair (a recompile for ``inference_mode``, a new shape) shares it, so a
+  recompile in the middle of a generation continues the generation. The module is identified by
+  its first parameter, which the compiled graphs receive as an input: a ``copy.deepcopy`` of a
+  compiled model reuses the graphs but gets its own session.
+* A :class:`Generation` holds everything one generation writes: its clock, its stream buffers, its
+  decisions and its record. Finishing it builds its report and hands its buffers back to the
+  session's pool; nothing of it is read again.
+* A :class:`GenerationScope` is an explicit generation (``sc_compile.generation`` or one pipeline
+  call under ``sc_compile.enable``). Scopes live in a ``contextvars`` variable, so concurrent
+  generations in separate threads (or tasks) each see their own and are isolated. Calls outside
+  any scope share the session's *ambient* generation, placed by the timestep; a call from a second
+  thread while another thread's ambient generation runs is refused.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sc_compile.clock import ClockError, StepClock
+from sc_compile.config import ScalingCacheConfig
+from sc_compile.decisions import Decisions
+from sc_compile.state import PointLayout, StatePool, StepCoefficients, StreamState
+
+if TYPE_CHECKING:
+    from sc_compile.alpha import AlphaTable
+    from sc_compile.reporting import GenerationReport
+
+# The runtime's logger: what a generation did is logged under one name users filter on.
+log = logging.getLogger("sc_compile.runtime")
+
+
+def module_key(module: torch.nn.Module) -> Any:
+    """What identifies ``module`` (compiled or not) across its compiled graphs: its first parameter."""
+    module = getattr(module, "_orig_mod", module)
+    first = next(module.parameters(), None)
+    return module if first is None else first
+
+
+# -- explicit scopes ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class PipelineRun:
+    """One pipeline call under ``sc_compile.enable``: the scheduler steps taken so far."""
+
+    scheduler: Any
+    steps_taken: int = 0
+    num_steps: int | None = None
+    stochastic: bool = False
+    stochastic_checked: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class GenerationScope:
+    """An explicit generation of one module: ``sc_compile.generation`` or a pipeline call."""
+
+    key: Any
+    num_inference_steps: int | None = None
+    pipeline: PipelineRun | None = None
+    stochastic_sampler: bool = False
+    generations: dict[int, Generation] = dataclasses.field(default_factory=dict)
+
+    def finish(self, error: BaseException | None) -> None:
+        for generation in list(self.generations.values()):
+            generation.session.finish(generation, interrupted=error is not None)
+        self.generations.clear()
+
+
+_SCOPES: contextvars.ContextVar[tuple[GenerationScope, ...]] = contextvars.ContextVar("sc_compile_scopes", default=())
+# Modules whose calls in this context run outside any generation (``sc_compile.uncached``).
+_UNCACHED: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("sc_compile_uncached", default=())
+# cache_context names set through the pipeline integration: (module key, name) pairs.
+_STREAM_NAMES: contextvars.ContextVar[tuple[tuple[Any, str], ...]] = contextvars.ContextVar(
+    "sc_compile_stream_names", default=()
+)
+
+
+def active_scope(key: Any) -> GenerationScope | None:
+    for scope in reversed(_SCOPES.get()):
+        if scope.key is key:
+            return scope
+    return None
+
+
+def push_scope(scope: GenerationScope) -> contextvars.Token:
+    """Open ``scope``. A pipeline call inside an explicit generation takes over its declarations."""
+    outer = active_scope(scope.key)
+    if outer is not None and scope.pipeline is not None and outer.pipeline is None:
+        scope.num_inference_steps = scope.num_inference_steps or outer.num_inference_steps
+        scope.stochastic_sampler = scope.stochastic_sampler or outer.stochastic_sampler
+    elif outer is not None:
+        raise ClockError(
+            "ScalingCache: a generation of this model is already open in this thread; generations do not "
+            "nest. Close the outer `sc_compile.generation` first (a pipeline call under "
+            "`sc_compile.enable` opens its own)."
+        )
+    return _SCOPES.set((*_SCOPES.get(), scope))
+
+
+def pop_scope(token: contextvars.Token) -> None:
+    _SCOPES.reset(token)
+
+
+def is_uncached(key: Any) -> bool:
+    return any(k is key for k in _UNCACHED.get())
+
+
+def push_uncached(key: Any) -> contextvars.Token:
+    return _UNCACHED.set((*_UNCACHED.get(), key))
+
+
+def pop_uncached(token: contextvars.Token) -> None:
+    _UNCACHED.reset(token)
+
+
+def stream_name(key: Any) -> str | None:
+    for k, name in reversed(_STREAM_NAMES.get()):
+        if k is key:
+            return name
+    return None
+
+
+def push_stream_name(key: Any, name: str) -> contextvars.Token:
+    return _STREAM_NAMES.set((*_STREAM_NAMES.get(), (key, name)))
+
+
+def pop_stream_name(token: contextvars.Token) -> None:
+    _STREAM_NAMES.reset(token)
+
+
+# -- one generation ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class StreamRecord:
+    """What one stream actually ran, step by step."""
+
+    full_steps: list[int] = dataclasses.field(default_factory=list)
+    cached_steps: list[int] = dataclasses.field(default_factory=list)
+    reasons: dict[int, str] = dataclasses.field(default_factory=dict)
+
+
+class LayoutState:
+    """A generation's state for one cache layout: stream buffers, decisions, fixed coefficients."""
+
+    def __init__(self, generation: Generation, layout: PointLayout, alpha: AlphaTable | None, alpha_source: str, process_group: Any):
+        session = generation.session
+        self.layout = layout
+        self.cache_dtype = session.config.cache_dtype
+        self.key = layout.key(self.cache_dtype)
+        self.alpha_source = alpha_source
+        self.process_group = process_group
+        self.world_size = 1 if process_group is None else torch.distributed.get_world_size(process_group)
+        self.num_allreduces = 0
+        self.streams: list[StreamState | None] = []
+        self.decisions = Decisions(
+            config=session.config,
+            num_points=layout.num_points,
+            feeds_output=layout.feeds_output,
+            alpha=alpha,
+            num_steps=generation.num_steps,
+            read_stats=self.read_stats,
+            warn=session.warn_once,
+        )
+        # Coefficients of a stream's full step outside its unit's schedule: a first step (no
+        # history: c = 0, refresh = 0) and a step right after its own last full step (refresh 1).
+        self.first_step = StepCoefficients(layout.num_points, layout.device)
+        self.first_step.write([0.0] * layout.num_points, [0.0] * layout.num_points, "first")
+        self.next_step = StepCoefficients(layout.num_points, layout.device)
+        self.next_step.write([0.0] * layout.num_points, [1.0] * layout.num_points, "next")
+        self.is_full_flag = torch.ones((), dtype=torch.bool, device=layout.device)
+        self._gathered: torch.Tensor | None = None
+
+    def stream(self, index: int, pool: StatePool) -> StreamState:
+        while len(self.streams) <= index:
+            self.streams.append(None)
+        state = self.streams[index]
+        if state is None:
+            state = self.streams[index] = pool.take(self.key, self.layout, self.cache_dtype)
+        return state
+
+    def global_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """The statistics summed over the context-parallel group (one all-reduce)."""
+        if self.process_group is None:
+            return stats
+        stats = stats.clone()
+        torch.distributed.all_reduce(stats, group=self.process_group)
+        self.num_allreduces += 1
+        return stats
+
+    def read_stats(self, streams: Sequence[int]) -> list[list[list[float]]]:
+        """The one device→host read of a full step: the statistics of ``streams``, gathered into a
+        preallocated table (it grows only when a generation has more streams than before)."""
+        tables = [self.streams[s].stats for s in streams]  # type: ignore[union-attr]
+        if self._gathered is None or self._gathered.shape[0] < len(tables):
+            self._gathered = torch.empty(len(tables), *tables[0].shape, dtype=tables[0].dtype, device=tables[0].device)
+        gathered = self._gathered[: len(tables)]  # [S, P, NUM_STAT_COLUMNS]
+        torch.stack(tables, out=gathered)
+        return self.global_stats(gathered).tolist()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.streams if s is not None)
+
+
+class Generation:
+    """Everything one generation of one compiled module writes."""
+
+    def __init__(self, session: ModuleSession, source: str, scope: GenerationScope | None):
+        self.session = session
+        self.scope = scope
+        self.source = source
+        declared = scope.num_inference_steps if scope is not None else None
+        pipeline_steps = scope.pipeline.num_steps if scope is not None and scope.pipeline is not None else None
+        if declared is not None and pipeline_steps is not None and declared != pipeline_steps:
+            raise ClockError(
+                f"ScalingCache: num_inference_steps={declared} was declared, but the pipeline's scheduler runs "
+                f"{pipeline_steps} steps; the pipeline integration reads the step count from the scheduler: "
+                "drop the declaration."
+            )
+        config_steps = session.config.num_inference_steps
+        # A per-generation declaration overrides the compile-time option.
+        self.num_steps = declared or pipeline_steps or config_steps
+        if source == "pipeline" and config_steps is not None and pipeline_steps is not None and config_steps != pipeline_steps:
+            raise ClockError(
+                f"ScalingCache: options={{'num_inference_steps': {config_steps}}} was given, but the pipeline's "
+                f"scheduler runs {pipeline_steps} steps. Drop the option: `sc_compile.enable(pipe)` reads the "
+                "step count from the scheduler."
+            )
+        self.declared_steps = self.num_steps
+        self.clock = StepClock(source, self.num_steps)
+        self.layouts: dict[tuple[object, ...], LayoutState] = {}
+        self.records: dict[int, StreamRecord] = {}
+        self.owner = threading.get_ident()
+        self.lock = threading.Lock()
+        self.num_calls = 0
+        self.finished = False
+        self.checked_samples = False
+        self.report: GenerationReport | None = None  # built when the generation finishes
+        if self.session.config.final_full_steps and self.num_steps is None:
+            raise ValueError(
+                f"final_full_steps={self.session.config.final_full_steps} needs the generation's step count: set "
+                "options={'num_inference_steps': N}, use `sc_compile.enable(pipe)`, or wrap the pipeline call in "
+                "`with sc_compile.generation(transformer, num_inference_steps=N):`"
+            )
+        warmup = session.config.warmup_for(self.num_steps)
+        if self.num_steps is not None and warmup >= self.num_steps:
+            session.warn_once(
+                "warmup",
+                "ScalingCache: warm-up of %d steps covers the whole %d-step generation; nothing will be cached.",
+                warmup,
+                self.num_steps,
+            )
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.session.config.warmup_for(self.num_steps)
+
+    def layout_state(self, runtime: Any) -> LayoutState:
+        key = runtime.layout.key(self.session.config.cache_dtype)
+        state = self.layouts.get(key)
+        if state is None:
+            state = self.layouts[key] = LayoutState(self, runtime.layout, runtime.alpha, runtime.alpha_source, runtime.process_group)
+        return state
+
+    def record(self, stream: int) -> StreamRecord:
+        record = self.records.get(stream)
+        if record is None:
+            record = self.records[stream] = StreamRecord()
+        return record
+
+    def timestep_of(self, step: int) -> float | None:
+        """The step's timestep where it is known without a device read (see ``StepClock``)."""
+        return self.clock.timestep_of(step)
+
+    def schedule(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The scheduler's timesteps and sigmas, when the pipeline integration knows them."""
+        if self.scope is None or self.scope.pipeline is None:
+            return None, None
+        scheduler = self.scope.pipeline.scheduler
+        return getattr(scheduler, "timesteps", None), getattr(scheduler, "sigmas", None)
+
+
+# -- sessions ----------------------------------------------------------------------------------
+class ModuleSession:
+    """One module under one compile: its runtimes, its generations, its report."""
+
+    def __init__(self, key: Any, config: ScalingCacheConfig, name: str):
+        self.key_ref = weakref.ref(key) if _weakrefable(key) else (lambda: key)
+        self.config = config
+        self.name = name
+        self.runtimes: list[weakref.ReferenceType[Any]] = []
+        # Held for the whole of an ambient call (placement and dispatch), and to take one over.
+        self.lock = threading.RLock()
+        self.ambient: Generation | None = None
+        self.last_generation: Generation | None = None
+        self.last_report: GenerationReport | None = None
+        self.last_active = 0.0
+        self.pool = StatePool()
+        self._warned: set[str] = set()
+
+    def warn_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    # -- which generation a call belongs to -------------------------------------------------------
+    def generation_for(self, scope: GenerationScope | None) -> Generation:
+        if scope is not None:
+            generation = scope.generations.get(id(self))
+            if generation is None:
+                if scope.pipeline is not None and scope.pipeline.num_steps is None:
+                    scope.pipeline.num_steps = pipeline_step_count(scope.pipeline.scheduler)
+                source = "pipeline" if scope.pipeline is not None else "context"
+                generation = scope.generations[id(self)] = Generation(self, source, scope)
+                self.last_generation = generation
+            return generation
+        with self.lock:
+            generation = self.ambient
+            if generation is None:
+                generation = self.ambient = Generation(self, "timestep", None)
+                self.last_generation = generation
+            elif generation.owner != threading.get_ident() and not generation.finished:
+                generation = self._other_thread(generation)
+            return generation
+
+    def _other_thread(self, generation: Generation) -> Generation:
+        """A call from a thread that did not start the running ambient generation."""
+        raise ClockError(
+            f"ScalingCache: {self.name} is called from a second thread while a generation started by "
+            "another thread is running, with no generation context: the two generations would share one "
+            "clock and one set of cache buffers. Give each generation its own state: call it inside "
+            "`with sc_compile.generation(transformer):` in its own thread, or use `sc_compile.enable(pipe)` "
+            "on each pipeline."
+        )
+
+    def restart_ambient(self, old: Generation) -> Generation:
+        """The ambient generation ``old`` ended (the timestep went back): a fresh one."""
+        with self.lock:
+            if self.ambient is old:
+                self.finish(old, interrupted=False)
+                self.ambient = Generation(self, "timestep", None)
+                self.last_generation = self.ambient
+            return self.ambient  # type: ignore[return-value]
+
+    def finish(self, generation: Generation, interrupted: bool) -> None:
+        """Build the generation's report and free its state."""
+        if generation.finished:
+            return
+        from sc_compile.reporting import build_report
+
+        generation.finished = True
+        if generation.num_calls:
+            ran = generation.clock.step + 1
+            if generation.declared_steps is not None and ran < generation.declared_steps and not interrupted:
+                log.warning(
+                    "ScalingCache: the generation ran %d of its %d declared steps%s.",
+                    ran,
+                    generation.declared_steps,
+                    f"; final_full_steps={self.config.final_full_steps} was not honoured"
+                    if self.config.final_full_steps
+                    else "",
+                )
+            report = build_report(generation, finished=True)
+            if self.last_generation is generation or self.last_report is None:
+                self.last_report = report
+            generation.report = report
+        for layout_state in generation.layouts.values():
+            states = [s for s in layout_state.streams if s is not None]
+            self.pool.give_back(layout_state.key, states)
+            layout_state.streams.clear()
+        if self.ambient is generation:
+            self.ambient = None
+
+    def end_ambient(self) -> None:
+        with self.lock:
+            if self.ambient is not None:
+                self.finish(self.ambient, interrupted=False)
+
+    def report(self) -> GenerationReport:
+        from sc_compile.reporting import build_report
+
+        generation = self.last_generation
+        if generation is not None and not generation.finished and generation.num_calls:
+            # Under context parallelism the last full step's change is folded in by the next call
+            # (on every rank), not here: the report may be asked for on one rank only.
+            return build_report(generation, finished=False, collective=False)
+        if self.last_report is None:
+            raise RuntimeError(f"no generation has run on this compiled {self.name} yet")
+        return self.last_report
+
+
+def _weakrefable(value: Any) -> bool:
+    try:
+        weakref.ref(value)
+    except TypeError:
+        return False
+    return True
+
+
+def pipeline_step_count(scheduler: Any) -> int | None:
+    """The number of ``scheduler.step`` calls the pipeline's loop makes (after ``set_timesteps``)."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return None
+    begin = getattr(scheduler, "begin_index", None)
+    return len(timesteps) - (begin or 0)
+
+
+# id(key) -> (weak reference to the key, compile token -> session). Keyed by id, not by the key:
+# a weak dictionary compares keys with ``==``, which on tensors is element-wise.
+_SESSIONS: dict[int, tuple[Callable[[], Any], dict[Any, ModuleSession]]] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+def _forget_key(key_id: int) -> None:
+    with _SESSIONS_LOCK:
+        _SESSIONS.pop(key_id, None)
+
+
+def _sessions_by_token(key: Any, create: bool) -> dict[Any, ModuleSession] | None:
+    entry = _SESSIONS.get(id(key))
+    if entry is not None and entry[0]() is key:
+        return entry[1]
+    if not create:
+        return None
+    by_token: dict[Any, ModuleSession] = {}
+    if _weakrefable(key):
+        _SESSIONS[id(key)] = (weakref.ref(key), by_token)
+        weakref.finalize(key, _forget_key, id(key))
+    else:
+        _SESSIONS[id(key)] = (lambda: key, by_token)
+    return by_token
+
+
+def session_for(key: Any, token: Any, config: ScalingCacheConfig, name: str) -> ModuleSession:
+    with _SESSIONS_LOCK:
+        by_token = _sessions_by_token(key, create=True)
+        assert by_token is not None
+        session = by_token.get(token)
+        if session is None:
+            session = by_token[token] = ModuleSession(key, config, name)
+        return session
+
+
+def sessions_of(module: torch.nn.Module) -> list[ModuleSession]:
+    key = module_key(module)
+    with _SESSIONS_LOCK:
+        return list((_sessions_by_token(key, create=False) or {}).values())
+
+
+__all__ = [
+    "ClockError",
+    "Generation",
+    "GenerationScope",
+    "ModuleSession",
+    "PipelineRun",
+    "active_scope",
+    "module_key",
+    "session_for",
+    "sessions_of",
+]

@@ -1,0 +1,140 @@
+"""Cache state: the preallocated tensors of one stream and the coefficient buffers of a step.
+
+Every tensor here is allocated once (when a generation first needs a stream) and then only
+written in place: by the full-step graph (``y_full``, ``dy`` and the statistics table) and by the
+host when a step's coefficients are decided (``StepCoefficients``). A run of cached steps
+allocates nothing. The tensors are marked as static addresses
+(``torch._dynamo.mark_static_address``), the contract CUDA-graph capture needs; the cached-step
+graph only reads them.
+
+A stream's buffers carry what they hold: ``last_full_step`` (the step whose output is ``y_full``)
+and ``has_difference`` (whether ``dy`` was refreshed from two real full steps). The dispatcher
+never predicts from a stream whose buffers were not written at the step the prediction starts
+from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Sequence
+
+import torch
+
+NUM_STAT_COLUMNS = 6
+
+# Every live StreamState, so tests can check that finished generations free their buffers.
+LIVE_STREAM_STATES: weakref.WeakSet[StreamState] = weakref.WeakSet()
+
+
+@dataclasses.dataclass
+class PointLayout:
+    """The part of the cache layout the runtime needs."""
+
+    shapes: list[tuple[int, ...]]
+    dtypes: list[torch.dtype]
+    device: torch.device
+    feeds_output: list[bool]
+    fingerprint: str = ""
+
+    def key(self, cache_dtype: torch.dtype | None) -> tuple[object, ...]:
+        """Graphs whose layouts have equal keys can share stream state."""
+        return (self.fingerprint, tuple(self.shapes), tuple(self.dtypes), str(self.device), cache_dtype)
+
+    @property
+    def num_points(self) -> int:
+        return len(self.shapes)
+
+
+def _static(tensor: torch.Tensor) -> torch.Tensor:
+    torch._dynamo.mark_static_address(tensor, guard=False)
+    return tensor
+
+
+class StreamState:
+    """Preallocated state of one stream: two buffers per cache point and the statistics table."""
+
+    def __init__(self, layout: PointLayout, cache_dtype: torch.dtype | None):
+        self.buffers: list[torch.Tensor] = []
+        for shape, dtype in zip(layout.shapes, layout.dtypes, strict=True):
+            for _ in range(2):  # y_full, dy
+                self.buffers.append(_static(torch.zeros(shape, dtype=cache_dtype or dtype, device=layout.device)))
+        # stats: [P, NUM_STAT_COLUMNS] float32, written by every full step.
+        self.stats = _static(torch.zeros(layout.num_points, NUM_STAT_COLUMNS, dtype=torch.float32, device=layout.device))
+        self.forget()
+        LIVE_STREAM_STATES.add(self)
+
+    def forget(self) -> None:
+        """Mark the buffers as holding nothing (their values are never read again)."""
+        self.last_full_step: int | None = None
+        self.has_difference = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers) + self.stats.numel() * 4
+
+    def zero_(self) -> None:
+        for buffer in self.buffers:
+            buffer.zero_()
+        self.stats.zero_()
+
+
+class StepCoefficients:
+    """The per-point coefficient and refresh vectors of a step, in preallocated device memory.
+
+    ``values[0]`` is the coefficient c and ``values[1]`` the refresh factor (SPEC §1). ``write``
+    copies a decision's host values in place: no allocation, no device→host read.
+    """
+
+    def __init__(self, num_points: int, device: torch.device):
+        self.values = _static(torch.zeros(2, num_points, dtype=torch.float32, device=device))  # [2, P]
+        # Host staging for devices other than the CPU (a host→device copy, never a read back).
+        self._staging = None if self.values.device.type == "cpu" else torch.zeros(2, num_points, dtype=torch.float32)
+        self.written: object = None
+
+    def write(self, coef: Sequence[float], refresh: Sequence[float], token: object) -> None:
+        """Write ``coef`` and ``refresh`` unless ``token`` (the decision) is already written."""
+        if token is self.written and token is not None:
+            return
+        target = self.values if self._staging is None else self._staging
+        array = target.numpy()  # a view of host memory
+        array[0, :] = coef
+        array[1, :] = refresh
+        if self._staging is not None:
+            self.values.copy_(self._staging)
+        self.written = token
+
+    @property
+    def coef(self) -> torch.Tensor:
+        return self.values[0]
+
+    @property
+    def refresh(self) -> torch.Tensor:
+        return self.values[1]
+
+
+class StatePool:
+    """Stream states a finished generation handed back, reused by the next one (same layout).
+
+    The pool keeps at most as many states per layout as the largest generation that returned
+    them used, so sequential generations reuse one set of buffers and nothing accumulates.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[object, ...], list[StreamState]] = {}
+
+    def take(self, key: tuple[object, ...], layout: PointLayout, cache_dtype: torch.dtype | None) -> StreamState:
+        free = self._free.get(key)
+        state = free.pop() if free else StreamState(layout, cache_dtype)
+        state.forget()
+        return state
+
+    def give_back(self, key: tuple[object, ...], states: list[StreamState]) -> None:
+        free = self._free.setdefault(key, [])
+        for state in states:
+            state.forget()
+        free.extend(states)
+        del free[max(len(states), 1):]
+
+    def clear(self) -> None:
+        self._free.clear()
