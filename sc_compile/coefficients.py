@@ -207,6 +207,12 @@ class FittedPredictor:
         # Error as a function of k from 0 (no gap, no error) for sub-step gaps.
         error = fitted.error.double()
         self._error = torch.cat([torch.zeros(n, g_dim, 1, dtype=torch.float64), error], dim=2)
+        # On the calibrated grid every lookup is a plain index: host lists, read from the table once,
+        # so that deciding a step does no tensor work at all.
+        self._coef_rows: list[list[list[list[float]]]] = fitted.coef.tolist()
+        self._refresh_rows: list[list[list[float]]] = fitted.refresh.tolist()
+        self._error_rows: list[list[list[float]]] = fitted.error.tolist()
+        self._max_gaps: list[int] = fitted.max_gap.tolist()
 
     def _u(self, step: int) -> float:
         return float(step) if self._position is None else self._position(step)
@@ -219,7 +225,7 @@ class FittedPredictor:
         if self._direct():
             if previous_gap > f.max_gap_limit + 1 or gap > f.max_gap_limit:
                 raise ValueError(f"gap {gap} after a gap {previous_gap} is outside the table (K = {f.max_gap_limit})")
-            return tuple(f.coef[last_full, previous_gap - 1, gap - 1].tolist())
+            return tuple(self._coef_rows[last_full][previous_gap - 1][gap - 1])
         u = self._u(last_full)
         span_g = u - self._u(last_full - previous_gap)
         span_k = self._u(last_full + gap) - u
@@ -233,24 +239,24 @@ class FittedPredictor:
         if self._direct():
             if gap > f.max_gap_limit + 1:
                 raise ValueError(f"gap {gap} is outside the table (K = {f.max_gap_limit})")
-            return tuple(f.refresh[step, gap - 1].tolist())
+            return tuple(self._refresh_rows[step][gap - 1])
         return (1.0 / gap,) * self.num_points
 
     def allows_gap(self, last_full: int, gap: int) -> bool:
         f = self.fitted
         if self._direct():
-            return last_full < f.num_steps and gap <= int(f.max_gap[last_full])
+            return last_full < f.num_steps and gap <= self._max_gaps[last_full]
         u = self._u(last_full)
         lower = min(max(int(math.floor(u)), 0), f.num_steps - 1)
         upper = min(lower + 1, f.num_steps - 1)
-        limit = min(int(f.max_gap[lower]), int(f.max_gap[upper]))
+        limit = min(self._max_gaps[lower], self._max_gaps[upper])
         return self._u(last_full + gap) - u <= limit + 1e-6
 
     def segment_cost(self, last_full: int, previous_gap: int, gap: int) -> float | None:
         """Relative L2 error of the cached step ``last_full + gap`` (the schedule search weighs it)."""
         f = self.fitted
         if self._direct():
-            squared = float(f.error[last_full, previous_gap - 1, gap - 1])
+            squared = self._error_rows[last_full][previous_gap - 1][gap - 1]
         else:
             u = self._u(last_full)
             span_g = u - self._u(last_full - previous_gap)

@@ -104,6 +104,27 @@ def test_pipeline_clock_cached_steps_read_nothing_and_allocate_nothing(monkeypat
     assert len(views[0]) == 3 and all(v == views[1] for v in views[1:]) and len(views[1]) == 1
 
 
+def test_a_planned_schedule_reads_nothing_after_the_first_call(monkeypatch):
+    """A budget (or a static interval) does not depend on the changes: no statistics are read."""
+    model = DummyDiT()
+    options = {**EAGER, "warmup_steps": 2, "full_steps": 6}
+    pipe = sc_compile.enable(LoopPipeline(torch.compile(model, backend="scalingcache", options=options)))
+    with torch.no_grad():
+        pipe(_latents(), 16)  # compile outside the count
+
+        def run():
+            with torch.no_grad():
+                pipe(_latents(1), 16)
+
+        calls = _per_call(monkeypatch, run)
+    report = sc_compile.report(model)
+    assert report.num_full_steps == 6 and len(calls) == 16
+    # The first call checks the batch's timestep and plans the schedule (a search over host
+    # tensors of the α table); after it nothing is read, at full steps either.
+    assert [reads for _, reads, _, _ in calls[1:]] == [0] * 15, calls
+    assert all(allocations == 0 for full, _, allocations, _ in calls if not full)
+
+
 def test_timestep_clock_reads_the_timestep_once_per_call(monkeypatch):
     model = DummyDiT()
     compiled = torch.compile(model, backend="scalingcache", options=EAGER)
