@@ -154,7 +154,9 @@ def main() -> None:
         f"K_τ of the fitted table: {fitted.max_gap.tolist()}. Run in {elapsed:.0f} s with",
         f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibration_ablation.py --model {args.model} --steps {n}"
         + (" --transfer" if args.transfer else "") + (" --only-transfer" if args.only_transfer else "")
-        + (f" --per-set {args.per_set}" if args.per_set != 5 else "") + "`.",
+        + (f" --per-set {args.per_set}" if args.per_set != 5 else "")
+        + (f" --variants {args.variants}" if args.variants != "chained,fitted,ones" else "")
+        + (f" --transfer-factors {args.transfer_factors}" if args.transfer_factors != "0.5,2,4" else "") + "`.",
         "",
         "| group | configuration | steps | held-out seeds: PSNR dB | full | held-out classes+seeds: PSNR dB | full |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
