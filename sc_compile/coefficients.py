@@ -28,6 +28,7 @@ grid for another step count, or a step longer than its longest gap) is refused w
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -78,20 +79,20 @@ def timestep_positions(table: AlphaTable, timestep_of: Callable[[int], float | N
             "this α table records no timesteps, and the generation's step count is not known: "
             "declare it (options={'num_inference_steps': N} or sc_compile.generation(model, num_inference_steps=N))"
         )
-    times = torch.tensor(table.timesteps, dtype=torch.float64)
-    descending = bool(times[0] > times[-1])
-    ordered = times.flip(0) if descending else times
+    times = [float(t) for t in table.timesteps]
+    descending = times[0] > times[-1]
+    ordered = times[::-1] if descending else times
     n = len(times)
 
     def position(step: int) -> float:
         timestep = timestep_of(step)
         if timestep is None:
             raise AlphaTableError(f"the timestep of step {step} is not known: declare the generation's step count")
-        t = min(max(timestep, float(ordered[0])), float(ordered[-1]))
-        upper = int(torch.searchsorted(ordered, torch.tensor(t, dtype=torch.float64)).clamp(1, n - 1))
+        t = min(max(timestep, ordered[0]), ordered[-1])
+        upper = min(max(bisect.bisect_left(ordered, t), 1), n - 1)
         lower = upper - 1
-        span = float(ordered[upper] - ordered[lower])
-        fraction = 0.0 if span == 0 else (t - float(ordered[lower])) / span
+        span = ordered[upper] - ordered[lower]
+        fraction = 0.0 if span == 0 else (t - ordered[lower]) / span
         index = lower + fraction
         return (n - 1 - index) if descending else index
 
@@ -147,25 +148,25 @@ def chained_alpha_of_step(
     covered (calibrated step i spans positions (i − 1, i]; a step inside it has α_i^(its length),
     a step over several has their product; positions before calibrated step 2, where α is undefined,
     take α_2). Exact for geometric residuals on any grid."""
-    alpha = table.alpha.double()
+    rows: list[list[float]] = table.alpha.double().tolist()  # host lists: no tensor work per step
     n = table.num_steps
 
     def of_step(step: int) -> list[float]:
         if same_grid and step < n:
-            return alpha[step].tolist()
+            return rows[step]
         end = position(step)
         start = position(step - 1) if step > 0 else end - 1.0
-        row = torch.ones(alpha.shape[1], dtype=torch.float64)
+        row = [1.0] * len(rows[0])
         i = max(int(math.floor(start)) + 1, 1)
         while i - 1 < end - 1e-12:
             covered = min(end, float(i)) - max(start, float(i - 1))
             if covered > 0:
                 # α_0, α_1 are undefined (held at 1): positions before step 2 borrow α_2.
-                factor = alpha[min(max(i, 2 if n > 2 else i), n - 1)]
+                factor = rows[min(max(i, 2 if n > 2 else i), n - 1)]
                 # Signed power: a negative α keeps its sign (a reversal stays a reversal).
-                row = row * factor.sign() * factor.abs().pow(covered)
+                row = [r * math.copysign(abs(a) ** covered, a) for r, a in zip(row, factor, strict=True)]
             i += 1
-        return row.tolist()
+        return row
 
     return of_step
 
