@@ -311,6 +311,11 @@ class ModuleSession:
             self._warned.add(key)
             log.warning(message, *args)
 
+    def info_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.info(message, *args)
+
     # -- which generation a call belongs to -------------------------------------------------------
     def generation_for(self, scope: GenerationScope | None) -> Generation:
         if scope is not None:

@@ -286,7 +286,8 @@ class ScalingCacheRuntime:
         if generation is None:
             generation = session.generation_for(None)
             if generation.source == "timestep" and not generation.num_calls:
-                session.warn_once(
+                # A caveat, not a detected failure (the README says the same): logged at INFO.
+                session.info_once(
                     "timestep-clock",
                     "ScalingCache: %s places calls by their timestep (no generation context). It cannot tell "
                     "an interrupted generation from the next one that continues its schedule, nor a side call "
