@@ -160,6 +160,7 @@ class ScalingCacheConfig:
     coefficients: Coefficients | None = None
     """The α table's per-gap fitted coefficients or the paper's chained α's. ``None``: fitted when
     the table has them (format 2), else chained."""
+
     stochastic_sampler: StochasticSampler = StochasticSampler.REFUSE
     """A sampler that injects fresh noise every step: refuse (default) or cache with a warning."""
 
@@ -181,6 +182,8 @@ class ScalingCacheConfig:
         coerce("change_points", ChangePoints)
         if self.coefficients is not None:
             coerce("coefficients", Coefficients)
+            if self.coefficients is Coefficients.FITTED and isinstance(self.alpha, str) and self.alpha == "ones":
+                raise ValueError("coefficients='fitted' needs a calibrated α table, but alpha='ones' was given")
         if self.full_steps is not None and (
             not isinstance(self.full_steps, int) or isinstance(self.full_steps, bool) or self.full_steps < 2
         ):
@@ -238,6 +241,7 @@ class ScalingCacheConfig:
 
     @property
     def budgeted(self) -> bool:
+        """Whether the schedule is a budget (``full_steps`` or ``speedup``)."""
         return self.full_steps is not None or self.speedup is not None
 
     def budget_for(self, num_steps: int) -> int:
