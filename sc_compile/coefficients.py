@@ -224,12 +224,17 @@ class FittedPredictor:
     def cached_coef(self, last_full: int, previous_gap: int, gap: int) -> tuple[float, ...]:
         f = self.fitted
         if self._direct():
+            self._check_on_grid(last_full + gap)
             if previous_gap > f.max_gap_limit + 1 or gap > f.max_gap_limit:
                 raise ValueError(f"gap {gap} after a gap {previous_gap} is outside the table (K = {f.max_gap_limit})")
             return tuple(self._coef_rows[last_full][previous_gap - 1][gap - 1])
         u = self._u(last_full)
         span_g = u - self._u(last_full - previous_gap)
         span_k = self._u(last_full + gap) - u
+        if span_g <= 1e-9:
+            # Both full steps sit at one position (timesteps beyond the calibrated range): the
+            # table has no slope there; extrapolate with α = 1 (dy = D_g / g, c = gap).
+            return (float(gap),) * self.num_points
         ratio = _interpolate(self._ratio, (u, span_g - 1, span_k), (f.num_steps - 1, f.max_gap_limit, f.max_gap_limit))
         a = ratio * (span_k / span_g)
         # dy = (y_t − y_full) / g (refresh below): c = a · g.
@@ -238,10 +243,19 @@ class FittedPredictor:
     def refresh(self, step: int, gap: int) -> tuple[float, ...]:
         f = self.fitted
         if self._direct():
+            self._check_on_grid(step)
             if gap > f.max_gap_limit + 1:
                 raise ValueError(f"gap {gap} is outside the table (K = {f.max_gap_limit})")
             return tuple(self._refresh_rows[step][gap - 1])
         return (1.0 / gap,) * self.num_points
+
+    def _check_on_grid(self, step: int) -> None:
+        if step >= self.fitted.num_steps:
+            raise AlphaTableError(
+                f"the generation reached step {step}, past the {self.fitted.num_steps} steps of the α table, and its "
+                "step count was not declared (the table records no timesteps to map it by): declare it with "
+                "options={'num_inference_steps': N}, sc_compile.enable(pipe) or sc_compile.generation(...)"
+            )
 
     def allows_gap(self, last_full: int, gap: int) -> bool:
         f = self.fitted

@@ -86,6 +86,12 @@ class FittedCoefficients:
         for name in ("coef", "refresh"):
             if not torch.isfinite(getattr(self, name)).all():
                 raise ValueError(f"fitted {name} has non-finite values")
+        if not (self.refresh > 0).all():
+            raise ValueError("fitted refresh must be positive")
+        if self.error.isnan().any() or (self.error < 0).any():
+            raise ValueError("fitted error must be >= 0 (or inf), without NaN")
+        if self.max_gap.dtype != torch.int64 or (self.max_gap < 0).any() or (self.max_gap > k).any():
+            raise ValueError(f"max_gap must be int64 values in [0, {k}], but got {self.max_gap.dtype} {self.max_gap.tolist()}")
 
     @property
     def num_steps(self) -> int:
@@ -162,7 +168,9 @@ def fit_gap_coefficients(
                 continue
             _, dd, d1, _, _ = _inner_products(stacked, tau, g, 0)
             r = _ratio(d1.sum(0), dd.sum(0), fallback_r)
-            r = torch.where(r > 0, r, fallback_r)
+            # D_1 nearly orthogonal to D_g makes r tiny and c = a / r huge: below a relative floor
+            # the plain per-step average 1 / g is the refresh (c absorbs the scale either way).
+            r = torch.where(r > 1e-3 / g, r, fallback_r)
             refresh[tau, g - 1] = r
             for k in range(1, big_k + 1):
                 ones_a = torch.full((num_points,), k / g, dtype=torch.float64)

@@ -154,10 +154,14 @@ class DecisionUnit:
             reason = "non-finite change"
         elif self.last_full is None or self.previous_gap == 0:
             reason = "no history"
-        elif self._planned is not None:
-            reason = "planned" if step in self._planned else ""
+        elif self._planned is not None and step in self._planned:
+            reason = "planned"
         elif not self.predictor.allows_gap(self.last_full, gap):
+            # Also under a plan: a full step it did not place (a unit that started late) starts
+            # a gap the plan never checked.
             reason = "longest gap"
+        elif self._planned is not None:
+            reason = ""
         elif self.static_interval is not None:
             reason = "interval" if (step - self.warmup_steps) % self.static_interval == 0 else ""
         elif self.threshold is None:

@@ -306,3 +306,68 @@ def test_budget_needs_the_step_count_and_speedup_sets_the_budget():
     assert report.num_full_steps == 4 and report.full_steps[:2] == (0, 1)
     assert set(report.streams[0].reasons) == {"warm-up", "planned", "cached"}
     assert outputs == pytest.approx(values, abs=1e-4)
+
+
+def _fitted_table(steps: int = 8, max_gap: int = 2):
+    model = DummyDiT()
+    return _table_from(model, [[10.0 - u + 0.05 * u * u for u in range(steps)]], [1000.0 - 100.0 * u for u in range(steps)], max_gap)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("max_gap", lambda f: torch.full_like(f.max_gap, 5), "max_gap must be int64 values in"),
+        ("max_gap", lambda f: f.max_gap.float(), "max_gap must be int64"),
+        ("error", lambda f: -f.error.nan_to_num(posinf=1.0).abs() - 1.0, "error must be >= 0"),
+        ("refresh", lambda f: torch.zeros_like(f.refresh), "refresh must be positive"),
+    ],
+)
+def test_inconsistent_format_2_files_are_refused_on_load(tmp_path, field, value, message):
+    from safetensors.torch import load_file, save_file
+
+    table = _fitted_table()
+    path = tmp_path / "alpha.safetensors"
+    table.save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    tensors[field] = value(table.fitted)
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(AlphaTableError, match=message):
+        AlphaTable.load(path)
+
+
+def test_timesteps_beyond_the_calibrated_range_extrapolate_with_alpha_one():
+    """Two full steps clamped to one position have no slope in the table: α = 1, not a crash."""
+    table = _fitted_table()
+    times = {0: 1200.0, 1: 1100.0, 2: 1050.0, 3: 1000.0}
+    predictor = make_predictor(table, num_points=3, num_steps=None, timestep_of=times.get, fitted=True)
+    assert predictor.cached_coef(1, 1, 1) == (1.0, 1.0, 1.0)
+    assert predictor.refresh(1, 1) == (1.0, 1.0, 1.0)
+
+
+def test_a_generation_past_a_table_without_timesteps_is_refused():
+    table = _fitted_table()
+    bare = AlphaTable(table.alpha, table.model_class, table.fingerprint, "block", fitted=table.fitted)
+    predictor = make_predictor(bare, num_points=3, num_steps=None, timestep_of=lambda s: None, fitted=True)
+    assert len(predictor.refresh(7, 1)) == 3
+    with pytest.raises(AlphaTableError, match="past the 8 steps of the α table"):
+        predictor.refresh(8, 1)
+
+
+def test_a_plan_never_serves_a_gap_the_table_refuses():
+    """A full step the plan did not place starts a gap the plan never checked: still bounded."""
+    from sc_compile.schedule import DecisionUnit
+
+    class OnlyOneGap(ChainedPredictor):
+        def allows_gap(self, last_full, gap):
+            return gap <= 1
+
+    unit = DecisionUnit(num_points=1, warmup_steps=3, predictor=OnlyOneGap(1, None, max_gap=1),
+                        planned_full_steps=(0, 1, 5), num_steps=8)
+    decisions = [unit.decide(step) for step in range(8)]
+    # Steps 0-2 warm-up; 3 cached (gap 1), 4 full (gap 2 refused), 5 planned, 6 cached, 7 full.
+    assert [d.full for d in decisions] == [True, True, True, False, True, True, False, True]
+    assert decisions[4].reason == "longest gap"
