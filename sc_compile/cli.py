@@ -275,6 +275,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         prediction=args.prediction,
         compiler=args.compiler,
         command=_command_line(),
+        max_gap=args.max_gap,
     )
     seconds = time.perf_counter() - start
     table.save(out)
@@ -363,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--beta", type=float, default=0.97)
     cal.add_argument("--granularity", choices=["block", "module"], default="block")
     cal.add_argument("--prediction", choices=["hidden", "residual"], default="hidden")
+    cal.add_argument(
+        "--max-gap", type=_at_least(1), default=8,
+        help="longest gap (steps) the fitted coefficients may serve; keeps 2K+2 values per cache point while calibrating",
+    )
     cal.add_argument("--compiler", choices=["inductor", "aot_eager", "eager"], default="eager")
     cal.add_argument("--threads", type=_at_least(1), default=1)
     cal.set_defaults(func=cmd_calibrate)

@@ -104,13 +104,14 @@ def test_cli_calibrates_a_tiny_pipeline_and_inspects_the_table(tmp_path):
     pipe.transformer.save_pretrained(model_dir)
     embeddings.save(model_dir / "class_embeddings.safetensors")
     out = tmp_path / "alpha.safetensors"
-    command = [sys.executable, "-m", "sc_compile", "calibrate", str(model_dir), "--out", str(out), "--steps", "6", "--classes", "2", "--seeds", "1"]
+    command = [sys.executable, "-m", "sc_compile", "calibrate", str(model_dir), "--out", str(out), "--steps", "6", "--classes", "2", "--seeds", "1", "--max-gap", "2"]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "2 samples x 6 steps" in result.stdout
     table = AlphaTable.load(out)
     assert table.model_class == "FluxTransformer2DModel"
     assert table.scheduler == "FlowMatchEulerDiscreteScheduler"
     assert "calibrate" in table.command
+    assert table.fitted is not None and table.fitted.max_gap_limit == 2
     inspect = subprocess.run([sys.executable, "-m", "sc_compile", "inspect", str(out)], capture_output=True, text=True, check=True)
     assert "steps=6" in inspect.stdout and "α mean" in inspect.stdout
     # The backend accepts the file for the same architecture.
