@@ -96,13 +96,9 @@ def plan_full_steps(
                     parent[(nxt, j)] = torch.where(better, torch.full_like(parent[(nxt, j)], g), parent[(nxt, j)])
     feasible = [f for f in finals if math.isfinite(f[0])]
     if not feasible:
-        possible = sorted(
-            {b for t in best for costs in best[t].values() for b in range(budget + 1) if math.isfinite(float(costs[b]))}
-        )
         raise BudgetError(
             f"full_steps={budget} cannot be met in a {num_steps}-step generation within the gaps the α table "
-            f"serves (runs of cached steps it allows); raise the budget (try {max(possible) + 1 if possible else num_steps}"
-            " or more) or use the dynamic schedule."
+            "serves (the longest runs of cached steps it allows): raise the budget, or use the dynamic schedule"
         )
     _, tau, g = min(feasible)
     steps = [tau]
