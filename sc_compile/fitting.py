@@ -4,8 +4,8 @@ The runtime predicts a cached step ``τ + k`` after the last full step ``τ`` (w
 it was ``τ − g``) as ``y_full + c · dy`` with ``y_full = y_τ`` and ``dy = r · (y_τ − y_{τ−g})``
 (SPEC §1). The paper fits one-step α's and chains them; when the residuals are not geometric the
 chain misses a k-step gap (SPEC §1, "Where we depart"). Here every coefficient is fitted for the
-gaps the runtime takes, per last full step τ, previous gap g ≤ K + 1 (a full step after K cached ones), gap k ≤ K and
-cache point p:
+gaps the runtime takes, per last full step τ, previous gap g ≤ K + 1 (a full step after K cached
+ones), gap k ≤ K and cache point p:
 
 * ``r[τ, g, p]``: the least-squares map of ``D_g = y_τ − y_{τ−g}`` onto the one-step difference
   ``D_1`` (so ``dy`` estimates the latest one-step difference, the paper's meaning of Δ);
@@ -20,7 +20,9 @@ Samples are pooled as one least-squares problem (the ratio of summed inner produ
 that minimises the total squared error over the calibration set). Each coefficient is then shrunk
 toward the α = 1 coefficient ``k / g`` by the factor, among {0, ¼, ½, ¾, 1}, with the lowest
 leave-one-sample-out error: where samples disagree the fit is not trusted further than it
-generalises to a sample it did not see. ``K_τ``, the longest gap the table serves after τ, is the
+generalises to a sample it did not see (a one-step held-out error: not the end-to-end error of a
+generation, which this does not model). A refresh below a small fraction of ``1 / g`` falls back
+to ``1 / g``. ``K_τ``, the longest gap the table serves after τ, is the
 largest k for which every gap up to k predicts the output points better than reusing ``y_τ``.
 Gaps past the calibrated grid's last step (reached only by a finer grid's last steps) have no data:
 they carry the last calibrated gap's error and do not limit K_τ.
