@@ -72,6 +72,25 @@ def linear_positions(num_steps: int, calibrated_steps: int) -> Callable[[int], f
     return lambda step: step * scale
 
 
+def sigma_positions(table: AlphaTable, sigmas: Sequence[float]) -> list[float] | None:
+    """Each step's position on the table's grid, found by its sigma on the table's sigma grid
+    (``None`` when either side has no usable sigmas). Unit-free, unlike timesteps, which some
+    pipelines rescale before the transformer (Flux passes ``t / 1000``)."""
+    grid = [float(s) for s in table.sigmas]
+    if len(grid) < 2 or len(sigmas) < 2 or any(b >= a for a, b in zip(grid, grid[1:], strict=False)):
+        return None  # the table's sigmas must decrease strictly, as a sampler's do
+    ascending = grid[::-1]
+    positions = []
+    for sigma in sigmas:
+        s = min(max(float(sigma), ascending[0]), ascending[-1])
+        upper = min(max(bisect.bisect_left(ascending, s), 1), len(ascending) - 1)
+        lower = upper - 1
+        span = ascending[upper] - ascending[lower]
+        index = lower + (0.0 if span == 0 else (s - ascending[lower]) / span)
+        positions.append(len(ascending) - 1 - index)
+    return positions
+
+
 def timestep_positions(table: AlphaTable, timestep_of: Callable[[int], float | None]) -> Callable[[int], float]:
     """Positions through the timesteps: the calibrated step whose timestep equals the step's."""
     if not table.timesteps:
@@ -141,7 +160,7 @@ class ChainedPredictor:
 
 
 def chained_alpha_of_step(
-    table: AlphaTable, num_steps: int | None, position: Callable[[int], float], same_grid: bool
+    table: AlphaTable, position: Callable[[int], float], same_grid: bool
 ) -> Callable[[int], list[float]]:
     """α per step of the generation: the table's row on its own grid; elsewhere the product of the
     calibrated α's of the calibrated steps the step covers, each to the power of the fraction
@@ -196,24 +215,10 @@ class FittedPredictor:
         self.fitted = fitted
         self.num_points = fitted.num_points
         self._position = position  # None: the calibrated grid itself
-        coef = fitted.coef.double()
-        n, g_dim, k_dim, _ = coef.shape
-        gaps_g = torch.arange(1, g_dim + 1, dtype=torch.float64)[None, :, None, None]
-        gaps_k = torch.arange(1, k_dim + 1, dtype=torch.float64)[None, None, :, None]
-        # a = c · r, as a ratio to the α = 1 coefficient k / g: the form that carries to other grids.
-        # As a gap shrinks to 0 every smooth trajectory's prediction tends to the linear one, so
-        # the ratio is 1 at k = 0, and a gap shorter than a calibrated step interpolates toward it.
-        ratio = coef * fitted.refresh.double()[:, :, None, :] / (gaps_k / gaps_g)
-        self._ratio = torch.cat([torch.ones_like(ratio[:, :, :1]), ratio], dim=2)
-        # Error as a function of k from 0 (no gap, no error) for sub-step gaps.
-        error = fitted.error.double()
-        self._error = torch.cat([torch.zeros(n, g_dim, 1, dtype=torch.float64), error], dim=2)
-        # On the calibrated grid every lookup is a plain index: host lists, read from the table once,
-        # so that deciding a step does no tensor work at all.
-        self._coef_rows: list[list[list[list[float]]]] = fitted.coef.tolist()
-        self._refresh_rows: list[list[list[float]]] = fitted.refresh.tolist()
-        self._error_rows: list[list[list[float]]] = fitted.error.tolist()
-        self._max_gaps: list[int] = fitted.max_gap.tolist()
+        lookups = fitted.lookups
+        self._ratio, self._error = lookups.ratio, lookups.error
+        self._coef_rows, self._refresh_rows = lookups.coef_rows, lookups.refresh_rows
+        self._error_rows, self._max_gaps = lookups.error_rows, lookups.max_gaps
 
     def _u(self, step: int) -> float:
         return float(step) if self._position is None else self._position(step)
@@ -287,17 +292,31 @@ def make_predictor(
     num_steps: int | None,
     timestep_of: Callable[[int], float | None],
     fitted: bool,
+    sigmas: Sequence[float] | None = None,
 ) -> Predictor:
     """The predictor of one generation (``table=None``: α = 1).
 
     ``fitted``: use the table's per-gap coefficients (format 2); ``False``: its chained α's.
-    Raises :class:`AlphaTableError` when the table cannot serve the generation.
+    ``sigmas``: the generation's sampler sigmas when the pipeline knows them (``num_steps`` values
+    or one more): steps are then placed on the table's grid by sigma, so a schedule that differs
+    from the calibrated one (another shift) is mapped even at the calibrated step count, instead of
+    being read as the calibrated grid. Raises :class:`AlphaTableError` when the table cannot serve
+    the generation.
     """
     if table is None:
         return ChainedPredictor(num_points, None, safeguard_gap(num_steps))
     same_grid = num_steps == table.num_steps
     position: Callable[[int], float] | None = None
-    if num_steps is not None and not same_grid:
+    by_sigma = sigma_positions(table, sigmas) if sigmas is not None and num_steps is not None else None
+    if by_sigma is not None and len(by_sigma) >= num_steps:  # type: ignore[operator]
+        same_grid = same_grid and all(abs(u - t) < 1e-3 for t, u in enumerate(by_sigma[: table.num_steps]))
+        last, step_length = by_sigma[-1], (by_sigma[-1] - by_sigma[0]) / max(len(by_sigma) - 1, 1)
+
+        def sigma_position(step: int) -> float:
+            return by_sigma[step] if step < len(by_sigma) else last + (step - len(by_sigma) + 1) * step_length
+
+        position = None if same_grid else sigma_position
+    elif num_steps is not None and not same_grid:
         position = linear_positions(num_steps, table.num_steps)
     elif num_steps is None and table.timesteps:
         position = timestep_positions(table, timestep_of)
@@ -305,7 +324,7 @@ def make_predictor(
         # A table without timesteps (built by hand) and an undeclared step count: its own grid.
         same_grid = True
     if not fitted:
-        alpha_of_step = chained_alpha_of_step(table, num_steps, position or (lambda s: float(s)), same_grid)
+        alpha_of_step = chained_alpha_of_step(table, position or (lambda s: float(s)), same_grid)
         return ChainedPredictor(num_points, alpha_of_step, safeguard_gap(num_steps))
     if table.fitted is None:
         raise AlphaTableError(

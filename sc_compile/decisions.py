@@ -69,6 +69,7 @@ class Decisions:
         num_steps: int | None,
         read_stats: StatsReader,
         warn: Callable[..., None],
+        schedule_sigmas: Callable[[], Sequence[float] | None] = lambda: None,
     ):
         self.config = config
         self.num_points = num_points
@@ -79,6 +80,9 @@ class Decisions:
             None if config.change_points is ChangePoints.ALL else [i for i, feeds in enumerate(feeds_output) if feeds]
         )
         self._read_stats = read_stats
+        # The sampler's sigmas of this generation when the pipeline knows them (read once, when the
+        # predictor is built): they place the steps on the α table's grid.
+        self._schedule_sigmas = schedule_sigmas
         self._warn = warn
         self._predictor: Predictor | None = None
         self.planned_full_steps: tuple[int, ...] | None = None
@@ -106,12 +110,14 @@ class Decisions:
                     "coefficients='fitted' needs a calibrated α table (format 2), but this model runs with "
                     "α = 1: pass options={'alpha': 'alpha.safetensors'} or drop coefficients."
                 )
+            sigmas = self._schedule_sigmas() if self.alpha is not None else None
             self._predictor = make_predictor(
                 self.alpha,
                 num_points=self.num_points,
                 num_steps=self.num_steps,
                 timestep_of=lambda step: step_info(step).timestep(),
                 fitted=self.uses_fitted_coefficients,
+                sigmas=sigmas,
             )
             if self.alpha is not None and self.num_steps is not None and self.num_steps != self.alpha.num_steps:
                 log.info(

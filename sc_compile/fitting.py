@@ -31,6 +31,7 @@ they carry the last calibrated gap's error and do not limit K_τ.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -103,9 +104,50 @@ class FittedCoefficients:
     def max_gap_limit(self) -> int:
         return int(self.coef.shape[2])
 
+    @functools.cached_property
+    def lookups(self) -> FittedLookups:
+        """The views the runtime reads, derived once per table (not per generation)."""
+        return FittedLookups.of(self)
+
     @property
     def num_points(self) -> int:
         return int(self.coef.shape[3])
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedLookups:
+    """Derived views of a :class:`FittedCoefficients` for the predictor.
+
+    On the calibrated grid every lookup is a plain index into host lists, so deciding a step does
+    no tensor work; another grid interpolates ``ratio`` and ``error`` over (τ, g, k).
+    """
+
+    coef_rows: list[list[list[list[float]]]]
+    refresh_rows: list[list[list[float]]]
+    error_rows: list[list[list[float]]]
+    max_gaps: list[int]
+    # a = c · r as a ratio to the α = 1 coefficient k / g, [N, K + 1, K + 1, P] with k from 0: as a
+    # gap shrinks to 0 every smooth trajectory's prediction tends to the linear one (ratio 1).
+    ratio: torch.Tensor
+    # The relative squared error, [N, K + 1, K + 1] with k from 0 (no gap, no error).
+    error: torch.Tensor
+
+    @classmethod
+    def of(cls, fitted: FittedCoefficients) -> FittedLookups:
+        coef = fitted.coef.double()
+        n, g_dim, k_dim, _ = coef.shape
+        gaps_g = torch.arange(1, g_dim + 1, dtype=torch.float64)[None, :, None, None]
+        gaps_k = torch.arange(1, k_dim + 1, dtype=torch.float64)[None, None, :, None]
+        ratio = coef * fitted.refresh.double()[:, :, None, :] / (gaps_k / gaps_g)
+        error = fitted.error.double()
+        return cls(
+            coef_rows=fitted.coef.tolist(),
+            refresh_rows=fitted.refresh.tolist(),
+            error_rows=fitted.error.tolist(),
+            max_gaps=fitted.max_gap.tolist(),
+            ratio=torch.cat([torch.ones_like(ratio[:, :, :1]), ratio], dim=2),
+            error=torch.cat([torch.zeros(n, g_dim, 1, dtype=torch.float64), error], dim=2),
+        )
 
 
 def _inner_products(stacked: torch.Tensor, tau: int, g: int, k: int) -> tuple[torch.Tensor, ...]:

@@ -168,6 +168,7 @@ class LayoutState:
             num_steps=generation.num_steps,
             read_stats=self.read_stats,
             warn=session.warn_once,
+            schedule_sigmas=generation.schedule_sigmas,
         )
         # Coefficients of a stream's full step outside its unit's schedule: a first step (no
         # history: c = 0, refresh = 0) and a step right after its own last full step (refresh 1).
@@ -279,6 +280,11 @@ class Generation:
     def timestep_of(self, step: int) -> float | None:
         """The step's timestep where it is known without a device read (see ``StepClock``)."""
         return self.clock.timestep_of(step)
+
+    def schedule_sigmas(self) -> list[float] | None:
+        """The scheduler's sigmas as host floats (one read), when the pipeline integration knows them."""
+        sigmas = self.schedule()[1]
+        return None if sigmas is None else [float(s) for s in sigmas.detach().flatten().cpu().tolist()]
 
     def schedule(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The scheduler's timesteps and sigmas, when the pipeline integration knows them."""

@@ -371,3 +371,23 @@ def test_a_plan_never_serves_a_gap_the_table_refuses():
     # Steps 0-2 warm-up; 3 cached (gap 1), 4 full (gap 2 refused), 5 planned, 6 cached, 7 full.
     assert [d.full for d in decisions] == [True, True, True, False, True, True, False, True]
     assert decisions[4].reason == "longest gap"
+
+
+def test_a_shifted_schedule_at_the_calibrated_step_count_is_mapped_not_read_as_the_grid():
+    """Same step count, other sigmas (a scheduler shift): the steps are placed by sigma. Reading the
+    table as its own grid there would apply each step's coefficients at the wrong noise level."""
+    import dataclasses
+
+    steps = 8
+    sigmas = [1.0 - i / steps for i in range(steps + 1)]
+    table = dataclasses.replace(_fitted_table(steps), sigmas=tuple(sigmas))
+    same = make_predictor(table, num_points=3, num_steps=steps, timestep_of=lambda s: None, fitted=True, sigmas=sigmas)
+    assert isinstance(same, FittedPredictor) and same._direct()
+    shifted_sigmas = [3.0 * s / (1.0 + 2.0 * s) for s in sigmas]
+    shifted = make_predictor(table, num_points=3, num_steps=steps, timestep_of=lambda s: None, fitted=True,
+                             sigmas=shifted_sigmas)
+    assert not shifted._direct()
+    assert shifted._u(2) == pytest.approx(steps * (1.0 - shifted_sigmas[2]), abs=1e-6)
+    assert shifted.cached_coef(3, 1, 2) != pytest.approx(same.cached_coef(3, 1, 2), rel=1e-3)
+    # Without the schedule's sigmas (no pipeline clock) the calibrated count reads the grid, as before.
+    assert make_predictor(table, num_points=3, num_steps=steps, timestep_of=lambda s: None, fitted=True)._direct()
