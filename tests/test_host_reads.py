@@ -75,17 +75,22 @@ def _per_call(monkeypatch, run):
     return calls
 
 
-def test_pipeline_clock_cached_steps_read_nothing_and_allocate_nothing(monkeypatch):
+def _pipeline_calls(monkeypatch, options):
+    """The per-call counts of a 16-step generation under the pipeline clock (compiled beforehand)."""
     model = DummyDiT()
-    pipe = sc_compile.enable(LoopPipeline(torch.compile(model, backend="scalingcache", options=EAGER)))
+    pipe = sc_compile.enable(LoopPipeline(torch.compile(model, backend="scalingcache", options=options)))
     with torch.no_grad():
         pipe(_latents(), 16)  # compile outside the count
 
-        def run():
-            with torch.no_grad():
-                pipe(_latents(1), 16)
+    def run():
+        with torch.no_grad():
+            pipe(_latents(1), 16)
 
-        calls = _per_call(monkeypatch, run)
+    return model, _per_call(monkeypatch, run)
+
+
+def test_pipeline_clock_cached_steps_read_nothing_and_allocate_nothing(monkeypatch):
+    model, calls = _pipeline_calls(monkeypatch, EAGER)
     report = sc_compile.report(model)
     assert len(calls) == 16 and report.cached_steps
     print("pipeline clock, per call (full, reads, allocations):", [(f, r, a) for f, r, a, _ in calls])
@@ -106,17 +111,7 @@ def test_pipeline_clock_cached_steps_read_nothing_and_allocate_nothing(monkeypat
 
 def test_a_planned_schedule_reads_nothing_after_the_first_call(monkeypatch):
     """A budget (or a static interval) does not depend on the changes: no statistics are read."""
-    model = DummyDiT()
-    options = {**EAGER, "warmup_steps": 2, "full_steps": 6}
-    pipe = sc_compile.enable(LoopPipeline(torch.compile(model, backend="scalingcache", options=options)))
-    with torch.no_grad():
-        pipe(_latents(), 16)  # compile outside the count
-
-        def run():
-            with torch.no_grad():
-                pipe(_latents(1), 16)
-
-        calls = _per_call(monkeypatch, run)
+    model, calls = _pipeline_calls(monkeypatch, {**EAGER, "warmup_steps": 2, "full_steps": 6})
     report = sc_compile.report(model)
     assert report.num_full_steps == 6 and len(calls) == 16
     # The first call checks the batch's timestep and plans the schedule (a search over host
