@@ -18,13 +18,15 @@ import torch
 import torch.fx
 
 from sc_compile.backends.dead_code import eliminate_dead_code
-from sc_compile.passes.insert_cache_conds import IS_FULL
+from sc_compile.contract import IS_FULL
+from sc_compile.passes.insert_cache_conds import UNPREDICTED_META_KEY
 from sc_compile.passes.pass_manager import copy_graph_module
 
 
 @dataclasses.dataclass
 class SpecializedGraph:
-    """A graph with the predicate fixed, and the cond-graph input positions it reads."""
+    """A graph with the predicate fixed, and the positions it reads in
+    :func:`sc_compile.contract.step_inputs` (the cond graph's inputs without ``sc_is_full``)."""
 
     graph_module: torch.fx.GraphModule
     input_indices: list[int]
@@ -76,14 +78,25 @@ def specialize_cache_conds(cond_gm: torch.fx.GraphModule, *, full: bool) -> Spec
             _inline_cond(gm, node, full)
     # FX's own DCE drops in-place methods whose result is unused (it takes call_method as pure).
     eliminate_dead_code(gm.graph)
+    # Indices into sc_compile.contract.step_inputs: every placeholder but sc_is_full, in order.
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     kept: list[int] = []
-    for index, node in enumerate(placeholders):
+    for index, node in enumerate(n for n in placeholders if n.name != IS_FULL):
         if node.users:
             kept.append(index)
         else:
             gm.graph.erase_node(node)
-    assert all(p.name != IS_FULL for p in gm.graph.nodes if p.op == "placeholder")
+    for node in placeholders:
+        if node.name == IS_FULL:
+            assert not node.users, "the predicate is fixed: nothing reads sc_is_full"
+            gm.graph.erase_node(node)
+    unpredicted = sorted({n.meta[UNPREDICTED_META_KEY] for n in gm.graph.nodes if UNPREDICTED_META_KEY in n.meta})
+    if unpredicted:
+        # The pass sketches only points no cached step reads; reaching here is a bug of ours.
+        raise RuntimeError(
+            f"the cached-step graph reads cache point(s) {unpredicted}, whose buffers hold only a sketch: "
+            "please report this; options={'statistic': 'full'} keeps full buffers for every point"
+        )
     # Branch submodules are no longer referenced.
     for name, _ in list(gm.named_children()):
         delattr(gm, name)

@@ -22,6 +22,8 @@ from sc_compile.alpha import AlphaTable, resolve_alpha_source
 from sc_compile.backends.capture_check import check_whole_model
 from sc_compile.backends.lowering import SpecializedGraph, specialize_cache_conds
 from sc_compile.config import Fallback, InnerCompiler, ScalingCacheConfig, split_options
+from sc_compile.contract import step_inputs
+from sc_compile.memory import cache_bytes_limit, refusal
 from sc_compile.passes import run_cache_passes
 from sc_compile.passes.find_blocks import (
     NoBlocksFoundError,
@@ -197,7 +199,11 @@ def build_runtime(
     model_class = type(module).__name__ if module is not None else "the compiled module"
     try:
         cond_gm, layout = run_cache_passes(
-            gm, model_class=model_class, granularity=config.granularity.value, prediction=config.prediction.value
+            gm,
+            model_class=model_class,
+            granularity=config.granularity.value,
+            prediction=config.prediction.value,
+            statistic=config.statistic.value,
         )
         timestep_index = find_timestep_input(gm, model_class)
     except (NoBlocksFoundError, UnsupportedGraphError) as error:
@@ -225,27 +231,22 @@ def build_runtime(
 def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_gm, layout: CacheLayout, alpha: AlphaTable | None, timestep_index: int, token: object | None):
     points = layout.cache_points
     device = required_tensor_meta(layout.blocks[-1].cache_points[0]).device
-    point_layout = PointLayout(
-        shapes=[p.shape for p in points],
-        dtypes=[p.dtype for p in points],
-        device=device,
-        feeds_output=[p.feeds_output for p in points],
-        fingerprint=layout.fingerprint(),
-    )
+    point_layout = PointLayout(points=list(points), device=device, fingerprint=layout.fingerprint())
+    limit, source = cache_bytes_limit(config.max_cache_bytes, device)
+    per_stream = point_layout.stream_nbytes(config.cache_dtype)
+    if limit is not None and per_stream > limit:
+        raise refusal(
+            f"one stream of {layout.model_class}", per_stream, limit, source, point_layout, config.cache_dtype,
+            layout.granularity, streams=1, available=limit,
+        )
     full_spec = specialize_cache_conds(cond_gm, full=True)
     cached_spec = specialize_cache_conds(cond_gm, full=False)
     # Example state for compilation: the first stream's buffers.
     from sc_compile.runtime import StreamState
 
     state = StreamState(point_layout, config.cache_dtype)
-    examples = [
-        *example_inputs,
-        torch.ones((), dtype=torch.bool, device=device),
-        *state.buffers,
-        torch.zeros(len(points), device=device),
-        torch.zeros(len(points), device=device),
-        state.stats,
-    ]
+    coefficients = torch.zeros(len(points), device=device)
+    examples = step_inputs(example_inputs, state.buffers, coefficients, coefficients.clone(), state.stats)
     full_step = compile_inner(full_spec, examples, config.compiler, config_patches)
     cached_step = compile_inner(cached_spec, examples, config.compiler, config_patches)
     alpha_source = "ones" if alpha is None else (alpha.command or f"table ({alpha.num_steps} steps)")

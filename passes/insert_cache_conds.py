@@ -13,9 +13,16 @@ estimate of SPEC §1 (paper eq. 6), ``dy <- (y - y_full) * sc_refresh[p]``; and 
 graph inputs (the runtime owns them, one set per stream); the lowering specialises the predicate.
 
 ``sc_stats[p]`` holds, in float32, for the value ``prev = y_full + sc_coef[p] * dy`` the previous
-step had: ``[|y - prev|_1, |prev|_1, |dy_new|_1, |y|_1, <y - prev, dy>, <dy, dy>]``. The first two
-give the step's relative change, the next two the change a later cached step will make, the last
-two the least-squares α of paper eq. 5 (calibration).
+step had: ``[|y - prev|_1, |prev|_1, |dy_new|_1, |y|_1]``: the step's relative change and the change
+a later cached step will make (``sc_compile.contract.STAT_COLUMNS``).
+
+A point that no cached step reads (its prediction reaches the model output through no path that a
+cached step runs: :func:`read_at_cached_step`) keeps, with ``statistic="subsample"`` (the
+default), a *sketch* instead of full buffers: a fixed strided subsample of its elements in
+float32 (:func:`sc_compile.contract.sketch_plan`). Its full branch updates the sketch buffers and
+its statistics row from the subsample exactly as it would from the full value; its cached branch
+has no prediction to give, and returns a zero tensor tagged :data:`UNPREDICTED_META_KEY` that the
+lowering checks no cached-step graph keeps.
 
 With ``prediction="residual"`` the buffers hold ``r = y - a`` instead of ``y``, where the *anchor*
 ``a`` is the point's value with every residual branch of its block removed: the block input
@@ -27,6 +34,7 @@ the anchor from the block inputs; the statistics are taken on ``r``; the cached 
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 
@@ -34,6 +42,19 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from sc_compile.contract import (
+    COEF,
+    IS_FULL,
+    REFRESH,
+    STAT_COLUMNS,
+    STATS,
+    CachePointSpec,
+    Sketch,
+    Statistic,
+    dy_name,
+    sketch_plan,
+    y_full_name,
+)
 from sc_compile.passes.choose_cache_points import replay_nodes
 from sc_compile.passes.find_blocks import UnsupportedGraphError
 from sc_compile.passes.find_residual_outputs import (
@@ -45,27 +66,14 @@ from sc_compile.passes.find_residual_outputs import (
 )
 from sc_compile.passes.layout import (
     BlockInfo,
-    CachePointSpec,
+    CacheLayout,
     example_value,
     required_tensor_meta,
     tensor_meta,
 )
 
-# Columns of the per-point statistics row (see the module docstring).
-STAT_COLUMNS = ("change_l1", "prev_l1", "next_change_l1", "value_l1", "change_dot_dy", "dy_dot_dy")
-
-IS_FULL = "sc_is_full"
-COEF = "sc_coef"
-REFRESH = "sc_refresh"
-STATS = "sc_stats"
-
-
-def y_full_name(index: int) -> str:
-    return f"sc_y_full_{index}"
-
-
-def dy_name(index: int) -> str:
-    return f"sc_dy_{index}"
+# Set on the stand-in value a sketched point's cached branch returns (the point's index).
+UNPREDICTED_META_KEY = "sc_unpredicted_point"
 
 
 def _fake_mode(gm: torch.fx.GraphModule):
@@ -96,19 +104,42 @@ def _block_attr_name(prefix: str, block: str) -> str:
     return f"sc_{prefix}_" + re.sub(r"\W", "_", block)
 
 
-def _feeds_output(node: torch.fx.Node, block_members: set[torch.fx.Node]) -> bool:
-    """Whether ``node`` reaches the graph output without passing through a block."""
+def read_at_cached_step(layout: CacheLayout, graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The cache points whose predictions a cached step reads (``prediction="hidden"``).
+
+    Walks back from the graph output the way the cached-step graph computes it: a node outside
+    the blocks reads its inputs; a block output that is a cache point is that point's prediction;
+    any other block output is replayed from the block's points and inputs (as the cached branch
+    does), so the points and the outside values the replay reads are read in turn.
+    """
+    owner = {member: block for block in layout.blocks for member in block.members}
+    output = next(node for node in reversed(graph.nodes) if node.op == "output")
+    read: set[torch.fx.Node] = set()
     seen: set[torch.fx.Node] = set()
-    stack = list(node.users)
+    stack = list(output.all_input_nodes)
     while stack:
-        user = stack.pop()
-        if user in seen or user in block_members:
+        node = stack.pop()
+        if node in seen:
             continue
-        seen.add(user)
-        if user.op == "output":
-            return True
-        stack.extend(user.users)
-    return False
+        seen.add(node)
+        block = owner.get(node)
+        if block is None:
+            stack.extend(node.all_input_nodes)
+            continue
+        points, members = set(block.cache_points), set(block.members)
+        if node in points:
+            read.add(node)
+            continue
+        needed = replay_nodes(node, points, members)
+        if needed is None:
+            raise RuntimeError(f"block {block.name!r}: output {node.name!r} is neither a cache point nor derived from one")
+        for member in needed:
+            for source in member.all_input_nodes:
+                if source in points:
+                    read.add(source)
+                elif source not in members:
+                    stack.append(source)
+    return read
 
 
 class _BranchBuilder:
@@ -183,10 +214,14 @@ def _contiguous(builder: _BranchBuilder, node: torch.fx.Node, original: torch.fx
     return node
 
 
+# A point's buffers as graph operands: (y_full, dy, index, sketch or None).
+PointBuffers = tuple[torch.fx.Node, torch.fx.Node, int, Sketch | None]
+
+
 def _full_branch(
     block: BlockInfo,
     operands: list[torch.fx.Node],
-    buffers: dict[torch.fx.Node, tuple[torch.fx.Node, torch.fx.Node, int]],
+    buffers: dict[torch.fx.Node, PointBuffers],
     coef: torch.fx.Node,
     refresh: torch.fx.Node,
     stats: torch.fx.Node,
@@ -199,10 +234,16 @@ def _full_branch(
     members = set(block.members)
     memo: dict[torch.fx.Node, torch.fx.Node] = {}
     for point in block.cache_points:
-        y_full_op, dy_op, index = buffers[point]
+        y_full_op, dy_op, index, sketch = buffers[point]
         y_full, dy = b.env[y_full_op], b.env[dy_op]
-        value32 = b.method("float", b.env[point])
-        stored = b.env[point]
+        if sketch is not None:
+            # The subsample, a view of the (contiguous) value: no full-size temporary.
+            flat = b.method("reshape", b.env[point], -1)
+            observed = b.method("float", b.fn(operator.getitem, flat, slice(None, sketch.stop, sketch.stride)))
+            value32, stored = observed, observed
+        else:
+            value32 = b.method("float", b.env[point])
+            stored = b.env[point]
         if prediction == "residual":
             anchor = _anchor(b, point, block, members, memo)
             value32 = b.fn(operator.sub, value32, b.method("float", anchor))
@@ -218,19 +259,11 @@ def _full_branch(
         def l1(x: torch.fx.Node) -> torch.fx.Node:
             return b.method("sum", b.method("abs", x))
 
-        row = b.fn(
-            torch.stack,
-            [
-                l1(change),
-                l1(prev),
-                l1(new_dy),
-                l1(value32),
-                b.method("sum", b.fn(operator.mul, change, dy32)),
-                b.method("sum", b.fn(operator.mul, dy32, dy32)),
-            ],
-        )
+        row = b.fn(torch.stack, [l1(change), l1(prev), l1(new_dy), l1(value32)])
+        assert len(STAT_COLUMNS) == 4
         b.fn(torch.ops.aten.copy_.default, b.fn(torch.ops.aten.select.int, b.env[stats], 0, index), row)
-        writes.append((dy, b.method("to", new_dy, required_tensor_meta(point).dtype)))
+        buffer_dtype = torch.float32 if sketch is not None else required_tensor_meta(point).dtype
+        writes.append((dy, b.method("to", new_dy, buffer_dtype)))
         writes.append((y_full, stored))
     # Every read of the old buffers above happens before the first write below.
     for destination, source in writes:
@@ -241,7 +274,7 @@ def _full_branch(
 def _cached_branch(
     block: BlockInfo,
     operands: list[torch.fx.Node],
-    buffers: dict[torch.fx.Node, tuple[torch.fx.Node, torch.fx.Node, int]],
+    buffers: dict[torch.fx.Node, PointBuffers],
     coef: torch.fx.Node,
     prediction: str,
 ) -> torch.fx.GraphModule:
@@ -252,14 +285,22 @@ def _cached_branch(
     # Anchors first, from the block inputs alone (before any point's prediction enters b.env).
     anchors = {p: _anchor(b, p, block, members, memo) for p in block.cache_points} if prediction == "residual" else {}
     for point in block.cache_points:
-        y_full_op, dy_op, index = buffers[point]
+        y_full_op, dy_op, index, sketch = buffers[point]
+        meta = required_tensor_meta(point)
+        if sketch is not None:
+            # No cached step reads this point (read_at_cached_step): a typed stand-in that the
+            # lowering checks is gone from every cached-step graph.
+            stand_in = b.fn(torch.zeros, tuple(meta.shape), dtype=meta.dtype, device=meta.device)
+            stand_in.meta[UNPREDICTED_META_KEY] = index
+            b.env[point] = stand_in
+            continue
         coef_p = b.fn(operator.getitem, b.env[coef], index)
         # y_t = y_full + c_t * dy: the closed form of the paper's recursion, no buffer writes. The
         # cast back to the point's dtype matters when the buffers have another (cache_dtype).
         value = b.fn(operator.add, b.env[y_full_op], b.fn(operator.mul, b.env[dy_op], coef_p))
         if prediction == "residual":
             value = b.fn(operator.add, anchors[point], value)
-        b.env[point] = b.method("to", value, required_tensor_meta(point).dtype)
+        b.env[point] = b.method("to", value, meta.dtype)
     for output in block.outputs:
         if output in points:
             continue
@@ -270,57 +311,63 @@ def _cached_branch(
     return b.finish([_contiguous(b, b.env[o], o) for o in block.outputs])
 
 
-def insert_cache_conds(gm: torch.fx.GraphModule, prediction: str = "hidden") -> PassResult:
+def insert_cache_conds(
+    gm: torch.fx.GraphModule, prediction: str = "hidden", statistic: str = Statistic.SUBSAMPLE.value
+) -> PassResult:
     """Rewrite each block of the layout into a cond over new state inputs."""
     from sc_compile.passes.pass_manager import layout_of
 
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, but got {prediction!r}")
+    statistic = Statistic(statistic)
     layout = layout_of(gm)
     layout.prediction = prediction
     graph = gm.graph
     fake_mode = _fake_mode(gm)
-    all_members = {m for block in layout.blocks for m in block.members}
+    points = [point for block in layout.blocks for point in block.cache_points]
+    if not points:
+        raise RuntimeError(f"{layout.model_class}: blocks were found but no cache point was chosen")
+    # With residual prediction every block's prediction adds to the one before it: a cached step
+    # reads every point.
+    read = set(points) if prediction == "residual" else read_at_cached_step(layout, graph)
 
     specs: list[CachePointSpec] = []
     for block in layout.blocks:
         for point in block.cache_points:
             meta = required_tensor_meta(point)
+            shape = tuple(int(s) for s in meta.shape)
+            sketch = None
+            if point not in read and statistic is Statistic.SUBSAMPLE:
+                sketch = sketch_plan(math.prod(shape), meta.dtype.itemsize, shape[-1] if shape else 1)
             specs.append(
                 CachePointSpec(
                     index=len(specs),
                     block=block.name,
                     node_name=point.name,
-                    shape=tuple(int(s) for s in meta.shape),
+                    shape=shape,
                     dtype=meta.dtype,
-                    feeds_output=False,
+                    feeds_output=point in read,
+                    sketch=sketch,
                 )
             )
-    if not specs:
-        raise RuntimeError(f"{layout.model_class}: blocks were found but no cache point was chosen")
     device = required_tensor_meta(layout.blocks[-1].cache_points[0]).device
     num_points = len(specs)
 
     last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    buffers: dict[torch.fx.Node, tuple[torch.fx.Node, torch.fx.Node, int]] = {}
+    buffers: dict[torch.fx.Node, PointBuffers] = {}
     with graph.inserting_after(last_placeholder):
         # inserting_after keeps inserting at the same spot, so create in reverse order.
         stats = _new_placeholder(graph, STATS, torch.empty(num_points, len(STAT_COLUMNS), device=device), fake_mode)
     with graph.inserting_before(stats):
         is_full = _new_placeholder(graph, IS_FULL, torch.empty((), dtype=torch.bool, device=device), fake_mode)
-        index = 0
-        for block in layout.blocks:
-            for point in block.cache_points:
-                meta = required_tensor_meta(point)
-                empty = torch.empty(tuple(meta.shape), dtype=meta.dtype, device=meta.device)
-                y_full = _new_placeholder(graph, y_full_name(index), empty, fake_mode)
-                dy = _new_placeholder(graph, dy_name(index), empty, fake_mode)
-                buffers[point] = (y_full, dy, index)
-                index += 1
+        for point, spec in zip(points, specs, strict=True):
+            empty = torch.empty(spec.buffer_shape(), dtype=spec.buffer_dtype(None), device=device)
+            y_full = _new_placeholder(graph, y_full_name(spec.index), empty, fake_mode)
+            dy = _new_placeholder(graph, dy_name(spec.index), empty, fake_mode)
+            buffers[point] = (y_full, dy, spec.index, spec.sketch)
         coef = _new_placeholder(graph, COEF, torch.empty(num_points, device=device), fake_mode)
         refresh = _new_placeholder(graph, REFRESH, torch.empty(num_points, device=device), fake_mode)
 
-    feeding: set[int] = set()
     # Outputs of rewritten blocks are replaced by the cond's results; later blocks read those.
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
     for block in layout.blocks:
@@ -333,13 +380,6 @@ def insert_cache_conds(gm: torch.fx.GraphModule, prediction: str = "hidden") -> 
         full_name, cached_name = _block_attr_name("full", block.name), _block_attr_name("cached", block.name)
         gm.add_submodule(full_name, full_gm)
         gm.add_submodule(cached_name, cached_gm)
-        for output in block.outputs:
-            if _feeds_output(output, all_members):
-                derived = {output} if output in buffers else set()
-                if not derived:
-                    needed = replay_nodes(output, set(block.cache_points), member_set) or []
-                    derived = {a for n in needed for a in n.all_input_nodes if a in buffers}
-                feeding.update(buffers[p][2] for p in derived)
         with graph.inserting_before(block.members[0]):
             true_attr = graph.get_attr(full_name)
             false_attr = graph.get_attr(cached_name)
@@ -360,12 +400,7 @@ def insert_cache_conds(gm: torch.fx.GraphModule, prediction: str = "hidden") -> 
             replaced[output] = result
         for member in reversed(block.members):
             graph.erase_node(member)
-    if prediction == "residual":
-        # every block's prediction adds to the one before it: the cached step reads every point
-        feeding = {spec.index for spec in specs}
-    layout.cache_points = [
-        CachePointSpec(**{**spec.__dict__, "feeds_output": spec.index in feeding}) for spec in specs
-    ]
+    layout.cache_points = specs
     graph.lint()
     gm.recompile()
     return PassResult(gm, True)

@@ -1,8 +1,8 @@
 """What the analysis passes found: blocks, their residual outputs and the chosen cache points.
 
 These records hold ``torch.fx.Node`` references into the graph the analysis ran on, so they are
-valid only for that graph; :class:`CachePointSpec` is the node-free summary the runtime and the
-reports keep.
+valid only for that graph; :class:`~sc_compile.contract.CachePointSpec` is the node-free summary
+the runtime and the reports keep.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import hashlib
 
 import torch
 import torch.fx
+
+from sc_compile.contract import CachePointSpec
 
 
 @dataclasses.dataclass
@@ -29,26 +31,6 @@ class BlockInfo:
     residual_outputs: list[torch.fx.Node] = dataclasses.field(default_factory=list)
     # The cache points chosen for this block (a subset of members), in graph order.
     cache_points: list[torch.fx.Node] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass(frozen=True)
-class CachePointSpec:
-    """A cache point as the runtime sees it: a tensor with two buffers per stream."""
-
-    index: int
-    block: str
-    node_name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    # True when the value is read by the output head at a cached step.
-    feeds_output: bool
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for size in self.shape:
-            n *= size
-        return n
 
 
 @dataclasses.dataclass

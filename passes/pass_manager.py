@@ -56,14 +56,14 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def cache_passes(
-    model_class: str, granularity: str, prediction: str = "hidden"
+    model_class: str, granularity: str, prediction: str = "hidden", statistic: str = "subsample"
 ) -> tuple[tuple[str, Callable[[torch.fx.GraphModule], PassResult]], ...]:
     """The passes in their one fixed order."""
     return (
         ("find_blocks", functools.partial(find_blocks, model_class=model_class)),
         ("find_residual_outputs", find_residual_outputs),
         ("choose_cache_points", functools.partial(choose_cache_points, granularity=granularity)),
-        ("insert_cache_conds", functools.partial(insert_cache_conds, prediction=prediction)),
+        ("insert_cache_conds", functools.partial(insert_cache_conds, prediction=prediction, statistic=statistic)),
     )
 
 
@@ -71,12 +71,17 @@ CACHE_PASSES = tuple(name for name, _ in cache_passes("", "block"))
 
 
 def run_cache_passes(
-    gm: torch.fx.GraphModule, *, model_class: str, granularity: str = "block", prediction: str = "hidden"
+    gm: torch.fx.GraphModule,
+    *,
+    model_class: str,
+    granularity: str = "block",
+    prediction: str = "hidden",
+    statistic: str = "subsample",
 ) -> tuple[torch.fx.GraphModule, CacheLayout]:
     """Run the cache passes on a copy of ``gm``; returns the cond-guarded copy and its layout."""
     work = copy_graph_module(gm)
     done: list[str] = []
-    for name, fn in cache_passes(model_class, granularity, prediction):
+    for name, fn in cache_passes(model_class, granularity, prediction, statistic):
         try:
             result = fn(work)
         except USER_FACING_ERRORS:

@@ -11,9 +11,11 @@ window of 2K + 2 values per point is kept, never the trajectory. From the Grams:
   folded over samples with an exponential moving average, β = 0.97 as in the paper (the first
   observation initialises it; steps t < 2 and vanished differences hold α = 1).
 
-Points the output head does not read at a cached step enter their Gram through a fixed strided
-subsample of at most :data:`GRAM_SAMPLE_ELEMENTS` elements: their coefficients only scale the
-predicted change ē, and the subsample bounds the window's memory.
+Points the output head does not read at a cached step enter their Gram through what their buffers
+hold: by default the runtime's own subsample of the point (``statistic="subsample"``,
+:mod:`sc_compile.contract`); with full buffers, a fixed strided subsample of at most
+:data:`GRAM_SAMPLE_ELEMENTS` elements. Their coefficients only scale the predicted change ē, and
+the subsample bounds the window's memory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from sc_compile.alpha import AlphaTable
 from sc_compile.config import Granularity, InnerCompiler, Prediction, ScalingCacheConfig
+from sc_compile.contract import Statistic
 from sc_compile.fitting import BandedGram, fit_gap_coefficients, gram_width, one_step_alpha
 
 log = logging.getLogger(__name__)
@@ -144,12 +147,14 @@ def calibrate(
     command: str = "",
     progress: bool = True,
     max_gap: int = DEFAULT_MAX_GAP,
+    statistic: str = "subsample",
 ) -> AlphaTable:
     """Calibrate an α table by running ``samples`` generations with every step full.
 
     ``max_gap``: the longest gap K (in steps) the fitted coefficients may serve; each step's own
     limit K_τ ≤ K comes from the data (:mod:`sc_compile.fitting`). Keeps 2K + 2 values of every
-    cache point while calibrating.
+    cache point while calibrating. ``statistic``: what the points no cached step reads keep (the
+    compile option of that name): their coefficients are fitted on what the runtime measures ē on.
 
     ``target`` is a diffusers pipeline (anything with a ``.transformer``) and ``samples`` a list of
     keyword-argument dicts for ``target(**kwargs)`` (a ``"seed"`` key becomes a CPU generator); or
@@ -177,6 +182,7 @@ def calibrate(
         granularity=Granularity(granularity),
         prediction=Prediction(prediction),
         compiler=InnerCompiler(compiler),
+        statistic=Statistic(statistic),
     )
     grams: dict[str, TrajectoryGrams] = {}
     sample_index = 0

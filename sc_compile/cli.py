@@ -276,6 +276,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         compiler=args.compiler,
         command=_command_line(),
         max_gap=args.max_gap,
+        statistic=args.statistic,
     )
     seconds = time.perf_counter() - start
     table.save(out)
@@ -367,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--max-gap", type=_at_least(1), default=8,
         help="longest gap (steps) the fitted coefficients may serve; keeps 2K+2 values per cache point while calibrating",
+    )
+    cal.add_argument(
+        "--statistic", choices=["subsample", "full"], default="subsample",
+        help="what the points no cached step reads keep (the compile option of that name)",
     )
     cal.add_argument("--compiler", choices=["inductor", "aot_eager", "eager"], default="eager")
     cal.add_argument("--threads", type=_at_least(1), default=1)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sc_compile.contract import Statistic
+
 if TYPE_CHECKING:
     from sc_compile.alpha import AlphaTable
 
@@ -145,7 +147,20 @@ class ScalingCacheConfig:
     ``"output"``, only the points the output head reads."""
 
     cache_dtype: torch.dtype | None = None
-    """dtype of the cache buffers; ``None``: the dtype of each cached hidden state."""
+    """dtype of the full cache buffers; ``None``: the dtype of each cached hidden state."""
+
+    statistic: Statistic = Statistic.SUBSAMPLE
+    """What a cache point that no cached step reads keeps for the change statistic ē and for
+    calibration: ``"subsample"`` (default), a fixed strided subsample of its elements in float32
+    (at most 2 % of one hidden state's bytes), or ``"full"``, both full buffers (the exact
+    statistic, ~2 hidden states per point). The points the output reads always keep full buffers."""
+
+    max_cache_bytes: int | None = None
+    """The most bytes the cache state of one generation may hold on this process (all streams
+    together). A layout whose one stream exceeds it is refused when it is compiled, and a
+    generation whose streams together exceed it is refused before the stream that would exceed it
+    is allocated; both errors give the bytes and the options that would fit. ``None``: on a CUDA
+    device, the device's free memory when the graph is compiled; elsewhere no limit."""
 
     full_steps: int | None = None
     """Budget: run exactly this many full steps per generation, at the steps that minimise the α
@@ -180,6 +195,11 @@ class ScalingCacheConfig:
         coerce("compiler", InnerCompiler)
         coerce("fallback", Fallback)
         coerce("change_points", ChangePoints)
+        coerce("statistic", Statistic)
+        if self.max_cache_bytes is not None and (
+            not isinstance(self.max_cache_bytes, int) or isinstance(self.max_cache_bytes, bool) or self.max_cache_bytes < 1
+        ):
+            raise ValueError(f"max_cache_bytes must be a positive int (bytes) or None, but got {self.max_cache_bytes!r}")
         if self.coefficients is not None:
             coerce("coefficients", Coefficients)
             if self.coefficients is Coefficients.FITTED and isinstance(self.alpha, str) and self.alpha == "ones":

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from sc_compile.contract import CachePointSpec, PointLayout, Statistic
 from sc_compile.config import Granularity, Prediction
-from sc_compile.passes.layout import CachePointSpec
 
 
 def graph_text(gm: torch.fx.GraphModule) -> str:
@@ -37,10 +37,13 @@ class Explanation:
     blocks: tuple[BlockSummary, ...]
     cache_points: tuple[CachePointSpec, ...]
     fingerprint: str
-    # Two buffers per cache point, per stream (plus a small statistics table).
+    # Two buffers per cache point (full or a sketch), per stream, plus the statistics table:
+    # what one stream of a generation allocates.
     buffer_bytes_per_stream: int
     # Bytes the cached step reads from the buffers (the points that feed the output).
     cached_step_buffer_bytes: int
+    # Bytes of one full value of the largest cache point (one "hidden state").
+    hidden_state_bytes: int
     graph_before: str
     graph_after: str
     full_step_graph: str
@@ -52,8 +55,9 @@ class Explanation:
         lines = [
             f"{self.model_class}: {len(self.blocks)} blocks, {len(self.cache_points)} cache points "
             f"({self.granularity} granularity), layout fingerprint {self.fingerprint}",
-            f"  buffers: {self.buffer_bytes_per_stream / 2**20:.2f} MiB per stream; the cached step reads "
-            f"{self.cached_step_buffer_bytes / 2**20:.2f} MiB",
+            f"  buffers: {self.buffer_bytes_per_stream / 2**20:.2f} MiB per stream "
+            f"({self.buffer_bytes_per_stream / max(self.hidden_state_bytes, 1):.2f} hidden states); the cached step "
+            f"reads {self.cached_step_buffer_bytes / 2**20:.2f} MiB",
             f"  full-step graph {self.full_step_nodes} compute nodes, cached-step graph {self.cached_step_nodes}",
         ]
         for block in self.blocks:
@@ -65,12 +69,18 @@ class Explanation:
             lines.append(
                 f"  point {point.index}: {point.block}/{point.node_name} {list(point.shape)} {point.dtype}"
                 f"{' -> output head' if point.feeds_output else ''}"
+                f"{f' (sketch: {point.sketch.elements} elements)' if point.sketch is not None else ''}"
             )
         return "\n".join(lines)
 
 
 def explain_graph(
-    gm: torch.fx.GraphModule, model_class: str, granularity: str = "block", prediction: str = "hidden"
+    gm: torch.fx.GraphModule,
+    model_class: str,
+    granularity: str = "block",
+    prediction: str = "hidden",
+    statistic: str = "subsample",
+    cache_dtype: torch.dtype | None = None,
 ) -> Explanation:
     """Run the passes and the lowering on a Dynamo graph and describe the result."""
     from sc_compile.backends.lowering import specialize_cache_conds
@@ -97,13 +107,13 @@ def explain_graph(
         )
         for b in layout_of(analysis).blocks
     )
-    cond_gm, layout = run_cache_passes(gm, model_class=model_class, granularity=granularity, prediction=prediction)
+    cond_gm, layout = run_cache_passes(
+        gm, model_class=model_class, granularity=granularity, prediction=prediction, statistic=statistic
+    )
     full = specialize_cache_conds(cond_gm, full=True)
     cached = specialize_cache_conds(cond_gm, full=False)
     points = tuple(layout.cache_points)
-
-    def nbytes(point: CachePointSpec) -> int:
-        return point.numel * torch.empty((), dtype=point.dtype).element_size()
+    point_layout = PointLayout(list(points), torch.device("meta"), layout.fingerprint())
 
     return Explanation(
         model_class=model_class,
@@ -111,8 +121,9 @@ def explain_graph(
         blocks=summaries,
         cache_points=points,
         fingerprint=layout.fingerprint(),
-        buffer_bytes_per_stream=sum(2 * nbytes(p) for p in points) + len(points) * 6 * 4,
-        cached_step_buffer_bytes=sum(2 * nbytes(p) for p in points if p.feeds_output),
+        buffer_bytes_per_stream=point_layout.stream_nbytes(cache_dtype),
+        cached_step_buffer_bytes=sum(p.buffer_nbytes(cache_dtype) for p in points if p.feeds_output),
+        hidden_state_bytes=max(p.numel * p.dtype.itemsize for p in points),
         graph_before=graph_text(gm),
         graph_after=graph_text(cond_gm),
         full_step_graph=graph_text(full.graph_module),
@@ -152,14 +163,21 @@ def explain(
     *args: Any,
     granularity: str | Granularity = "block",
     prediction: str | Prediction = "hidden",
+    statistic: str | Statistic = "subsample",
+    cache_dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> Explanation:
     """Trace ``model(*args, **kwargs)`` with Dynamo and describe what ScalingCache would do.
+
+    ``granularity``, ``prediction``, ``statistic`` and ``cache_dtype`` are the compile options of
+    the same names; ``buffer_bytes_per_stream`` is what one stream of a generation allocates with
+    them (the memory model: the model may live on the ``meta`` device, nothing is allocated).
 
     The traced graph runs once, eagerly, to finish Dynamo's call; no generation state is created.
     """
     granularity = Granularity(granularity).value
     prediction = Prediction(prediction).value
+    statistic = Statistic(statistic).value
     module = getattr(model, "_orig_mod", model)
     graphs: list[torch.fx.GraphModule] = []
 
@@ -174,4 +192,4 @@ def explain(
     if len(graphs) != 1:
         raise RuntimeError(f"expected one traced graph for {type(module).__name__}, got {len(graphs)}")
     # Analysed outside the backend so that errors reach the caller as they are, not wrapped by Dynamo.
-    return explain_graph(graphs[0], type(module).__name__, granularity, prediction)
+    return explain_graph(graphs[0], type(module).__name__, granularity, prediction, statistic, cache_dtype)

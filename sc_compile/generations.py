@@ -30,6 +30,7 @@ import torch
 from sc_compile.clock import ClockError, StepClock
 from sc_compile.config import ScalingCacheConfig
 from sc_compile.decisions import Decisions
+from sc_compile.memory import cache_bytes_limit, format_bytes, refusal
 from sc_compile.state import PointLayout, StatePool, StepCoefficients, StreamState
 
 if TYPE_CHECKING:
@@ -152,6 +153,7 @@ class LayoutState:
 
     def __init__(self, generation: Generation, layout: PointLayout, alpha: AlphaTable | None, alpha_source: str, process_group: Any):
         session = generation.session
+        self.generation = generation
         self.layout = layout
         self.cache_dtype = session.config.cache_dtype
         self.key = layout.key(self.cache_dtype)
@@ -176,7 +178,6 @@ class LayoutState:
         self.first_step.write([0.0] * layout.num_points, [0.0] * layout.num_points, "first")
         self.next_step = StepCoefficients(layout.num_points, layout.device)
         self.next_step.write([0.0] * layout.num_points, [1.0] * layout.num_points, "next")
-        self.is_full_flag = torch.ones((), dtype=torch.bool, device=layout.device)
         self._gathered: torch.Tensor | None = None
 
     def stream(self, index: int, pool: StatePool) -> StreamState:
@@ -184,8 +185,31 @@ class LayoutState:
             self.streams.append(None)
         state = self.streams[index]
         if state is None:
+            if not pool.has(self.key):
+                self._check_fits(index)
             state = self.streams[index] = pool.take(self.key, self.layout, self.cache_dtype)
         return state
+
+    def _check_fits(self, index: int) -> None:
+        """Refuse a stream whose state would not fit (``sc_compile.memory``), before allocating it."""
+        config = self.generation.session.config
+        new = self.layout.stream_nbytes(self.cache_dtype)
+        held = sum(state.nbytes for state in self.generation.layouts.values())
+        if config.max_cache_bytes is not None:
+            limit, source = config.max_cache_bytes, f"options={{'max_cache_bytes': {config.max_cache_bytes}}}"
+            needed, available = held + new, limit - (held - self.nbytes)
+        else:  # on a CUDA device: its free memory now; elsewhere no limit
+            limit, _ = cache_bytes_limit(None, self.layout.device)
+            source = f"the free memory of {self.layout.device} now"
+            needed, available = new, limit or 0
+        if limit is not None and needed > limit:
+            streams = sum(1 for s in self.streams if s is not None) + 1
+            raise refusal(
+                f"stream {index} of this generation ({streams} stream(s) of this layout, "
+                f"{format_bytes(new)} each)",
+                needed, limit, source, self.layout, self.cache_dtype, config.granularity.value,
+                streams=streams, available=available,
+            )
 
     def global_stats(self, stats: torch.Tensor) -> torch.Tensor:
         """The statistics summed over the context-parallel group (one all-reduce)."""

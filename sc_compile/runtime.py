@@ -43,12 +43,12 @@ from sc_compile.generations import (
     stream_name,
 )
 from sc_compile.reporting import GenerationReport
-from sc_compile.state import NUM_STAT_COLUMNS, PointLayout, StepCoefficients, StreamState
+from sc_compile.contract import step_inputs
+from sc_compile.state import PointLayout, StepCoefficients, StreamState
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "NUM_STAT_COLUMNS",
     "BatchTimestepError",
     "ClockError",
     "CompiledStep",
@@ -115,7 +115,6 @@ class _Uncached:
 
     state: StreamState
     coefficients: StepCoefficients
-    is_full_flag: torch.Tensor
 
 
 class ScalingCacheRuntime:
@@ -347,7 +346,7 @@ class ScalingCacheRuntime:
             coefficients, reason = self._outside_schedule(layout_state, state, step)
         if full and state.last_full_step is None:
             state.zero_()  # a stream's first step: nothing it holds is read as history
-        inputs = [*args, layout_state.is_full_flag, *state.buffers, coefficients.coef, coefficients.refresh, state.stats]
+        inputs = step_inputs(args, state.buffers, coefficients.coef, coefficients.refresh, state.stats)
         compiled = self.full_step if full else self.cached_step
         out = compiled.fn(*[inputs[i] for i in compiled.input_indices])
         self.num_calls += 1
@@ -384,14 +383,11 @@ class ScalingCacheRuntime:
             if self._uncached is None:
                 coefficients = StepCoefficients(self.num_points, self.layout.device)
                 coefficients.write([0.0] * self.num_points, [0.0] * self.num_points, "first")
-                self._uncached = _Uncached(
-                    StreamState(self.layout, self.config.cache_dtype),
-                    coefficients,
-                    torch.ones((), dtype=torch.bool, device=self.layout.device),
-                )
+                self._uncached = _Uncached(StreamState(self.layout, self.config.cache_dtype), coefficients)
             scratch = self._uncached
             scratch.state.zero_()
-            inputs = [*args, scratch.is_full_flag, *scratch.state.buffers, scratch.coefficients.coef, scratch.coefficients.refresh, scratch.state.stats]
+            state = scratch.state
+            inputs = step_inputs(args, state.buffers, scratch.coefficients.coef, scratch.coefficients.refresh, state.stats)
             return self.full_step.fn(*[inputs[i] for i in self.full_step.input_indices])
 
     # -- what callers of the old per-graph runtime read ----------------------------------------

@@ -24,9 +24,7 @@ import math
 from collections.abc import Collection, Sequence
 
 from sc_compile.coefficients import Predictor
-
-# Column indices of a stats row (see sc_compile.passes.insert_cache_conds.STAT_COLUMNS).
-CHANGE_L1, PREV_L1, NEXT_CHANGE_L1, VALUE_L1, CHANGE_DOT_DY, DY_DOT_DY = range(6)
+from sc_compile.contract import CHANGE_L1, NEXT_CHANGE_L1, PREV_L1, VALUE_L1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +90,7 @@ class DecisionUnit:
 
     # -- step t-1 ------------------------------------------------------------------------------
     def observe_full(self, step: int, stats_per_stream: Sequence[Sequence[Sequence[float]]]) -> float | None:
-        """Fold in the stats a full ``step`` wrote (one [P, 6] table per stream)."""
+        """Fold in the stats a full ``step`` wrote (one [P, len(STAT_COLUMNS)] table per stream)."""
         self.norms = [
             ([row[NEXT_CHANGE_L1] for row in table], [row[VALUE_L1] for row in table]) for table in stats_per_stream
         ]

@@ -15,35 +15,17 @@ from.
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from collections.abc import Sequence
 
 import torch
 
-NUM_STAT_COLUMNS = 6
+from sc_compile.contract import STAT_COLUMNS, PointLayout
+
+__all__ = ["LIVE_STREAM_STATES", "PointLayout", "StatePool", "StepCoefficients", "StreamState"]
 
 # Every live StreamState, so tests can check that finished generations free their buffers.
 LIVE_STREAM_STATES: weakref.WeakSet[StreamState] = weakref.WeakSet()
-
-
-@dataclasses.dataclass
-class PointLayout:
-    """The part of the cache layout the runtime needs."""
-
-    shapes: list[tuple[int, ...]]
-    dtypes: list[torch.dtype]
-    device: torch.device
-    feeds_output: list[bool]
-    fingerprint: str = ""
-
-    def key(self, cache_dtype: torch.dtype | None) -> tuple[object, ...]:
-        """Graphs whose layouts have equal keys can share stream state."""
-        return (self.fingerprint, tuple(self.shapes), tuple(self.dtypes), str(self.device), cache_dtype)
-
-    @property
-    def num_points(self) -> int:
-        return len(self.shapes)
 
 
 def _static(tensor: torch.Tensor) -> torch.Tensor:
@@ -52,15 +34,17 @@ def _static(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class StreamState:
-    """Preallocated state of one stream: two buffers per cache point and the statistics table."""
+    """Preallocated state of one stream: two buffers per cache point and the statistics table,
+    laid out as :mod:`sc_compile.contract` says (full buffers or a point's sketch)."""
 
     def __init__(self, layout: PointLayout, cache_dtype: torch.dtype | None):
         self.buffers: list[torch.Tensor] = []
-        for shape, dtype in zip(layout.shapes, layout.dtypes, strict=True):
+        for point in layout.points:
+            shape, dtype = point.buffer_shape(), point.buffer_dtype(cache_dtype)
             for _ in range(2):  # y_full, dy
-                self.buffers.append(_static(torch.zeros(shape, dtype=cache_dtype or dtype, device=layout.device)))
-        # stats: [P, NUM_STAT_COLUMNS] float32, written by every full step.
-        self.stats = _static(torch.zeros(layout.num_points, NUM_STAT_COLUMNS, dtype=torch.float32, device=layout.device))
+                self.buffers.append(_static(torch.zeros(shape, dtype=dtype, device=layout.device)))
+        # stats: [P, len(STAT_COLUMNS)] float32, written by every full step.
+        self.stats = _static(torch.zeros(layout.num_points, len(STAT_COLUMNS), dtype=torch.float32, device=layout.device))
         self.forget()
         LIVE_STREAM_STATES.add(self)
 
@@ -122,6 +106,10 @@ class StatePool:
 
     def __init__(self) -> None:
         self._free: dict[tuple[object, ...], list[StreamState]] = {}
+
+    def has(self, key: tuple[object, ...]) -> bool:
+        """Whether a state of this layout is free to reuse (taking it allocates nothing)."""
+        return bool(self._free.get(key))
 
     def take(self, key: tuple[object, ...], layout: PointLayout, cache_dtype: torch.dtype | None) -> StreamState:
         free = self._free.get(key)

@@ -53,7 +53,7 @@ class GraphModule(torch.nn.Module):
             explanation.graph_after,
             """\
 class GraphModule(torch.nn.Module):
-    def forward(self, L_timestep_: "f32[1]", L_self_modules_blocks_modules_0_parameters_gain_: "f32[]", L_hidden_states_: "f32[1, 2, 4]", L_self_modules_blocks_modules_1_parameters_gain_: "f32[]", sc_is_full: "b8[]", sc_y_full_0: "f32[1, 2, 4]", sc_dy_0: "f32[1, 2, 4]", sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 6]"):
+    def forward(self, L_timestep_: "f32[1]", L_self_modules_blocks_modules_0_parameters_gain_: "f32[]", L_hidden_states_: "f32[1, 2, 4]", L_self_modules_blocks_modules_1_parameters_gain_: "f32[]", sc_is_full: "b8[]", sc_y_full_0: "f32[1, 2, 4]", sc_dy_0: "f32[1, 2, 4]", sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 4]"):
         l_timestep_ = L_timestep_
         l_self_modules_blocks_modules_0_parameters_gain_ = L_self_modules_blocks_modules_0_parameters_gain_
         l_hidden_states_ = L_hidden_states_
@@ -77,7 +77,7 @@ class GraphModule(torch.nn.Module):
         return (mul_4,)
 
     class sc_full_blocks_0(torch.nn.Module):
-        def forward(self, l_self_modules_blocks_modules_0_parameters_gain_: "f32[]", l_hidden_states_: "f32[1, 2, 4]", temb: "f32[1, 1, 1]", sc_y_full_0: "f32[1, 2, 4]", sc_dy_0: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 6]"):
+        def forward(self, l_self_modules_blocks_modules_0_parameters_gain_: "f32[]", l_hidden_states_: "f32[1, 2, 4]", temb: "f32[1, 1, 1]", sc_y_full_0: "f32[1, 2, 4]", sc_dy_0: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 4]"):
             mul: "f32[1, 2, 4]" = l_self_modules_blocks_modules_0_parameters_gain_ * l_hidden_states_;  l_self_modules_blocks_modules_0_parameters_gain_ = None
             add: "f32[1, 2, 4]" = l_hidden_states_ + mul;  l_hidden_states_ = mul = None
             mul_1: "f32[1, 1, 1]" = temb * 0.0;  temb = None
@@ -88,12 +88,12 @@ class GraphModule(torch.nn.Module):
             float_3 = sc_dy_0.float()
             getitem = sc_coef[0];  sc_coef = None
             getitem_1 = sc_refresh[0];  sc_refresh = None
-            mul_2 = float_3 * getitem;  getitem = None
+            mul_2 = float_3 * getitem;  float_3 = getitem = None
             add_1 = float_2 + mul_2;  mul_2 = None
             sub = float_1 - add_1
             sub_1 = float_1 - float_2;  float_2 = None
             mul_3 = sub_1 * getitem_1;  sub_1 = getitem_1 = None
-            abs_1 = sub.abs()
+            abs_1 = sub.abs();  sub = None
             sum_1 = abs_1.sum();  abs_1 = None
             abs_2 = add_1.abs();  add_1 = None
             sum_2 = abs_2.sum();  abs_2 = None
@@ -101,11 +101,7 @@ class GraphModule(torch.nn.Module):
             sum_3 = abs_3.sum();  abs_3 = None
             abs_4 = float_1.abs();  float_1 = None
             sum_4 = abs_4.sum();  abs_4 = None
-            mul_4 = sub * float_3;  sub = None
-            sum_5 = mul_4.sum();  mul_4 = None
-            mul_5 = float_3 * float_3;  float_3 = None
-            sum_6 = mul_5.sum();  mul_5 = None
-            stack = torch.stack([sum_1, sum_2, sum_3, sum_4, sum_5, sum_6]);  sum_1 = sum_2 = sum_3 = sum_4 = sum_5 = sum_6 = None
+            stack = torch.stack([sum_1, sum_2, sum_3, sum_4]);  sum_1 = sum_2 = sum_3 = sum_4 = None
             select_int = torch.ops.aten.select.int(sc_stats, 0, 0);  sc_stats = None
             copy__default = torch.ops.aten.copy_.default(select_int, stack);  select_int = stack = copy__default = None
             to = mul_3.to(torch.float32);  mul_3 = None
@@ -114,7 +110,7 @@ class GraphModule(torch.nn.Module):
             return (hidden_states,)
 
     class sc_cached_blocks_0(torch.nn.Module):
-        def forward(self, l_self_modules_blocks_modules_0_parameters_gain_: "f32[]", l_hidden_states_: "f32[1, 2, 4]", temb: "f32[1, 1, 1]", sc_y_full_0: "f32[1, 2, 4]", sc_dy_0: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 6]"):
+        def forward(self, l_self_modules_blocks_modules_0_parameters_gain_: "f32[]", l_hidden_states_: "f32[1, 2, 4]", temb: "f32[1, 1, 1]", sc_y_full_0: "f32[1, 2, 4]", sc_dy_0: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 4]"):
             getitem = sc_coef[0];  sc_coef = None
             mul = sc_dy_0 * getitem;  sc_dy_0 = getitem = None
             add = sc_y_full_0 + mul;  sc_y_full_0 = mul = None
@@ -122,7 +118,7 @@ class GraphModule(torch.nn.Module):
             return (to,)
 
     class sc_full_blocks_1(torch.nn.Module):
-        def forward(self, l_self_modules_blocks_modules_1_parameters_gain_: "f32[]", getitem: "f32[1, 2, 4]", temb: "f32[1, 1, 1]", sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 6]"):
+        def forward(self, l_self_modules_blocks_modules_1_parameters_gain_: "f32[]", getitem: "f32[1, 2, 4]", temb: "f32[1, 1, 1]", sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 4]"):
             mul_2: "f32[1, 2, 4]" = l_self_modules_blocks_modules_1_parameters_gain_ * getitem;  l_self_modules_blocks_modules_1_parameters_gain_ = None
             add_2: "f32[1, 2, 4]" = getitem + mul_2;  getitem = mul_2 = None
             mul_3: "f32[1, 1, 1]" = temb * 0.0;  temb = None
@@ -133,12 +129,12 @@ class GraphModule(torch.nn.Module):
             float_3 = sc_dy_1.float()
             getitem_1 = sc_coef[1];  sc_coef = None
             getitem_2 = sc_refresh[1];  sc_refresh = None
-            mul = float_3 * getitem_1;  getitem_1 = None
+            mul = float_3 * getitem_1;  float_3 = getitem_1 = None
             add = float_2 + mul;  mul = None
             sub = float_1 - add
             sub_1 = float_1 - float_2;  float_2 = None
             mul_4 = sub_1 * getitem_2;  sub_1 = getitem_2 = None
-            abs_1 = sub.abs()
+            abs_1 = sub.abs();  sub = None
             sum_1 = abs_1.sum();  abs_1 = None
             abs_2 = add.abs();  add = None
             sum_2 = abs_2.sum();  abs_2 = None
@@ -146,11 +142,7 @@ class GraphModule(torch.nn.Module):
             sum_3 = abs_3.sum();  abs_3 = None
             abs_4 = float_1.abs();  float_1 = None
             sum_4 = abs_4.sum();  abs_4 = None
-            mul_5 = sub * float_3;  sub = None
-            sum_5 = mul_5.sum();  mul_5 = None
-            mul_6 = float_3 * float_3;  float_3 = None
-            sum_6 = mul_6.sum();  mul_6 = None
-            stack = torch.stack([sum_1, sum_2, sum_3, sum_4, sum_5, sum_6]);  sum_1 = sum_2 = sum_3 = sum_4 = sum_5 = sum_6 = None
+            stack = torch.stack([sum_1, sum_2, sum_3, sum_4]);  sum_1 = sum_2 = sum_3 = sum_4 = None
             select_int = torch.ops.aten.select.int(sc_stats, 0, 1);  sc_stats = None
             copy__default = torch.ops.aten.copy_.default(select_int, stack);  select_int = stack = copy__default = None
             to = mul_4.to(torch.float32);  mul_4 = None
@@ -159,7 +151,7 @@ class GraphModule(torch.nn.Module):
             return (hidden_states_1,)
 
     class sc_cached_blocks_1(torch.nn.Module):
-        def forward(self, l_self_modules_blocks_modules_1_parameters_gain_: "f32[]", getitem: "f32[1, 2, 4]", temb: "f32[1, 1, 1]", sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 6]"):
+        def forward(self, l_self_modules_blocks_modules_1_parameters_gain_: "f32[]", getitem: "f32[1, 2, 4]", temb: "f32[1, 1, 1]", sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 4]"):
             getitem_1 = sc_coef[1];  sc_coef = None
             mul = sc_dy_1 * getitem_1;  sc_dy_1 = getitem_1 = None
             add = sc_y_full_1 + mul;  sc_y_full_1 = mul = None
@@ -171,7 +163,7 @@ class GraphModule(torch.nn.Module):
             explanation.full_step_graph,
             """\
 class GraphModule(torch.nn.Module):
-    def forward(self, L_timestep_: "f32[1]", L_self_modules_blocks_modules_0_parameters_gain_: "f32[]", L_hidden_states_: "f32[1, 2, 4]", L_self_modules_blocks_modules_1_parameters_gain_: "f32[]", sc_y_full_0: "f32[1, 2, 4]", sc_dy_0: "f32[1, 2, 4]", sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 6]"):
+    def forward(self, L_timestep_: "f32[1]", L_self_modules_blocks_modules_0_parameters_gain_: "f32[]", L_hidden_states_: "f32[1, 2, 4]", L_self_modules_blocks_modules_1_parameters_gain_: "f32[]", sc_y_full_0: "f32[1, 2, 4]", sc_dy_0: "f32[1, 2, 4]", sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 4]"):
         l_timestep_ = L_timestep_
         l_self_modules_blocks_modules_0_parameters_gain_ = L_self_modules_blocks_modules_0_parameters_gain_
         l_hidden_states_ = L_hidden_states_
@@ -189,12 +181,12 @@ class GraphModule(torch.nn.Module):
         float_3 = sc_dy_0.float()
         getitem_2 = sc_coef[0]
         getitem_3 = sc_refresh[0]
-        mul_2 = float_3 * getitem_2;  getitem_2 = None
+        mul_2 = float_3 * getitem_2;  float_3 = getitem_2 = None
         add_1 = float_2 + mul_2;  mul_2 = None
         sub = float_1 - add_1
         sub_1 = float_1 - float_2;  float_2 = None
         mul_3 = sub_1 * getitem_3;  sub_1 = getitem_3 = None
-        abs_1 = sub.abs()
+        abs_1 = sub.abs();  sub = None
         sum_1 = abs_1.sum();  abs_1 = None
         abs_2 = add_1.abs();  add_1 = None
         sum_2 = abs_2.sum();  abs_2 = None
@@ -202,48 +194,40 @@ class GraphModule(torch.nn.Module):
         sum_3 = abs_3.sum();  abs_3 = None
         abs_4 = float_1.abs();  float_1 = None
         sum_4 = abs_4.sum();  abs_4 = None
-        mul_5 = sub * float_3;  sub = None
-        sum_5 = mul_5.sum();  mul_5 = None
-        mul_6 = float_3 * float_3;  float_3 = None
-        sum_6 = mul_6.sum();  mul_6 = None
-        stack = torch.stack([sum_1, sum_2, sum_3, sum_4, sum_5, sum_6]);  sum_1 = sum_2 = sum_3 = sum_4 = sum_5 = sum_6 = None
+        stack = torch.stack([sum_1, sum_2, sum_3, sum_4]);  sum_1 = sum_2 = sum_3 = sum_4 = None
         select_int = torch.ops.aten.select.int(sc_stats, 0, 0)
         copy__default = torch.ops.aten.copy_.default(select_int, stack);  select_int = stack = copy__default = None
         to = mul_3.to(torch.float32);  mul_3 = None
         copy__default_1 = torch.ops.aten.copy_.default(sc_dy_0, to);  sc_dy_0 = to = copy__default_1 = None
         copy__default_2 = torch.ops.aten.copy_.default(sc_y_full_0, hidden_states);  sc_y_full_0 = copy__default_2 = None
 
-        mul_7: "f32[1, 2, 4]" = l_self_modules_blocks_modules_1_parameters_gain_ * hidden_states;  l_self_modules_blocks_modules_1_parameters_gain_ = None
-        add_2: "f32[1, 2, 4]" = hidden_states + mul_7;  hidden_states = mul_7 = None
-        mul_8: "f32[1, 1, 1]" = temb * 0.0;  temb = None
-        hidden_states_1: "f32[1, 2, 4]" = add_2 + mul_8;  add_2 = mul_8 = None
+        mul_5: "f32[1, 2, 4]" = l_self_modules_blocks_modules_1_parameters_gain_ * hidden_states;  l_self_modules_blocks_modules_1_parameters_gain_ = None
+        add_2: "f32[1, 2, 4]" = hidden_states + mul_5;  hidden_states = mul_5 = None
+        mul_6: "f32[1, 1, 1]" = temb * 0.0;  temb = None
+        hidden_states_1: "f32[1, 2, 4]" = add_2 + mul_6;  add_2 = mul_6 = None
 
         float_4 = hidden_states_1.float()
         float_5 = sc_y_full_1.float()
         float_6 = sc_dy_1.float()
         getitem_4 = sc_coef[1];  sc_coef = None
         getitem_5 = sc_refresh[1];  sc_refresh = None
-        mul_9 = float_6 * getitem_4;  getitem_4 = None
-        add_3 = float_5 + mul_9;  mul_9 = None
+        mul_7 = float_6 * getitem_4;  float_6 = getitem_4 = None
+        add_3 = float_5 + mul_7;  mul_7 = None
         sub_2 = float_4 - add_3
         sub_3 = float_4 - float_5;  float_5 = None
-        mul_10 = sub_3 * getitem_5;  sub_3 = getitem_5 = None
-        abs_5 = sub_2.abs()
-        sum_7 = abs_5.sum();  abs_5 = None
+        mul_8 = sub_3 * getitem_5;  sub_3 = getitem_5 = None
+        abs_5 = sub_2.abs();  sub_2 = None
+        sum_5 = abs_5.sum();  abs_5 = None
         abs_6 = add_3.abs();  add_3 = None
-        sum_8 = abs_6.sum();  abs_6 = None
-        abs_7 = mul_10.abs()
-        sum_9 = abs_7.sum();  abs_7 = None
+        sum_6 = abs_6.sum();  abs_6 = None
+        abs_7 = mul_8.abs()
+        sum_7 = abs_7.sum();  abs_7 = None
         abs_8 = float_4.abs();  float_4 = None
-        sum_10 = abs_8.sum();  abs_8 = None
-        mul_11 = sub_2 * float_6;  sub_2 = None
-        sum_11 = mul_11.sum();  mul_11 = None
-        mul_12 = float_6 * float_6;  float_6 = None
-        sum_12 = mul_12.sum();  mul_12 = None
-        stack_1 = torch.stack([sum_7, sum_8, sum_9, sum_10, sum_11, sum_12]);  sum_7 = sum_8 = sum_9 = sum_10 = sum_11 = sum_12 = None
+        sum_8 = abs_8.sum();  abs_8 = None
+        stack_1 = torch.stack([sum_5, sum_6, sum_7, sum_8]);  sum_5 = sum_6 = sum_7 = sum_8 = None
         select_int_1 = torch.ops.aten.select.int(sc_stats, 0, 1);  sc_stats = None
         copy__default_3 = torch.ops.aten.copy_.default(select_int_1, stack_1);  select_int_1 = stack_1 = copy__default_3 = None
-        to_1 = mul_10.to(torch.float32);  mul_10 = None
+        to_1 = mul_8.to(torch.float32);  mul_8 = None
         copy__default_4 = torch.ops.aten.copy_.default(sc_dy_1, to_1);  sc_dy_1 = to_1 = copy__default_4 = None
         copy__default_5 = torch.ops.aten.copy_.default(sc_y_full_1, hidden_states_1);  sc_y_full_1 = copy__default_5 = None
 
@@ -274,7 +258,7 @@ class GraphModule(torch.nn.Module):
             explanation.full_step_graph,
             """\
 class GraphModule(torch.nn.Module):
-    def forward(self, L_timestep_: "f32[1]", L_self_modules_blocks_modules_0_parameters_gain_: "f32[]", L_hidden_states_: "f32[1, 2, 4]", L_self_modules_blocks_modules_1_parameters_gain_: "f32[]", sc_y_full_0: "f32[1, 2, 4]", sc_dy_0: "f32[1, 2, 4]", sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 6]"):
+    def forward(self, L_timestep_: "f32[1]", L_self_modules_blocks_modules_0_parameters_gain_: "f32[]", L_hidden_states_: "f32[1, 2, 4]", L_self_modules_blocks_modules_1_parameters_gain_: "f32[]", sc_y_full_0: "f32[1, 2, 4]", sc_dy_0: "f32[1, 2, 4]", sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_stats: "f32[2, 4]"):
         l_timestep_ = L_timestep_
         l_self_modules_blocks_modules_0_parameters_gain_ = L_self_modules_blocks_modules_0_parameters_gain_
         l_hidden_states_ = L_hidden_states_
@@ -295,12 +279,12 @@ class GraphModule(torch.nn.Module):
         float_4 = sc_dy_0.float()
         getitem_2 = sc_coef[0]
         getitem_3 = sc_refresh[0]
-        mul_2 = float_4 * getitem_2;  getitem_2 = None
+        mul_2 = float_4 * getitem_2;  float_4 = getitem_2 = None
         add_1 = float_3 + mul_2;  mul_2 = None
         sub_1 = sub - add_1
         sub_2 = sub - float_3;  float_3 = None
         mul_3 = sub_2 * getitem_3;  sub_2 = getitem_3 = None
-        abs_1 = sub_1.abs()
+        abs_1 = sub_1.abs();  sub_1 = None
         sum_1 = abs_1.sum();  abs_1 = None
         abs_2 = add_1.abs();  add_1 = None
         sum_2 = abs_2.sum();  abs_2 = None
@@ -308,21 +292,17 @@ class GraphModule(torch.nn.Module):
         sum_3 = abs_3.sum();  abs_3 = None
         abs_4 = sub.abs();  sub = None
         sum_4 = abs_4.sum();  abs_4 = None
-        mul_5 = sub_1 * float_4;  sub_1 = None
-        sum_5 = mul_5.sum();  mul_5 = None
-        mul_6 = float_4 * float_4;  float_4 = None
-        sum_6 = mul_6.sum();  mul_6 = None
-        stack = torch.stack([sum_1, sum_2, sum_3, sum_4, sum_5, sum_6]);  sum_1 = sum_2 = sum_3 = sum_4 = sum_5 = sum_6 = None
+        stack = torch.stack([sum_1, sum_2, sum_3, sum_4]);  sum_1 = sum_2 = sum_3 = sum_4 = None
         select_int = torch.ops.aten.select.int(sc_stats, 0, 0)
         copy__default = torch.ops.aten.copy_.default(select_int, stack);  select_int = stack = copy__default = None
         to_1 = mul_3.to(torch.float32);  mul_3 = None
         copy__default_1 = torch.ops.aten.copy_.default(sc_dy_0, to_1);  sc_dy_0 = to_1 = copy__default_1 = None
         copy__default_2 = torch.ops.aten.copy_.default(sc_y_full_0, to);  sc_y_full_0 = to = copy__default_2 = None
 
-        mul_7: "f32[1, 2, 4]" = l_self_modules_blocks_modules_1_parameters_gain_ * hidden_states;  l_self_modules_blocks_modules_1_parameters_gain_ = None
-        add_2: "f32[1, 2, 4]" = hidden_states + mul_7;  mul_7 = None
-        mul_8: "f32[1, 1, 1]" = temb * 0.0;  temb = None
-        hidden_states_1: "f32[1, 2, 4]" = add_2 + mul_8;  add_2 = mul_8 = None
+        mul_5: "f32[1, 2, 4]" = l_self_modules_blocks_modules_1_parameters_gain_ * hidden_states;  l_self_modules_blocks_modules_1_parameters_gain_ = None
+        add_2: "f32[1, 2, 4]" = hidden_states + mul_5;  mul_5 = None
+        mul_6: "f32[1, 1, 1]" = temb * 0.0;  temb = None
+        hidden_states_1: "f32[1, 2, 4]" = add_2 + mul_6;  add_2 = mul_6 = None
 
         float_5 = hidden_states_1.float()
         float_6 = hidden_states.float();  hidden_states = None
@@ -332,27 +312,23 @@ class GraphModule(torch.nn.Module):
         float_8 = sc_dy_1.float()
         getitem_4 = sc_coef[1];  sc_coef = None
         getitem_5 = sc_refresh[1];  sc_refresh = None
-        mul_9 = float_8 * getitem_4;  getitem_4 = None
-        add_3 = float_7 + mul_9;  mul_9 = None
+        mul_7 = float_8 * getitem_4;  float_8 = getitem_4 = None
+        add_3 = float_7 + mul_7;  mul_7 = None
         sub_4 = sub_3 - add_3
         sub_5 = sub_3 - float_7;  float_7 = None
-        mul_10 = sub_5 * getitem_5;  sub_5 = getitem_5 = None
-        abs_5 = sub_4.abs()
-        sum_7 = abs_5.sum();  abs_5 = None
+        mul_8 = sub_5 * getitem_5;  sub_5 = getitem_5 = None
+        abs_5 = sub_4.abs();  sub_4 = None
+        sum_5 = abs_5.sum();  abs_5 = None
         abs_6 = add_3.abs();  add_3 = None
-        sum_8 = abs_6.sum();  abs_6 = None
-        abs_7 = mul_10.abs()
-        sum_9 = abs_7.sum();  abs_7 = None
+        sum_6 = abs_6.sum();  abs_6 = None
+        abs_7 = mul_8.abs()
+        sum_7 = abs_7.sum();  abs_7 = None
         abs_8 = sub_3.abs();  sub_3 = None
-        sum_10 = abs_8.sum();  abs_8 = None
-        mul_11 = sub_4 * float_8;  sub_4 = None
-        sum_11 = mul_11.sum();  mul_11 = None
-        mul_12 = float_8 * float_8;  float_8 = None
-        sum_12 = mul_12.sum();  mul_12 = None
-        stack_1 = torch.stack([sum_7, sum_8, sum_9, sum_10, sum_11, sum_12]);  sum_7 = sum_8 = sum_9 = sum_10 = sum_11 = sum_12 = None
+        sum_8 = abs_8.sum();  abs_8 = None
+        stack_1 = torch.stack([sum_5, sum_6, sum_7, sum_8]);  sum_5 = sum_6 = sum_7 = sum_8 = None
         select_int_1 = torch.ops.aten.select.int(sc_stats, 0, 1);  sc_stats = None
         copy__default_3 = torch.ops.aten.copy_.default(select_int_1, stack_1);  select_int_1 = stack_1 = copy__default_3 = None
-        to_3 = mul_10.to(torch.float32);  mul_10 = None
+        to_3 = mul_8.to(torch.float32);  mul_8 = None
         copy__default_4 = torch.ops.aten.copy_.default(sc_dy_1, to_3);  sc_dy_1 = to_3 = copy__default_4 = None
         copy__default_5 = torch.ops.aten.copy_.default(sc_y_full_1, to_2);  sc_y_full_1 = to_2 = copy__default_5 = None
 

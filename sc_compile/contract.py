@@ -1,0 +1,176 @@
+"""The state contract between the pass, the lowering, the runtime and ``explain``.
+
+The cond-guarded graph the pass emits takes, after the model's own inputs, these *state inputs*,
+in this order (:func:`state_input_names`)::
+
+    sc_is_full                      bool scalar; only the cond graph reads it (the lowering fixes it)
+    sc_y_full_0, sc_dy_0, ...       two buffers per cache point, point by point
+    sc_coef, sc_refresh             [P] float32: the step's coefficient and dy refresh per point
+    sc_stats                        [P, len(STAT_COLUMNS)] float32, written by every full step
+
+A cache point's two buffers hold either the **full** value (``y_full``, ``dy``: shape and dtype
+of the point, or ``cache_dtype``) or, for a point no cached step reads, a **sketch**: a fixed
+strided subsample of the point's elements, in float32 (:func:`sketch_plan`). The prediction and
+the change statistic are linear in the value, so a sketch's buffers evolve exactly as the
+subsample of the full buffers would; the statistics of a sketched point are the statistics of its
+subsample, which estimate the relative change ē the host decides with (a ratio of L1 norms).
+
+Everything here is node-free: :class:`CachePointSpec` and :class:`PointLayout` are what the
+runtime, the memory model and the reports keep; the pass builds them, the lowering and the runtime
+read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Sequence
+
+import torch
+
+IS_FULL = "sc_is_full"
+COEF = "sc_coef"
+REFRESH = "sc_refresh"
+STATS = "sc_stats"
+
+# Columns of a point's statistics row: for the value ``prev = y_full + coef·dy`` the previous step
+# had, ``[|y − prev|₁, |prev|₁, |dy_new|₁, |y|₁]`` — the step's relative change (columns 0/1) and
+# the change a later cached step will make relative to the value (columns 2/3).
+STAT_COLUMNS = ("change_l1", "prev_l1", "next_change_l1", "value_l1")
+CHANGE_L1, PREV_L1, NEXT_CHANGE_L1, VALUE_L1 = range(len(STAT_COLUMNS))
+
+# A point's sketch takes at most this share of the bytes of one full value of the point (both
+# sketch buffers together) ...
+SKETCH_BYTES_SHARE = 0.02
+# ... and at most this many elements (the subsample calibration always used for such points) ...
+MAX_SKETCH_ELEMENTS = 1 << 16
+# ... but at least this many: ē's accuracy depends on the number of elements, not on the share
+# (held-out ablation in benchmarks/README.md, "Cache statistic"). The floor binds only for values
+# under 204,800 elements in bf16 (102,400 in float32): small models, never the seeds' real sizes.
+MIN_SKETCH_ELEMENTS = 1024
+SKETCH_DTYPE = torch.float32
+
+
+class Statistic(str, enum.Enum):
+    """What a cache point that no cached step reads keeps for the change statistic and calibration."""
+
+    SUBSAMPLE = "subsample"
+    """A fixed strided subsample of the point's elements, in float32: at most 2 % of the bytes of
+    one full value and at most 65,536 elements, but at least 1,024 (a point smaller than that
+    keeps full buffers): the default."""
+    FULL = "full"
+    """Both full buffers, as for the points the output reads (the exact statistic)."""
+
+
+def y_full_name(index: int) -> str:
+    return f"sc_y_full_{index}"
+
+
+def dy_name(index: int) -> str:
+    return f"sc_dy_{index}"
+
+
+def state_input_names(num_points: int) -> list[str]:
+    """The state inputs of a cond graph with ``num_points`` cache points, in order."""
+    buffers = [name for i in range(num_points) for name in (y_full_name(i), dy_name(i))]
+    return [IS_FULL, *buffers, COEF, REFRESH, STATS]
+
+
+def step_inputs(
+    model_inputs: Sequence[object],
+    buffers: Sequence[torch.Tensor],
+    coef: torch.Tensor,
+    refresh: torch.Tensor,
+    stats: torch.Tensor,
+) -> list[object]:
+    """What a specialised step graph is selected from: the model's inputs, then the state inputs
+    without ``sc_is_full`` (the lowering fixed it). A step graph's ``input_indices`` index this."""
+    return [*model_inputs, *buffers, coef, refresh, stats]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sketch:
+    """Elements ``0, stride, 2·stride, …`` (``elements`` of them) of a point's flattened value."""
+
+    elements: int
+    stride: int
+
+    @property
+    def stop(self) -> int:
+        """The end of the slice ``flat[:stop:stride]`` that takes exactly ``elements`` elements."""
+        return (self.elements - 1) * self.stride + 1
+
+
+def sketch_plan(numel: int, element_size: int, last_dim: int) -> Sketch | None:
+    """The subsample of a point with ``numel`` elements of ``element_size`` bytes; ``None`` when a
+    sketch would not be smaller than the full buffers (then the point keeps them: exact).
+
+    The stride is coprime with the last (channel) dimension, so the subsample visits every channel
+    equally often instead of a fixed comb of them.
+    """
+    budget = math.floor(SKETCH_BYTES_SHARE * numel * element_size / (2 * SKETCH_DTYPE.itemsize))
+    wanted = min(MAX_SKETCH_ELEMENTS, max(budget, MIN_SKETCH_ELEMENTS))
+    if wanted < 1 or wanted * SKETCH_DTYPE.itemsize >= numel * element_size:
+        return None
+    stride = max(1, math.ceil(numel / wanted))
+    while math.gcd(stride, max(last_dim, 1)) != 1:
+        stride += 1
+    elements = min(wanted, (numel - 1) // stride + 1)
+    return Sketch(elements, stride)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePointSpec:
+    """A cache point as the runtime sees it: a tensor and its two buffers per stream."""
+
+    index: int
+    block: str
+    node_name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    # True when a cached step reads the point's prediction (it reaches the model output).
+    feeds_output: bool
+    # The subsample its buffers hold instead of the full value (``None``: full buffers).
+    sketch: Sketch | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def buffer_shape(self) -> tuple[int, ...]:
+        return self.shape if self.sketch is None else (self.sketch.elements,)
+
+    def buffer_dtype(self, cache_dtype: torch.dtype | None) -> torch.dtype:
+        return (cache_dtype or self.dtype) if self.sketch is None else SKETCH_DTYPE
+
+    def buffer_nbytes(self, cache_dtype: torch.dtype | None) -> int:
+        """Bytes of the point's two buffers in one stream."""
+        return 2 * math.prod(self.buffer_shape()) * self.buffer_dtype(cache_dtype).itemsize
+
+
+@dataclasses.dataclass
+class PointLayout:
+    """The cache points of one graph, where their buffers live, and the layout's fingerprint."""
+
+    points: list[CachePointSpec]
+    device: torch.device
+    fingerprint: str = ""
+
+    @property
+    def num_points(self) -> int:
+        return len(self.points)
+
+    @property
+    def feeds_output(self) -> list[bool]:
+        return [p.feeds_output for p in self.points]
+
+    def key(self, cache_dtype: torch.dtype | None) -> tuple[object, ...]:
+        """Graphs whose layouts have equal keys can share stream state."""
+        buffers = tuple((p.buffer_shape(), p.buffer_dtype(cache_dtype)) for p in self.points)
+        return (self.fingerprint, buffers, str(self.device), cache_dtype)
+
+    def stream_nbytes(self, cache_dtype: torch.dtype | None) -> int:
+        """Bytes of one stream's state: every point's buffers and the statistics table."""
+        stats = self.num_points * len(STAT_COLUMNS) * 4
+        return sum(p.buffer_nbytes(cache_dtype) for p in self.points) + stats

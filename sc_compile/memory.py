@@ -1,0 +1,98 @@
+"""Will the cache state fit? Checked before it is allocated, never by an out-of-memory error later.
+
+Two checks, both against one limit (:func:`cache_bytes_limit`): ``options={'max_cache_bytes': N}``
+when given, else on a CUDA device its free memory when the graph is compiled, else none.
+
+* When a graph is compiled: one stream's state must fit (the number of streams is not known yet).
+* When a generation allocates a stream: the state of all its streams (every graph of the
+  module) must fit; the stream that would exceed the limit is refused before it is allocated, at
+  the generation's first step.
+
+Both errors give the bytes and the options that would fit (computed from the layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from sc_compile.contract import CachePointSpec, PointLayout, Statistic, sketch_plan
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps it at least 1."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n} B"
+
+
+class CacheMemoryError(MemoryError):
+    """The cache buffers would not fit the declared budget or the device's free memory."""
+
+
+def cache_bytes_limit(max_cache_bytes: int | None, device: torch.device) -> tuple[int | None, str]:
+    """The limit the cache state must fit, and where it comes from."""
+    if max_cache_bytes is not None:
+        return max_cache_bytes, f"options={{'max_cache_bytes': {max_cache_bytes}}}"
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"the free memory of {device} when the graph was compiled"
+    return None, ""
+
+
+def _sketched(point: CachePointSpec) -> CachePointSpec:
+    if point.feeds_output or point.sketch is not None:
+        return point
+    sketch = sketch_plan(point.numel, point.dtype.itemsize, point.shape[-1] if point.shape else 1)
+    return dataclasses.replace(point, sketch=sketch)
+
+
+def fitting_options(
+    layout: PointLayout, cache_dtype: torch.dtype | None, granularity: str, streams: int, available: int
+) -> list[str]:
+    """Options (and their bytes for ``streams`` streams) under which the state would fit ``available``."""
+    candidates: list[tuple[str, PointLayout, torch.dtype | None]] = []
+    sketched = PointLayout([_sketched(p) for p in layout.points], layout.device, layout.fingerprint)
+    any_sketch = sketched.points != layout.points
+    if any_sketch:
+        candidates.append((f"statistic={Statistic.SUBSAMPLE.value!r}", sketched, cache_dtype))
+    if any(p.buffer_dtype(cache_dtype).itemsize > 2 for p in layout.points if p.sketch is None):
+        candidates.append(("cache_dtype=torch.bfloat16", layout, torch.bfloat16))
+        if any_sketch:
+            candidates.append(
+                (f"statistic={Statistic.SUBSAMPLE.value!r} and cache_dtype=torch.bfloat16", sketched, torch.bfloat16)
+            )
+    fits = []
+    for text, candidate, dtype in candidates:
+        needed = streams * candidate.stream_nbytes(dtype)
+        if needed <= available:
+            fits.append(f"{text} ({format_bytes(needed)})")
+    if granularity == "module":
+        fits.append("granularity='block' (fewer cache points; `sc_compile.explain` gives its bytes)")
+    return fits
+
+
+def refusal(
+    what: str,
+    needed: int,
+    limit: int,
+    source: str,
+    layout: PointLayout,
+    cache_dtype: torch.dtype | None,
+    granularity: str,
+    streams: int,
+    available: int,
+) -> CacheMemoryError:
+    options = fitting_options(layout, cache_dtype, granularity, streams, available)
+    advice = (
+        "Options that would fit: " + "; ".join(options) + "."
+        if options
+        else "No ScalingCache option brings it under the limit: use fewer streams (one batched guidance call "
+        "instead of separate cond/uncond calls), a smaller input, or a larger limit."
+    )
+    return CacheMemoryError(
+        f"ScalingCache: {what} needs {format_bytes(needed)} of cache buffers ({needed:,} bytes), over the "
+        f"limit of {format_bytes(limit)} set by {source}. {advice}"
+    )
