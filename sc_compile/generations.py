@@ -238,6 +238,11 @@ class Generation:
         self.declared_steps = self.num_steps
         self.clock = StepClock(source, self.num_steps)
         self.layouts: dict[tuple[object, ...], LayoutState] = {}
+        # The layout whose decisions every graph of the module follows: the one created last. The
+        # graphs of a forward Dynamo split at breaks first run in forward order, so it is the graph
+        # whose blocks feed the model output (ē comes from its cache points, the prediction the
+        # output is made from; the others' statistics are never read).
+        self.leader: LayoutState | None = None
         self.records: dict[int, StreamRecord] = {}
         self.owner = threading.get_ident()
         self.lock = threading.Lock()
@@ -269,6 +274,7 @@ class Generation:
         state = self.layouts.get(key)
         if state is None:
             state = self.layouts[key] = LayoutState(self, runtime.layout, runtime.alpha, runtime.alpha_source, runtime.process_group)
+            self.leader = state
         return state
 
     def record(self, stream: int) -> StreamRecord:
