@@ -14,13 +14,20 @@ blocks" naming the timestep embedder, "could not find the timestep input"):
 * **another cache** already installed on the model (diffusers ``enable_cache`` or a caching hook):
   two caches would both skip work on the same steps.
 
-Each is refused with an error that names the cause, where it is, and the fix. The errors derive
-from :class:`UnsupportedGraphError`, so ``options={'fallback': 'inductor'}`` still compiles the
-graph uncached with a warning.
+A break in the model's own forward, where Dynamo resumes in the same forward (a break between
+blocks, before the output head, after the embedders), is not refused: :func:`check_whole_model`
+returns a :class:`GraphPiece` and the backend caches every piece that holds blocks, with one clock
+and one decision per step for all pieces (``sc_compile/runtime.py``). A break that makes Dynamo
+compile a block on its own (a break inside a block, diffusers group offloading) is refused.
+
+Each refusal names the cause, where it is, and the fix. The errors derive from
+:class:`UnsupportedGraphError`, so ``options={'fallback': 'inductor'}`` still compiles the graph
+uncached with a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -51,13 +58,39 @@ FOREIGN_CACHE_HOOKS = (
 _RESUME_PREFIX = "torch_dynamo_resume_in_"
 _RESUME_NAME = re.compile(rf"^{_RESUME_PREFIX}(?P<function>.+)_at_(?P<line>\d+)$")
 _NUMBERED = re.compile(r"(?:^|\.)[A-Za-z_]\w*\.\d+(?:\.|$)")
+_TOP_LEVEL_NUMBERED = re.compile(r"^[A-Za-z_]\w*\.\d+(?:\.|$)")
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 WHOLE_MODEL_FIX = (
-    "ScalingCache needs the model's forward as one graph: compile the whole transformer with "
-    "torch.compile(model, backend='scalingcache', fullgraph=True), which reports any break as an "
-    "error at its source; remove the break (or move it out of the transformer's forward). "
+    "ScalingCache needs Dynamo to trace the model's forward itself (as one graph, or split at breaks in "
+    "that forward): compile the whole transformer with torch.compile(model, backend='scalingcache', "
+    "fullgraph=True), which reports any break as an error at its source; remove the break (or move it out "
+    "of the transformer's forward). "
     "options={'fallback': 'inductor'} compiles such a model uncached with a warning instead."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphPiece:
+    """This graph is one piece of the model's forward, which Dynamo split at a graph break and
+    resumes in the same forward (so every piece sees the model's own module paths)."""
+
+    # The model whose forward was split.
+    module: torch.nn.Module
+    # The break: what it is and where (file:line), as Dynamo reported it.
+    where: str
+    # Whether this graph resumes the forward after a break (it joins the step the forward's
+    # first piece was placed in) rather than starting it.
+    resumes: bool
+
+
+BLOCK_BREAK_FIX = (
+    "ScalingCache caches a model split at breaks in its own forward (between blocks, before the output "
+    "head), but not a block that Dynamo compiles on its own: a break inside a block (or a hook on it, such as "
+    "diffusers group offloading) makes Dynamo give up on the model's forward, which then runs in Python. "
+    "Remove the break from the block (torch.compile(model, backend='scalingcache', fullgraph=True) reports "
+    "every break at its source), or move it between blocks. options={'fallback': 'inductor'} compiles such "
+    "a model uncached with a warning instead."
 )
 
 
@@ -110,8 +143,9 @@ def _foreign_cache(modules: list[torch.nn.Module]) -> str | None:
     return None
 
 
-def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -> None:
-    """Raise when the graph being compiled is not the whole model's forward.
+def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -> GraphPiece | None:
+    """Raise when the graph being compiled is not the whole model's forward, or a piece of it
+    that Dynamo split at a break in the model's own forward (then return that piece).
 
     Called from the backend while Dynamo compiles (it reads Dynamo's current translator and
     the Python frames above it). ``failed``: the passes found nothing to cache in this graph,
@@ -123,7 +157,7 @@ def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -
 
     tx = InstructionTranslator.current_tx()
     if tx is None:
-        return
+        return None
     running = list(_running_module_frames())
     outer_modules = [m for m, _ in running]
     candidates = ([module] if module is not None else []) + outer_modules
@@ -148,24 +182,37 @@ def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -
             "compile_repeated_blocks(backend='inductor')."
         )
     reason = getattr(tx.output, "compile_subgraph_reason", None)
-    if reason is not None and reason.graph_break:
-        where = reason.user_stack[-1] if reason.user_stack else None
-        place = _place(where.filename, where.lineno) if where is not None else tx.f_code.co_filename
-        raise GraphBreakError(
-            f"Dynamo split {_model_name(module, outer_modules)} at a graph break: "
-            f"{reason.reason.strip().splitlines()[0]} at {place}"
-            f"{f' ({where.line.strip()})' if where is not None and where.line else ''}. This graph ends there and "
-            f"the rest runs in other graphs. {WHOLE_MODEL_FIX}"
-        )
     resumed = _RESUME_NAME.match(tx.f_code.co_name)
-    if resumed is not None:
-        place = _place(tx.f_code.co_filename, int(resumed.group("line")))
+    where: str | None = None
+    if reason is not None and reason.graph_break:
+        frame_info = reason.user_stack[-1] if reason.user_stack else None
+        place = _place(frame_info.filename, frame_info.lineno) if frame_info is not None else tx.f_code.co_filename
+        where = (
+            f"graph break: {reason.reason.strip().splitlines()[0]} at {place}"
+            f"{f' ({frame_info.line.strip()})' if frame_info is not None and frame_info.line else ''}"
+        )
+    elif resumed is not None:
+        where = (
+            f"graph break in {resumed.group('function')}() at "
+            f"{_place(tx.f_code.co_filename, int(resumed.group('line')))}"
+        )
+    if where is not None:
+        owner = _frame_module(module, tx, running)
+        if owner is not None and _enclosing_model(owner, running) is None:
+            return GraphPiece(owner, where, resumes=resumed is not None)
+        enclosing = _enclosing_model(owner, running) if owner is not None else None
+        inside = (
+            f" inside {_module_path(enclosing, owner)!r} ({type(owner).__name__}), which Dynamo compiles on its own"
+            if owner is not None and enclosing is not None
+            else ""
+        )
+        cut = "This graph ends there" if resumed is None else "This graph resumes after it"
         raise GraphBreakError(
-            f"Dynamo split {_model_name(module, outer_modules)} at a graph break in "
-            f"{resumed.group('function')}() at {place}: this graph resumes after it. {WHOLE_MODEL_FIX}"
+            f"Dynamo split {_model_name(module, outer_modules)} at a {where}{inside}. {cut} and the rest runs "
+            f"in other graphs. {BLOCK_BREAK_FIX if inside else WHOLE_MODEL_FIX}"
         )
     if module is None:
-        return
+        return None
     for outer, frame in running:
         if outer is module and failed and frame.f_code.co_name != tx.f_code.co_name:
             # Another method of the model itself (``self.patchify``), compiled while its forward
@@ -182,6 +229,34 @@ def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -
             f"{_place(frame.f_code.co_filename, frame.f_lineno)}) because Dynamo gave up on it after a "
             f"graph break inside it (a break in a loop skips the whole frame). {WHOLE_MODEL_FIX}"
         )
+
+
+def _frame_module(
+    module: torch.nn.Module | None, tx: object, running: list[tuple[torch.nn.Module, FrameType]]
+) -> torch.nn.Module | None:
+    """The module whose method the graph comes from: ``self`` of the traced frame or, for a
+    resume function (which does not keep ``self`` when nothing after the break reads it), of the
+    running frame it resumes."""
+    if module is not None:
+        return module
+    code = tx.f_code  # type: ignore[attr-defined]
+    resumed = _RESUME_NAME.match(code.co_name)
+    if resumed is None:
+        return None
+    for outer, frame in running:
+        if frame.f_code.co_name == resumed.group("function") and frame.f_code.co_filename == code.co_filename:
+            return outer
+    return None
+
+
+def _enclosing_model(module: torch.nn.Module, running: list[tuple[torch.nn.Module, FrameType]]) -> torch.nn.Module | None:
+    """A module whose forward runs in Python above ``module`` and holds it inside a numbered
+    block (``module`` is a block, or part of one, that Dynamo compiles on its own)."""
+    for outer, _ in running:
+        path = _module_path(outer, module)
+        if path is not None and _TOP_LEVEL_NUMBERED.search(path):
+            return outer
+    return None
 
 
 def _model_name(module: torch.nn.Module | None, outer: list[torch.nn.Module]) -> str:

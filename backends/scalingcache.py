@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 from sc_compile.alpha import AlphaTable, resolve_alpha_source
-from sc_compile.backends.capture_check import check_whole_model
+from sc_compile.backends.capture_check import GraphPiece, check_whole_model
 from sc_compile.backends.lowering import SpecializedGraph, specialize_cache_conds
 from sc_compile.config import Fallback, InnerCompiler, ScalingCacheConfig, split_options
 from sc_compile.contract import step_inputs
@@ -31,7 +31,7 @@ from sc_compile.passes.find_blocks import (
     input_size_symbols,
 )
 from sc_compile.passes.layout import CacheLayout, required_tensor_meta, tensor_meta
-from sc_compile.runtime import CompiledStep, PointLayout, ScalingCacheRuntime
+from sc_compile.runtime import CompiledStep, GraphPieceRuntime, PointLayout, ScalingCacheRuntime
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,15 @@ def build_runtime(
     config_patches: Mapping[str, Any],
     module: torch.nn.Module | None = None,
     token: object | None = None,
+    piece: GraphPiece | None = None,
 ):
-    """Passes, lowering, inner compilation and the runtime for one Dynamo graph."""
+    """Passes, lowering, inner compilation and the runtime for one Dynamo graph.
+
+    ``piece``: the graph is one of several Dynamo compiled for the model's forward (split at a
+    graph break). A piece that holds blocks is cached as any graph, with the clock and the
+    decisions it shares with the other pieces; a piece without blocks (the output head after a
+    break) runs as it is, compiled by the inner compiler.
+    """
     model_class = type(module).__name__ if module is not None else "the compiled module"
     try:
         cond_gm, layout = run_cache_passes(
@@ -205,8 +212,10 @@ def build_runtime(
             prediction=config.prediction.value,
             statistic=config.statistic.value,
         )
-        timestep_index = find_timestep_input(gm, model_class)
+        timestep_index = find_timestep_input(gm, model_class) if piece is None else _piece_timestep(gm, model_class)
     except (NoBlocksFoundError, UnsupportedGraphError) as error:
+        if piece is not None and isinstance(error, NoBlocksFoundError):
+            return _plain_piece(gm, example_inputs, config, config_patches, module, token, piece)
         try:
             # Nothing to cache here may mean that this graph is a piece of the model.
             check_whole_model(module, failed=True)
@@ -225,10 +234,30 @@ def build_runtime(
         granularity=layout.granularity,
         search_dirs=_asset_dirs(),
     )
-    return _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_gm, layout, alpha, timestep_index, token)
+    return _lower_and_compile(
+        gm, example_inputs, config, config_patches, module, cond_gm, layout, alpha, timestep_index, token, piece
+    )
 
 
-def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_gm, layout: CacheLayout, alpha: AlphaTable | None, timestep_index: int, token: object | None):
+def _piece_timestep(gm: torch.fx.GraphModule, model_class: str) -> int | None:
+    """The timestep input of a piece of a split forward, if it has one. A piece after a break
+    joins the step of the forward's first piece and needs none; a first piece without it can only
+    be placed by the pipeline clock (the runtime says so when it is called without one)."""
+    try:
+        return find_timestep_input(gm, model_class)
+    except UnsupportedGraphError:
+        return None
+
+
+def _plain_piece(gm, example_inputs, config, config_patches, module, token, piece: GraphPiece) -> GraphPieceRuntime:
+    """A piece of a split forward that holds no block: compiled as it is, in Dynamo's tracing
+    context as any backend's graph. It runs at every step, full or cached."""
+    log.info("ScalingCache: %s: a piece without blocks after a %s runs uncached", type(piece.module).__name__, piece.where)
+    fn = compile_graph(gm, example_inputs, config.compiler, config_patches, own_tracing_context=False)
+    return GraphPieceRuntime(fn, piece=piece, compile_token=token)
+
+
+def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_gm, layout: CacheLayout, alpha: AlphaTable | None, timestep_index: int | None, token: object | None, piece: GraphPiece | None = None):
     points = layout.cache_points
     device = required_tensor_meta(layout.blocks[-1].cache_points[0]).device
     point_layout = PointLayout(points=list(points), device=device, fingerprint=layout.fingerprint())
@@ -265,6 +294,7 @@ def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_
         fingerprint=layout.fingerprint(),
         granularity=layout.granularity,
         process_group=context_parallel_group(module),
+        piece=piece,
     )
     log.info(
         "ScalingCache: %s: %d blocks, %d cache points (%s); full step %d nodes (%.1fs), cached step %d nodes (%.1fs)",
@@ -396,8 +426,9 @@ class ShapeSpecializingRuntime:
     its own static specialisation, built on its first call and logged; the Dynamo graph stays one.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, config: ScalingCacheConfig, patches: Mapping[str, Any], module: torch.nn.Module | None, token: object | None = None):
+    def __init__(self, gm: torch.fx.GraphModule, config: ScalingCacheConfig, patches: Mapping[str, Any], module: torch.nn.Module | None, token: object | None = None, piece: GraphPiece | None = None):
         self.gm = gm
+        self.piece = piece
         self.token = token
         self.config = config
         self.patches = patches
@@ -410,7 +441,7 @@ class ShapeSpecializingRuntime:
         if runtime is None:
             log.info("ScalingCache: specialising a dynamic-shape graph to sizes %s", [k for k in key if k is not None])
             static = specialize_to_inputs(self.gm, args)
-            runtime = build_runtime(static, args, self.config, self.patches, self.module, self.token)
+            runtime = build_runtime(static, args, self.config, self.patches, self.module, self.token, self.piece)
             self.by_sizes[key] = runtime
         return runtime(*args)
 
@@ -436,13 +467,16 @@ def scalingcache(
         raise ValueError("pass ScalingCache settings either as config= or in options=, not both")
     module = traced_module()
     try:
-        check_whole_model(module)
+        piece = check_whole_model(module)
     except UnsupportedGraphError as error:
         if config.fallback is Fallback.INDUCTOR:
             return _fallback(gm, example_inputs, config, patches, error)
         raise
+    if piece is not None:
+        # A resume function's frame need not hold ``self``: the piece names the model.
+        module = piece.module
     token = compile_token()
     if _has_symbolic_shapes(gm):
         # dynamic=True, or Dynamo's automatic dynamic shapes after a size changed.
-        return ShapeSpecializingRuntime(gm, config, patches, module, token)
-    return build_runtime(gm, example_inputs, config, patches, module, token)
+        return ShapeSpecializingRuntime(gm, config, patches, module, token, piece)
+    return build_runtime(gm, example_inputs, config, patches, module, token, piece)

@@ -214,8 +214,18 @@ class Decisions:
             self._observed_through[key] = step
             step += 1
 
-    def decide(self, stream: int, info: StepInfo, step_info: Callable[[int], StepInfo]) -> StepDecision:
-        """The decision of ``info.step`` for ``stream``'s unit (made once per unit and step)."""
+    def decide(
+        self,
+        stream: int,
+        info: StepInfo,
+        step_info: Callable[[int], StepInfo],
+        follow: Callable[[int], StepDecision | None] | None = None,
+    ) -> StepDecision:
+        """The decision of ``info.step`` for ``stream``'s unit (made once per unit and step).
+
+        ``follow``: the decision of another layout's unit at a step (``None`` where it has none),
+        which this unit takes (see :meth:`DecisionUnit.decide`): the graphs of a split model
+        share one verdict per step."""
         key = self.unit_key(stream)
         unit = self._unit(key, info.step, step_info)
         existing = self._decision_at(key, info.step)
@@ -227,11 +237,16 @@ class Decisions:
         decision: StepDecision | None = None
         for step in range(next_step, info.step + 1):
             self._observe(key, step)
-            decision = unit.decide(step)
+            decision = unit.decide(step, follow(step) if follow is not None else None)
             if decision.full:
                 self._synced[key] = []
         assert decision is not None
         return decision
+
+    def decision_of(self, stream: int, step: int) -> StepDecision | None:
+        """The decision ``stream``'s unit took at ``step``, if it has decided it."""
+        key = self.unit_key(stream)
+        return self._decision_at(key, step) if key in self.units else None
 
     def unit_last_full(self, stream: int, before: int) -> int | None:
         """The unit's last full step before step ``before``."""

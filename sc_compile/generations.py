@@ -226,7 +226,7 @@ class LayoutState:
         tables = [self.streams[s].stats for s in streams]  # type: ignore[union-attr]
         if self._gathered is None or self._gathered.shape[0] < len(tables):
             self._gathered = torch.empty(len(tables), *tables[0].shape, dtype=tables[0].dtype, device=tables[0].device)
-        gathered = self._gathered[: len(tables)]  # [S, P, NUM_STAT_COLUMNS]
+        gathered = self._gathered[: len(tables)]  # [S, P, len(STAT_COLUMNS)]
         torch.stack(tables, out=gathered)
         return self.global_stats(gathered).tolist()
 
@@ -262,6 +262,11 @@ class Generation:
         self.declared_steps = self.num_steps
         self.clock = StepClock(source, self.num_steps)
         self.layouts: dict[tuple[object, ...], LayoutState] = {}
+        # The layout whose decisions every graph of the module follows: the one created last. The
+        # graphs of a forward Dynamo split at breaks first run in forward order, so it is the graph
+        # whose blocks feed the model output (ē comes from its cache points, the prediction the
+        # output is made from; the others' statistics are never read).
+        self.leader: LayoutState | None = None
         self.records: dict[int, StreamRecord] = {}
         self.owner = threading.get_ident()
         self.lock = threading.Lock()
@@ -293,6 +298,7 @@ class Generation:
         state = self.layouts.get(key)
         if state is None:
             state = self.layouts[key] = LayoutState(self, runtime.layout, runtime.alpha, runtime.alpha_source, runtime.process_group)
+            self.leader = state
         return state
 
     def record(self, stream: int) -> StreamRecord:

@@ -88,7 +88,8 @@ def build_report(generation: Generation, finished: bool, collective: bool = True
     layouts = list(generation.layouts.values())
     for layout_state in layouts:
         layout_state.decisions.finish(collective, layout_state.process_group is not None)
-    main = layouts[0] if layouts else None
+    # The layout whose decisions all graphs took (several with a forward split at graph breaks).
+    main = generation.leader if generation.leader is not None else (layouts[0] if layouts else None)
     streams = []
     for stream in sorted(generation.records):
         record = generation.records[stream]

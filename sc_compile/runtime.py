@@ -8,6 +8,14 @@ decision (``decisions.py``), and runs the compiled full-step or cached-step grap
 state (``state.py``). A stream is predicted only from buffers it wrote at the step the prediction
 starts from; otherwise it runs in full.
 
+A model whose forward Dynamo split at graph breaks runs as several graphs, each with a runtime
+(``piece``): a piece that starts the forward places the call; a piece that resumes it after a break
+joins that placement (the last one made in this thread for the same ``torch.compile``), so every
+graph of one forward runs in the same step and stream. All pieces of a generation take the step's
+full-or-cached verdict of one *leader* (``Generation.leader``): the piece with blocks that runs last
+in the forward, whose block outputs feed the model output. Pieces without blocks run as they are
+(:class:`GraphPieceRuntime`).
+
 Host reads: the pipeline clock reads nothing; the timestep clock reads the timestep once per call;
 the decision after a full step reads that step's statistics once. A cached step placed by the
 pipeline clock reads nothing and allocates nothing (its coefficients are written into
@@ -22,7 +30,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,6 +54,9 @@ from sc_compile.reporting import GenerationReport
 from sc_compile.contract import step_inputs
 from sc_compile.state import PointLayout, StepCoefficients, StreamState
 
+if TYPE_CHECKING:
+    from sc_compile.backends.capture_check import GraphPiece
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -53,6 +64,7 @@ __all__ = [
     "ClockError",
     "CompiledStep",
     "GradEnabledError",
+    "GraphPieceRuntime",
     "PointLayout",
     "ScalingCacheRuntime",
     "StochasticSamplerError",
@@ -62,6 +74,25 @@ __all__ = [
 ]
 
 _ACTIVITY = itertools.count(1)
+
+
+@dataclasses.dataclass
+class _Forward:
+    """The placement of the forward running in this thread (for the pieces that resume it)."""
+
+    session: ModuleSession
+    generation: Generation | None  # None: the forward runs uncached
+    placement: Placement | None
+    ran: set[int]  # id() of the pieces that ran in it
+
+
+class _Forwards(threading.local):
+    def __init__(self) -> None:
+        self.by_token: dict[int, _Forward] = {}
+
+
+# Per thread, per torch.compile (compile token): the forward its pieces run in.
+_FORWARDS = _Forwards()
 
 
 class GradEnabledError(RuntimeError):
@@ -130,7 +161,7 @@ class ScalingCacheRuntime:
         config: ScalingCacheConfig,
         alpha: AlphaTable | None,
         alpha_source: str,
-        timestep_index: int,
+        timestep_index: int | None,
         identity_index: int | None = None,
         module: torch.nn.Module | None = None,
         compile_token: Any = None,
@@ -138,6 +169,7 @@ class ScalingCacheRuntime:
         granularity: str = "block",
         process_group: Any = None,
         calibration_hook: Callable[[ScalingCacheRuntime, int, int, StreamState], None] | None = None,
+        piece: GraphPiece | None = None,
     ):
         self.model_class = model_class
         self.fingerprint = fingerprint
@@ -159,6 +191,8 @@ class ScalingCacheRuntime:
         self.compile_token = compile_token
         self.num_points = layout.num_points
         self.calibration_hook = calibration_hook
+        # A piece of a forward Dynamo split at a graph break (None: the whole forward).
+        self.piece = piece
         self.num_calls = 0
         self.num_full_calls = 0
         self.num_cached_calls = 0
@@ -169,6 +203,8 @@ class ScalingCacheRuntime:
         self._warned_scopes: set[str] = set()
         if module is not None:
             self._session_of_key(self._fixed_key)
+        if piece is not None:
+            _BLOCK_PIECES.add(_token_id(compile_token))
 
     # -- sessions ------------------------------------------------------------------------------
     def _session_of_key(self, key: Any) -> ModuleSession:
@@ -193,17 +229,23 @@ class ScalingCacheRuntime:
                 "needs no gradients: run it under `torch.no_grad()` or `torch.inference_mode()` (diffusers "
                 "pipelines do)."
             )
+        if self.piece is not None and self.piece.resumes:
+            forward = _FORWARDS.by_token.get(_token_id(self.compile_token))
+            if forward is not None and id(self) not in forward.ran:
+                return self._follow(forward, args)
         key = self._key(args)
         session = self._session_of_key(key)
         self._last_session = session
         session.last_active = next(_ACTIVITY)
         if is_uncached(key):
+            self._start_forward(session, None, None)
             return self._run_uncached(args)
         scope = active_scope(key)
         if scope is not None:
             generation = session.generation_for(scope)
             if scope.pipeline is not None and generation.clock.stream_names and stream_name(key) is None:
                 # The pipeline names its denoising calls; one outside any cache_context is not one.
+                self._start_forward(session, None, None)
                 return self._run_uncached(args)
             with generation.lock:
                 placement = self._place_in_scope(generation, scope, key, args)
@@ -212,9 +254,39 @@ class ScalingCacheRuntime:
             generation, placement = self._place_ambient(session, key, args)
             return self._dispatch(generation, placement, args)
 
+    # -- pieces of a split forward -------------------------------------------------------------
+    def _start_forward(self, session: ModuleSession, generation: Generation | None, placement: Placement | None) -> None:
+        if self.piece is not None:
+            _FORWARDS.by_token[_token_id(self.compile_token)] = _Forward(session, generation, placement, {id(self)})
+
+    def _follow(self, forward: _Forward, args: tuple[Any, ...]) -> Any:
+        """A piece after a break: run in the step and stream its forward's first piece was placed in."""
+        forward.ran.add(id(self))
+        self._last_session = forward.session
+        self._session_of_key(forward.session.key_ref())
+        if forward.generation is None or forward.placement is None:
+            return self._run_uncached(args)
+        generation = forward.generation
+        if generation.finished:
+            raise ClockError(
+                f"ScalingCache: a piece of {self.model_class} after a {self.piece.where if self.piece else 'graph break'} "
+                "ran after its generation ended; run the whole forward inside one generation."
+            )
+        with generation.lock:
+            return self._dispatch(generation, forward.placement, args, follows=True)
+
     # -- placement -----------------------------------------------------------------------------
     def _timestep_values(self, args: tuple[Any, ...]) -> tuple[tuple[float, ...], torch.dtype]:
         """The timestep input's values: one device→host read."""
+        if self.timestep_index is None:
+            where = self.piece.where if self.piece is not None else "a graph break"
+            raise ClockError(
+                f"ScalingCache: Dynamo split {self.model_class} at a {where}, and the first graph of the forward "
+                "that holds blocks does not receive the timestep, so this call cannot be placed in a step by it. "
+                f"Place the steps explicitly with `sc_compile.enable(pipe)` (steps from the pipeline's scheduler), "
+                "or move the break after the first block (the timestep embedding then runs in the same graph as "
+                "the blocks)."
+            )
         timestep = args[self.timestep_index]
         if not isinstance(timestep, torch.Tensor):
             return (float(timestep),), torch.float64
@@ -253,6 +325,9 @@ class ScalingCacheRuntime:
                     generation.clock.record_timestep(step, read[0])
                 return read[0]
 
+            if self.timestep_index is None:
+                # A piece without the timestep (split forward): the pipeline places it; nothing to read.
+                return Placement(step, stream, lambda: None, _scheduler_sigma(scope.pipeline.scheduler, step))
             if not generation.checked_samples or self.calibration_hook is not None:
                 # The one read of the generation's first (full) step: the batch check. Calibration
                 # (every step full, not a hot path) records every step's timestep.
@@ -324,15 +399,26 @@ class ScalingCacheRuntime:
         )
 
     # -- dispatch ------------------------------------------------------------------------------
-    def _dispatch(self, generation: Generation, placement: Placement, args: tuple[Any, ...]) -> Any:
+    def _dispatch(self, generation: Generation, placement: Placement, args: tuple[Any, ...], follows: bool = False) -> Any:
+        if not follows:
+            self._start_forward(generation.session, generation, placement)
         step, stream = placement.step, placement.stream
         layout_state = generation.layout_state(self)
         state = layout_state.stream(stream, generation.session.pool)
         decisions = layout_state.decisions
         info = StepInfo(step, generation.num_steps, placement.timestep, placement.sigma)
-        decision = decisions.decide(
-            stream, info, lambda s: StepInfo(s, generation.num_steps, lambda: generation.timestep_of(s))
-        )
+
+        def step_info(s: int) -> StepInfo:
+            return StepInfo(s, generation.num_steps, lambda: generation.timestep_of(s))
+
+        leader = generation.leader
+        assert leader is not None  # layout_state() made one
+        if leader is layout_state:
+            decision = decisions.decide(stream, info, step_info)
+        else:
+            # Another graph of the split forward feeds the model output: its verdict is the step's.
+            leader.decisions.decide(stream, info, step_info)
+            decision = decisions.decide(stream, info, step_info, follow=lambda s: leader.decisions.decision_of(stream, s))
         record = generation.record(stream)
         synced = False
         # The unit's last full step before this one: the step a stream's buffers must hold.
@@ -355,14 +441,16 @@ class ScalingCacheRuntime:
             self.num_full_calls += 1
             state.has_difference = state.last_full_step is not None
             state.last_full_step = step
-            record.full_steps.append(step)
+            if step not in record.full_steps[-1:]:  # the pieces of a split forward record a step once
+                record.full_steps.append(step)
             if synced:
                 decisions.synced_full(stream)
                 if self.calibration_hook is not None:
                     self.calibration_hook(self, step, stream, state)
         else:
             self.num_cached_calls += 1
-            record.cached_steps.append(step)
+            if step not in record.cached_steps[-1:]:
+                record.cached_steps.append(step)
         record.reasons[step] = reason
         return out
 
@@ -424,6 +512,41 @@ class ScalingCacheRuntime:
     def end_generation(self) -> None:
         """End the session's ambient (timestep-placed) generation: report it and free its state."""
         self.session.end_ambient()
+
+
+# Compile tokens (id) of the torch.compile calls that built a cached piece of a split forward.
+_BLOCK_PIECES: set[int] = set()
+
+
+def _token_id(token: object) -> int:
+    return id(token)
+
+
+class GraphPieceRuntime:
+    """A piece of a split forward that holds no block (the output head after a break): it runs
+    as compiled at every step. It refuses to run a second time when no piece of its
+    ``torch.compile`` holds blocks: then nothing would ever be cached."""
+
+    def __init__(self, fn: Callable[..., Any], *, piece: GraphPiece, compile_token: Any):
+        self.fn = fn
+        self.piece = piece
+        self.compile_token = compile_token
+        self.num_calls = 0
+
+    def __call__(self, *args: Any) -> Any:
+        self.num_calls += 1
+        if self.num_calls > 1 and _token_id(self.compile_token) not in _BLOCK_PIECES:
+            raise UncacheableSplitError(
+                f"ScalingCache: Dynamo split {type(self.piece.module).__name__}'s forward at a {self.piece.where}, "
+                "and none of the graphs it compiled holds a transformer block, so nothing would be cached. "
+                "Remove the break (torch.compile(model, backend='scalingcache', fullgraph=True) reports every "
+                "break at its source), or pass options={'fallback': 'inductor'} to compile the model uncached."
+            )
+        return self.fn(*args)
+
+
+class UncacheableSplitError(RuntimeError):
+    """A model split at graph breaks into graphs none of which holds a block."""
 
 
 def _mean(values: tuple[float, ...]) -> float:

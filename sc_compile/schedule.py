@@ -81,12 +81,14 @@ class DecisionUnit:
         self.nonfinite_steps: list[int] = []
         self._force_full = False
         self._planned = None if self.planned_full_steps is None else frozenset(self.planned_full_steps)
+        # Whether another unit decides this one's steps (a piece of a split model).
+        self.following = False
 
     @property
     def needs_statistics(self) -> bool:
         """Whether decisions read the full steps' statistics (a planned or static schedule does
         not: its steps do not depend on the changes)."""
-        return self._planned is None and self.static_interval is None
+        return self._planned is None and self.static_interval is None and not self.following
 
     # -- step t-1 ------------------------------------------------------------------------------
     def observe_full(self, step: int, stats_per_stream: Sequence[Sequence[Sequence[float]]]) -> float | None:
@@ -141,9 +143,15 @@ class DecisionUnit:
         """δ = mean(E)."""
         return sum(self.full_changes) / len(self.full_changes) if self.full_changes else None
 
-    def decide(self, step: int) -> StepDecision:
+    def decide(self, step: int, follow: StepDecision | None = None) -> StepDecision:
+        """Decide ``step``. ``follow``: the verdict of the unit that decides the step for a model
+        split into several graphs (the graph that feeds the output). A following unit is full when
+        it is, and otherwise cached unless its own history requires a full step (warm-up, final
+        steps, no history, a gap its predictor does not serve); it reads no statistics."""
         reason = ""
         gap = 0 if self.last_full is None else step - self.last_full
+        if follow is not None:
+            self.following = True
         if step < self.warmup_steps:
             reason = "warm-up"
         elif self.num_steps is not None and step >= self.num_steps - self.final_full_steps:
@@ -152,6 +160,8 @@ class DecisionUnit:
             reason = "non-finite change"
         elif self.last_full is None or self.previous_gap == 0:
             reason = "no history"
+        elif follow is not None:
+            reason = follow.reason if follow.full else ("longest gap" if not self.predictor.allows_gap(self.last_full, gap) else "")
         elif self._planned is not None and step in self._planned:
             reason = "planned"
         elif not self.predictor.allows_gap(self.last_full, gap):
