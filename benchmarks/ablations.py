@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from perceptual import feature_distance, normalized_features
-from workloads import as_images
+from cachebench.perceptual import feature_distance, normalized_features
+from cachebench.samples import generate, generate_cached, sample_call
 
 import sc_compile
 from sc_compile.alpha import AlphaTable
@@ -48,21 +48,13 @@ def main() -> None:
     started = time.perf_counter()
     loader, alpha_file, table_steps, title = MODELS[args.model]
     pipe, embeddings = loader()
-    transformer = pipe.transformer
     steps, warmup = args.steps or table_steps, args.warmup
 
     def call_kwargs(label: int, seed: int) -> dict[str, Any]:
-        return {**embeddings.pipeline_kwargs([label], guidance_scale=GUIDANCE), **demo_size(pipe),
-                "num_inference_steps": steps, "seed": seed, "output_type": "pt"}
-
-    def generate(label: int, seed: int) -> torch.Tensor:
-        kwargs = call_kwargs(label, seed)
-        generator = torch.Generator().manual_seed(kwargs.pop("seed"))
-        with torch.no_grad():
-            return as_images(pipe(**kwargs, generator=generator))
+        return sample_call(embeddings, demo_size(pipe), label, seed, steps, GUIDANCE)
 
     samples = [(i % 10, 100 + i) for i in range(args.samples)]  # (label, seed), not the calibration seeds
-    references = [generate(label, seed) for label, seed in samples]
+    references = [generate(pipe, call_kwargs(label, seed)) for label, seed in samples]
     reference_features = [normalized_features(r) for r in references]
     shipped = AlphaTable.load(assets_dir() / alpha_file)
     calibration_samples = [call_kwargs(c, 1000 + s) for s in range(2) for c in range(10)]
@@ -81,16 +73,7 @@ def main() -> None:
                 alpha = sc_compile.calibrate(
                     pipe, [call_kwargs(label, seed)], prediction=options.get("prediction", "hidden"), progress=False
                 )
-            torch._dynamo.reset()
-            pipe.transformer = torch.compile(
-                transformer, backend="scalingcache",
-                options={"compiler": "eager", "num_inference_steps": steps, **options, "alpha": alpha},
-            )
-            try:
-                images = generate(label, seed)
-            finally:
-                pipe.transformer = transformer
-            report = sc_compile.report(transformer)
+            images, report = generate_cached(pipe, call_kwargs(label, seed), {**options, "alpha": alpha})
             psnrs.append(psnr(images, reference))
             ssims.append(ssim(images, reference))
             dists.append(feature_distance(images, reference, features))
@@ -136,7 +119,7 @@ def main() -> None:
         "",
         f"Fidelity against the uncached outputs of the same seeds (Wan: per frame); full steps averaged over samples. "
         f"*feat. dist.*: EfficientNet-Lite0 feature distance (offline perceptual stand-in, not LPIPS; "
-        f"`benchmarks/perceptual.py`). Run in {time.perf_counter() - started:.0f} s with",
+        f"`benchmarks/cachebench/perceptual.py`). Run in {time.perf_counter() - started:.0f} s with",
         f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ablations.py --model {args.model}`.",
         "",
         "| group | configuration | full steps | PSNR dB | SSIM | feat. dist. |",

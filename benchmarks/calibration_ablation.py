@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from workloads import as_images, load
+from cachebench.samples import generate, generate_cached, sample_call
+from cachebench.workloads import load
 
 import sc_compile
 from sc_compile.demo.sampling import demo_size
@@ -60,14 +61,7 @@ def main() -> None:
     size = demo_size(type(transformer).__name__)
 
     def kwargs(label: int, seed: int, steps: int) -> dict[str, Any]:
-        return {**embeddings.pipeline_kwargs([label], guidance_scale=GUIDANCE), **size,
-                "num_inference_steps": steps, "seed": seed, "output_type": "pt"}
-
-    def generate(label: int, seed: int, steps: int) -> torch.Tensor:
-        call = kwargs(label, seed, steps)
-        generator = torch.Generator().manual_seed(call.pop("seed"))
-        with torch.no_grad():
-            return as_images(pipe(**call, generator=generator))
+        return sample_call(embeddings, size, label, seed, steps, GUIDANCE)
 
     print(f"calibrating on {len(CALIBRATION)} samples (classes 0-4 x seeds 1000-1001), {args.steps} steps", flush=True)
     table = sc_compile.calibrate(pipe, [kwargs(c, s, args.steps) for c, s in CALIBRATION], progress=False)
@@ -79,7 +73,7 @@ def main() -> None:
     def reference(label: int, seed: int, steps: int) -> torch.Tensor:
         key = (label, seed, steps)
         if key not in references:
-            references[key] = generate(label, seed, steps)
+            references[key] = generate(pipe, kwargs(label, seed, steps))
         return references[key]
 
     rows: list[dict[str, Any]] = []
@@ -89,20 +83,13 @@ def main() -> None:
         for held_out, samples in HELD_OUT.items():
             psnrs, fulls = [], []
             for label, seed in samples:
-                torch._dynamo.reset()
-                pipe.transformer = torch.compile(
-                    transformer, backend="scalingcache",
-                    options={"compiler": "eager", "num_inference_steps": steps, **options},
-                )
                 try:
-                    images = generate(label, seed, steps)
+                    images, report = generate_cached(pipe, kwargs(label, seed, steps), options)
                 except ValueError as error:  # a schedule the table refuses: recorded, not hidden
                     row[held_out] = {"error": str(error)}
                     break
-                finally:
-                    pipe.transformer = transformer
                 psnrs.append(psnr(images, reference(label, seed, steps)))
-                fulls.append(sc_compile.report(transformer).num_full_steps)
+                fulls.append(report.num_full_steps)
             else:
                 row[held_out] = {"psnr": statistics.mean(psnrs), "full_steps": statistics.mean(fulls)}
         rows.append(row)

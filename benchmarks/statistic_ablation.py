@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cachebench.samples import generate, generate_cached, sample_call
+from cachebench.workloads import load
 from calibration_ablation import CALIBRATION, GUIDANCE, held_out_sets
-from workloads import as_images, load
 
-import sc_compile
-import sc_compile.contract
 from sc_compile.demo.sampling import demo_size
-from sc_compile.runtime import latest_runtime
 from sc_compile.metrics import psnr
+from sc_compile.runtime import latest_runtime
 
 STATISTICS = ("full", "subsample")
 
@@ -64,22 +63,7 @@ def main() -> None:
     n = args.steps
 
     def kwargs(label: int, seed: int) -> dict[str, Any]:
-        return {**embeddings.pipeline_kwargs([label], guidance_scale=GUIDANCE), **size,
-                "num_inference_steps": n, "seed": seed, "output_type": "pt"}
-
-    def generate(label: int, seed: int, options: dict[str, Any] | None) -> tuple[torch.Tensor, Any]:
-        call = kwargs(label, seed)
-        generator = torch.Generator().manual_seed(call.pop("seed"))
-        if options is not None:
-            torch._dynamo.reset()
-            pipe.transformer = torch.compile(transformer, backend="scalingcache",
-                                             options={"compiler": "eager", "num_inference_steps": n, **options})
-        try:
-            with torch.no_grad():
-                images = as_images(pipe(**call, generator=generator))
-        finally:
-            pipe.transformer = transformer
-        return images, sc_compile.report(transformer) if options is not None else None
+        return sample_call(embeddings, size, label, seed, n, GUIDANCE)
 
     tables = {}
     for statistic in STATISTICS:
@@ -91,26 +75,27 @@ def main() -> None:
     sketched: list[Any] = []
     for group, samples in held_out.items():
         for label, seed in samples:
-            reference, _ = generate(label, seed, None)
+            reference = generate(pipe, kwargs(label, seed))
             row: dict[str, Any] = {"set": group, "class": label, "seed": seed}
             # ē on one trajectory: every step full, measured by each statistic.
             changes = {}
             for statistic in STATISTICS:
-                _, report = generate(label, seed, {"alpha": tables[statistic], "statistic": statistic,
-                                                   "warmup_steps": n})
+                _, report = generate_cached(pipe, kwargs(label, seed), {"alpha": tables[statistic], "statistic": statistic,
+                                                                        "warmup_steps": n})
                 changes[statistic] = [
                     statistics.mean(c for c in step if c is not None) if any(c is not None for c in step) else None
-                    for step in zip(*(s.changes for s in report.streams))
+                    for step in zip(*(s.changes for s in report.streams), strict=True)
                 ]
                 row[f"bytes_{statistic}"] = report.buffer_bytes // max(len(report.streams), 1)
                 if statistic == "subsample":
                     sketched = [p for p in latest_runtime(transformer).layout.points if p.sketch is not None]
-            pairs = [(a, b) for a, b in zip(changes["full"], changes["subsample"]) if a is not None and b is not None and a > 0]
+            pairs = [(a, b) for a, b in zip(changes["full"], changes["subsample"], strict=True) if a is not None and b is not None and a > 0]
             row["change_max_rel_diff"] = max(abs(b - a) / a for a, b in pairs)
             row["change_mean_rel_diff"] = statistics.mean(abs(b - a) / a for a, b in pairs)
             for schedule, extra in (("dynamic", {}), (f"full_steps={round(n / 3)}", {"full_steps": round(n / 3)})):
                 for statistic in STATISTICS:
-                    images, report = generate(label, seed, {"alpha": tables[statistic], "statistic": statistic, **extra})
+                    images, report = generate_cached(pipe, kwargs(label, seed),
+                                                     {"alpha": tables[statistic], "statistic": statistic, **extra})
                     row[f"{schedule}/{statistic}"] = {"psnr": psnr(images, reference), "full_steps": list(report.full_steps)}
             rows.append(row)
             dyn = [row[f"dynamic/{s}"] for s in STATISTICS]

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from sc_compile.contract import CachePointSpec, PointLayout, Statistic
 from sc_compile.config import Granularity, Prediction
+from sc_compile.contract import CachePointSpec, PointLayout, Statistic
 
 
 def graph_text(gm: torch.fx.GraphModule) -> str:

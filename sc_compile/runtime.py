@@ -37,6 +37,7 @@ import torch
 from sc_compile.alpha import AlphaTable
 from sc_compile.clock import EXPLICIT_SOURCES, ClockError, NewGeneration
 from sc_compile.config import ScalingCacheConfig, StochasticSampler
+from sc_compile.contract import step_inputs
 from sc_compile.decisions import StepInfo
 from sc_compile.generations import (
     Generation,
@@ -51,7 +52,6 @@ from sc_compile.generations import (
     stream_name,
 )
 from sc_compile.reporting import GenerationReport
-from sc_compile.contract import step_inputs
 from sc_compile.state import PointLayout, StepCoefficients, StreamState
 
 if TYPE_CHECKING:

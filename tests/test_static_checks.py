@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LINTED = ("sc_compile", "passes", "backends", "assets", "examples", "tests")
+LINTED = ("sc_compile", "passes", "backends", "assets", "examples", "tests", "benchmarks")
 
 
 def test_ruff_is_clean():
