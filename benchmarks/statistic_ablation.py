@@ -33,6 +33,8 @@ from cachebench.samples import generate, generate_cached, sample_call
 from cachebench.workloads import load
 from calibration_ablation import CALIBRATION, GUIDANCE, held_out_sets
 
+import sc_compile
+import sc_compile.contract
 from sc_compile.demo.sampling import demo_size
 from sc_compile.metrics import psnr
 from sc_compile.runtime import latest_runtime
@@ -50,8 +52,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     if args.min_elements is not None:
-        import sc_compile.contract
-
         sc_compile.contract.MIN_SKETCH_ELEMENTS = args.min_elements
     torch.set_num_threads(1)
     held_out = held_out_sets(min(args.per_set, 5))

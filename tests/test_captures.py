@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import sc_compile
+import sc_compile.runtime
 
 from tiny_models import BUILDERS, timesteps, with_timestep
 
@@ -233,3 +234,27 @@ def test_complex_rope_at_two_resolutions(compiler):
                 call = with_timestep("qwen_image", step_inputs, t)
                 outputs.append((compiled(**call)[0], model(**call)[0]))
         _check_full_steps_exact(model, outputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    """A bf16 / fp16 model: the buffers keep the model's dtype (the sketches float32), full steps
+    equal eager to half-precision rounding, cached steps happen."""
+    model, inputs = BUILDERS["wan"](seed=0)
+    model = model.to(dtype)
+    inputs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "aot_eager", "warmup_steps": 2})
+    outputs = []
+    with torch.no_grad():
+        for t in timesteps("wan", 6):
+            step_inputs = with_timestep("wan", inputs, t)
+            step_inputs["timestep"] = step_inputs["timestep"].to(dtype)
+            outputs.append((compiled(**step_inputs)[0], model(**step_inputs)[0]))
+    report = sc_compile.report(model)
+    assert report.cached_steps, str(report)
+    for step in report.full_steps:
+        ours, eager = outputs[step]
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours, eager)  # the dtype's default tolerances
+    layout = sc_compile.runtime.latest_runtime(model).layout
+    assert all(p.dtype == dtype for p in layout.points)
