@@ -195,6 +195,7 @@ class LayoutState:
         config = self.generation.session.config
         new = self.layout.stream_nbytes(self.cache_dtype)
         held = sum(state.nbytes for state in self.generation.layouts.values())
+        limit: int | None
         if config.max_cache_bytes is not None:
             limit, source = config.max_cache_bytes, f"options={{'max_cache_bytes': {config.max_cache_bytes}}}"
             needed, available = held + new, limit - (held - self.nbytes)
