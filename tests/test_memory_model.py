@@ -177,7 +177,7 @@ def test_the_cached_step_graph_never_reads_a_sketched_point(small_sketches):
 
 
 # -- a declared memory budget -------------------------------------------------------------------
-def test_a_layout_over_the_declared_budget_is_refused_at_compile_time_with_the_figures():
+def test_a_layout_over_the_declared_budget_is_refused_at_compile_time_with_the_figures(small_sketches):
     from sc_compile.memory import CacheMemoryError, format_bytes
 
     model, inputs = BUILDERS["flux"](seed=0)
