@@ -10,7 +10,6 @@ graph, compile both with the inner compiler (Inductor by default, with every Ind
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,155 +19,25 @@ import torch.fx
 
 from sc_compile.alpha import AlphaTable, resolve_alpha_source
 from sc_compile.backends.capture_check import GraphPiece, check_whole_model
-from sc_compile.backends.lowering import SpecializedGraph, specialize_cache_conds
-from sc_compile.config import Fallback, InnerCompiler, ScalingCacheConfig, split_options
+from sc_compile.backends.inner_compiler import compile_graph, compile_inner
+from sc_compile.backends.integration import (
+    compile_token,
+    context_parallel_group,
+    identity_input,
+    traced_module,
+)
+from sc_compile.backends.lowering import specialize_cache_conds
+from sc_compile.backends.shape_specialization import _has_symbolic_shapes, specialize_to_inputs
+from sc_compile.config import Fallback, ScalingCacheConfig, split_options
 from sc_compile.contract import step_inputs
 from sc_compile.memory import cache_bytes_limit, refusal
 from sc_compile.passes import run_cache_passes
-from sc_compile.passes.find_blocks import (
-    NoBlocksFoundError,
-    UnsupportedGraphError,
-    input_size_symbols,
-)
-from sc_compile.passes.layout import CacheLayout, required_tensor_meta, tensor_meta
-from sc_compile.runtime import CompiledStep, GraphPieceRuntime, PointLayout, ScalingCacheRuntime
+from sc_compile.passes.find_blocks import NoBlocksFoundError, UnsupportedGraphError
+from sc_compile.passes.find_timestep_input import find_timestep_input
+from sc_compile.passes.layout import CacheLayout, required_tensor_meta
+from sc_compile.runtime import GraphPieceRuntime, PointLayout, ScalingCacheRuntime
 
 log = logging.getLogger(__name__)
-
-TIMESTEP_NAMES = ("timestep", "timesteps", "t", "time", "sigma", "sigmas")
-
-
-def traced_module() -> torch.nn.Module | None:
-    """The ``nn.Module`` whose forward Dynamo is compiling (``self`` of the traced frame)."""
-    from torch._dynamo.symbolic_convert import InstructionTranslator
-
-    tx = InstructionTranslator.current_tx()
-    if tx is None:
-        return None
-    for value in tx.f_locals.values():
-        if isinstance(value, torch.nn.Module):
-            return getattr(value, "_orig_mod", value)
-    return None
-
-
-def compile_token() -> object | None:
-    """What identifies the ``torch.compile`` call Dynamo is compiling for (shared by its recompiles)."""
-    from torch._dynamo.symbolic_convert import InstructionTranslator
-
-    tx = InstructionTranslator.current_tx()
-    return None if tx is None else tx.output.compiler_fn
-
-
-def identity_input(example_inputs: Sequence[Any], module: torch.nn.Module | None) -> int | None:
-    """Index of the graph input that is ``module``'s first parameter (it names the module a call runs)."""
-    first = next(module.parameters(), None) if module is not None else None
-    if first is None:
-        return None
-    return next((i for i, value in enumerate(example_inputs) if value is first), None)
-
-
-def _source_name(node: torch.fx.Node) -> str:
-    source = getattr(node, "_dynamo_source", None)
-    return source.name if source is not None and hasattr(source, "name") else node.name
-
-
-def find_timestep_input(gm: torch.fx.GraphModule, model_class: str) -> int:
-    """Index of the placeholder carrying the diffusion timestep."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    candidates = []
-    for index, node in enumerate(placeholders):
-        name = _source_name(node)
-        # Last component of L['kwargs']['timestep'] / L['timestep'].
-        leaf = name.replace('"', "'").rstrip("]").split("[")[-1].strip("'") if "[" in name else name
-        leaf = leaf.lower()
-        meta = tensor_meta(node)
-        if leaf in TIMESTEP_NAMES and meta is not None and meta.numel() <= 4096:
-            candidates.append(index)
-    if not candidates:
-        raise UnsupportedGraphError(
-            f"{model_class}: could not find the timestep input among the graph inputs "
-            f"{[_source_name(p) for p in placeholders if not isinstance(tensor_meta(p), torch.nn.Parameter)][:12]}. "
-            "ScalingCache places each call in a generation by the timestep: pass it as a tensor named "
-            "'timestep' (diffusers pipelines do)."
-        )
-    return candidates[0]
-
-
-def static_fake_mode() -> Any:
-    """A fake mode of our own whose shape environment gives the graph's data-dependent values
-    (``nonzero``, boolean-mask indexing, ``.item()``) symbols of their own, as Dynamo's did when it
-    captured them. Without one, re-tracing a graph Dynamo captured whole fails on the first such op
-    (``DynamicOutputShapeException``, ``DataDependentOutputException``)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    return FakeTensorMode(shape_env=ShapeEnv(allow_scalar_outputs=True, allow_dynamic_output_shape_ops=True))
-
-
-def fake_inputs(mode: Any, inputs: Sequence[Any]) -> list[Any]:
-    """``inputs`` as fake tensors of ``mode`` with static sizes (other values as they are)."""
-    return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in inputs]
-
-
-def compile_graph(
-    gm: torch.fx.GraphModule,
-    inputs: Sequence[Any],
-    compiler: InnerCompiler,
-    config_patches: Mapping[str, Any],
-    *,
-    own_tracing_context: bool,
-) -> Callable[..., Any]:
-    """``gm`` compiled by the inner compiler.
-
-    ``own_tracing_context``: compile in a tracing context and fake mode of its own. The
-    specialised graphs need it: Dynamo's context holds the metadata and the shape environment of
-    the one graph it traced, which neither specialised graph (other inputs, other outputs)
-    matches, and symbols added to its shape environment would break Dynamo's guards. Their inputs
-    are fakes of static size in a mode whose own shape environment takes the graph's
-    data-dependent ops. Dynamo's own graph (the uncached fallback) is compiled in Dynamo's
-    context, as any backend does.
-    """
-    if compiler is InnerCompiler.EAGER:
-        return gm
-    if not own_tracing_context:
-        return _compile_with(gm, list(inputs), compiler, config_patches)
-    for node in gm.graph.nodes:
-        # Bindings of data-dependent values to the symbols of Dynamo's shape environment: the
-        # re-trace below makes its own in its own environment (keeping Dynamo's names collides).
-        node.meta.pop("unbacked_bindings", None)
-    mode = static_fake_mode()
-    with torch._guards.tracing(torch._guards.TracingContext(mode)):
-        return _compile_with(gm, fake_inputs(mode, inputs), compiler, config_patches)
-
-
-def _compile_with(gm, inputs: list[Any], compiler: InnerCompiler, config_patches: Mapping[str, Any]) -> Callable[..., Any]:
-    if compiler is InnerCompiler.AOT_EAGER:
-        from torch._dynamo.backends.registry import lookup_backend
-
-        return lookup_backend("aot_eager")(gm, inputs)  # type: ignore[return-value]
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, inputs, config_patches=dict(config_patches))  # type: ignore[return-value]
-
-
-def compile_inner(
-    spec: SpecializedGraph,
-    example_inputs: Sequence[Any],
-    compiler: InnerCompiler,
-    config_patches: Mapping[str, Any],
-) -> CompiledStep:
-    inputs = [example_inputs[i] for i in spec.input_indices]
-    start = time.perf_counter()
-    fn = compile_graph(spec.graph_module, inputs, compiler, config_patches, own_tracing_context=True)
-    return CompiledStep(fn, spec.input_indices, spec.num_compute_nodes, time.perf_counter() - start)
-
-
-def context_parallel_group(module: torch.nn.Module | None) -> Any:
-    """The process group of diffusers context parallelism (``model.enable_parallelism``), if any."""
-    config = getattr(module, "_parallel_config", None)
-    cp_config = getattr(config, "context_parallel_config", None)
-    mesh = getattr(cp_config, "_flattened_mesh", None)
-    return None if mesh is None else mesh.get_group()
 
 
 def _asset_dirs() -> list[Path]:
@@ -308,114 +177,6 @@ def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_
         cached_step.compile_seconds,
     )
     return runtime
-
-
-def _has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
-    """Whether Dynamo traced ``gm`` with symbolic input sizes (``dynamic=True`` or automatic
-    dynamic shapes). The symbols of data-dependent ops (``nonzero``) and of float inputs
-    (``.item()`` of a LoRA scale) are not sizes: such a graph is static and needs no
-    specialisation."""
-    return any(
-        input_size_symbols(node.meta.get("example_value")) for node in gm.graph.nodes if node.op == "placeholder"
-    )
-
-
-def _concrete(value: Any, shape_env: Any, bindings: Mapping[Any, int]) -> int | float | bool | None:
-    """The value of a symbolic size expression under ``bindings``; ``None`` if it is not fixed by
-    the input sizes (a data-dependent value)."""
-    if not isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
-        return None
-    expr = shape_env.replace(value.node.expr)
-    if not expr.free_symbols <= bindings.keys():
-        return None
-    result = expr.xreplace(dict(bindings))
-    if isinstance(value, torch.SymBool):
-        return bool(result)
-    return int(result) if isinstance(value, torch.SymInt) else float(result)
-
-
-class _FakePropagator(torch.fx.Interpreter):
-    """Records every node's fake value (``example_value``) for fake inputs of static size."""
-
-    def __init__(self, gm: torch.fx.GraphModule, mode: Any):
-        super().__init__(gm)
-        self.mode = mode
-
-    def run_node(self, node: torch.fx.Node) -> Any:
-        with self.mode:
-            result = super().run_node(node)
-        if node.op != "output":
-            node.meta["example_value"] = result
-            node.meta.pop("val", None)
-        return result
-
-    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
-        value = super().get_attr(target, args, kwargs)
-        return self.mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
-
-
-def specialize_to_inputs(gm: torch.fx.GraphModule, args: Sequence[Any]) -> torch.fx.GraphModule:
-    """A copy of a symbolic-size Dynamo graph with every size fixed to those of ``args``.
-
-    Symbols are bound to the sizes of ``args`` with Dynamo's shape environment; every size input
-    and every size expression they fix is folded into a constant, and so is ``.item()`` of a
-    global constant tensor (a function default Dynamo lifted as an input, such as RoPE's theta).
-    Values computed from tensor data (the unbacked symbols of ``nonzero`` or ``.item()`` on a
-    float input, a LoRA scale, a norm's eps) are never folded. The metadata is then propagated
-    anew with fake inputs of static size in a fake mode of our own; no tensor data is computed
-    (a real run cannot record every view: ``view_as_complex`` of a reshaped view fails to fake).
-    """
-    from sc_compile.passes.pass_manager import copy_graph_module
-
-    static = copy_graph_module(gm)
-    placeholders = [n for n in static.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(args):
-        raise RuntimeError(f"the graph has {len(placeholders)} inputs but was called with {len(args)}")
-    values = [n.meta.get("example_value") for n in placeholders]
-    shape_env = next(
-        (s.node.shape_env for v in values for s in _symbolic_parts(v)),
-        None,
-    )
-    assert shape_env is not None, "specialize_to_inputs needs a graph with symbolic input sizes"
-    bindings = shape_env.bind_symbols([v if isinstance(v, torch.Tensor | torch.SymInt) else None for v in values], args)
-    argument = dict(zip(placeholders, args, strict=True))
-    folded: dict[torch.fx.Node, Any] = {}
-    for node in static.graph.nodes:
-        value = node.meta.get("example_value")
-        concrete = _concrete(value, shape_env, bindings)
-        if concrete is None and _is_global_constant_item(node):
-            concrete = argument[node.args[0]].item()  # type: ignore[index]
-        if concrete is not None:
-            folded[node] = concrete
-    for node, concrete in folded.items():
-        for user in list(node.users):
-            user.replace_input_with(node, concrete)  # type: ignore[arg-type]
-    for node in reversed(list(static.graph.nodes)):
-        if node in folded and node.op != "placeholder" and not node.users:
-            static.graph.erase_node(node)
-    static.graph.lint()
-    static.recompile()
-    mode = static_fake_mode()
-    with torch.no_grad():
-        _FakePropagator(static, mode).run(*fake_inputs(mode, args))
-    return static
-
-
-def _symbolic_parts(value: Any) -> list[Any]:
-    if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
-        return [value]
-    if isinstance(value, torch.Tensor):
-        return [s for s in (*value.shape, *value.stride()) if isinstance(s, torch.SymInt)]
-    return []
-
-
-def _is_global_constant_item(node: torch.fx.Node) -> bool:
-    """``.item()`` of a global constant tensor (a function default Dynamo lifted as an input),
-    never of a user input, a module attribute or a parameter."""
-    if not (node.op == "call_method" and node.target == "item"):
-        return False
-    source = node.args[0]
-    return isinstance(source, torch.fx.Node) and source.op == "placeholder" and _source_name(source).startswith("G[")
 
 
 class ShapeSpecializingRuntime:
