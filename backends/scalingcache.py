@@ -33,8 +33,7 @@ from sc_compile.contract import step_inputs
 from sc_compile.memory import cache_bytes_limit, refusal
 from sc_compile.passes import run_cache_passes
 from sc_compile.passes.find_blocks import NoBlocksFoundError, UnsupportedGraphError
-from sc_compile.passes.find_timestep_input import find_timestep_input
-from sc_compile.passes.layout import CacheLayout, required_tensor_meta
+from sc_compile.passes.layout import CacheLayout
 from sc_compile.runtime import GraphPieceRuntime, PointLayout, ScalingCacheRuntime
 
 log = logging.getLogger(__name__)
@@ -80,8 +79,11 @@ def build_runtime(
             granularity=config.granularity.value,
             prediction=config.prediction.value,
             statistic=config.statistic.value,
+            # A piece of a split forward may lack the timestep: one after a break joins the step
+            # of the forward's first piece; a first piece without it can only be placed by the
+            # pipeline clock (the runtime says so when it is called without one).
+            require_timestep=piece is None,
         )
-        timestep_index = find_timestep_input(gm, model_class) if piece is None else _piece_timestep(gm, model_class)
     except (NoBlocksFoundError, UnsupportedGraphError) as error:
         if piece is not None and isinstance(error, NoBlocksFoundError):
             return _plain_piece(gm, example_inputs, config, config_patches, module, token, piece)
@@ -104,18 +106,8 @@ def build_runtime(
         search_dirs=_asset_dirs(),
     )
     return _lower_and_compile(
-        gm, example_inputs, config, config_patches, module, cond_gm, layout, alpha, timestep_index, token, piece
+        gm, example_inputs, config, config_patches, module, cond_gm, layout, alpha, layout.timestep_index, token, piece
     )
-
-
-def _piece_timestep(gm: torch.fx.GraphModule, model_class: str) -> int | None:
-    """The timestep input of a piece of a split forward, if it has one. A piece after a break
-    joins the step of the forward's first piece and needs none; a first piece without it can only
-    be placed by the pipeline clock (the runtime says so when it is called without one)."""
-    try:
-        return find_timestep_input(gm, model_class)
-    except UnsupportedGraphError:
-        return None
 
 
 def _plain_piece(gm, example_inputs, config, config_patches, module, token, piece: GraphPiece) -> GraphPieceRuntime:
@@ -128,7 +120,7 @@ def _plain_piece(gm, example_inputs, config, config_patches, module, token, piec
 
 def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_gm, layout: CacheLayout, alpha: AlphaTable | None, timestep_index: int | None, token: object | None, piece: GraphPiece | None = None):
     points = layout.cache_points
-    device = required_tensor_meta(layout.blocks[-1].cache_points[0]).device
+    device = layout.device
     point_layout = PointLayout(points=list(points), device=device, fingerprint=layout.fingerprint())
     limit, source = cache_bytes_limit(config.max_cache_bytes, device)
     per_stream = point_layout.stream_nbytes(config.cache_dtype)
@@ -168,7 +160,7 @@ def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_
     log.info(
         "ScalingCache: %s: %d blocks, %d cache points (%s); full step %d nodes (%.1fs), cached step %d nodes (%.1fs)",
         layout.model_class,
-        len(layout.blocks),
+        len(layout.block_names),
         len(points),
         layout.granularity,
         full_step.num_compute_nodes,
