@@ -42,9 +42,7 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 
 def traced_module() -> torch.nn.Module | None:
     """The ``nn.Module`` whose forward Dynamo is compiling (``self`` of the traced frame)."""
-    from torch._dynamo.symbolic_convert import InstructionTranslator
-
-    tx = InstructionTranslator.current_tx()
+    tx = current_translator()
     if tx is None:
         return None
     for value in tx.f_locals.values():
@@ -55,9 +53,7 @@ def traced_module() -> torch.nn.Module | None:
 
 def compile_token() -> object | None:
     """What identifies the ``torch.compile`` call Dynamo is compiling for (shared by its recompiles)."""
-    from torch._dynamo.symbolic_convert import InstructionTranslator
-
-    tx = InstructionTranslator.current_tx()
+    tx = current_translator()
     return None if tx is None else tx.output.compiler_fn
 
 

@@ -1,17 +1,27 @@
 """The ``scalingcache`` torch.compile backend.
 
 ``torch.compile(model, backend="scalingcache", options={...})`` resolves here through the
-``torch_dynamo_backends`` entry point. The backend is thin: validate the options, run the cache
-passes on a copy of Dynamo's graph, lower the cond-guarded graph into a full-step and a cached-step
-graph, compile both with the inner compiler (Inductor by default, with every Inductor option and
-``mode`` the user gave), and return the runtime that picks one per call.
+``torch_dynamo_backends`` entry point. The backend is the pipeline and nothing else:
+
+1. options: :func:`~sc_compile.config.split_options` (ScalingCache's keys and Inductor's);
+2. passes: :func:`~sc_compile.passes.run_cache_passes` on a copy of Dynamo's graph (blocks,
+   residual outputs, cache points, the timestep input, the cond rewrite);
+3. lowering: a full-step and a cached-step graph (:mod:`~sc_compile.backends.lowering`), each
+   compiled by the inner compiler with every Inductor option and ``mode`` the user gave
+   (:mod:`~sc_compile.backends.inner_compiler`); a graph with symbolic sizes is first specialised
+   per input size (:mod:`~sc_compile.backends.shape_specialization`);
+4. runtime: :class:`~sc_compile.runtime.ScalingCacheRuntime`, which picks one graph per call.
+
+What Dynamo is compiling and diffusers' private state are read in
+:mod:`~sc_compile.backends.integration`; whether the graph is the whole model, in
+:mod:`~sc_compile.backends.capture_check`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,23 +37,17 @@ from sc_compile.backends.integration import (
     traced_module,
 )
 from sc_compile.backends.lowering import specialize_cache_conds
-from sc_compile.backends.shape_specialization import _has_symbolic_shapes, specialize_to_inputs
+from sc_compile.backends.shape_specialization import ShapeSpecializingRuntime, has_symbolic_shapes
 from sc_compile.config import Fallback, ScalingCacheConfig, split_options
 from sc_compile.contract import step_inputs
 from sc_compile.memory import cache_bytes_limit, refusal
 from sc_compile.passes import run_cache_passes
 from sc_compile.passes.find_blocks import NoBlocksFoundError, UnsupportedGraphError
 from sc_compile.passes.layout import CacheLayout
-from sc_compile.runtime import GraphPieceRuntime, PointLayout, ScalingCacheRuntime
+from sc_compile.resources import assets_dir
+from sc_compile.runtime import GraphPieceRuntime, PointLayout, ScalingCacheRuntime, StreamState
 
 log = logging.getLogger(__name__)
-
-
-def _asset_dirs() -> list[Path]:
-    """Where the shipped α tables are searched: the installed ``sc_compile.assets``."""
-    from sc_compile.resources import assets_dir
-
-    return [assets_dir()]
 
 
 def _fallback(gm: torch.fx.GraphModule, example_inputs, config, patches, error: Exception):
@@ -103,7 +107,7 @@ def build_runtime(
         fingerprint=layout.fingerprint(),
         num_points=layout.num_points,
         granularity=layout.granularity,
-        search_dirs=_asset_dirs(),
+        search_dirs=[assets_dir()],
     )
     return _lower_and_compile(
         gm, example_inputs, config, config_patches, module, cond_gm, layout, alpha, layout.timestep_index, token, piece
@@ -132,8 +136,6 @@ def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_
     full_spec = specialize_cache_conds(cond_gm, full=True)
     cached_spec = specialize_cache_conds(cond_gm, full=False)
     # Example state for compilation: the first stream's buffers.
-    from sc_compile.runtime import StreamState
-
     state = StreamState(point_layout, config.cache_dtype)
     coefficients = torch.zeros(len(points), device=device)
     examples = step_inputs(example_inputs, state.buffers, coefficients, coefficients.clone(), state.stats)
@@ -171,34 +173,6 @@ def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_
     return runtime
 
 
-class ShapeSpecializingRuntime:
-    """ScalingCache for a graph Dynamo traced with dynamic sizes.
-
-    Dynamo marks a size dynamic after it changes (automatic dynamic shapes: a second resolution or
-    batch size). The cache buffers need static shapes, so each distinct set of input sizes gets
-    its own static specialisation, built on its first call and logged; the Dynamo graph stays one.
-    """
-
-    def __init__(self, gm: torch.fx.GraphModule, config: ScalingCacheConfig, patches: Mapping[str, Any], module: torch.nn.Module | None, token: object | None = None, piece: GraphPiece | None = None):
-        self.gm = gm
-        self.piece = piece
-        self.token = token
-        self.config = config
-        self.patches = patches
-        self.module = module
-        self.by_sizes: dict[tuple[Any, ...], Callable[..., Any]] = {}
-
-    def __call__(self, *args: Any) -> Any:
-        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a if isinstance(a, int) else None for a in args)
-        runtime = self.by_sizes.get(key)
-        if runtime is None:
-            log.info("ScalingCache: specialising a dynamic-shape graph to sizes %s", [k for k in key if k is not None])
-            static = specialize_to_inputs(self.gm, args)
-            runtime = build_runtime(static, args, self.config, self.patches, self.module, self.token, self.piece)
-            self.by_sizes[key] = runtime
-        return runtime(*args)
-
-
 def scalingcache(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -229,7 +203,9 @@ def scalingcache(
         # A resume function's frame need not hold ``self``: the piece names the model.
         module = piece.module
     token = compile_token()
-    if _has_symbolic_shapes(gm):
-        # dynamic=True, or Dynamo's automatic dynamic shapes after a size changed.
-        return ShapeSpecializingRuntime(gm, config, patches, module, token, piece)
+    if has_symbolic_shapes(gm):
+        # dynamic=True, or Dynamo's automatic dynamic shapes after a size changed: the pipeline
+        # runs once per distinct set of input sizes, on the graph specialised to them.
+        build = functools.partial(build_runtime, config=config, config_patches=patches, module=module, token=token, piece=piece)
+        return ShapeSpecializingRuntime(gm, build)
     return build_runtime(gm, example_inputs, config, patches, module, token, piece)

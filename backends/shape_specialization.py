@@ -8,14 +8,17 @@ propagated anew with static fake inputs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.fx
 
 from sc_compile.passes.find_blocks import input_size_symbols
-from sc_compile.passes.find_timestep_input import _source_name
+from sc_compile.passes.find_timestep_input import source_name
+
+log = logging.getLogger(__name__)
 
 
 def static_fake_mode() -> Any:
@@ -34,7 +37,7 @@ def fake_inputs(mode: Any, inputs: Sequence[Any]) -> list[Any]:
     return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in inputs]
 
 
-def _has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
+def has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
     """Whether Dynamo traced ``gm`` with symbolic input sizes (``dynamic=True`` or automatic
     dynamic shapes). The symbols of data-dependent ops (``nonzero``) and of float inputs
     (``.item()`` of a LoRA scale) are not sizes: such a graph is static and needs no
@@ -139,4 +142,30 @@ def _is_global_constant_item(node: torch.fx.Node) -> bool:
     if not (node.op == "call_method" and node.target == "item"):
         return False
     source = node.args[0]
-    return isinstance(source, torch.fx.Node) and source.op == "placeholder" and _source_name(source).startswith("G[")
+    return isinstance(source, torch.fx.Node) and source.op == "placeholder" and source_name(source).startswith("G[")
+
+
+class ShapeSpecializingRuntime:
+    """ScalingCache for a graph Dynamo traced with dynamic sizes.
+
+    Dynamo marks a size dynamic after it changes (automatic dynamic shapes: a second resolution or
+    batch size). The cache buffers need static shapes, so each distinct set of input sizes gets
+    its own static specialisation, built by the backend's pipeline on its first call and logged;
+    the Dynamo graph stays one.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, build: Callable[[torch.fx.GraphModule, Sequence[Any]], Callable[..., Any]]):
+        # build(static graph, inputs): the backend's pipeline (passes, lowering, runtime) for it.
+        self.gm = gm
+        self.build = build
+        self.by_sizes: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a if isinstance(a, int) else None for a in args)
+        runtime = self.by_sizes.get(key)
+        if runtime is None:
+            log.info("ScalingCache: specialising a dynamic-shape graph to sizes %s", [k for k in key if k is not None])
+            static = specialize_to_inputs(self.gm, args)
+            runtime = self.build(static, args)
+            self.by_sizes[key] = runtime
+        return runtime(*args)

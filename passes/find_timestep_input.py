@@ -61,7 +61,9 @@ def timestep_rule(model_class: str) -> TimestepInput:
     return TIMESTEP_INPUTS.get(model_class, GENERIC_TIMESTEP_INPUT)
 
 
-def _source_name(node: torch.fx.Node) -> str:
+def source_name(node: torch.fx.Node) -> str:
+    """The name of the value Dynamo lifted into the placeholder ``node`` (``L['timestep']``), or
+    the placeholder's own name for a graph Dynamo did not trace."""
     source = getattr(node, "_dynamo_source", None)
     return source.name if source is not None and hasattr(source, "name") else node.name
 
@@ -69,7 +71,7 @@ def _source_name(node: torch.fx.Node) -> str:
 def _leaf_name(node: torch.fx.Node) -> str:
     """The last component of the input's source name, in lower case (``L['kwargs']['timestep']``
     and ``L['timestep']`` give ``timestep``)."""
-    name = _source_name(node)
+    name = source_name(node)
     leaf = name.replace('"', "'").rstrip("]").split("[")[-1].strip("'") if "[" in name else name
     return leaf.lower()
 
@@ -96,7 +98,7 @@ def find_timestep_input(gm: torch.fx.GraphModule, model_class: str) -> int:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         raise UnsupportedGraphError(
             f"{model_class}: could not find the timestep input among the graph inputs "
-            f"{[_source_name(p) for p in placeholders if not isinstance(tensor_meta(p), torch.nn.Parameter)][:12]}. "
+            f"{[source_name(p) for p in placeholders if not isinstance(tensor_meta(p), torch.nn.Parameter)][:12]}. "
             "ScalingCache places each call in a generation by the timestep: pass it as a tensor named "
             "'timestep' (diffusers pipelines do)."
         )
