@@ -171,6 +171,7 @@ def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -
             f"{place(frame.f_code.co_filename, frame.f_lineno)}) because Dynamo gave up on it after a "
             f"graph break inside it (a break in a loop skips the whole frame). {WHOLE_MODEL_FIX}"
         )
+    return None
 
 
 def _frame_module(
