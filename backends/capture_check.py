@@ -28,38 +28,24 @@ uncached with a warning.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import sys
-from collections.abc import Iterator
 from types import FrameType
 
 import torch
 import torch.fx
 
+from sc_compile.backends.integration import (
+    current_translator,
+    foreign_cache,
+    graph_break_site,
+    place,
+    resumed_function,
+    running_module_frames,
+)
 from sc_compile.passes.find_blocks import UnsupportedGraphError
 
-# Names under which diffusers' caching methods register their hooks (``diffusers/hooks/*``):
-# blocks wrapped by any of these skip computation on some steps by themselves.
-FOREIGN_CACHE_HOOKS = (
-    "faster_cache_denoiser",
-    "faster_cache_block",
-    "fbc_leader_block_hook",
-    "fbc_block_hook",
-    "mag_cache_leader_block_hook",
-    "mag_cache_block_hook",
-    "pyramid_attention_broadcast",
-    "sea_cache_root",
-    "sea_cache_leader_block",
-    "sea_cache_block",
-    "taylorseer_cache",
-)
-
-_RESUME_PREFIX = "torch_dynamo_resume_in_"
-_RESUME_NAME = re.compile(rf"^{_RESUME_PREFIX}(?P<function>.+)_at_(?P<line>\d+)$")
 _NUMBERED = re.compile(r"(?:^|\.)[A-Za-z_]\w*\.\d+(?:\.|$)")
 _TOP_LEVEL_NUMBERED = re.compile(r"^[A-Za-z_]\w*\.\d+(?:\.|$)")
-_TORCH_DIR = os.path.dirname(torch.__file__)
 
 WHOLE_MODEL_FIX = (
     "ScalingCache needs Dynamo to trace the model's forward itself (as one graph, or split at breaks in "
@@ -106,40 +92,11 @@ class ForeignCacheError(UnsupportedGraphError):
     """Another cache (diffusers ``enable_cache`` or a caching hook) is installed on the model."""
 
 
-def _running_module_frames() -> Iterator[tuple[torch.nn.Module, FrameType]]:
-    """Module methods running in Python above the backend call, innermost first (user code
-    only: PyTorch's own frames, such as ``Module._call_impl``, are left out)."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, torch.nn.Module) and not frame.f_code.co_filename.startswith(_TORCH_DIR):
-            yield owner, frame
-        frame = frame.f_back
-
-
 def _module_path(root: torch.nn.Module, module: torch.nn.Module) -> str | None:
     """``module``'s dotted name inside ``root`` (``None`` if it is not a proper descendant)."""
     for name, candidate in root.named_modules():
         if candidate is module and name:
             return name
-    return None
-
-
-def _place(filename: str, line: int | None) -> str:
-    return f"{filename}:{line}" if line is not None else filename
-
-
-def _foreign_cache(modules: list[torch.nn.Module]) -> str | None:
-    for root in modules:
-        config = getattr(root, "_cache_config", None)
-        if getattr(root, "is_cache_enabled", False) and config is not None:
-            return f"{type(root).__name__} has {type(config).__name__} enabled (enable_cache)"
-        for name, module in root.named_modules():
-            registry = getattr(module, "_diffusers_hook", None)
-            hooks = getattr(registry, "hooks", None) or {}
-            found = [hook for hook in hooks if hook in FOREIGN_CACHE_HOOKS]
-            if found:
-                return f"{name or type(root).__name__} carries the diffusers caching hook {found[0]!r}"
     return None
 
 
@@ -153,15 +110,13 @@ def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -
     enclosing module that holds the traced one inside a numbered block does (a wrapper that
     calls a whole compiled transformer from its own forward is fine).
     """
-    from torch._dynamo.symbolic_convert import InstructionTranslator
-
-    tx = InstructionTranslator.current_tx()
+    tx = current_translator()
     if tx is None:
         return None
-    running = list(_running_module_frames())
+    running = list(running_module_frames())
     outer_modules = [m for m, _ in running]
     candidates = ([module] if module is not None else []) + outer_modules
-    foreign = _foreign_cache(candidates)
+    foreign = foreign_cache(candidates)
     if foreign is not None:
         raise ForeignCacheError(
             f"{foreign}. Another cache is already installed on this model, and two caches would both "
@@ -181,21 +136,8 @@ def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -
             "torch.compile(model, backend='scalingcache'); regional compilation without caching is "
             "compile_repeated_blocks(backend='inductor')."
         )
-    reason = getattr(tx.output, "compile_subgraph_reason", None)
-    resumed = _RESUME_NAME.match(tx.f_code.co_name)
-    where: str | None = None
-    if reason is not None and reason.graph_break:
-        frame_info = reason.user_stack[-1] if reason.user_stack else None
-        place = _place(frame_info.filename, frame_info.lineno) if frame_info is not None else tx.f_code.co_filename
-        where = (
-            f"graph break: {reason.reason.strip().splitlines()[0]} at {place}"
-            f"{f' ({frame_info.line.strip()})' if frame_info is not None and frame_info.line else ''}"
-        )
-    elif resumed is not None:
-        where = (
-            f"graph break in {resumed.group('function')}() at "
-            f"{_place(tx.f_code.co_filename, int(resumed.group('line')))}"
-        )
+    resumed = resumed_function(tx.f_code)
+    where = graph_break_site(tx)
     if where is not None:
         owner = _frame_module(module, tx, running)
         if owner is not None and _enclosing_model(owner, running) is None:
@@ -226,7 +168,7 @@ def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -
         raise GraphBreakError(
             f"Dynamo compiled {compiled} on its own: "
             f"{type(outer).__name__}.{frame.f_code.co_name} runs in Python (it is now at "
-            f"{_place(frame.f_code.co_filename, frame.f_lineno)}) because Dynamo gave up on it after a "
+            f"{place(frame.f_code.co_filename, frame.f_lineno)}) because Dynamo gave up on it after a "
             f"graph break inside it (a break in a loop skips the whole frame). {WHOLE_MODEL_FIX}"
         )
     return None
@@ -241,11 +183,11 @@ def _frame_module(
     if module is not None:
         return module
     code = tx.f_code  # type: ignore[attr-defined]
-    resumed = _RESUME_NAME.match(code.co_name)
+    resumed = resumed_function(code)
     if resumed is None:
         return None
     for outer, frame in running:
-        if frame.f_code.co_name == resumed.group("function") and frame.f_code.co_filename == code.co_filename:
+        if frame.f_code.co_name == resumed and frame.f_code.co_filename == code.co_filename:
             return outer
     return None
 

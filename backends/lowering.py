@@ -97,9 +97,12 @@ def specialize_cache_conds(cond_gm: torch.fx.GraphModule, *, full: bool) -> Spec
             f"the cached-step graph reads cache point(s) {unpredicted}, whose buffers hold only a sketch: "
             "please report this; options={'statistic': 'full'} keeps full buffers for every point"
         )
-    # Branch submodules are no longer referenced.
+    # The branch submodules are no longer referenced (other attributes may be: a graph traced
+    # without lifting parameters reads them through get_attr).
+    referenced = {str(n.target).split(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_children()):
-        delattr(gm, name)
+        if name not in referenced:
+            delattr(gm, name)
     gm.graph.lint()
     gm.recompile()
     return SpecializedGraph(gm, kept)

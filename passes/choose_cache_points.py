@@ -14,7 +14,7 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from sc_compile.passes.find_residual_outputs import _stream_inputs
-from sc_compile.passes.layout import BlockInfo
+from sc_compile.passes.layout import CACHE_POINT_META_KEY, BlockInfo, blocks_of
 
 
 def replay_nodes(
@@ -55,13 +55,14 @@ def _points_for(block: BlockInfo, granularity: str) -> list[torch.fx.Node]:
 
 
 def choose_cache_points(gm: torch.fx.GraphModule, granularity: str = "block") -> PassResult:
-    """Fill ``cache_points`` of every block in the layout (an analysis; the graph is unchanged)."""
-    from sc_compile.passes.pass_manager import layout_of
-
+    """Mark the cache points of every block (``node.meta[CACHE_POINT_META_KEY]``; an analysis:
+    the graph is unchanged). Reads the blocks and residual outputs the earlier analyses marked."""
     if granularity not in ("block", "module"):
         raise ValueError(f"granularity must be 'block' or 'module', but got {granularity!r}")
-    layout = layout_of(gm)
-    layout.granularity = granularity
-    for block in layout.blocks:
-        block.cache_points = _points_for(block, granularity)
+    blocks = blocks_of(gm)
+    for node in gm.graph.nodes:
+        node.meta.pop(CACHE_POINT_META_KEY, None)
+    for block in blocks:
+        for node in _points_for(block, granularity):
+            node.meta[CACHE_POINT_META_KEY] = True
     return PassResult(gm, False)

@@ -15,7 +15,13 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from sc_compile.passes.layout import BlockInfo, CacheLayout, example_value
+from sc_compile.passes.layout import (
+    ANALYSIS_META_KEYS,
+    BLOCK_META_KEY,
+    block_inputs,
+    block_outputs,
+    example_value,
+)
 from sc_compile.passes.module_paths import module_classes, numbered_ancestor_of, top_level_block_of
 
 log = logging.getLogger(__name__)
@@ -176,19 +182,6 @@ def _collect_block(
         forced_out |= newly_forced
 
 
-def _block_inputs(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
-    """Values from outside the block that members read, in first-use order."""
-    member_set = set(members)
-    inputs: list[torch.fx.Node] = []
-    seen: set[torch.fx.Node] = set()
-    for node in members:
-        for arg in node.all_input_nodes:
-            if arg not in member_set and arg not in seen:
-                seen.add(arg)
-                inputs.append(arg)
-    return inputs
-
-
 def _where(node: torch.fx.Node) -> str:
     """The user source line of ``node`` as Dynamo recorded it (for error messages)."""
     trace = node.meta.get("stack_trace") or ""
@@ -263,16 +256,17 @@ def _rematerialize_scalars(
 
 
 def find_blocks(gm: torch.fx.GraphModule, model_class: str = "") -> PassResult:
-    """Record the top-level blocks of ``gm`` in ``gm.meta``; hoist glue out of block ranges.
+    """Mark the member nodes of each top-level block of ``gm`` with the block's name
+    (``node.meta[BLOCK_META_KEY]``); hoist glue out of block ranges.
 
     Raises :class:`NoBlocksFoundError` naming ``model_class`` when no block is found.
     """
-    from sc_compile.passes.pass_manager import LAYOUT_META_KEY
-
     model_class = model_class or type(gm).__name__
     graph = gm.graph
     for node in graph.nodes:
         _check_static(node, model_class)
+        for key in ANALYSIS_META_KEYS:
+            node.meta.pop(key, None)
     owner = _attributed_blocks(graph)
     if not owner:
         raise NoBlocksFoundError(
@@ -289,7 +283,7 @@ def find_blocks(gm: torch.fx.GraphModule, model_class: str = "") -> PassResult:
     block_names = sorted(spans, key=lambda b: order[spans[b][0]])
     all_nodes = list(graph.nodes)
     modified = False
-    blocks: list[BlockInfo] = []
+    found: list[str] = []
     for name in block_names:
         first, last = order[spans[name][0]], order[spans[name][-1]]
         members, hoisted = _collect_block(all_nodes[first : last + 1], name, owner, model_class)
@@ -300,15 +294,13 @@ def find_blocks(gm: torch.fx.GraphModule, model_class: str = "") -> PassResult:
                 modified = True
         all_nodes = list(graph.nodes)
         order = {node: index for index, node in enumerate(all_nodes)}
-        scalars = [a for a in _block_inputs(members) if not _is_tensor_valued(a)]
+        scalars = [a for a in block_inputs(members) if not _is_tensor_valued(a)]
         if scalars:
             members = _rematerialize_scalars(graph, members, scalars, name, model_class)
             modified = True
             all_nodes = list(graph.nodes)
             order = {node: index for index, node in enumerate(all_nodes)}
-        member_set = set(members)
-        inputs = _block_inputs(members)
-        outputs = [n for n in members if any(user not in member_set for user in n.users)]
+        outputs = block_outputs(members)
         for node in outputs:
             if not _is_tensor_valued(node):
                 raise UnsupportedGraphError(
@@ -320,10 +312,8 @@ def find_blocks(gm: torch.fx.GraphModule, model_class: str = "") -> PassResult:
         if not outputs:
             log.debug("block %s has no outputs (dead code); skipped", name)
             continue
-        blocks.append(BlockInfo(name=name, members=members, inputs=inputs, outputs=outputs))
-    if modified:
-        graph.lint()
-        gm.recompile()
-    gm.meta[LAYOUT_META_KEY] = CacheLayout(model_class=model_class, blocks=blocks)
-    log.debug("%s: found %d blocks: %s", model_class, len(blocks), [b.name for b in blocks])
+        for member in members:
+            member.meta[BLOCK_META_KEY] = name
+        found.append(name)
+    log.debug("%s: found %d blocks: %s", model_class, len(found), found)
     return PassResult(gm, modified)

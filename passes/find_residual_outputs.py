@@ -15,7 +15,7 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from sc_compile.passes.layout import BlockInfo, tensor_meta
+from sc_compile.passes.layout import RESIDUAL_OUTPUT_META_KEY, BlockInfo, blocks_of, tensor_meta
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor}
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "type_as", "type", "contiguous", "clone"}
@@ -138,9 +138,13 @@ def residual_outputs_of(block: BlockInfo) -> list[torch.fx.Node]:
 
 
 def find_residual_outputs(gm: torch.fx.GraphModule) -> PassResult:
-    """Record every block's residual outputs in the layout (an analysis; the graph is unchanged)."""
-    from sc_compile.passes.pass_manager import layout_of
-
-    for block in layout_of(gm).blocks:
-        block.residual_outputs = residual_outputs_of(block)
+    """Mark every block's residual outputs (``node.meta[RESIDUAL_OUTPUT_META_KEY]``; an analysis:
+    the graph is unchanged). Reads the blocks ``find_blocks`` marked."""
+    blocks = blocks_of(gm)
+    for node in gm.graph.nodes:
+        node.meta.pop(RESIDUAL_OUTPUT_META_KEY, None)
+    for block in blocks:
+        for node in residual_outputs_of(block):
+            node.meta[RESIDUAL_OUTPUT_META_KEY] = True
     return PassResult(gm, False)
+

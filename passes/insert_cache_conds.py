@@ -65,8 +65,11 @@ from sc_compile.passes.find_residual_outputs import (
     _stream_inputs,
 )
 from sc_compile.passes.layout import (
+    ANALYSIS_META_KEYS,
+    POINT_SPEC_META_KEY,
+    TIMESTEP_META_KEY,
     BlockInfo,
-    CacheLayout,
+    blocks_of,
     example_value,
     required_tensor_meta,
     tensor_meta,
@@ -104,7 +107,7 @@ def _block_attr_name(prefix: str, block: str) -> str:
     return f"sc_{prefix}_" + re.sub(r"\W", "_", block)
 
 
-def read_at_cached_step(layout: CacheLayout, graph: torch.fx.Graph) -> set[torch.fx.Node]:
+def read_at_cached_step(blocks: list[BlockInfo], graph: torch.fx.Graph) -> set[torch.fx.Node]:
     """The cache points whose predictions a cached step reads (``prediction="hidden"``).
 
     Walks back from the graph output the way the cached-step graph computes it: a node outside
@@ -112,7 +115,7 @@ def read_at_cached_step(layout: CacheLayout, graph: torch.fx.Graph) -> set[torch
     any other block output is replayed from the block's points and inputs (as the cached branch
     does), so the points and the outside values the replay reads are read in turn.
     """
-    owner = {member: block for block in layout.blocks for member in block.members}
+    owner = {member: block for block in blocks for member in block.members}
     output = next(node for node in reversed(graph.nodes) if node.op == "output")
     read: set[torch.fx.Node] = set()
     seen: set[torch.fx.Node] = set()
@@ -314,25 +317,26 @@ def _cached_branch(
 def insert_cache_conds(
     gm: torch.fx.GraphModule, prediction: str = "hidden", statistic: str = Statistic.SUBSAMPLE.value
 ) -> PassResult:
-    """Rewrite each block of the layout into a cond over new state inputs."""
-    from sc_compile.passes.pass_manager import layout_of
-
+    """Rewrite each block the analyses marked into a cond over new state inputs; mark each cache
+    point's ``y_full`` input with the point's :class:`~sc_compile.contract.CachePointSpec`."""
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, but got {prediction!r}")
     statistic = Statistic(statistic)
-    layout = layout_of(gm)
-    layout.prediction = prediction
+    blocks = blocks_of(gm)
     graph = gm.graph
     fake_mode = _fake_mode(gm)
-    points = [point for block in layout.blocks for point in block.cache_points]
+    points = [point for block in blocks for point in block.cache_points]
     if not points:
-        raise RuntimeError(f"{layout.model_class}: blocks were found but no cache point was chosen")
+        raise RuntimeError(
+            "no cache point is marked: find_blocks found no block with outputs, or find_residual_outputs "
+            "and choose_cache_points did not run"
+        )
     # With residual prediction every block's prediction adds to the one before it: a cached step
     # reads every point.
-    read = set(points) if prediction == "residual" else read_at_cached_step(layout, graph)
+    read = set(points) if prediction == "residual" else read_at_cached_step(blocks, graph)
 
     specs: list[CachePointSpec] = []
-    for block in layout.blocks:
+    for block in blocks:
         for point in block.cache_points:
             meta = required_tensor_meta(point)
             shape = tuple(int(s) for s in meta.shape)
@@ -350,7 +354,7 @@ def insert_cache_conds(
                     sketch=sketch,
                 )
             )
-    device = required_tensor_meta(layout.blocks[-1].cache_points[0]).device
+    device = required_tensor_meta(blocks[-1].cache_points[0]).device
     num_points = len(specs)
 
     last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -363,6 +367,7 @@ def insert_cache_conds(
         for point, spec in zip(points, specs, strict=True):
             empty = torch.empty(spec.buffer_shape(), dtype=spec.buffer_dtype(None), device=device)
             y_full = _new_placeholder(graph, y_full_name(spec.index), empty, fake_mode)
+            y_full.meta[POINT_SPEC_META_KEY] = spec
             dy = _new_placeholder(graph, dy_name(spec.index), empty, fake_mode)
             buffers[point] = (y_full, dy, spec.index, spec.sketch)
         coef = _new_placeholder(graph, COEF, torch.empty(num_points, device=device), fake_mode)
@@ -370,16 +375,18 @@ def insert_cache_conds(
 
     # Outputs of rewritten blocks are replaced by the cond's results; later blocks read those.
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
-    for block in layout.blocks:
-        block.inputs = [replaced.get(n, n) for n in block.inputs]
+    branches: list[torch.fx.GraphModule] = []
+    for block in blocks:
+        inputs = [replaced.get(n, n) for n in block.inputs]
         member_set = set(block.members)
         point_buffers = [t for p in block.cache_points for t in buffers[p][:2]]
-        operands = block.inputs + point_buffers + [coef, refresh, stats]
+        operands = inputs + point_buffers + [coef, refresh, stats]
         full_gm = _full_branch(block, operands, buffers, coef, refresh, stats, prediction)
         cached_gm = _cached_branch(block, operands, buffers, coef, prediction)
         full_name, cached_name = _block_attr_name("full", block.name), _block_attr_name("cached", block.name)
         gm.add_submodule(full_name, full_gm)
         gm.add_submodule(cached_name, cached_gm)
+        branches += [full_gm, cached_gm]
         with graph.inserting_before(block.members[0]):
             true_attr = graph.get_attr(full_name)
             false_attr = graph.get_attr(cached_name)
@@ -400,7 +407,13 @@ def insert_cache_conds(
             replaced[output] = result
         for member in reversed(block.members):
             graph.erase_node(member)
-    layout.cache_points = specs
-    graph.lint()
-    gm.recompile()
+    # The analyses' marks are consumed: none is left on the graph or copied into a branch (the
+    # branch inputs copy their operands' metadata, the cond results the block outputs').
+    for node in graph.nodes:
+        for key in ANALYSIS_META_KEYS:
+            node.meta.pop(key, None)
+    for branch in branches:
+        for node in branch.graph.nodes:
+            for key in (*ANALYSIS_META_KEYS, TIMESTEP_META_KEY, POINT_SPEC_META_KEY):
+                node.meta.pop(key, None)
     return PassResult(gm, True)

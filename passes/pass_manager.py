@@ -2,41 +2,40 @@
 
 The driver copies Dynamo's graph first (editing Dynamo's own GraphModule in place breaks Dynamo),
 keeping what Inductor and Dynamo read from it: ``gm.meta``, ``_param_name_to_source`` and each
-placeholder's ``_dynamo_source``. After every structural edit the graph is linted and recompiled.
+placeholder's ``_dynamo_source``. The analyses annotate nodes (:mod:`sc_compile.passes.layout`),
+so nothing is handed from pass to pass but the graph. After every pass that changed the graph the
+driver cleans up: dead-code elimination that keeps every observable mutation, ``lint`` and
+``recompile``. A pass that fails, or leaves a graph that does not lint, is named with the passes
+that ran before it.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from sc_compile.backends.dead_code import eliminate_dead_code
 from sc_compile.passes.choose_cache_points import choose_cache_points
 from sc_compile.passes.find_blocks import NoBlocksFoundError, UnsupportedGraphError, find_blocks
 from sc_compile.passes.find_residual_outputs import find_residual_outputs
+from sc_compile.passes.find_timestep_input import mark_timestep_input
 from sc_compile.passes.insert_cache_conds import insert_cache_conds
-from sc_compile.passes.layout import CacheLayout
+from sc_compile.passes.layout import CacheLayout, cache_layout_of
 
 log = logging.getLogger(__name__)
-
-LAYOUT_META_KEY = "sc_compile.layout"
 
 # Errors that already tell the user what is wrong and what to do: never re-wrapped.
 USER_FACING_ERRORS = (NoBlocksFoundError, UnsupportedGraphError, ValueError)
 
+Pass = Callable[[torch.fx.GraphModule], PassResult]
+
 
 class PassFailedError(RuntimeError):
     """A pass raised an unexpected error; the message names it and the passes that ran before."""
-
-
-def layout_of(gm: torch.fx.GraphModule) -> CacheLayout:
-    try:
-        return gm.meta[LAYOUT_META_KEY]
-    except KeyError:
-        raise RuntimeError("find_blocks must run before this pass (no layout in gm.meta)") from None
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -55,19 +54,69 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return copy
 
 
-def cache_passes(
-    model_class: str, granularity: str, prediction: str = "hidden", statistic: str = "subsample"
-) -> tuple[tuple[str, Callable[[torch.fx.GraphModule], PassResult]], ...]:
-    """The passes in their one fixed order."""
+def clean_up(gm: torch.fx.GraphModule) -> None:
+    """After a structural edit: dead-code elimination (keeping every mutation a live value or
+    the caller can observe), ``lint`` and ``recompile``."""
+    eliminate_dead_code(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def analysis_passes(model_class: str, granularity: str) -> tuple[tuple[str, Pass], ...]:
+    """The analyses, in order: blocks, their residual outputs and the cache points."""
     return (
         ("find_blocks", functools.partial(find_blocks, model_class=model_class)),
         ("find_residual_outputs", find_residual_outputs),
         ("choose_cache_points", functools.partial(choose_cache_points, granularity=granularity)),
+    )
+
+
+def cache_passes(
+    model_class: str,
+    granularity: str,
+    prediction: str = "hidden",
+    statistic: str = "subsample",
+    require_timestep: bool = False,
+) -> tuple[tuple[str, Pass], ...]:
+    """The passes in their one fixed order.
+
+    The timestep input is looked for after the analyses, so that a graph without blocks is
+    refused as such (a piece of a split forward without blocks runs uncached), and before the
+    rewrite adds the state inputs.
+    """
+    return (
+        *analysis_passes(model_class, granularity),
+        (
+            "find_timestep_input",
+            functools.partial(mark_timestep_input, model_class=model_class, required=require_timestep),
+        ),
         ("insert_cache_conds", functools.partial(insert_cache_conds, prediction=prediction, statistic=statistic)),
     )
 
 
 CACHE_PASSES = tuple(name for name, _ in cache_passes("", "block"))
+
+
+def run_passes(
+    gm: torch.fx.GraphModule, passes: Sequence[tuple[str, Pass]], *, model_class: str
+) -> torch.fx.GraphModule:
+    """Run ``passes`` in order on ``gm`` (in place), cleaning up after each that changed it."""
+    done: list[str] = []
+    for name, fn in passes:
+        try:
+            result = fn(gm)
+            if result.modified:
+                clean_up(result.graph_module)
+        except USER_FACING_ERRORS:
+            raise
+        except Exception as error:
+            raise PassFailedError(
+                f"{model_class}: pass {name!r} failed after {done or 'no passes'}: {error}"
+            ) from error
+        gm = result.graph_module
+        log.debug("pass %s done (modified=%s)", name, result.modified)
+        done.append(name)
+    return gm
 
 
 def run_cache_passes(
@@ -77,23 +126,11 @@ def run_cache_passes(
     granularity: str = "block",
     prediction: str = "hidden",
     statistic: str = "subsample",
+    require_timestep: bool = False,
 ) -> tuple[torch.fx.GraphModule, CacheLayout]:
-    """Run the cache passes on a copy of ``gm``; returns the cond-guarded copy and its layout."""
-    work = copy_graph_module(gm)
-    done: list[str] = []
-    for name, fn in cache_passes(model_class, granularity, prediction, statistic):
-        try:
-            result = fn(work)
-        except USER_FACING_ERRORS:
-            raise
-        except Exception as error:
-            raise PassFailedError(
-                f"{model_class}: pass {name!r} failed after {done or 'no passes'}: {error}"
-            ) from error
-        work = result.graph_module
-        if result.modified:
-            work.graph.lint()
-            work.recompile()
-        log.debug("pass %s done (modified=%s)", name, result.modified)
-        done.append(name)
-    return work, layout_of(work)
+    """Run the cache passes on a copy of ``gm``; returns the cond-guarded copy and its node-free
+    layout. ``require_timestep``: refuse a graph without a timestep input (the backend does,
+    for a whole model's forward)."""
+    passes = cache_passes(model_class, granularity, prediction, statistic, require_timestep)
+    work = run_passes(copy_graph_module(gm), passes, model_class=model_class)
+    return work, cache_layout_of(work, model_class=model_class, granularity=granularity, prediction=prediction)

@@ -85,18 +85,11 @@ def explain_graph(
     """Run the passes and the lowering on a Dynamo graph and describe the result."""
     from sc_compile.backends.lowering import specialize_cache_conds
     from sc_compile.passes import run_cache_passes
-    from sc_compile.passes.choose_cache_points import choose_cache_points
-    from sc_compile.passes.find_blocks import find_blocks
-    from sc_compile.passes.find_residual_outputs import find_residual_outputs
-    from sc_compile.passes.pass_manager import copy_graph_module
+    from sc_compile.passes.layout import blocks_of
+    from sc_compile.passes.pass_manager import analysis_passes, copy_graph_module, run_passes
 
     # The analysis alone, on its own copy, to report node names before the rewrite erases them.
-    analysis = copy_graph_module(gm)
-    find_blocks(analysis, model_class=model_class)
-    find_residual_outputs(analysis)
-    choose_cache_points(analysis, granularity=granularity)
-    from sc_compile.passes.pass_manager import layout_of
-
+    analysis = run_passes(copy_graph_module(gm), analysis_passes(model_class, granularity), model_class=model_class)
     summaries = tuple(
         BlockSummary(
             name=b.name,
@@ -105,7 +98,7 @@ def explain_graph(
             residual_outputs=tuple(n.name for n in b.residual_outputs),
             cache_points=tuple(n.name for n in b.cache_points),
         )
-        for b in layout_of(analysis).blocks
+        for b in blocks_of(analysis)
     )
     cond_gm, layout = run_cache_passes(
         gm, model_class=model_class, granularity=granularity, prediction=prediction, statistic=statistic

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from sc_compile.passes.find_blocks import find_blocks
-from sc_compile.passes.pass_manager import LAYOUT_META_KEY, copy_graph_module
+from sc_compile.passes.layout import blocks_of
+from sc_compile.passes.pass_manager import copy_graph_module
 
 
 def _capture(model: nn.Module, *calls: tuple) -> torch.fx.GraphModule:
@@ -54,7 +55,7 @@ class Model(nn.Module):
 
 def _blocks(gm: torch.fx.GraphModule):
     find_blocks(gm, "Model")
-    return gm.meta[LAYOUT_META_KEY].blocks
+    return blocks_of(gm)
 
 
 def test_a_float_input_is_recomputed_inside_each_block_that_reads_it():
