@@ -18,7 +18,11 @@ A break in the model's own forward, where Dynamo resumes in the same forward (a 
 blocks, before the output head, after the embedders), is not refused: :func:`check_whole_model`
 returns a :class:`GraphPiece` and the backend caches every piece that holds blocks, with one clock
 and one decision per step for all pieces (``sc_compile/runtime.py``). A break that makes Dynamo
-compile a block on its own (a break inside a block, diffusers group offloading) is refused.
+compile the blocks on their own (a break inside a block, diffusers group offloading) and regional
+compilation are not refused either: a graph of a block (or part of one) called from a model's
+forward running in Python is a :class:`BlockGraph`, cached per block
+(``sc_compile/block_graphs.py``); a graph outside the blocks of such a model (an embedder, the
+head, an offloading hook) is an :class:`OutsideBlocksGraph` and runs as it is.
 
 Each refusal names the cause, where it is, and the fix. The errors derive from
 :class:`UnsupportedGraphError`, so ``options={'fallback': 'inductor'}`` still compiles the graph
@@ -46,6 +50,7 @@ from sc_compile.passes.find_blocks import UnsupportedGraphError
 
 _NUMBERED = re.compile(r"(?:^|\.)[A-Za-z_]\w*\.\d+(?:\.|$)")
 _TOP_LEVEL_NUMBERED = re.compile(r"^[A-Za-z_]\w*\.\d+(?:\.|$)")
+_TOP_LEVEL_BLOCK = re.compile(r"^[A-Za-z_]\w*\.\d+$")
 
 WHOLE_MODEL_FIX = (
     "ScalingCache needs Dynamo to trace the model's forward itself (as one graph, or split at breaks in "
@@ -80,6 +85,30 @@ BLOCK_BREAK_FIX = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockGraph:
+    """This graph is a block, or part of one, that Dynamo compiles on its own while the forward of
+    the model holding it runs in Python (a break inside the block, a hook on it such as diffusers
+    group offloading, regional compilation): cached per block (``sc_compile/block_graphs.py``)."""
+
+    # The model whose forward runs in Python and calls the block.
+    model: torch.nn.Module
+    # The block's path in the model (``'blocks.1'``), and what of it the graph runs.
+    block_path: str
+    # Why Dynamo compiles it on its own, and where (for messages).
+    where: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OutsideBlocksGraph:
+    """A graph of code outside the blocks (an embedder, the head, a hook, another method of the
+    model) that Dynamo compiles on its own while the model's forward runs in Python: it runs as it
+    is at every step. ``refusal`` is what to say if no graph of the compile ever holds a block."""
+
+    model: torch.nn.Module | None
+    refusal: str
+
+
 class GraphBreakError(UnsupportedGraphError):
     """Dynamo split the model into several graphs; the message names the break and where it is."""
 
@@ -100,9 +129,13 @@ def _module_path(root: torch.nn.Module, module: torch.nn.Module) -> str | None:
     return None
 
 
-def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -> GraphPiece | None:
-    """Raise when the graph being compiled is not the whole model's forward, or a piece of it
-    that Dynamo split at a break in the model's own forward (then return that piece).
+def check_whole_model(
+    module: torch.nn.Module | None, *, failed: bool = False
+) -> GraphPiece | BlockGraph | OutsideBlocksGraph | None:
+    """Raise when the graph being compiled is not the whole model's forward, a piece of it
+    that Dynamo split at a break in the model's own forward (then return that piece), or a graph
+    Dynamo compiles on its own while the model's forward runs in Python (then return a
+    :class:`BlockGraph` for a block or part of one, an :class:`OutsideBlocksGraph` otherwise).
 
     Called from the backend while Dynamo compiles (it reads Dynamo's current translator and
     the Python frames above it). ``failed``: the passes found nothing to cache in this graph,
@@ -125,6 +158,12 @@ def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -
             "ScalingCache alone, or use that cache without backend='scalingcache'."
         )
     if module is not None and getattr(module, "_compiled_call_impl", None) is not None and running:
+        enclosing = _enclosing_model(module, running, outermost=True)
+        if enclosing is not None:
+            block_path = _module_path(enclosing, module) or type(module).__name__
+            return BlockGraph(
+                enclosing, block_path, f"regional compilation of {block_path!r} ({type(module).__name__})"
+            )
         outer, frame = running[0]
         block_path = _module_path(outer, module) or type(module).__name__
         raise RegionalCompilationError(
@@ -141,8 +180,29 @@ def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -
     if where is not None:
         owner = _frame_module(module, tx, running)
         if owner is not None and _enclosing_model(owner, running) is None:
+            model = None if holds_blocks(owner) else _model_holding(owner, running)
+            if model is not None:
+                # A module outside the blocks (an embedder, the head) of a model whose forward runs
+                # in Python, split by a break (a hook on it): it runs as it is.
+                return OutsideBlocksGraph(
+                    model,
+                    f"ScalingCache: Dynamo compiles {type(owner).__name__} of {type(model).__name__} on its own, split "
+                    f"at a {where}, and no graph of the model holds a transformer block. {WHOLE_MODEL_FIX}",
+                )
             return GraphPiece(owner, where, resumes=resumed is not None)
-        enclosing = _enclosing_model(owner, running) if owner is not None else None
+        enclosing = _enclosing_model(owner, running, outermost=True) if owner is not None else None
+        if owner is not None and enclosing is not None:
+            owner_path = _module_path(enclosing, owner) or type(owner).__name__
+            return BlockGraph(enclosing, owner_path, f"{where} inside {owner_path!r} ({type(owner).__name__})")
+        if owner is None:
+            # Code outside any module (a hook such as group offloading's, a function) that Dynamo
+            # compiles on its own: it runs as it is.
+            return OutsideBlocksGraph(
+                running[-1][0] if running else None,
+                f"ScalingCache: Dynamo gave up on the forward of {_model_name(module, outer_modules)} at a {where}, "
+                "and none of the graphs it compiled holds a transformer block, so nothing would be cached. "
+                f"{WHOLE_MODEL_FIX}",
+            )
         inside = (
             f" inside {_module_path(enclosing, owner)!r} ({type(owner).__name__}), which Dynamo compiles on its own"
             if owner is not None and enclosing is not None
@@ -154,8 +214,21 @@ def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -
             f"in other graphs. {BLOCK_BREAK_FIX if inside else WHOLE_MODEL_FIX}"
         )
     if module is None:
-        return None
+        # A function outside any module with nothing to cache, compiled on its own while the
+        # forward of a model with blocks runs in Python: it runs as it is.
+        model = next((outer for outer, _ in reversed(running) if holds_blocks(outer)), None) if failed else None
+        if model is None:
+            return None
+        return OutsideBlocksGraph(
+            model,
+            f"ScalingCache: Dynamo compiled {tx.f_code.co_name}() on its own while {type(model).__name__}'s forward "
+            f"runs in Python, and no graph of the model holds a transformer block. {WHOLE_MODEL_FIX}",
+        )
+    enclosing = _enclosing_model(module, running, outermost=True)
     for outer, frame in running:
+        if enclosing is not None and outer is not enclosing:
+            continue
+        path = None
         if outer is module and failed and frame.f_code.co_name != tx.f_code.co_name:
             # Another method of the model itself (``self.patchify``), compiled while its forward
             # runs in Python.
@@ -165,13 +238,51 @@ def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -
             if path is None or not (failed or _NUMBERED.search(path)):
                 continue
             compiled = f"{path!r} ({type(module).__name__}) of {type(outer).__name__}"
-        raise GraphBreakError(
-            f"Dynamo compiled {compiled} on its own: "
+        runs_in_python = (
             f"{type(outer).__name__}.{frame.f_code.co_name} runs in Python (it is now at "
             f"{place(frame.f_code.co_filename, frame.f_lineno)}) because Dynamo gave up on it after a "
-            f"graph break inside it (a break in a loop skips the whole frame). {WHOLE_MODEL_FIX}"
+            "graph break inside it (a break in a loop skips the whole frame)"
         )
+        if path is not None and _TOP_LEVEL_NUMBERED.search(path):
+            # A block (or part of one) called from the model's forward running in Python.
+            return BlockGraph(outer, path, f"Dynamo compiles {compiled} on its own: {runs_in_python}")
+        if failed:
+            return OutsideBlocksGraph(
+                outer,
+                f"ScalingCache: Dynamo compiled {compiled} on its own: {runs_in_python}; none of the graphs it "
+                f"compiled holds a transformer block, so nothing would be cached. {WHOLE_MODEL_FIX}",
+            )
+        raise GraphBreakError(f"Dynamo compiled {compiled} on its own: {runs_in_python}. {WHOLE_MODEL_FIX}")
     return None
+
+
+def holds_blocks(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has top-level numbered children with parameters (``blocks.0``): the
+    modules that Dynamo, when the model's forward runs in Python, compiles as per-block graphs."""
+    return any(
+        _TOP_LEVEL_BLOCK.match(name) is not None and next(module.parameters(), None) is not None
+        for name, module in model.named_modules()
+    )
+
+
+def _model_holding(module: torch.nn.Module, running: list[tuple[torch.nn.Module, FrameType]]) -> torch.nn.Module | None:
+    """A model with blocks whose forward runs in Python above ``module`` and that holds it."""
+    for outer, _ in running:
+        if outer is not module and holds_blocks(outer) and _module_path(outer, module) is not None:
+            return outer
+    return None
+
+
+def running_models_holding(parameter: torch.Tensor) -> list[torch.nn.Module]:
+    """Modules whose forward runs in Python above the caller and that hold ``parameter`` inside a
+    numbered block, outermost last."""
+    found = []
+    for outer, _ in running_module_frames():
+        for name, candidate in outer.named_parameters():
+            if candidate is parameter and _TOP_LEVEL_NUMBERED.search(name):
+                found.append(outer)
+                break
+    return found
 
 
 def _frame_module(
@@ -192,14 +303,20 @@ def _frame_module(
     return None
 
 
-def _enclosing_model(module: torch.nn.Module, running: list[tuple[torch.nn.Module, FrameType]]) -> torch.nn.Module | None:
+def _enclosing_model(
+    module: torch.nn.Module, running: list[tuple[torch.nn.Module, FrameType]], outermost: bool = False
+) -> torch.nn.Module | None:
     """A module whose forward runs in Python above ``module`` and holds it inside a numbered
-    block (``module`` is a block, or part of one, that Dynamo compiles on its own)."""
+    block (``module`` is a block, or part of one, that Dynamo compiles on its own). ``outermost``:
+    the outermost such module (the model, not a ``FeedForward`` whose ``net.0`` holds ``module``)."""
+    found = None
     for outer, _ in running:
         path = _module_path(outer, module)
         if path is not None and _TOP_LEVEL_NUMBERED.search(path):
-            return outer
-    return None
+            if not outermost:
+                return outer
+            found = outer
+    return found
 
 
 def _model_name(module: torch.nn.Module | None, outer: list[torch.nn.Module]) -> str:

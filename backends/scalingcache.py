@@ -28,7 +28,13 @@ import torch
 import torch.fx
 
 from sc_compile.alpha import AlphaTable, resolve_alpha_source
-from sc_compile.backends.capture_check import GraphPiece, check_whole_model
+from sc_compile.backends.block_graphs import build_block_graph_runtime, build_outside_blocks_runtime
+from sc_compile.backends.capture_check import (
+    BlockGraph,
+    GraphPiece,
+    OutsideBlocksGraph,
+    check_whole_model,
+)
 from sc_compile.backends.inner_compiler import compile_graph, compile_inner
 from sc_compile.backends.integration import (
     compile_token,
@@ -93,7 +99,9 @@ def build_runtime(
             return _plain_piece(gm, example_inputs, config, config_patches, module, token, piece)
         try:
             # Nothing to cache here may mean that this graph is a piece of the model.
-            check_whole_model(module, failed=True)
+            outside = check_whole_model(module, failed=True)
+            if isinstance(outside, OutsideBlocksGraph):
+                return build_outside_blocks_runtime(gm, example_inputs, config, config_patches, outside, token)
         except UnsupportedGraphError as cause:
             if config.fallback is Fallback.INDUCTOR:
                 return _fallback(gm, example_inputs, config, config_patches, cause)
@@ -193,16 +201,21 @@ def scalingcache(
     elif options and any(k in ScalingCacheConfig.option_names() for k in options):
         raise ValueError("pass ScalingCache settings either as config= or in options=, not both")
     module = traced_module()
+    token = compile_token()
     try:
         piece = check_whole_model(module)
+        if isinstance(piece, BlockGraph):
+            # Dynamo compiles the model's blocks one by one (sc_compile/block_graphs.py).
+            return build_block_graph_runtime(gm, example_inputs, config, patches, piece, token, module)
     except UnsupportedGraphError as error:
         if config.fallback is Fallback.INDUCTOR:
             return _fallback(gm, example_inputs, config, patches, error)
         raise
+    if isinstance(piece, OutsideBlocksGraph):
+        return build_outside_blocks_runtime(gm, example_inputs, config, patches, piece, token)
     if piece is not None:
         # A resume function's frame need not hold ``self``: the piece names the model.
         module = piece.module
-    token = compile_token()
     if has_symbolic_shapes(gm):
         # dynamic=True, or Dynamo's automatic dynamic shapes after a size changed: the pipeline
         # runs once per distinct set of input sizes, on the graph specialised to them.

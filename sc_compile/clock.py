@@ -126,6 +126,27 @@ class StepClock:
             )
         return self.step, self._add_call(stream)
 
+    # -- forwards of per-block graphs ------------------------------------------------------------
+    def place_next_forward(self, name: str | None) -> tuple[int, int]:
+        """Place a forward of a model whose blocks Dynamo compiles one by one, in a generation
+        without a pipeline (``sc_compile.generation``): such graphs see no timestep, so each forward
+        is the next step, except that a forward of a named stream (``cache_context``) that has not
+        run in the current step joins that step."""
+        if self.step >= 0 and name is not None:
+            stream = self._stream_of(name)
+            if stream not in self._streams_this_step:
+                return self.step, self._add_call(stream)
+        if self.num_steps is not None and self.step + 1 >= self.num_steps:
+            raise ClockError(
+                f"ScalingCache: forward {self.step + 2} of the blocks started, but this generation was declared "
+                f"to have {self.num_steps} steps. The blocks of this model are compiled one by one and see no "
+                "timestep, so inside `sc_compile.generation` every forward is one step: guidance run as separate "
+                "calls counts twice. Use `sc_compile.enable(pipe)` (steps from the scheduler, streams from the "
+                "pipeline's cache_context), or batch the guidance into one call."
+            )
+        self._begin_step(None)
+        return self.step, self._add_call(self._stream_of(name))
+
     # -- timestep ------------------------------------------------------------------------------
     def starts_new_generation(self, values: tuple[float, ...]) -> bool:
         """Whether a call with these timestep values starts a new generation: the values go back to

@@ -235,6 +235,11 @@ class LayoutState:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.streams if s is not None)
 
+    def release(self, pool: StatePool) -> None:
+        """Hand the stream states back to the session's pool (the generation has finished)."""
+        pool.give_back(self.key, [s for s in self.streams if s is not None])
+        self.streams.clear()
+
 
 class Generation:
     """Everything one generation of one compiled module writes."""
@@ -415,9 +420,7 @@ class ModuleSession:
                 self.last_report = report
             generation.report = report
         for layout_state in generation.layouts.values():
-            states = [s for s in layout_state.streams if s is not None]
-            self.pool.give_back(layout_state.key, states)
-            layout_state.streams.clear()
+            layout_state.release(self.pool)
         if self.ambient is generation:
             self.ambient = None
 

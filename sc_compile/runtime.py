@@ -148,6 +148,29 @@ class _Uncached:
     coefficients: StepCoefficients
 
 
+def refuse_stochastic(config: ScalingCacheConfig, scope: GenerationScope, warned: set[str]) -> None:
+    """Refuse a generation with a stochastic sampler, or warn once per scope where the config says so."""
+    how = "declared with stochastic_sampler=True" if scope.stochastic_sampler else "its scheduler drew random numbers in a step"
+    what = (
+        f"ScalingCache: this generation uses a stochastic sampler ({how}): it injects fresh noise into the "
+        "latents every step, and a cached step, predicted from past full steps, never sees it, so the result "
+        "drifts from the uncached one"
+    )
+    if config.stochastic_sampler is StochasticSampler.WARN:
+        generation_key = f"stochastic-{id(scope)}"
+        if generation_key not in warned:
+            warned.add(generation_key)
+            log.warning("%s (caching anyway, as options={'stochastic_sampler': 'warn'} asks).", what)
+        return
+    raise StochasticSamplerError(
+        f"{what}. To keep fidelity use the scheduler's deterministic (ODE) mode, e.g. "
+        "FlowMatchEulerDiscreteScheduler(stochastic_sampling=False), or run this pipeline uncompiled by "
+        "ScalingCache; options={'stochastic_sampler': 'warn'} caches anyway with a warning "
+        "(prediction='residual' adds the prediction to the current input, which carries the noise, "
+        "and drifts less)."
+    )
+
+
 class ScalingCacheRuntime:
     """Dispatches each call of one compiled graph to its full-step or cached-step graph."""
 
@@ -378,25 +401,7 @@ class ScalingCacheRuntime:
         return generation, Placement(step, stream, lambda: mean)
 
     def _refuse_stochastic(self, scope: GenerationScope) -> None:
-        how = "declared with stochastic_sampler=True" if scope.stochastic_sampler else "its scheduler drew random numbers in a step"
-        what = (
-            f"ScalingCache: this generation uses a stochastic sampler ({how}): it injects fresh noise into the "
-            "latents every step, and a cached step, predicted from past full steps, never sees it, so the result "
-            "drifts from the uncached one"
-        )
-        if self.config.stochastic_sampler is StochasticSampler.WARN:
-            generation_key = f"stochastic-{id(scope)}"
-            if generation_key not in self._warned_scopes:
-                self._warned_scopes.add(generation_key)
-                log.warning("%s (caching anyway, as options={'stochastic_sampler': 'warn'} asks).", what)
-            return
-        raise StochasticSamplerError(
-            f"{what}. To keep fidelity use the scheduler's deterministic (ODE) mode, e.g. "
-            "FlowMatchEulerDiscreteScheduler(stochastic_sampling=False), or run this pipeline uncompiled by "
-            "ScalingCache; options={'stochastic_sampler': 'warn'} caches anyway with a warning "
-            "(prediction='residual' adds the prediction to the current input, which carries the noise, "
-            "and drifts less)."
-        )
+        refuse_stochastic(self.config, scope, self._warned_scopes)
 
     # -- dispatch ------------------------------------------------------------------------------
     def _dispatch(self, generation: Generation, placement: Placement, args: tuple[Any, ...], follows: bool = False) -> Any:
@@ -514,8 +519,14 @@ class ScalingCacheRuntime:
         self.session.end_ambient()
 
 
-# Compile tokens (id) of the torch.compile calls that built a cached piece of a split forward.
+# Compile tokens (id) of the torch.compile calls that built a cached piece of a split forward
+# (or a per-block graph, ``sc_compile/block_graphs.py``).
 _BLOCK_PIECES: set[int] = set()
+
+
+def note_cached_graph(token: object) -> None:
+    """A graph that caches blocks was built under the ``torch.compile`` call ``token``."""
+    _BLOCK_PIECES.add(_token_id(token))
 
 
 def _token_id(token: object) -> int:
@@ -527,9 +538,11 @@ class GraphPieceRuntime:
     as compiled at every step. It refuses to run a second time when no piece of its
     ``torch.compile`` holds blocks: then nothing would ever be cached."""
 
-    def __init__(self, fn: Callable[..., Any], *, piece: GraphPiece, compile_token: Any):
+    def __init__(self, fn: Callable[..., Any], *, piece: GraphPiece, compile_token: Any, refusal: str | None = None):
         self.fn = fn
         self.piece = piece
+        # What to say when nothing of the compile holds blocks (default: the split forward's break).
+        self.refusal = refusal
         self.compile_token = compile_token
         self.num_calls = 0
 
@@ -537,7 +550,8 @@ class GraphPieceRuntime:
         self.num_calls += 1
         if self.num_calls > 1 and _token_id(self.compile_token) not in _BLOCK_PIECES:
             raise UncacheableSplitError(
-                f"ScalingCache: Dynamo split {type(self.piece.module).__name__}'s forward at a {self.piece.where}, "
+                self.refusal
+                or f"ScalingCache: Dynamo split {type(self.piece.module).__name__}'s forward at a {self.piece.where}, "
                 "and none of the graphs it compiled holds a transformer block, so nothing would be cached. "
                 "Remove the break (torch.compile(model, backend='scalingcache', fullgraph=True) reports every "
                 "break at its source), or pass options={'fallback': 'inductor'} to compile the model uncached."

@@ -4,7 +4,8 @@ Graph breaks that make Dynamo compile blocks on their own (a break in a block, d
 offloading), regional compilation and another cache already installed used to surface as "found
 no transformer blocks" naming the timestep embedder, or "could not find the timestep input". A
 break in the model's own forward (before the head, between blocks) is cached
-(``test_graph_breaks.py``).
+(``test_graph_breaks.py``); blocks that Dynamo compiles one by one are cached per block under an
+explicit clock (``test_block_graphs.py``) and, without one, refused naming the break and the clock.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ import pytest
 import torch
 
 import sc_compile
-from sc_compile.backends.capture_check import (
-    ForeignCacheError,
-    GraphBreakError,
-    RegionalCompilationError,
-)
+from sc_compile.backends.capture_check import ForeignCacheError
+from sc_compile.clock import ClockError
+from sc_compile.passes.find_blocks import UnsupportedGraphError
 
 from dummy_dit import DummyBlock, DummyDiT
 from tiny_models import BUILDERS
@@ -62,34 +61,34 @@ def _call(model, *args, backend_options=OPTIONS, **kwargs):
 def _unwrap(excinfo) -> BaseException:
     """The backend's own error (Dynamo wraps it in BackendCompilerFailed)."""
     error = excinfo.value
-    while not isinstance(error, GraphBreakError | RegionalCompilationError | ForeignCacheError):
+    while not isinstance(error, UnsupportedGraphError):
         assert error.__cause__ is not None or error.__context__ is not None, repr(excinfo.value)
         error = error.__cause__ or error.__context__
     return error
 
 
+def _clock_error(model, *args, **kwargs) -> str:
+    with pytest.raises(ClockError) as excinfo:
+        _call(model, *args, **kwargs)
+    return str(excinfo.value)
+
+
 def test_break_in_the_first_block_names_the_break_and_its_line():
+    """Dynamo compiles the blocks one by one (cached per block, test_block_graphs.py); without an
+    explicit clock the error names the break and the fix."""
     model = DummyDiT()
     model.blocks[0] = BlockWithBreak(1.0)
-    with pytest.raises(Exception) as excinfo:
-        _call(model, torch.ones(1, 4, 8), torch.tensor([1.0]))
-    error = _unwrap(excinfo)
-    assert isinstance(error, GraphBreakError)
-    message = str(error)
+    message = _clock_error(model, torch.ones(1, 4, 8), torch.tensor([1.0]))
     assert re.search(rf"graph break: Call to `torch._dynamo.graph_break\(\)` at {THIS_FILE}:{_line_of('BREAK IN BLOCK')}", message), message
     assert "found no transformer blocks" not in message
-    assert "fullgraph=True" in message and "fallback" in message
+    assert "sc_compile.enable(pipe)" in message and "fullgraph" not in message
 
 
 def test_break_in_a_later_block_names_the_model_frame_dynamo_gave_up_on():
     """A break inside a loop makes Dynamo skip the model's forward and compile the blocks one by one."""
     model = DummyDiT()
     model.blocks[1] = BlockWithBreak(0.5)
-    with pytest.raises(Exception) as excinfo:
-        _call(model, torch.ones(1, 4, 8), torch.tensor([1.0]))
-    error = _unwrap(excinfo)
-    assert isinstance(error, GraphBreakError)
-    message = str(error)
+    message = _clock_error(model, torch.ones(1, 4, 8), torch.tensor([1.0]))
     assert "'blocks.0' (DummyBlock) of DummyDiT on its own" in message, message
     assert re.search(r"DummyDiT.forward runs in Python \(it is now at .*dummy_dit.py:\d+\)", message), message
 
@@ -104,40 +103,53 @@ def test_break_before_the_head_is_cached_not_refused():
     assert sc_compile.report(model).cached_steps, str(sc_compile.report(model))
 
 
-def test_graph_break_with_fallback_runs_uncached_and_warns(caplog):
+class BlockWritesInput(DummyBlock):
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        hidden_states.mul_(1.0 + self.gain)
+        return hidden_states + temb * 0.0
+
+
+def test_uncacheable_block_graph_with_fallback_runs_uncached_and_warns(caplog):
     model = DummyDiT()
-    model.blocks[0] = BlockWithBreak(1.0)
+    model.blocks[0] = BlockWritesInput(1.0)
+    model.blocks[1] = BlockWithBreak(0.5)  # Dynamo compiles the blocks one by one
     x, t = torch.ones(1, 4, 8) * 3.0, torch.tensor([1.0])
-    with caplog.at_level(logging.WARNING, logger="sc_compile.backends.scalingcache"):
-        out = _call(model, x, t, backend_options={**OPTIONS, "fallback": "inductor"})
-    torch.testing.assert_close(out, model(x, t))
+    compiled = torch.compile(model, backend="scalingcache", options={**OPTIONS, "fallback": "inductor"})
+    with caplog.at_level(logging.WARNING, logger="sc_compile.backends.scalingcache"), torch.no_grad():
+        with sc_compile.generation(compiled, num_inference_steps=1):
+            out = compiled(x.clone(), t)
+    torch.testing.assert_close(out, model(x.clone(), t))
     warnings = [r.getMessage() for r in caplog.records if "falling back to uncached" in r.getMessage()]
-    assert warnings and "graph break" in warnings[0]
+    assert warnings and "writes into its input" in warnings[0] and "'blocks.0'" in warnings[0], warnings
 
 
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
-def test_group_offloading_names_the_offloading_hook(offload_type):
+def test_group_offloading_without_a_clock_names_the_offloading_hook_and_the_fix(offload_type):
+    """Cached per block under an explicit clock (test_block_graphs.py); without one, refused."""
     model, inputs = BUILDERS["flux"](seed=0)
     extra = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
     model.enable_group_offload(onload_device=torch.device("cpu"), offload_type=offload_type, **extra)
-    with pytest.raises(Exception) as excinfo:
-        _call(model, **inputs)
-    error = _unwrap(excinfo)
-    assert isinstance(error, GraphBreakError)
-    assert re.search(r"graph break in \w+\(\) at .*diffusers/hooks/group_offloading.py:\d+", str(error)), str(error)
+    message = _clock_error(model, **inputs)
+    assert re.search(r"one by one \(graph break: .*diffusers/hooks/group_offloading.py:\d+", message), message
+    assert "sc_compile.enable(pipe)" in message
 
 
-def test_regional_compilation_says_what_it_means_for_scalingcache():
+def test_regional_compilation_without_a_clock_says_what_it_needs():
     model, inputs = BUILDERS["flux"](seed=0)
     model.compile_repeated_blocks(backend="scalingcache", options=OPTIONS)
-    with pytest.raises(Exception) as excinfo, torch.no_grad():
+    with pytest.raises(ClockError) as excinfo, torch.no_grad():
         model(**inputs)
-    error = _unwrap(excinfo)
-    assert isinstance(error, RegionalCompilationError)
-    message = str(error)
-    assert "'transformer_blocks.0' of FluxTransformer2DModel" in message
-    assert "torch.compile(model, backend='scalingcache')" in message
-    assert "timestep input" not in message
+    message = str(excinfo.value)
+    assert "regional compilation of 'transformer_blocks.0' (FluxTransformerBlock)" in message, message
+    assert "sc_compile.enable(pipe)" in message
+
+
+def test_a_block_compiled_on_its_own_and_called_alone_is_refused():
+    block = DummyBlock(0.5)
+    block.compile(backend="scalingcache", options=OPTIONS)
+    # No model's forward runs above it: nothing to tie it to a model, refused as a model without blocks.
+    with pytest.raises(Exception, match=r"DummyBlock: found no transformer blocks"), torch.no_grad():
+        block(torch.ones(1, 4, 8), torch.zeros(1, 1, 1))
 
 
 def test_another_diffusers_cache_is_refused():
