@@ -84,6 +84,20 @@ def _running_module_frames() -> Iterator[tuple[torch.nn.Module, FrameType]]:
         frame = frame.f_back
 
 
+def _compiled_model_running() -> torch.nn.Module | None:
+    """The innermost compiled module (``torch.compile(model)`` or ``model.compile()``) whose call
+    is on the Python stack above the backend, PyTorch's own frames included."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch._dynamo.eval_frame.OptimizedModule):
+            return owner._orig_mod
+        if isinstance(owner, torch.nn.Module) and getattr(owner, "_compiled_call_impl", None) is not None:
+            return owner
+        frame = frame.f_back
+    return None
+
+
 def _module_path(root: torch.nn.Module, module: torch.nn.Module) -> str | None:
     """``module``'s dotted name inside ``root`` (``None`` if it is not a proper descendant)."""
     for name, candidate in root.named_modules():
@@ -165,6 +179,18 @@ def check_whole_model(module: torch.nn.Module | None, *, failed: bool = False) -
             f"{resumed.group('function')}() at {place}: this graph resumes after it. {WHOLE_MODEL_FIX}"
         )
     if module is None:
+        model = _compiled_model_running() if failed else None
+        if model is not None:
+            # A function Dynamo met on its own (no module owns it) while a compiled model runs:
+            # the model's compiled forward left this call to Python (a break in a loop skips
+            # the whole caller frame; diffusers' hooks call such functions before the forward).
+            code = tx.f_code
+            raise GraphBreakError(
+                f"Dynamo compiled {code.co_name}() ({_place(code.co_filename, code.co_firstlineno)}) on its own "
+                f"while the compiled {type(model).__name__} runs: a graph break in its forward, or in a hook "
+                f"that runs around it, left the caller of {code.co_name}() to Python, so this graph is a piece "
+                f"of the model. {WHOLE_MODEL_FIX}"
+            )
         return
     for outer, frame in running:
         if outer is module and failed and frame.f_code.co_name != tx.f_code.co_name:

@@ -43,6 +43,26 @@ class BreakBeforeHead(DummyDiT):
         return hidden_states * 2.0
 
 
+def _move(hidden_states: torch.Tensor) -> torch.Tensor:
+    return hidden_states * 1.0 + 0.0
+
+
+def _prepare(hidden_states: torch.Tensor) -> torch.Tensor:
+    for _ in range(1):
+        torch._dynamo.graph_break()  # in a loop: Dynamo runs _prepare() in Python
+    return _move(hidden_states)
+
+
+class HelperAfterBreak(DummyDiT):
+    """The model calls a helper that Dynamo runs in Python; the function that helper calls is then
+    compiled on its own, with no module (diffusers group offloading moving a flex-attention
+    BlockMask in its hook does the same: AnyFlow-FAR in benchmarks/diffusers_compile_tests.py)."""
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        hidden_states = _prepare(hidden_states)
+        return super().forward(hidden_states, timestep)
+
+
 def _line_of(marker: str) -> int:
     with open(__file__) as source:
         for number, line in enumerate(source, 1):
@@ -98,6 +118,17 @@ def test_break_before_the_head_names_the_break():
     error = _unwrap(excinfo)
     assert isinstance(error, GraphBreakError)
     assert f"{__file__}:{_line_of('BREAK BEFORE HEAD')}" in str(error), str(error)
+
+
+def test_a_function_compiled_on_its_own_inside_a_compiled_model_names_the_break():
+    """It used to be refused as "the compiled module: found no transformer blocks"."""
+    with pytest.raises(Exception) as excinfo:
+        _call(HelperAfterBreak(), torch.ones(1, 4, 8), torch.tensor([1.0]))
+    error = _unwrap(excinfo)
+    assert isinstance(error, GraphBreakError)
+    message = str(error)
+    assert re.search(rf"Dynamo compiled _move\(\) \({THIS_FILE}:\d+\) on its own while the compiled HelperAfterBreak runs", message), message
+    assert "found no transformer blocks" not in message
 
 
 def test_graph_break_with_fallback_runs_uncached_and_warns(caplog):
