@@ -44,6 +44,26 @@ class BreakBeforeHead(DummyDiT):
         return hidden_states * 2.0
 
 
+def _move(hidden_states: torch.Tensor) -> torch.Tensor:
+    return hidden_states * 1.0 + 0.0
+
+
+def _prepare(hidden_states: torch.Tensor) -> torch.Tensor:
+    for _ in range(1):
+        torch._dynamo.graph_break()  # in a loop: Dynamo runs _prepare() in Python
+    return _move(hidden_states)
+
+
+class HelperAfterBreak(DummyDiT):
+    """The model calls a helper that Dynamo runs in Python; the function that helper calls is then
+    compiled on its own, with no module (diffusers group offloading moving a flex-attention
+    BlockMask in its hook does the same: AnyFlow-FAR in benchmarks/diffusers_compile_tests.py)."""
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        hidden_states = _prepare(hidden_states)
+        return super().forward(hidden_states, timestep)
+
+
 def _line_of(marker: str) -> int:
     with open(__file__) as source:
         for number, line in enumerate(source, 1):
@@ -101,6 +121,22 @@ def test_break_before_the_head_is_cached_not_refused():
             x, t = torch.ones(1, 4, 8) * (6 - step), torch.tensor([1000.0 - step])
             torch.testing.assert_close(compiled(x, t), model(x, t))
     assert sc_compile.report(model).cached_steps, str(sc_compile.report(model))
+
+
+def test_a_function_compiled_on_its_own_inside_a_compiled_model_runs_as_it_is():
+    """It used to be refused as "the compiled module: found no transformer blocks": the function
+    is a piece outside the blocks, and the blocks' piece is cached."""
+    model = HelperAfterBreak()
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    outputs = []
+    with torch.no_grad():
+        for step in range(6):
+            x, t = torch.ones(1, 4, 8) * (6 - step), torch.tensor([1000.0 - step])
+            outputs.append((compiled(x, t), model(x, t)))
+    report = sc_compile.report(model)
+    assert report.cached_steps and report.num_steps == 6, str(report)
+    for step in report.full_steps:
+        torch.testing.assert_close(*outputs[step])
 
 
 class BlockWritesInput(DummyBlock):
