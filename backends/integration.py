@@ -75,9 +75,12 @@ def context_parallel_group(module: torch.nn.Module | None) -> Any:
 
 def current_translator() -> Any:
     """Dynamo's instruction translator of the frame it is compiling (``None`` outside Dynamo)."""
-    from torch._dynamo.symbolic_convert import InstructionTranslator
+    from torch._dynamo import symbolic_convert
 
-    return InstructionTranslator.current_tx()
+    # InstructionTranslator.current_tx() raises AttributeError in a thread where Dynamo never
+    # traced (its thread-local is unset): read the thread-local the same way it does, with None
+    # for "not set" (a graph rebuilt at call time, after Dynamo finished).
+    return getattr(symbolic_convert.tls, "current_tx", None)
 
 
 def running_module_frames() -> Iterator[tuple[torch.nn.Module, FrameType]]:

@@ -222,3 +222,30 @@ def test_a_whole_model_called_from_a_wrapper_forward_is_not_refused():
             out = wrapper(torch.ones(1, 4, 8) * (4 - step), torch.tensor([1000.0 - step]))
     torch.testing.assert_close(out, wrapper.transformer(torch.ones(1, 4, 8), torch.tensor([1.0])))
     assert sc_compile.report(wrapper.transformer).num_steps == 4
+
+
+def test_a_dynamic_graph_without_blocks_built_in_another_thread_gets_our_error():
+    """``dynamic=True`` builds the specialised graph at call time, after Dynamo finished; in a
+    thread where Dynamo never traced, reading its (unset) translator used to raise AttributeError."""
+    import threading
+
+    from dummy_dit import NotADiT
+
+    from sc_compile.passes.find_blocks import NoBlocksFoundError
+
+    compiled = torch.compile(NotADiT(), backend="scalingcache", dynamic=True, options=OPTIONS)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            with torch.no_grad():
+                compiled(torch.ones(1, 4, 8), torch.tensor([1.0]))
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread below
+            errors.append(error)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1
+    error = getattr(errors[0], "inner_exception", errors[0])
+    assert isinstance(error, NoBlocksFoundError), repr(errors[0])
