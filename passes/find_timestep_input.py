@@ -36,6 +36,7 @@ GENERIC_TIMESTEP_INPUT = TimestepInput(names=("timestep", "timesteps", "t", "tim
 """The rule for a model no entry of :data:`TIMESTEP_INPUTS` names."""
 
 TIMESTEP_INPUTS: dict[str, TimestepInput] = {
+    "Cosmos3OmniTransformer": TimestepInput(("vision_timesteps",)),
     "DiTTransformer2DModel": TimestepInput(("timestep",)),
     "FluxTransformer2DModel": TimestepInput(("timestep",)),
     "HiDreamImageTransformer2DModel": TimestepInput(("timesteps",)),
