@@ -1,18 +1,15 @@
-"""Is the graph Dynamo handed the backend the whole model? Refuse clearly when it is not.
+"""Which part of the model is the graph Dynamo handed the backend? Sort it, or refuse clearly.
 
-ScalingCache skips every block of a step together and places each call in a generation by the
-timestep the model receives, so it needs the model's forward as one Dynamo graph. Three things
-give it less, and each used to surface as a misleading error from a pass ("found no transformer
-blocks" naming the timestep embedder, "could not find the timestep input"):
-
-* a **graph break**: Dynamo ends a graph at the break and resumes in another one
-  (``compile_subgraph_reason.graph_break``, resume functions ``torch_dynamo_resume_in_*``), or gives
-  up on the model's forward (a break inside a loop) and compiles the modules it calls one by one,
-  while the forward itself runs in Python further up the stack;
-* **regional compilation** (diffusers ``compile_repeated_blocks``, ``module.compile()`` on a block):
-  each block is compiled on its own;
-* **another cache** already installed on the model (diffusers ``enable_cache`` or a caching hook):
-  two caches would both skip work on the same steps.
+ScalingCache skips every block of a step together. Dynamo hands it the model's forward as one
+graph, or less: at a **graph break** Dynamo ends a graph and resumes in another one
+(``compile_subgraph_reason.graph_break``, resume functions ``torch_dynamo_resume_in_*``), or gives
+up on the model's forward (a break inside its loop over the blocks) and compiles the modules it
+calls one by one while the forward runs in Python; **regional compilation** (diffusers
+``compile_repeated_blocks``, ``module.compile()`` on a block) compiles each block on its own. Each
+of these used to surface as a misleading error from a pass ("found no transformer blocks" naming
+the timestep embedder, "could not find the timestep input"). **Another cache** already installed on
+the model (diffusers ``enable_cache`` or a caching hook) is refused: two caches would both skip
+work on the same steps.
 
 A break in the model's own forward, where Dynamo resumes in the same forward (a break between
 blocks, before the output head, after the embedders), is not refused: :func:`check_whole_model`
@@ -73,16 +70,6 @@ class GraphPiece:
     # Whether this graph resumes the forward after a break (it joins the step the forward's
     # first piece was placed in) rather than starting it.
     resumes: bool
-
-
-BLOCK_BREAK_FIX = (
-    "ScalingCache caches a model split at breaks in its own forward (between blocks, before the output "
-    "head), but not a block that Dynamo compiles on its own: a break inside a block (or a hook on it, such as "
-    "diffusers group offloading) makes Dynamo give up on the model's forward, which then runs in Python. "
-    "Remove the break from the block (torch.compile(model, backend='scalingcache', fullgraph=True) reports "
-    "every break at its source), or move it between blocks. options={'fallback': 'inductor'} compiles such "
-    "a model uncached with a warning instead."
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,17 +151,8 @@ def check_whole_model(
             return BlockGraph(
                 enclosing, block_path, f"regional compilation of {block_path!r} ({type(module).__name__})"
             )
-        outer, frame = running[0]
-        block_path = _module_path(outer, module) or type(module).__name__
-        raise RegionalCompilationError(
-            f"{type(module).__name__} ({block_path!r} of {type(outer).__name__}) is compiled on its own "
-            "(regional compilation: diffusers' compile_repeated_blocks or module.compile()). ScalingCache "
-            "works on the whole model: it skips all blocks of a step together and predicts the last "
-            "block's output, and it tells the steps of a generation apart by the timestep the model "
-            "receives; a single block has neither. Compile the whole transformer instead: "
-            "torch.compile(model, backend='scalingcache'); regional compilation without caching is "
-            "compile_repeated_blocks(backend='inductor')."
-        )
+        # Compiled on its own but not inside a block of a running model (``transformer.compile()``
+        # called from a wrapper's forward): the whole model, as any compile of it.
     resumed = resumed_function(tx.f_code)
     where = graph_break_site(tx)
     if where is not None:
@@ -203,16 +181,6 @@ def check_whole_model(
                 "and none of the graphs it compiled holds a transformer block, so nothing would be cached. "
                 f"{WHOLE_MODEL_FIX}",
             )
-        inside = (
-            f" inside {_module_path(enclosing, owner)!r} ({type(owner).__name__}), which Dynamo compiles on its own"
-            if owner is not None and enclosing is not None
-            else ""
-        )
-        cut = "This graph ends there" if resumed is None else "This graph resumes after it"
-        raise GraphBreakError(
-            f"Dynamo split {_model_name(module, outer_modules)} at a {where}{inside}. {cut} and the rest runs "
-            f"in other graphs. {BLOCK_BREAK_FIX if inside else WHOLE_MODEL_FIX}"
-        )
     if module is None:
         # A function outside any module with nothing to cache, compiled on its own while the
         # forward of a model with blocks runs in Python: it runs as it is.

@@ -65,6 +65,7 @@ from sc_compile.contract import (
     CHANGE_L1,
     NEXT_CHANGE_L1,
     PREV_L1,
+    STAT_COLUMNS,
     VALUE_L1,
     CachePointSpec,
     PointLayout,
@@ -79,7 +80,7 @@ from sc_compile.generations import (
     session_for,
     stream_name,
 )
-from sc_compile.memory import format_bytes
+from sc_compile.memory import CacheMemoryError, cache_bytes_limit, refusal
 from sc_compile.schedule import StepDecision
 from sc_compile.state import StatePool, StepCoefficients, StreamState
 
@@ -332,11 +333,11 @@ class BlockGraphsState:
         for units in per_stream:
             rows = [row for unit in units for row in rows_of[id(unit.state.stats)]]
             if not rows:
-                result.append([[0.0, 0.0, 0.0, 0.0]])
+                result.append([[0.0] * len(STAT_COLUMNS)])
                 continue
             change = sum(_relative(r[CHANGE_L1], r[PREV_L1]) for r in rows) / len(rows)
             following = sum(_relative(r[NEXT_CHANGE_L1], r[VALUE_L1]) for r in rows) / len(rows)
-            virtual = [0.0] * 4
+            virtual = [0.0] * len(STAT_COLUMNS)
             virtual[CHANGE_L1], virtual[PREV_L1], virtual[NEXT_CHANGE_L1], virtual[VALUE_L1] = change, 1.0, following, 1.0
             result.append([virtual])
         return result
@@ -358,15 +359,22 @@ class BlockGraphsState:
         layout = PointLayout(points=points, device=device, fingerprint=f"per-block graph {label}")
         key = layout.key(cache_dtype)
         pool = self.generation.session.pool
-        if self.config.max_cache_bytes is not None and not pool.has(key):
-            needed = self.nbytes + layout.stream_nbytes(cache_dtype)
-            if needed > self.config.max_cache_bytes:
-                raise MemoryError(
-                    f"ScalingCache: the cache buffers of {label} (stream {stream}) would bring this generation to "
-                    f"{format_bytes(needed)}, over options={{'max_cache_bytes': {self.config.max_cache_bytes}}}. "
-                    "With per-block graphs every block output keeps two full buffers per stream: raise the limit, "
-                    "set cache_dtype to a smaller type, or compile the whole model as one graph (then only the "
-                    "last block's output keeps full buffers)."
+        if not pool.has(key):
+            new = layout.stream_nbytes(cache_dtype)
+            if self.config.max_cache_bytes is not None:
+                limit: int | None = self.config.max_cache_bytes
+                source, needed = f"options={{'max_cache_bytes': {self.config.max_cache_bytes}}}", self.nbytes + new
+            else:  # on a CUDA device: its free memory now; elsewhere no limit
+                limit, _ = cache_bytes_limit(None, device)
+                source, needed = f"the free memory of {device} now", new
+            if limit is not None and needed > limit:
+                error = refusal(
+                    f"{label} (stream {stream}) of this generation", needed, limit, source,
+                    layout, cache_dtype, self.config.granularity.value, streams=1, available=limit - self.nbytes,
+                )
+                raise CacheMemoryError(
+                    f"{error} With per-block graphs every output of every block graph keeps two full buffers "
+                    "per stream; compiling the whole model as one graph keeps them only for the last block's output."
                 )
         state = self.units[(unit, stream)] = _UnitState(key, layout, pool.take(key, layout, cache_dtype))
         self.unit_points[unit] = len(points)

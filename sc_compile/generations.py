@@ -268,10 +268,13 @@ class Generation:
         self.declared_steps = self.num_steps
         self.clock = StepClock(source, self.num_steps)
         self.layouts: dict[tuple[object, ...], LayoutState] = {}
-        # The layout whose decisions every graph of the module follows: the one created last. The
-        # graphs of a forward Dynamo split at breaks first run in forward order, so it is the graph
+        # A forward Dynamo split at breaks: the layout whose decisions every piece follows, the
+        # piece layout created last. The pieces first run in forward order, so it is the piece
         # whose blocks feed the model output (ē comes from its cache points, the prediction the
-        # output is made from; the others' statistics are never read).
+        # output is made from; the others' statistics are never read). A piece recompiled alone
+        # later (a guard variant) becomes the leader with no history: it runs full until it has
+        # one, and the others follow it to full steps (fewer cached steps, never a wrong one).
+        # Graphs of a whole forward never follow another layout.
         self.leader: LayoutState | None = None
         self.records: dict[int, StreamRecord] = {}
         self.owner = threading.get_ident()
@@ -304,7 +307,8 @@ class Generation:
         state = self.layouts.get(key)
         if state is None:
             state = self.layouts[key] = LayoutState(self, runtime.layout, runtime.alpha, runtime.alpha_source, runtime.process_group)
-            self.leader = state
+            if getattr(runtime, "piece", None) is not None:
+                self.leader = state
         return state
 
     def record(self, stream: int) -> StreamRecord:

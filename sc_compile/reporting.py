@@ -81,6 +81,15 @@ class GenerationReport:
         return "\n".join(lines)
 
 
+def _stream_changes(generation: Generation, layouts: list, stream: int, num_steps: int) -> tuple[float | None, ...]:
+    """A stream's ē per step: the leader's for a split forward (all pieces took its verdicts),
+    otherwise from whichever graph's layout the stream ran on at each step (a stream at its own
+    size, or a recompile within the generation, runs on a layout of its own)."""
+    sources = [generation.leader] if generation.leader is not None else layouts
+    rows = [ls.decisions.stream_changes(stream, num_steps) for ls in sources]
+    return tuple(next((row[step] for row in rows if row[step] is not None), None) for step in range(num_steps))
+
+
 def build_report(generation: Generation, finished: bool, collective: bool = True) -> GenerationReport:
     """The record of ``generation``. ``collective=False`` (a report asked for on one rank) folds in
     no statistics that would need an all-reduce the other ranks never join."""
@@ -98,7 +107,7 @@ def build_report(generation: Generation, finished: bool, collective: bool = True
                 stream=stream,
                 full_steps=tuple(sorted(record.full_steps)),
                 cached_steps=tuple(sorted(record.cached_steps)),
-                changes=tuple(main.decisions.stream_changes(stream, num_steps)) if main is not None else (),
+                changes=_stream_changes(generation, layouts, stream, num_steps),
                 reasons=tuple(record.reasons.get(step, "") for step in range(num_steps)),
             )
         )

@@ -80,10 +80,24 @@ _ACTIVITY = itertools.count(1)
 class _Forward:
     """The placement of the forward running in this thread (for the pieces that resume it)."""
 
-    session: ModuleSession
-    generation: Generation | None  # None: the forward runs uncached
-    placement: Placement | None
-    ran: set[int]  # id() of the pieces that ran in it
+    session: ModuleSession | None  # None: no piece with blocks has run in it yet
+    generation: Generation | None  # None: the forward runs uncached (or is not placed yet)
+    placement: Placement | None  # None: not placed yet (its first pieces hold no block)
+    # The pieces that ran in it, by piece key (a recompiled or re-guarded runtime of the same
+    # piece has the same key: it starts a new forward rather than following this one).
+    ran: set[tuple[bool, str]]
+
+
+def piece_key(piece: GraphPiece) -> tuple[bool, str]:
+    """What a piece of a split forward is, across recompilations: whether it resumes the forward,
+    and the break it starts or resumes at."""
+    return (piece.resumes, piece.where)
+
+
+def open_forward(token: object, piece: GraphPiece) -> None:
+    """A piece that starts the forward and holds no block ran: the forward's pieces after it
+    are placed by the first of them that holds blocks (never by an earlier forward's placement)."""
+    _FORWARDS.by_token[_token_id(token)] = _Forward(None, None, None, {piece_key(piece)})
 
 
 class _Forwards(threading.local):
@@ -254,7 +268,7 @@ class ScalingCacheRuntime:
             )
         if self.piece is not None and self.piece.resumes:
             forward = _FORWARDS.by_token.get(_token_id(self.compile_token))
-            if forward is not None and id(self) not in forward.ran:
+            if forward is not None and forward.session is not None and piece_key(self.piece) not in forward.ran:
                 return self._follow(forward, args)
         key = self._key(args)
         session = self._session_of_key(key)
@@ -280,11 +294,17 @@ class ScalingCacheRuntime:
     # -- pieces of a split forward -------------------------------------------------------------
     def _start_forward(self, session: ModuleSession, generation: Generation | None, placement: Placement | None) -> None:
         if self.piece is not None:
-            _FORWARDS.by_token[_token_id(self.compile_token)] = _Forward(session, generation, placement, {id(self)})
+            forward = _FORWARDS.by_token.get(_token_id(self.compile_token))
+            # Pieces without blocks that started this forward stay in it (they ran in this call).
+            before = forward.ran if forward is not None and forward.session is None else set()
+            _FORWARDS.by_token[_token_id(self.compile_token)] = _Forward(
+                session, generation, placement, before | {piece_key(self.piece)}
+            )
 
     def _follow(self, forward: _Forward, args: tuple[Any, ...]) -> Any:
         """A piece after a break: run in the step and stream its forward's first piece was placed in."""
-        forward.ran.add(id(self))
+        assert self.piece is not None and forward.session is not None
+        forward.ran.add(piece_key(self.piece))
         self._last_session = forward.session
         self._session_of_key(forward.session.key_ref())
         if forward.generation is None or forward.placement is None:
@@ -416,9 +436,10 @@ class ScalingCacheRuntime:
         def step_info(s: int) -> StepInfo:
             return StepInfo(s, generation.num_steps, lambda: generation.timestep_of(s))
 
-        leader = generation.leader
-        assert leader is not None  # layout_state() made one
-        if leader is layout_state:
+        # Only the pieces of a split forward follow another graph's verdict; graphs of a whole
+        # forward (several sizes or guard variants in one generation) each decide for themselves.
+        leader = generation.leader if self.piece is not None else layout_state
+        if leader is None or leader is layout_state:
             decision = decisions.decide(stream, info, step_info)
         else:
             # Another graph of the split forward feeds the model output: its verdict is the step's.
@@ -446,7 +467,10 @@ class ScalingCacheRuntime:
             self.num_full_calls += 1
             state.has_difference = state.last_full_step is not None
             state.last_full_step = step
-            if step not in record.full_steps[-1:]:  # the pieces of a split forward record a step once
+            # The pieces of a split forward record a step once; full if any of them ran full.
+            if step in record.cached_steps[-1:]:
+                record.cached_steps.pop()
+            if step not in record.full_steps[-1:]:
                 record.full_steps.append(step)
             if synced:
                 decisions.synced_full(stream)
@@ -454,7 +478,7 @@ class ScalingCacheRuntime:
                     self.calibration_hook(self, step, stream, state)
         else:
             self.num_cached_calls += 1
-            if step not in record.cached_steps[-1:]:
+            if step not in record.cached_steps[-1:] and step not in record.full_steps[-1:]:
                 record.cached_steps.append(step)
         record.reasons[step] = reason
         return out
@@ -548,6 +572,8 @@ class GraphPieceRuntime:
 
     def __call__(self, *args: Any) -> Any:
         self.num_calls += 1
+        if not self.piece.resumes:
+            open_forward(self.compile_token, self.piece)
         if self.num_calls > 1 and _token_id(self.compile_token) not in _BLOCK_PIECES:
             raise UncacheableSplitError(
                 self.refusal

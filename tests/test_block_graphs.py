@@ -242,3 +242,14 @@ def test_pipeline_clock_places_per_block_graphs_with_guidance_streams():
     assert report.streams[0].full_steps == report.streams[1].full_steps
     assert reference is not cached_pipe.transformer
     assert torch.isfinite(ours).all() and (ours - eager).abs().max() < 0.5
+
+
+def test_per_block_buffers_over_the_declared_budget_are_refused_before_they_are_allocated():
+    from sc_compile.memory import CacheMemoryError
+
+    model = _with_break_in_block(DummyDiT())
+    # One unit's two buffers of [1, 4, 8] float32 and its statistics row: 2 * 128 + 16 = 272 bytes.
+    compiled = torch.compile(model, backend="scalingcache", options={**OPTIONS, "max_cache_bytes": 600})
+    with pytest.raises(CacheMemoryError, match=r"stream 0\) of this generation needs .* over the limit of 600 B set by "
+                       r"options=\{'max_cache_bytes': 600\}.*two full buffers"):
+        _run(model, compiled)

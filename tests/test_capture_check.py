@@ -229,9 +229,9 @@ def test_a_dynamic_graph_without_blocks_built_in_another_thread_gets_our_error()
     thread where Dynamo never traced, reading its (unset) translator used to raise AttributeError."""
     import threading
 
-    from dummy_dit import NotADiT
-
     from sc_compile.passes.find_blocks import NoBlocksFoundError
+
+    from dummy_dit import NotADiT
 
     compiled = torch.compile(NotADiT(), backend="scalingcache", dynamic=True, options=OPTIONS)
     errors: list[BaseException] = []

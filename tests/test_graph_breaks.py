@@ -210,3 +210,55 @@ def test_a_break_inside_a_block_is_cached_per_block_under_an_explicit_clock():
     assert report.full_steps == EXPECTED_FULL, str(report)
     for _, ours, eager in outputs:
         torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-5)
+
+
+def test_a_new_size_after_a_break_starts_a_new_forward_not_the_last_one():
+    """A second generation at another size recompiles the blocks' piece: its new runtime places
+    its own step (it used to follow the previous generation's last forward, one step late)."""
+    model = BreakBeforeTimestep()
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    for tokens in (4, 6):
+        outputs = []
+        with torch.no_grad():
+            for step in range(STEPS):
+                hidden, timestep = torch.ones(1, tokens, 8) * (STEPS - step), torch.tensor([1000.0 - 100.0 * step])
+                outputs.append((compiled(hidden, timestep), model(hidden, timestep)))
+        report = sc_compile.report(model)
+        assert report.num_steps == STEPS and report.full_steps == EXPECTED_FULL, (tokens, str(report))
+        for step in report.full_steps:
+            torch.testing.assert_close(*outputs[step], rtol=1e-6, atol=1e-5)
+
+
+def test_guidance_streams_at_different_sizes_stay_two_streams_after_a_break():
+    model = BreakBeforeTimestep()
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    outputs = []
+    with torch.no_grad():
+        for step in range(STEPS):
+            timestep = torch.tensor([1000.0 - 100.0 * step])
+            for tokens in (4, 6):
+                hidden = torch.ones(1, tokens, 8) * (STEPS - step)
+                outputs.append((step, compiled(hidden, timestep), model(hidden, timestep)))
+    report = sc_compile.report(model)
+    assert len(report.streams) == 2 and report.full_steps == EXPECTED_FULL, str(report)
+    for step, ours, eager in outputs:
+        if step in report.full_steps:
+            torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-5)
+
+
+def test_whole_forward_graphs_of_two_sizes_each_decide_for_themselves():
+    """Two streams at different sizes are two graphs of one whole forward: neither follows the
+    other's decisions (with independent decisions both cache and both report their change)."""
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options={
+        "compiler": "eager", "warmup_steps": 2, "share_decision_across_streams": False})
+    with torch.no_grad():
+        for step in range(STEPS):
+            timestep = torch.tensor([1000.0 - 100.0 * step])
+            for tokens in (4, 6):
+                compiled(torch.ones(1, tokens, 8) * (STEPS - step) ** 0.5, timestep)
+    report = sc_compile.report(model)
+    assert len(report.streams) == 2
+    for stream in report.streams:
+        assert stream.cached_steps, str(report)
+        assert any(c is not None for c in stream.changes), str(report)
