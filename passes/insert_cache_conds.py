@@ -53,6 +53,7 @@ from sc_compile.contract import (
     Statistic,
     dy_name,
     sketch_plan,
+    stats_row,
     y_full_name,
 )
 from sc_compile.passes.choose_cache_points import replay_nodes
@@ -262,8 +263,7 @@ def _full_branch(
         def l1(x: torch.fx.Node) -> torch.fx.Node:
             return b.method("sum", b.method("abs", x))
 
-        row = b.fn(torch.stack, [l1(change), l1(prev), l1(new_dy), l1(value32)])
-        assert len(STAT_COLUMNS) == 4
+        row = b.fn(torch.stack, stats_row(change_l1=l1(change), prev_l1=l1(prev), next_change_l1=l1(new_dy), value_l1=l1(value32)))
         b.fn(torch.ops.aten.copy_.default, b.fn(torch.ops.aten.select.int, b.env[stats], 0, index), row)
         buffer_dtype = torch.float32 if sketch is not None else required_tensor_meta(point).dtype
         writes.append((dy, b.method("to", new_dy, buffer_dtype)))

@@ -69,6 +69,7 @@ from sc_compile.contract import (
     VALUE_L1,
     CachePointSpec,
     PointLayout,
+    stats_row,
 )
 from sc_compile.decisions import Decisions, StepInfo
 from sc_compile.generations import (
@@ -608,12 +609,15 @@ class BlockGraphRuntime:
         state = unit.state
         coef, refresh = coefficients.values[0, 0], coefficients.values[1, 0]
         for index, value in enumerate(values):
-            y_full, dy = state.buffers[2 * index], state.buffers[2 * index + 1]
+            y_full, dy = state.y_full(index), state.dy(index)
             value32, y_full32 = value.float(), y_full.float()
             previous = y_full32 + dy.float() * coef
             new_dy = (value32 - y_full32) * refresh
-            row = [(value32 - previous).abs().sum(), previous.abs().sum(), new_dy.abs().sum(), value32.abs().sum()]
-            torch.stack(row, out=state.stats[index])
+            row = stats_row(
+                change_l1=(value32 - previous).abs().sum(), prev_l1=previous.abs().sum(),
+                next_change_l1=new_dy.abs().sum(), value_l1=value32.abs().sum(),
+            )
+            torch.stack(row, out=state.stats[index])  # type: ignore[arg-type]
             dy.copy_(new_dy)
             y_full.copy_(value)
 
@@ -623,7 +627,7 @@ class BlockGraphRuntime:
         coef = coefficients.values[0, 0]
         outputs: list[Any] = [None] * self.outputs.num_outputs
         for index, (position, point) in enumerate(zip(self.outputs.predicted, unit.layout.points, strict=True)):
-            predicted = torch.addcmul(state.buffers[2 * index], state.buffers[2 * index + 1], coef)
+            predicted = torch.addcmul(state.y_full(index), state.dy(index), coef)
             outputs[position] = predicted if predicted.dtype == point.dtype else predicted.to(point.dtype)
         for position, input_index in self.outputs.passthrough:
             outputs[position] = args[input_index]

@@ -192,7 +192,7 @@ def calibrate(
         key = runtime.fingerprint
         if key not in grams:
             grams[key] = TrajectoryGrams(gram_width(max_gap), list(runtime.layout.feeds_output))
-        values = state.buffers[0::2]  # y_full of every point: the values this full step wrote
+        values = [state.y_full(p) for p in range(runtime.num_points)]  # the values this full step wrote
         grams[key].observe(sample_index, stream, step, values, runtime.process_group)
         bar.update(1)
 

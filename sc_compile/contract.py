@@ -40,6 +40,19 @@ STATS = "sc_stats"
 STAT_COLUMNS = ("change_l1", "prev_l1", "next_change_l1", "value_l1")
 CHANGE_L1, PREV_L1, NEXT_CHANGE_L1, VALUE_L1 = range(len(STAT_COLUMNS))
 
+def stats_row(*, change_l1: object, prev_l1: object, next_change_l1: object, value_l1: object) -> list[object]:
+    """A point's statistics row in :data:`STAT_COLUMNS` order (scalar tensors, or the FX nodes
+    that compute them)."""
+    row: list[object] = [None] * len(STAT_COLUMNS)
+    row[CHANGE_L1], row[PREV_L1], row[NEXT_CHANGE_L1], row[VALUE_L1] = change_l1, prev_l1, next_change_l1, value_l1
+    return row
+
+
+def y_full_index(point: int) -> int:
+    """The position of point ``point``'s ``y_full`` among a stream's buffers (``dy`` follows it)."""
+    return 2 * point
+
+
 # A point's sketch takes at most this share of the bytes of one full value of the point (both
 # sketch buffers together) ...
 SKETCH_BYTES_SHARE = 0.02

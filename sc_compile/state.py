@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sc_compile.contract import STAT_COLUMNS, PointLayout
+from sc_compile.contract import STAT_COLUMNS, PointLayout, y_full_index
 
 __all__ = ["LIVE_STREAM_STATES", "PointLayout", "StatePool", "StepCoefficients", "StreamState"]
 
@@ -47,6 +47,12 @@ class StreamState:
         self.stats = _static(torch.zeros(layout.num_points, len(STAT_COLUMNS), dtype=torch.float32, device=layout.device))
         self.forget()
         LIVE_STREAM_STATES.add(self)
+
+    def y_full(self, point: int) -> torch.Tensor:
+        return self.buffers[y_full_index(point)]
+
+    def dy(self, point: int) -> torch.Tensor:
+        return self.buffers[y_full_index(point) + 1]
 
     def forget(self) -> None:
         """Mark the buffers as holding nothing (their values are never read again)."""
