@@ -258,3 +258,39 @@ def test_half_precision_models(dtype):
         torch.testing.assert_close(ours, eager)  # the dtype's default tolerances
     layout = sc_compile.runtime.latest_runtime(model).layout
     assert all(p.dtype == dtype for p in layout.points)
+
+
+def test_lora_hotswap_and_unload_through_diffusers(tmp_path):
+    """diffusers LoRA hot-swap (``enable_lora_hotswap`` before compiling, then
+    ``load_lora_adapter(..., hotswap=True)``: new weights in the same tensors) and ``unload_lora``:
+    full steps equal eager with each, cached steps happen."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model, inputs = BUILDERS["flux"](seed=0)
+    states = []
+    for seed in (1, 2):
+        donor, _ = BUILDERS["flux"](seed=0)
+        torch.manual_seed(seed)
+        donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+        states.append({f"transformer.{k}": v for k, v in get_peft_model_state_dict(donor).items()})
+    model.enable_lora_hotswap(target_rank=4)
+    model.load_lora_adapter(states[0], prefix="transformer", adapter_name="swap")
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "aot_eager", "warmup_steps": 2})
+
+    def generation():
+        outputs = []
+        with torch.no_grad():
+            for t in timesteps("flux", 6):
+                step_inputs = with_timestep("flux", inputs, t)
+                outputs.append((compiled(**step_inputs)[0], model(**step_inputs)[0]))
+        _check_full_steps_exact(model, outputs)
+        return outputs
+
+    first = generation()
+    model.load_lora_adapter(states[1], prefix="transformer", adapter_name="swap", hotswap=True)
+    swapped = generation()
+    assert not torch.allclose(first[0][1], swapped[0][1])  # the swap changed the model
+    model.unload_lora()
+    generation()
