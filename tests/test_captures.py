@@ -294,3 +294,19 @@ def test_lora_hotswap_and_unload_through_diffusers(tmp_path):
     assert not torch.allclose(first[0][1], swapped[0][1])  # the swap changed the model
     model.unload_lora()
     generation()
+
+
+def test_inductor_max_autotune_no_cudagraphs_mode():
+    """``mode="max-autotune-no-cudagraphs"`` with ScalingCache options (``torch.compile`` takes
+    ``mode`` or ``options``, not both: ``sc_compile.compile`` passes both to the backend)."""
+    model, inputs = BUILDERS["wan"](seed=0)
+    compiled = sc_compile.compile(model, sc_compile.ScalingCacheConfig(warmup_steps=2), mode="max-autotune-no-cudagraphs")
+    outputs = []
+    with torch.no_grad():
+        for t in timesteps("wan", 6):
+            step_inputs = with_timestep("wan", inputs, t)
+            outputs.append((compiled(**step_inputs)[0], model(**step_inputs)[0]))
+    report = sc_compile.report(model)
+    assert report.cached_steps, str(report)
+    for step in report.full_steps:
+        torch.testing.assert_close(*outputs[step], rtol=1e-4, atol=1e-5)  # Inductor's kernels, not eager's
