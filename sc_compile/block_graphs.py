@@ -81,7 +81,7 @@ from sc_compile.generations import (
     session_for,
     stream_name,
 )
-from sc_compile.memory import CacheMemoryError, cache_bytes_limit, refusal
+from sc_compile.memory import CacheMemoryError, new_stream_limit, refusal
 from sc_compile.schedule import StepDecision
 from sc_compile.state import StatePool, StepCoefficients, StreamState
 
@@ -362,12 +362,8 @@ class BlockGraphsState:
         pool = self.generation.session.pool
         if not pool.has(key):
             new = layout.stream_nbytes(cache_dtype)
-            if self.config.max_cache_bytes is not None:
-                limit: int | None = self.config.max_cache_bytes
-                source, needed = f"options={{'max_cache_bytes': {self.config.max_cache_bytes}}}", self.nbytes + new
-            else:  # on a CUDA device: its free memory now; elsewhere no limit
-                limit, _ = cache_bytes_limit(None, device)
-                source, needed = f"the free memory of {device} now", new
+            limit, source, counted = new_stream_limit(self.config.max_cache_bytes, device, self.nbytes)
+            needed = counted + new
             if limit is not None and needed > limit:
                 error = refusal(
                     f"{label} (stream {stream}) of this generation", needed, limit, source,

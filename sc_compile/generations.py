@@ -30,7 +30,7 @@ import torch
 from sc_compile.clock import ClockError, StepClock
 from sc_compile.config import ScalingCacheConfig
 from sc_compile.decisions import Decisions
-from sc_compile.memory import cache_bytes_limit, format_bytes, refusal
+from sc_compile.memory import format_bytes, new_stream_limit, refusal
 from sc_compile.state import PointLayout, StatePool, StepCoefficients, StreamState
 
 if TYPE_CHECKING:
@@ -195,21 +195,16 @@ class LayoutState:
         config = self.generation.session.config
         new = self.layout.stream_nbytes(self.cache_dtype)
         held = sum(state.nbytes for state in self.generation.layouts.values())
-        limit: int | None
-        if config.max_cache_bytes is not None:
-            limit, source = config.max_cache_bytes, f"options={{'max_cache_bytes': {config.max_cache_bytes}}}"
-            needed, available = held + new, limit - (held - self.nbytes)
-        else:  # on a CUDA device: its free memory now; elsewhere no limit
-            limit, _ = cache_bytes_limit(None, self.layout.device)
-            source = f"the free memory of {self.layout.device} now"
-            needed, available = new, limit or 0
+        limit, source, counted = new_stream_limit(config.max_cache_bytes, self.layout.device, held)
+        needed = counted + new
         if limit is not None and needed > limit:
             streams = sum(1 for s in self.streams if s is not None) + 1
             raise refusal(
                 f"stream {index} of this generation ({streams} stream(s) of this layout, "
                 f"{format_bytes(new)} each)",
                 needed, limit, source, self.layout, self.cache_dtype, config.granularity.value,
-                streams=streams, available=available,
+                # For this layout's streams: the limit less what the other layouts count against it.
+                streams=streams, available=limit - max(counted - self.nbytes, 0),
             )
 
     def global_stats(self, stats: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,16 @@ def cache_bytes_limit(max_cache_bytes: int | None, device: torch.device) -> tupl
     return None, ""
 
 
+def new_stream_limit(max_cache_bytes: int | None, device: torch.device, held: int) -> tuple[int | None, str, int]:
+    """The limit a stream about to be allocated is checked against, where it comes from, and the
+    bytes already counted against it: a declared budget counts the ``held`` bytes of the
+    generation's other streams; a device's free memory (on CUDA, read now) already excludes them."""
+    if max_cache_bytes is not None:
+        return max_cache_bytes, f"options={{'max_cache_bytes': {max_cache_bytes}}}", held
+    limit, _ = cache_bytes_limit(None, device)
+    return limit, f"the free memory of {device} now", 0
+
+
 def _sketched(point: CachePointSpec) -> CachePointSpec:
     if point.feeds_output or point.sketch is not None:
         return point
