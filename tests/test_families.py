@@ -52,6 +52,17 @@ EXPECTED = {
 }
 
 
+def _check_eight_steps(model, outputs):
+    """8 steps, some cached; full steps equal eager, cached steps finite."""
+    report = sc_compile.report(model)
+    assert report.num_steps == 8
+    assert report.cached_steps, str(report)
+    for step in report.full_steps:
+        torch.testing.assert_close(outputs[step][0], outputs[step][1], rtol=1e-5, atol=1e-5)
+    for step in report.cached_steps:
+        assert torch.isfinite(outputs[step][0]).all()
+
+
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_blocks_and_cache_points(family):
     model, inputs = BUILDERS[family](seed=0)
@@ -81,13 +92,7 @@ def test_generation_runs_and_full_steps_are_exact(family):
             outputs.append((ours, model(**step_inputs)[0]))
             # PixArt predicts variance channels too: step on the first latent channels only.
             latents = latents - 0.02 * ours.narrow(1, 0, latents.shape[1])
-    report = sc_compile.report(model)
-    assert report.num_steps == 8
-    assert report.cached_steps, str(report)
-    for step in report.full_steps:
-        torch.testing.assert_close(outputs[step][0], outputs[step][1], rtol=1e-5, atol=1e-5)
-    for step in report.cached_steps:
-        assert torch.isfinite(outputs[step][0]).all()
+    _check_eight_steps(model, outputs)
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
@@ -179,13 +184,7 @@ def test_more_families_accelerate_with_exact_full_steps(family):
             outputs.append((ours, model(**call)[0]))
             if ours.shape == latents.shape:
                 latents = latents - 0.02 * ours
-    report = sc_compile.report(model)
-    assert report.num_steps == 8
-    assert report.cached_steps, str(report)
-    for step in report.full_steps:
-        torch.testing.assert_close(outputs[step][0], outputs[step][1], rtol=1e-5, atol=1e-5)
-    for step in report.cached_steps:
-        assert torch.isfinite(outputs[step][0]).all()
+    _check_eight_steps(model, outputs)
     explanation = sc_compile.explain(model, **{**inputs, **more_timesteps(family, 1)[0]})
     assert len(explanation.blocks) == MORE_BLOCKS[family], str(explanation)
     # The cached step reads the last blocks' buffers only (ConsisID adds its last perceiver
