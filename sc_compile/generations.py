@@ -31,7 +31,7 @@ from sc_compile.clock import ClockError, StepClock
 from sc_compile.config import ScalingCacheConfig
 from sc_compile.decisions import Decisions
 from sc_compile.memory import format_bytes, new_stream_limit, refusal
-from sc_compile.state import PointLayout, StatePool, StepCoefficients, StreamState
+from sc_compile.state import PointLayout, StatePool, StepCoefficients, StreamState, state_zeros
 
 if TYPE_CHECKING:
     from sc_compile.alpha import AlphaTable
@@ -221,7 +221,7 @@ class LayoutState:
         preallocated table (it grows only when a generation has more streams than before)."""
         tables = [self.streams[s].stats for s in streams]  # type: ignore[union-attr]
         if self._gathered is None or self._gathered.shape[0] < len(tables):
-            self._gathered = torch.empty(len(tables), *tables[0].shape, dtype=tables[0].dtype, device=tables[0].device)
+            self._gathered = state_zeros(len(tables), *tables[0].shape, dtype=tables[0].dtype, device=tables[0].device)
         gathered = self._gathered[: len(tables)]  # [S, P, len(STAT_COLUMNS)]
         torch.stack(tables, out=gathered)
         return self.global_stats(gathered).tolist()

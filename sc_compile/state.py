@@ -22,10 +22,22 @@ import torch
 
 from sc_compile.contract import STAT_COLUMNS, PointLayout, y_full_index
 
-__all__ = ["LIVE_STREAM_STATES", "PointLayout", "StatePool", "StepCoefficients", "StreamState"]
+__all__ = ["LIVE_STREAM_STATES", "PointLayout", "StatePool", "StepCoefficients", "StreamState", "state_zeros"]
 
 # Every live StreamState, so tests can check that finished generations free their buffers.
 LIVE_STREAM_STATES: weakref.WeakSet[StreamState] = weakref.WeakSet()
+
+
+def state_zeros(*shape: int, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """A zero tensor for state that outlives the call that allocates it, made outside inference mode.
+
+    A tensor allocated under ``torch.inference_mode()`` can never be updated in place outside it,
+    and this state is written by calls in any mode (a generation under ``inference_mode``, the next
+    one under ``no_grad``, pooled buffers reused by both) and read by ``report()`` in none. A normal
+    tensor may be updated in place under inference mode and outside it alike.
+    """
+    with torch.inference_mode(False):
+        return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _static(tensor: torch.Tensor) -> torch.Tensor:
@@ -42,9 +54,9 @@ class StreamState:
         for point in layout.points:
             shape, dtype = point.buffer_shape(), point.buffer_dtype(cache_dtype)
             for _ in range(2):  # y_full, dy
-                self.buffers.append(_static(torch.zeros(shape, dtype=dtype, device=layout.device)))
+                self.buffers.append(_static(state_zeros(*shape, dtype=dtype, device=layout.device)))
         # stats: [P, len(STAT_COLUMNS)] float32, written by every full step.
-        self.stats = _static(torch.zeros(layout.num_points, len(STAT_COLUMNS), dtype=torch.float32, device=layout.device))
+        self.stats = _static(state_zeros(layout.num_points, len(STAT_COLUMNS), dtype=torch.float32, device=layout.device))
         self.forget()
         LIVE_STREAM_STATES.add(self)
 
@@ -77,9 +89,9 @@ class StepCoefficients:
     """
 
     def __init__(self, num_points: int, device: torch.device):
-        self.values = _static(torch.zeros(2, num_points, dtype=torch.float32, device=device))  # [2, P]
+        self.values = _static(state_zeros(2, num_points, dtype=torch.float32, device=device))  # [2, P]
         # Host staging for devices other than the CPU (a host→device copy, never a read back).
-        self._staging = None if self.values.device.type == "cpu" else torch.zeros(2, num_points, dtype=torch.float32)
+        self._staging = None if self.values.device.type == "cpu" else state_zeros(2, num_points, dtype=torch.float32)
         self.written: object = None
 
     def write(self, coef: Sequence[float], refresh: Sequence[float], token: object) -> None:
