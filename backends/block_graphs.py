@@ -2,7 +2,7 @@
 
 The graph is compiled as it is by the inner compiler, in Dynamo's tracing context (as any
 backend's graph; dynamic sizes need no specialisation), and handed to
-:class:`~sc_compile.block_graphs.BlockGraphRuntime`, which runs it at full steps and returns the
+:class:`~sc_compile.runtime.per_block.BlockGraphRuntime`, which runs it at full steps and returns the
 prediction of its outputs at cached steps. Refused here, before anything runs, with what to do:
 options that need the whole model's graph (a calibrated α table, ``granularity="module"``,
 ``prediction="residual"``), context parallelism, an output a cached step cannot predict (not a
@@ -21,10 +21,10 @@ import torch.fx
 
 from sc_compile.backends.capture_check import BlockGraph, OutsideBlocksGraph, holds_blocks
 from sc_compile.backends.dead_code import mutated_inputs
-from sc_compile.block_graphs import BlockGraphRuntime, OutputPlan, OutsideBlocksRuntime
 from sc_compile.config import Granularity, Prediction, ScalingCacheConfig
 from sc_compile.passes.find_blocks import UnsupportedGraphError
-from sc_compile.runtime import note_cached_graph
+from sc_compile.runtime.dispatch import note_cached_graph
+from sc_compile.runtime.per_block import BlockGraphRuntime, OutputPlan, OutsideBlocksRuntime
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ def _refuse_options(config: ScalingCacheConfig, graph: BlockGraph) -> None:
             f"do not have (they are cached with α = 1). {fix}"
         )
     if config.granularity is not Granularity.BLOCK:
-        raise BlockGraphError(f"{where}; per-block graphs are cached at their outputs only (granularity='block'). {fix}")
+        raise BlockGraphError(
+            f"{where}; per-block graphs are cached at their outputs only (granularity='block'). {fix}"
+        )
     if config.prediction is not Prediction.HIDDEN:
         raise BlockGraphError(
             f"{where}; prediction='residual' needs the block input under each cache point, which a per-block "

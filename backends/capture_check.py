@@ -14,11 +14,11 @@ work on the same steps.
 A break in the model's own forward, where Dynamo resumes in the same forward (a break between
 blocks, before the output head, after the embedders), is not refused: :func:`check_whole_model`
 returns a :class:`GraphPiece` and the backend caches every piece that holds blocks, with one clock
-and one decision per step for all pieces (``sc_compile/runtime.py``). A break that makes Dynamo
+and one decision per step for all pieces (``sc_compile/runtime/dispatch.py``). A break that makes Dynamo
 compile the blocks on their own (a break inside a block, diffusers group offloading) and regional
 compilation are not refused either: a graph of a block (or part of one) called from a model's
 forward running in Python is a :class:`BlockGraph`, cached per block
-(``sc_compile/block_graphs.py``); a graph outside the blocks of such a model (an embedder, the
+(``sc_compile/runtime/per_block.py``); a graph outside the blocks of such a model (an embedder, the
 head, an offloading hook) is an :class:`OutsideBlocksGraph` and runs as it is.
 
 Each refusal names the cause, where it is, and the fix. The errors derive from
@@ -76,7 +76,7 @@ class GraphPiece:
 class BlockGraph:
     """This graph is a block, or part of one, that Dynamo compiles on its own while the forward of
     the model holding it runs in Python (a break inside the block, a hook on it such as diffusers
-    group offloading, regional compilation): cached per block (``sc_compile/block_graphs.py``)."""
+    group offloading, regional compilation): cached per block (``sc_compile/runtime/per_block.py``)."""
 
     # The model whose forward runs in Python and calls the block.
     model: torch.nn.Module

@@ -64,14 +64,23 @@ def mutated_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
             target = getattr(target, "default", target)
         if isinstance(target, torch._ops.OpOverload):
             for argument, value in zip(target._schema.arguments, node.args, strict=False):
-                if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, torch.fx.Node):
+                if (
+                    argument.alias_info is not None
+                    and argument.alias_info.is_write
+                    and isinstance(value, torch.fx.Node)
+                ):
                     mutated.append(value)
             for argument in target._schema.arguments:
                 value = node.kwargs.get(argument.name)
-                if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, torch.fx.Node):
+                if (
+                    argument.alias_info is not None
+                    and argument.alias_info.is_write
+                    and isinstance(value, torch.fx.Node)
+                ):
                     mutated.append(value)
         elif target in _INPLACE_OPERATORS or (
-            getattr(target, "__objclass__", None) is torch._C.TensorBase and _is_inplace_name(getattr(target, "__name__", ""))
+            getattr(target, "__objclass__", None) is torch._C.TensorBase
+            and _is_inplace_name(getattr(target, "__name__", ""))
         ):
             mutated.extend([first] if first is not None else [])
     return list(dict.fromkeys(mutated))

@@ -17,7 +17,7 @@ import torch.fx
 from sc_compile.backends.lowering import SpecializedGraph
 from sc_compile.backends.shape_specialization import fake_inputs, static_fake_mode
 from sc_compile.config import InnerCompiler
-from sc_compile.runtime import CompiledStep
+from sc_compile.runtime.dispatch import CompiledStep
 
 
 def compile_graph(
@@ -51,7 +51,9 @@ def compile_graph(
         return _compile_with(gm, fake_inputs(mode, inputs), compiler, config_patches)
 
 
-def _compile_with(gm, inputs: list[Any], compiler: InnerCompiler, config_patches: Mapping[str, Any]) -> Callable[..., Any]:
+def _compile_with(
+    gm, inputs: list[Any], compiler: InnerCompiler, config_patches: Mapping[str, Any]
+) -> Callable[..., Any]:
     if compiler is InnerCompiler.AOT_EAGER:
         from torch._dynamo.backends.registry import lookup_backend
 

@@ -10,7 +10,7 @@
    compiled by the inner compiler with every Inductor option and ``mode`` the user gave
    (:mod:`~sc_compile.backends.inner_compiler`); a graph with symbolic sizes is first specialised
    per input size (:mod:`~sc_compile.backends.shape_specialization`);
-4. runtime: :class:`~sc_compile.runtime.ScalingCacheRuntime`, which picks one graph per call.
+4. runtime: :class:`~sc_compile.runtime.dispatch.ScalingCacheRuntime`, which picks one graph per call.
 
 What Dynamo is compiling and diffusers' private state are read in
 :mod:`~sc_compile.backends.integration`; whether the graph is the whole model, in
@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.fx
 
-from sc_compile.alpha import AlphaTable, resolve_alpha_source
 from sc_compile.backends.block_graphs import build_block_graph_runtime, build_outside_blocks_runtime
 from sc_compile.backends.capture_check import (
     BlockGraph,
@@ -44,6 +43,7 @@ from sc_compile.backends.integration import (
 )
 from sc_compile.backends.lowering import specialize_cache_conds
 from sc_compile.backends.shape_specialization import ShapeSpecializingRuntime, has_symbolic_shapes
+from sc_compile.calibration.table import AlphaTable, resolve_alpha_source
 from sc_compile.config import Fallback, ScalingCacheConfig, split_options
 from sc_compile.contract import step_inputs
 from sc_compile.memory import cache_bytes_limit, refusal
@@ -51,7 +51,7 @@ from sc_compile.passes import run_cache_passes
 from sc_compile.passes.find_blocks import NoBlocksFoundError, UnsupportedGraphError
 from sc_compile.passes.layout import CacheLayout
 from sc_compile.resources import assets_dir
-from sc_compile.runtime import GraphPieceRuntime, PointLayout, ScalingCacheRuntime, StreamState
+from sc_compile.runtime.dispatch import GraphPieceRuntime, PointLayout, ScalingCacheRuntime, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +125,26 @@ def build_runtime(
 def _plain_piece(gm, example_inputs, config, config_patches, module, token, piece: GraphPiece) -> GraphPieceRuntime:
     """A piece of a split forward that holds no block: compiled as it is, in Dynamo's tracing
     context as any backend's graph. It runs at every step, full or cached."""
-    log.info("ScalingCache: %s: a piece without blocks after a %s runs uncached", type(piece.module).__name__, piece.where)
+    log.info(
+        "ScalingCache: %s: a piece without blocks after a %s runs uncached", type(piece.module).__name__, piece.where
+    )
     fn = compile_graph(gm, example_inputs, config.compiler, config_patches, own_tracing_context=False)
     return GraphPieceRuntime(fn, piece=piece, compile_token=token)
 
 
-def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_gm, layout: CacheLayout, alpha: AlphaTable | None, timestep_index: int | None, token: object | None, piece: GraphPiece | None = None):
+def _lower_and_compile(
+    gm,
+    example_inputs,
+    config,
+    config_patches,
+    module,
+    cond_gm,
+    layout: CacheLayout,
+    alpha: AlphaTable | None,
+    timestep_index: int | None,
+    token: object | None,
+    piece: GraphPiece | None = None,
+):
     points = layout.cache_points
     device = layout.device
     point_layout = PointLayout(points=list(points), device=device, fingerprint=layout.fingerprint())
@@ -138,8 +152,15 @@ def _lower_and_compile(gm, example_inputs, config, config_patches, module, cond_
     per_stream = point_layout.stream_nbytes(config.cache_dtype)
     if limit is not None and per_stream > limit:
         raise refusal(
-            f"one stream of {layout.model_class}", per_stream, limit, source, point_layout, config.cache_dtype,
-            layout.granularity, streams=1, available=limit,
+            f"one stream of {layout.model_class}",
+            per_stream,
+            limit,
+            source,
+            point_layout,
+            config.cache_dtype,
+            layout.granularity,
+            streams=1,
+            available=limit,
         )
     full_spec = specialize_cache_conds(cond_gm, full=True)
     cached_spec = specialize_cache_conds(cond_gm, full=False)
@@ -205,7 +226,7 @@ def scalingcache(
     try:
         piece = check_whole_model(module)
         if isinstance(piece, BlockGraph):
-            # Dynamo compiles the model's blocks one by one (sc_compile/block_graphs.py).
+            # Dynamo compiles the model's blocks one by one (sc_compile/runtime/per_block.py).
             return build_block_graph_runtime(gm, example_inputs, config, patches, piece, token, module)
     except UnsupportedGraphError as error:
         if config.fallback is Fallback.INDUCTOR:
@@ -219,6 +240,8 @@ def scalingcache(
     if has_symbolic_shapes(gm):
         # dynamic=True, or Dynamo's automatic dynamic shapes after a size changed: the pipeline
         # runs once per distinct set of input sizes, on the graph specialised to them.
-        build = functools.partial(build_runtime, config=config, config_patches=patches, module=module, token=token, piece=piece)
+        build = functools.partial(
+            build_runtime, config=config, config_patches=patches, module=module, token=token, piece=piece
+        )
         return ShapeSpecializingRuntime(gm, build)
     return build_runtime(gm, example_inputs, config, patches, module, token, piece)

@@ -154,7 +154,9 @@ class ShapeSpecializingRuntime:
     the Dynamo graph stays one.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, build: Callable[[torch.fx.GraphModule, Sequence[Any]], Callable[..., Any]]):
+    def __init__(
+        self, gm: torch.fx.GraphModule, build: Callable[[torch.fx.GraphModule, Sequence[Any]], Callable[..., Any]]
+    ):
         # build(static graph, inputs): the backend's pipeline (passes, lowering, runtime) for it.
         self.gm = gm
         self.build = build

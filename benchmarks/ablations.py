@@ -23,7 +23,7 @@ from cachebench.perceptual import feature_distance, normalized_features
 from cachebench.samples import generate, generate_cached, sample_call
 
 import sc_compile
-from sc_compile.alpha import AlphaTable
+from sc_compile.calibration.table import AlphaTable
 from sc_compile.demo.models import assets_dir, load_flux_demo, load_wan_demo
 from sc_compile.demo.sampling import demo_size
 from sc_compile.metrics import psnr, ssim
@@ -78,11 +78,21 @@ def main() -> None:
             ssims.append(ssim(images, reference))
             dists.append(feature_distance(images, reference, features))
             fulls.append(report.num_full_steps)
-        row = {"group": group, "config": name, "full_steps": statistics.mean(fulls), "steps": steps,
-               "psnr": statistics.mean(psnrs), "ssim": statistics.mean(ssims), "feature_distance": statistics.mean(dists)}
+        row = {
+            "group": group,
+            "config": name,
+            "full_steps": statistics.mean(fulls),
+            "steps": steps,
+            "psnr": statistics.mean(psnrs),
+            "ssim": statistics.mean(ssims),
+            "feature_distance": statistics.mean(dists),
+        }
         rows.append(row)
-        print(f"{group:>12} | {name:<52} | full {row['full_steps']:5.2f}/{steps} | PSNR {row['psnr']:6.2f} | "
-              f"SSIM {row['ssim']:.4f} | feat {row['feature_distance']:.4f}", flush=True)
+        print(
+            f"{group:>12} | {name:<52} | full {row['full_steps']:5.2f}/{steps} | PSNR {row['psnr']:6.2f} | "
+            f"SSIM {row['ssim']:.4f} | feat {row['feature_distance']:.4f}",
+            flush=True,
+        )
         return row
 
     base = {"warmup_steps": warmup}
@@ -93,10 +103,22 @@ def main() -> None:
     cached_budget = steps - warmup
     full_after_warmup = max(1.0, dynamic["full_steps"] - warmup)
     interval = max(2, round(cached_budget / full_after_warmup))  # 1 would be every step full
-    run(f"static interval {interval}, calibrated α, S={warmup}", "interval", {**base, "alpha": shipped, "static_interval": interval})
+    run(
+        f"static interval {interval}, calibrated α, S={warmup}",
+        "interval",
+        {**base, "alpha": shipped, "static_interval": interval},
+    )
     for k in sorted({max(2, interval - 1), interval + 1} - {interval}):
-        run(f"static interval {k}, calibrated α, S={warmup}", "interval", {**base, "alpha": shipped, "static_interval": k})
-    run(f"module granularity, its own α table, S={warmup}", "granularity", {**base, "alpha": module_table, "granularity": "module"})
+        run(
+            f"static interval {k}, calibrated α, S={warmup}",
+            "interval",
+            {**base, "alpha": shipped, "static_interval": k},
+        )
+    run(
+        f"module granularity, its own α table, S={warmup}",
+        "granularity",
+        {**base, "alpha": module_table, "granularity": "module"},
+    )
     run(f"module granularity, α = 1, S={warmup}", "granularity", {**base, "alpha": "ones", "granularity": "module"})
     run(f"ē over the output points only, S={warmup}", "change", {**base, "alpha": shipped, "change_points": "output"})
     for s in (4, 8):
@@ -104,15 +126,23 @@ def main() -> None:
     # Prediction target: the residual over the current block input, at the same warm-ups as the
     # hidden-state rows above (S=4, 6, 8) so the two can be compared at matched full-step counts.
     for s in (4, warmup, 8):
-        run(f"residual over the current input, its own α table, S={s}", "prediction",
-            {"warmup_steps": s, "alpha": residual_table, "prediction": "residual"})
-    run(f"residual over the current input, α = 1, S={warmup}", "prediction",
-        {**base, "alpha": "ones", "prediction": "residual"})
+        run(
+            f"residual over the current input, its own α table, S={s}",
+            "prediction",
+            {"warmup_steps": s, "alpha": residual_table, "prediction": "residual"},
+        )
+    run(
+        f"residual over the current input, α = 1, S={warmup}",
+        "prediction",
+        {**base, "alpha": "ones", "prediction": "residual"},
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "ablations" + ("" if args.model == "demo-flux" else "_" + args.model.replace("-", "_"))
     (args.out / f"{stem}.json").write_text(
-        json.dumps({"model": args.model, "samples": args.samples, "steps": steps, "guidance": GUIDANCE, "rows": rows}, indent=2)
+        json.dumps(
+            {"model": args.model, "samples": args.samples, "steps": steps, "guidance": GUIDANCE, "rows": rows}, indent=2
+        )
     )
     lines = [
         f"# Ablations — {title}, {steps} steps, {args.samples} samples (batch 1), guidance {GUIDANCE} as separate calls",

@@ -94,15 +94,18 @@ def main() -> None:
                 row[held_out] = {"psnr": statistics.mean(psnrs), "full_steps": statistics.mean(fulls)}
         rows.append(row)
         cells = " | ".join(
-            f"{k}: " + (f"{v['psnr']:6.2f} dB @ {v['full_steps']:5.2f}" if "psnr" in v else "refused: " + v["error"][:60])
+            f"{k}: "
+            + (f"{v['psnr']:6.2f} dB @ {v['full_steps']:5.2f}" if "psnr" in v else "refused: " + v["error"][:60])
             for k, v in ((k, row[k]) for k in HELD_OUT)
         )
         print(f"{group:>10} | {name:<34} | {steps:3d} steps | {cells}", flush=True)
         return row
 
-    all_variants = {"chained": ("chained α", {"alpha": table, "coefficients": "chained"}),
-                    "fitted": ("fitted per-gap", {"alpha": table, "coefficients": "fitted"}),
-                    "ones": ("α = 1", {"alpha": "ones"})}
+    all_variants = {
+        "chained": ("chained α", {"alpha": table, "coefficients": "chained"}),
+        "fitted": ("fitted per-gap", {"alpha": table, "coefficients": "fitted"}),
+        "ones": ("α = 1", {"alpha": "ones"}),
+    }
     variants = dict(all_variants[v] for v in args.variants.split(","))
     n = args.steps
     budgets = {round(n / 4), round(n / 3), round(n / 2), round(n / 1.5)}
@@ -122,16 +125,34 @@ def main() -> None:
             for variant, options in variants.items():
                 run("transfer", f"{variant}, dynamic", steps, options)
                 if variant != "chained α":
-                    run("transfer", f"{variant}, full_steps={round(steps / 3)}", steps, {**options, "full_steps": round(steps / 3)})
+                    run(
+                        "transfer",
+                        f"{variant}, full_steps={round(steps / 3)}",
+                        steps,
+                        {**options, "full_steps": round(steps / 3)},
+                    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"calibration_{args.model.replace('-', '_')}_{n}" + ("_transfer" if args.only_transfer else "")
     if args.variants != "chained,fitted,ones" or args.transfer_factors != "0.5,2,4":
         stem += "_" + args.variants.replace(",", "_") + "_x" + args.transfer_factors.replace(",", "_")
     elapsed = time.perf_counter() - started
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"model": args.model, "steps": n, "calibration": CALIBRATION, "held_out": HELD_OUT, "guidance": GUIDANCE,
-         "table": repr(table), "max_gap": fitted.max_gap.tolist(), "rows": rows, "seconds": elapsed}, indent=2))
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "steps": n,
+                "calibration": CALIBRATION,
+                "held_out": HELD_OUT,
+                "guidance": GUIDANCE,
+                "table": repr(table),
+                "max_gap": fitted.max_gap.tolist(),
+                "rows": rows,
+                "seconds": elapsed,
+            },
+            indent=2,
+        )
+    )
     lines = [
         f"# Calibration ablation — {workload.title}, calibrated at {n} steps",
         "",
@@ -140,10 +161,12 @@ def main() -> None:
         "steps. *held-out seeds*: classes 0-4, seeds 2000+; *held-out classes+seeds*: classes 5-9, seeds 3000+. "
         f"K_τ of the fitted table: {fitted.max_gap.tolist()}. Run in {elapsed:.0f} s with",
         f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibration_ablation.py --model {args.model} --steps {n}"
-        + (" --transfer" if args.transfer else "") + (" --only-transfer" if args.only_transfer else "")
+        + (" --transfer" if args.transfer else "")
+        + (" --only-transfer" if args.only_transfer else "")
         + (f" --per-set {args.per_set}" if args.per_set != 5 else "")
         + (f" --variants {args.variants}" if args.variants != "chained,fitted,ones" else "")
-        + (f" --transfer-factors {args.transfer_factors}" if args.transfer_factors != "0.5,2,4" else "") + "`.",
+        + (f" --transfer-factors {args.transfer_factors}" if args.transfer_factors != "0.5,2,4" else "")
+        + "`.",
         "",
         "| group | configuration | steps | held-out seeds: PSNR dB | full | held-out classes+seeds: PSNR dB | full |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",

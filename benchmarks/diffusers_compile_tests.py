@@ -66,9 +66,17 @@ HIDDEN_KEYS = ("hidden_states", "sample", "x", "latents")
 TIMESTEP_KEYS = ("timestep", "timesteps", "t")
 # Our refusals: errors that name the cause and what to do (the passes re-raise these unwrapped).
 REFUSAL_NAMES = {
-    "UnsupportedGraphError", "GraphBreakError", "RegionalCompilationError", "ForeignCacheError",
-    "NoBlocksFoundError", "ClockError", "GradEnabledError", "StochasticSamplerError", "BatchTimestepError",
-    "AlphaTableError", "BudgetError",
+    "UnsupportedGraphError",
+    "GraphBreakError",
+    "RegionalCompilationError",
+    "ForeignCacheError",
+    "NoBlocksFoundError",
+    "ClockError",
+    "GradEnabledError",
+    "StochasticSamplerError",
+    "BatchTimestepError",
+    "AlphaTableError",
+    "BudgetError",
 }
 
 
@@ -132,7 +140,7 @@ def _short(filename: str) -> str:
     for anchor in ("sc_compile", "passes", "backends", "site-packages"):
         if anchor in parts:
             i = len(parts) - 1 - parts[::-1].index(anchor)
-            return "/".join(parts[i + (anchor == "site-packages"):])
+            return "/".join(parts[i + (anchor == "site-packages") :])
     return "/".join(parts[-2:])
 
 
@@ -214,9 +222,7 @@ def discover(src: Path, only: str | None) -> tuple[list[Config], list[tuple[str,
                 continue
             if any(q in cfg.__name__ for q in ("Quant", "AutoRound", "SDNQ")):
                 continue  # quantisation variants (pretrained hub weights) of a configuration listed itself
-            compile_classes = [
-                c for c in classes if issubclass(c, TorchCompileTesterMixin) and cfg in c.__bases__
-            ]
+            compile_classes = [c for c in classes if issubclass(c, TorchCompileTesterMixin) and cfg in c.__bases__]
             tester = compile_classes[0] if compile_classes else type(f"{cfg.__name__}Compile", (cfg,), {})
             marks: dict[str, str] = {}
             for c in compile_classes:
@@ -284,8 +290,12 @@ def test_group_offloading(cfg: Config, backend: str) -> Outcome:
         return Outcome("skip", "the model does not support group offloading")
     tester, model, inputs = _build(cfg)
     model.enable_group_offload(
-        onload_device=torch.device("cpu"), offload_device=torch.device("cpu"), offload_type="block_level",
-        num_blocks_per_group=1, use_stream=False, non_blocking=False,
+        onload_device=torch.device("cpu"),
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=False,
+        non_blocking=False,
     )
     model.compile(**_compile_kwargs(backend))
     with torch._dynamo.config.patch(cache_size_limit=10000):
@@ -311,7 +321,10 @@ def test_different_shapes(cfg: Config, backend: str) -> Outcome:
 
 
 MIXIN_TESTS = {
-    "recompilation_and_graph_break": (test_recompilation_and_graph_break, "test_torch_compile_recompilation_and_graph_break"),
+    "recompilation_and_graph_break": (
+        test_recompilation_and_graph_break,
+        "test_torch_compile_recompilation_and_graph_break",
+    ),
     "repeated_blocks": (test_repeated_blocks, "test_torch_compile_repeated_blocks"),
     "group_offloading": (test_group_offloading, "test_compile_with_group_offloading"),
     "different_shapes": (test_different_shapes, "test_compile_on_different_shapes"),
@@ -384,10 +397,17 @@ def test_loop(cfg: Config) -> Outcome:
     t_full = [s for i, s in enumerate(step_seconds) if i in full and i > 0]
     t_cached = [s for i, s in enumerate(step_seconds) if i in cached]
     extra = {
-        "full_steps": sorted(full), "cached_steps": sorted(cached), "num_points": report.num_points,
-        "max_full_rel_diff": max(full_diffs, default=None), "max_cached_rel_diff": max(cached_diffs, default=None),
-        "euler_update": euler, "timestep_input": t_key, "latent_input": x_key,
-        "median_full_step_s": _median(t_full), "median_cached_step_s": _median(t_cached), **nodes,
+        "full_steps": sorted(full),
+        "cached_steps": sorted(cached),
+        "num_points": report.num_points,
+        "max_full_rel_diff": max(full_diffs, default=None),
+        "max_cached_rel_diff": max(cached_diffs, default=None),
+        "euler_update": euler,
+        "timestep_input": t_key,
+        "latent_input": x_key,
+        "median_full_step_s": _median(t_full),
+        "median_cached_step_s": _median(t_cached),
+        **nodes,
     }
     marks = "".join("F" if i in full else "." for i in range(report.num_steps))
     if not cached:
@@ -450,14 +470,14 @@ def write(results: dict[str, Any], out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     rows = results["configs"]
     lines = [
-        "# diffusers' torch.compile tests with `backend=\"scalingcache\"`",
+        '# diffusers\' torch.compile tests with `backend="scalingcache"`',
         "",
         f"Command: `{results['command']}`",
         "",
         f"diffusers tests from commit `{results['diffusers_tests_commit']}`; installed diffusers "
         f"{results['diffusers']}, torch {results['torch']}, {results['machine']}; {results['seconds'] / 60:.1f} min.",
         "",
-        "Each cell: plain `backend=\"aot_eager\"` / `backend=\"scalingcache\"` (inner compiler `aot_eager`). "
+        'Each cell: plain `backend="aot_eager"` / `backend="scalingcache"` (inner compiler `aot_eager`). '
         "`pass`; `refused X` = our own error X (first lines below); **crash** = any other exception with "
         "our code on its traceback (below, with where); `fail X` = an exception with none of our code on "
         "the way (the model or Dynamo fails by itself), or the loop's check failed; – = not "
@@ -480,7 +500,8 @@ def write(results: dict[str, Any], out: Path) -> None:
         cells = [f"{_cell(r['tests'][t]['aot_eager'])} / {_cell(r['tests'][t]['scalingcache'])}" for t in TESTS]
         lines.append(
             f"| {r['config'].removesuffix('TesterConfig')} | {r['model_class']} | {'yes' if r['compile_class'] else 'no'} | "
-            + " | ".join(cells) + f" | {_loop_cell(r['loop'])} |"
+            + " | ".join(cells)
+            + f" | {_loop_cell(r['loop'])} |"
         )
     counts: dict[str, dict[str, int]] = {}
     for r in rows:
@@ -492,19 +513,31 @@ def write(results: dict[str, Any], out: Path) -> None:
                 counts[f"{t} ({b})"][r["tests"][t][b]["outcome"]] += 1
         counts.setdefault("8-step loop", {}).setdefault(r["loop"]["outcome"], 0)
         counts["8-step loop"][r["loop"]["outcome"]] += 1
-    lines += ["", "## Counts", "", "| test | pass | refused | crash | fail | skip |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Counts",
+        "",
+        "| test | pass | refused | crash | fail | skip |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for key, c in counts.items():
-        lines.append(f"| {key} | " + " | ".join(str(c.get(k, 0)) for k in ("pass", "refused", "crash", "fail", "skip")) + " |")
+        lines.append(
+            f"| {key} | " + " | ".join(str(c.get(k, 0)) for k in ("pass", "refused", "crash", "fail", "skip")) + " |"
+        )
     lines += ["", "## Every outcome other than pass and skip", ""]
     for r in rows:
         if "error" in r:
             continue
-        items = [(t, b, r["tests"][t][b]) for t in TESTS for b in BACKENDS] + [("8-step loop", "scalingcache", r["loop"])]
+        items = [(t, b, r["tests"][t][b]) for t in TESTS for b in BACKENDS] + [
+            ("8-step loop", "scalingcache", r["loop"])
+        ]
         for t, b, o in items:
             if o["outcome"] in ("pass", "skip"):
                 continue
             where = f" — at `{o['where']}`" if o.get("where") else ""
-            lines.append(f"* {r['config'].removesuffix('TesterConfig')}, {t}, {b}: **{o['outcome']}** {sanitize(o['detail'])}{where}")
+            lines.append(
+                f"* {r['config'].removesuffix('TesterConfig')}, {t}, {b}: **{o['outcome']}** {sanitize(o['detail'])}{where}"
+            )
         for test, mark in r.get("marks", {}).items():
             lines.append(f"* {r['config'].removesuffix('TesterConfig')}: diffusers marks `{test}` {mark}")
     if results["unimportable"]:
@@ -515,10 +548,12 @@ def write(results: dict[str, Any], out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--diffusers-src", type=Path,
-                        help="a checkout of github.com/huggingface/diffusers (its tests/ folder is read)")
-    parser.add_argument("--diffusers-commit", default=None,
-                        help="the checkout's commit, when PATH is not a git work tree")
+    parser.add_argument(
+        "--diffusers-src", type=Path, help="a checkout of github.com/huggingface/diffusers (its tests/ folder is read)"
+    )
+    parser.add_argument(
+        "--diffusers-commit", default=None, help="the checkout's commit, when PATH is not a git work tree"
+    )
     parser.add_argument("--only", default=None, help="regex on the test file stem (test_models_transformer_flux)")
     parser.add_argument("--timeout", type=int, default=180, help="seconds per test")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/diffusers_compile_tests"))
@@ -534,8 +569,9 @@ def main() -> int:
     commit = args.diffusers_commit
     if commit is None:
         try:
-            commit = subprocess.run(["git", "-C", str(args.diffusers_src), "rev-parse", "HEAD"], check=True,
-                                    capture_output=True, text=True).stdout.strip()
+            commit = subprocess.run(
+                ["git", "-C", str(args.diffusers_src), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             commit = "unknown"
     import diffusers
@@ -544,14 +580,22 @@ def main() -> int:
     configs, unimportable = discover(args.diffusers_src.resolve(), args.only)
     results: dict[str, Any] = {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diffusers_compile_tests.py "
-                   + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "diffusers_tests_commit": commit, "diffusers": diffusers.__version__, "torch": torch.__version__,
+        + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "diffusers_tests_commit": commit,
+        "diffusers": diffusers.__version__,
+        "torch": torch.__version__,
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} thread",
-        "configs": [], "unimportable": unimportable, "seconds": 0.0,
+        "configs": [],
+        "unimportable": unimportable,
+        "seconds": 0.0,
     }
     for cfg in configs:
-        row: dict[str, Any] = {"config": cfg.name, "file": cfg.module, "compile_class": cfg.compile_class,
-                               "marks": cfg.marks}
+        row: dict[str, Any] = {
+            "config": cfg.name,
+            "file": cfg.module,
+            "compile_class": cfg.compile_class,
+            "marks": cfg.marks,
+        }
         print(f"== {cfg.name} ({cfg.module})", flush=True)
         try:
             row["model_class"] = cfg.tester().model_class.__name__
@@ -561,11 +605,15 @@ def main() -> int:
                 for backend in BACKENDS:
                     o = run_one(fn, cfg, backend, timeout=args.timeout)
                     row["tests"][test][backend] = dataclasses.asdict(o)
-                    print(f"   {test:32s} {backend:12s} {o.outcome:8s} {o.seconds:6.1f}s {o.detail} {o.where}", flush=True)
+                    print(
+                        f"   {test:32s} {backend:12s} {o.outcome:8s} {o.seconds:6.1f}s {o.detail} {o.where}", flush=True
+                    )
             o = run_one(test_loop, cfg, timeout=args.timeout)
             row["loop"] = dataclasses.asdict(o)
-            print(f"   {'8-step loop':32s} {'scalingcache':12s} {o.outcome:8s} {o.seconds:6.1f}s {o.detail} {o.where}",
-                  flush=True)
+            print(
+                f"   {'8-step loop':32s} {'scalingcache':12s} {o.outcome:8s} {o.seconds:6.1f}s {o.detail} {o.where}",
+                flush=True,
+            )
         except Exception as exc:  # recorded: the configuration itself cannot be built
             row["error"] = f"{type(exc).__name__}: {first_line(exc)}"
             print(f"   build failed: {row['error']}", flush=True)

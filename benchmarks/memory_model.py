@@ -30,30 +30,61 @@ def _meta(*shape: int, dtype: torch.dtype = BF16) -> torch.Tensor:
 def flux_dev() -> tuple[str, Any, dict[str, Any], str]:
     from diffusers import FluxTransformer2DModel
 
-    config = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                  axes_dims_rope=(16, 56, 56))
+    config = dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
     with torch.device("meta"):
         model = FluxTransformer2DModel(**config).to(BF16)
     image, text = 4096, 512  # 1024 x 1024: 128 x 128 latent, packed 2 x 2
-    inputs = dict(hidden_states=_meta(1, image, 64), encoder_hidden_states=_meta(1, text, 4096),
-                  pooled_projections=_meta(1, 768), timestep=_meta(1), guidance=_meta(1),
-                  img_ids=torch.zeros(image, 3), txt_ids=torch.zeros(text, 3), return_dict=False)
+    inputs = dict(
+        hidden_states=_meta(1, image, 64),
+        encoder_hidden_states=_meta(1, text, 4096),
+        pooled_projections=_meta(1, 768),
+        timestep=_meta(1),
+        guidance=_meta(1),
+        img_ids=torch.zeros(image, 3),
+        txt_ids=torch.zeros(text, 3),
+        return_dict=False,
+    )
     return "FLUX.1-dev, 1024²", model, inputs, f"{image} + {text}"
 
 
 def _wan(name: str, heads: int, ffn: int, layers: int, frames: int, height: int, width: int):
     from diffusers import WanTransformer3DModel
 
-    config = dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=128, in_channels=16,
-                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=ffn, num_layers=layers, cross_attn_norm=True,
-                  qk_norm="rms_norm_across_heads", eps=1e-6)
+    config = dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=128,
+        in_channels=16,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=ffn,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+    )
     with torch.device("meta"):
         model = WanTransformer3DModel(**config).to(BF16)
     latent_frames, latent_h, latent_w = (frames - 1) // 4 + 1, height // 8, width // 8
     tokens = latent_frames * (latent_h // 2) * (latent_w // 2)
-    inputs = dict(hidden_states=_meta(1, 16, latent_frames, latent_h, latent_w), timestep=_meta(1),
-                  encoder_hidden_states=_meta(1, 512, 4096), return_dict=False)
+    inputs = dict(
+        hidden_states=_meta(1, 16, latent_frames, latent_h, latent_w),
+        timestep=_meta(1),
+        encoder_hidden_states=_meta(1, 512, 4096),
+        return_dict=False,
+    )
     return name, model, inputs, str(tokens)
 
 
@@ -72,23 +103,48 @@ def wan_14b_720p():
 def hunyuan_video_720p():
     from diffusers import HunyuanVideoTransformer3DModel
 
-    config = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
-                  num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
-                  qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
-                  rope_theta=256.0, rope_axes_dim=(16, 56, 56))
+    config = dict(
+        in_channels=16,
+        out_channels=16,
+        num_attention_heads=24,
+        attention_head_dim=128,
+        num_layers=20,
+        num_single_layers=40,
+        num_refiner_layers=2,
+        mlp_ratio=4.0,
+        patch_size=2,
+        patch_size_t=1,
+        qk_norm="rms_norm",
+        guidance_embeds=True,
+        text_embed_dim=4096,
+        pooled_projection_dim=768,
+        rope_theta=256.0,
+        rope_axes_dim=(16, 56, 56),
+    )
     with torch.device("meta"):
         model = HunyuanVideoTransformer3DModel(**config).to(BF16)
     frames, height, width, text = 129, 720, 1280, 256
     latent_frames, latent_h, latent_w = (frames - 1) // 4 + 1, height // 8, width // 8
     tokens = latent_frames * (latent_h // 2) * (latent_w // 2)
-    inputs = dict(hidden_states=_meta(1, 16, latent_frames, latent_h, latent_w), timestep=_meta(1),
-                  encoder_hidden_states=_meta(1, text, 4096), encoder_attention_mask=_meta(1, text, dtype=torch.bool),
-                  pooled_projections=_meta(1, 768), guidance=_meta(1), return_dict=False)
+    inputs = dict(
+        hidden_states=_meta(1, 16, latent_frames, latent_h, latent_w),
+        timestep=_meta(1),
+        encoder_hidden_states=_meta(1, text, 4096),
+        encoder_attention_mask=_meta(1, text, dtype=torch.bool),
+        pooled_projections=_meta(1, 768),
+        guidance=_meta(1),
+        return_dict=False,
+    )
     return "HunyuanVideo, 720p, 129 frames", model, inputs, f"{tokens} + {text}"
 
 
-MODELS = {"flux-dev": flux_dev, "wan-1.3b-480p": wan_1_3b_480p, "wan-14b-480p": wan_14b_480p, "wan-14b-720p": wan_14b_720p,
-          "hunyuan-video-720p": hunyuan_video_720p}
+MODELS = {
+    "flux-dev": flux_dev,
+    "wan-1.3b-480p": wan_1_3b_480p,
+    "wan-14b-480p": wan_14b_480p,
+    "wan-14b-720p": wan_14b_720p,
+    "hunyuan-video-720p": hunyuan_video_720p,
+}
 
 
 def main() -> None:
@@ -108,13 +164,25 @@ def main() -> None:
         points = explanation.cache_points
         hidden = explanation.hidden_state_bytes  # bf16 bytes of the largest point
         others = sum(1 for p in points if not p.feeds_output)
-        row = (name, tokens, len(explanation.blocks), len(points), hidden, full.buffer_bytes_per_stream,
-               explanation.buffer_bytes_per_stream, explanation.cached_step_buffer_bytes, others,
-               time.perf_counter() - started)
+        row = (
+            name,
+            tokens,
+            len(explanation.blocks),
+            len(points),
+            hidden,
+            full.buffer_bytes_per_stream,
+            explanation.buffer_bytes_per_stream,
+            explanation.cached_step_buffer_bytes,
+            others,
+            time.perf_counter() - started,
+        )
         rows.append(row)
-        print(f"{name}: {row[2]} blocks, {row[3]} points, one hidden state {hidden / 1e6:.0f} MB, buffers per "
-              f"stream {row[5] / 1e9:.2f} GB with statistic='full', {row[6] / 1e9:.3f} GB by default "
-              f"({row[6] / hidden:.2f} hidden states; {row[8]} points sketched) [{row[9]:.0f} s]", flush=True)
+        print(
+            f"{name}: {row[2]} blocks, {row[3]} points, one hidden state {hidden / 1e6:.0f} MB, buffers per "
+            f"stream {row[5] / 1e9:.2f} GB with statistic='full', {row[6] / 1e9:.3f} GB by default "
+            f"({row[6] / hidden:.2f} hidden states; {row[8]} points sketched) [{row[9]:.0f} s]",
+            flush=True,
+        )
     lines = [
         "# Cache-buffer memory at real sizes (bf16, block granularity, hidden-state prediction)",
         "",

@@ -15,7 +15,7 @@ import time
 import torch
 
 import sc_compile
-from sc_compile.runtime import latest_runtime
+from sc_compile.runtime.dispatch import latest_runtime
 
 
 def build(model: str):
@@ -29,14 +29,28 @@ def build(model: str):
         tokens, text, channels = 49, 4, flux_config()["in_channels"]
     elif model == "large-flux":  # random init, for speed only: ~35M parameters, 1024 image tokens
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
-            num_attention_heads=8, joint_attention_dim=512, pooled_projection_dim=256, axes_dims_rope=[16, 24, 24],
+            patch_size=1,
+            in_channels=64,
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=64,
+            num_attention_heads=8,
+            joint_attention_dim=512,
+            pooled_projection_dim=256,
+            axes_dims_rope=[16, 24, 24],
         ).eval()
         tokens, text, channels = 1024, 64, 64
     else:
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6],
+            patch_size=1,
+            in_channels=8,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=[4, 6, 6],
         ).eval()
         tokens, text, channels = 16, 8, 8
     config = transformer.config
@@ -81,15 +95,21 @@ def main() -> None:
                 (full_times if step in report.full_steps else cached_times).append(elapsed)
     runtime = latest_runtime(transformer)
     full_ms, cached_ms = statistics.median(full_times) * 1e3, statistics.median(cached_times) * 1e3
-    print(f"model: {args.model} ({sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M params), "
-          f"{len(explanation.blocks)} blocks, {len(explanation.cache_points)} cache points")
+    print(
+        f"model: {args.model} ({sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M params), "
+        f"{len(explanation.blocks)} blocks, {len(explanation.cache_points)} cache points"
+    )
     # A recompile would compile another graph: one graph over all generations means none.
     print(f"dynamo graphs over {args.generations + 1} generations: {counters['stats']['unique_graphs']}")
-    print(f"compile: full-step graph {runtime.full_step.compile_seconds:.1f} s ({runtime.full_step.num_compute_nodes} nodes), "
-          f"cached-step graph {runtime.cached_step.compile_seconds:.1f} s ({runtime.cached_step.num_compute_nodes} nodes); "
-          f"first call {first:.1f} s")
+    print(
+        f"compile: full-step graph {runtime.full_step.compile_seconds:.1f} s ({runtime.full_step.num_compute_nodes} nodes), "
+        f"cached-step graph {runtime.cached_step.compile_seconds:.1f} s ({runtime.cached_step.num_compute_nodes} nodes); "
+        f"first call {first:.1f} s"
+    )
     print(f"full step:   median {full_ms:.3f} ms over {len(full_times)} calls")
-    print(f"cached step: median {cached_ms:.3f} ms over {len(cached_times)} calls ({cached_ms / full_ms:.1%} of a full step)")
+    print(
+        f"cached step: median {cached_ms:.3f} ms over {len(cached_times)} calls ({cached_ms / full_ms:.1%} of a full step)"
+    )
 
 
 if __name__ == "__main__":

@@ -33,9 +33,7 @@ def replay_nodes(
         carried = _stream_inputs(node)
         if not carried:
             return None
-        other_member_inputs = [
-            a for a in node.all_input_nodes if a in members and a not in carried and a not in points
-        ]
+        other_member_inputs = [a for a in node.all_input_nodes if a in members and a not in carried and a not in points]
         if other_member_inputs:
             return None
         needed.add(node)

@@ -95,9 +95,7 @@ _LAYER_TYPES = (
 
 
 def _is_layer(cls: object) -> bool:
-    return isinstance(cls, type) and (
-        issubclass(cls, _LAYER_TYPES) or cls.__module__ == "torch.nn.modules.activation"
-    )
+    return isinstance(cls, type) and (issubclass(cls, _LAYER_TYPES) or cls.__module__ == "torch.nn.modules.activation")
 
 
 def _repeated_blocks(owner: dict[torch.fx.Node, str]) -> set[str]:

@@ -147,4 +147,3 @@ def find_residual_outputs(gm: torch.fx.GraphModule) -> PassResult:
         for node in residual_outputs_of(block):
             node.meta[RESIDUAL_OUTPUT_META_KEY] = True
     return PassResult(gm, False)
-

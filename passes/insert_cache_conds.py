@@ -93,9 +93,7 @@ def _set_example(node: torch.fx.Node, value: object) -> None:
     node.meta["val"] = value
 
 
-def _new_placeholder(
-    graph: torch.fx.Graph, name: str, example: torch.Tensor, fake_mode
-) -> torch.fx.Node:
+def _new_placeholder(graph: torch.fx.Graph, name: str, example: torch.Tensor, fake_mode) -> torch.fx.Node:
     node = graph.placeholder(name)
     node._dynamo_source = None  # type: ignore[attr-defined]
     node.meta["tensor_dict"] = {}
@@ -136,7 +134,9 @@ def read_at_cached_step(blocks: list[BlockInfo], graph: torch.fx.Graph) -> set[t
             continue
         needed = replay_nodes(node, points, members)
         if needed is None:
-            raise RuntimeError(f"block {block.name!r}: output {node.name!r} is neither a cache point nor derived from one")
+            raise RuntimeError(
+                f"block {block.name!r}: output {node.name!r} is neither a cache point nor derived from one"
+            )
         for member in needed:
             for source in member.all_input_nodes:
                 if source in points:
@@ -178,7 +178,11 @@ PREDICTIONS = ("hidden", "residual")
 
 
 def _anchor(
-    b: _BranchBuilder, node: torch.fx.Node, block: BlockInfo, members: set[torch.fx.Node], memo: dict[torch.fx.Node, torch.fx.Node]
+    b: _BranchBuilder,
+    node: torch.fx.Node,
+    block: BlockInfo,
+    members: set[torch.fx.Node],
+    memo: dict[torch.fx.Node, torch.fx.Node],
 ) -> torch.fx.Node:
     """Emit into ``b`` the value of ``node`` with the block's residual branches removed (its anchor)."""
     if node not in members:
@@ -263,7 +267,10 @@ def _full_branch(
         def l1(x: torch.fx.Node) -> torch.fx.Node:
             return b.method("sum", b.method("abs", x))
 
-        row = b.fn(torch.stack, stats_row(change_l1=l1(change), prev_l1=l1(prev), next_change_l1=l1(new_dy), value_l1=l1(value32)))
+        row = b.fn(
+            torch.stack,
+            stats_row(change_l1=l1(change), prev_l1=l1(prev), next_change_l1=l1(new_dy), value_l1=l1(value32)),
+        )
         b.fn(torch.ops.aten.copy_.default, b.fn(torch.ops.aten.select.int, b.env[stats], 0, index), row)
         buffer_dtype = torch.float32 if sketch is not None else required_tensor_meta(point).dtype
         writes.append((dy, b.method("to", new_dy, buffer_dtype)))
@@ -390,15 +397,14 @@ def insert_cache_conds(
         with graph.inserting_before(block.members[0]):
             true_attr = graph.get_attr(full_name)
             false_attr = graph.get_attr(cached_name)
-            cond = graph.call_function(
-                torch.ops.higher_order.cond, (is_full, true_attr, false_attr, tuple(operands))
-            )
+            cond = graph.call_function(torch.ops.higher_order.cond, (is_full, true_attr, false_attr, tuple(operands)))
             _set_example(cond, tuple(example_value(o) for o in block.outputs))
             results = []
             for k, output in enumerate(block.outputs):
                 result = graph.call_function(operator.getitem, (cond, k))
                 result.meta = dict(output.meta)
                 results.append(result)
+
         def outside(user: torch.fx.Node, members: set[torch.fx.Node] = member_set) -> bool:
             return user not in members
 

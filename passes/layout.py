@@ -134,9 +134,7 @@ class CacheLayout:
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def cache_layout_of(
-    gm: torch.fx.GraphModule, *, model_class: str, granularity: str, prediction: str
-) -> CacheLayout:
+def cache_layout_of(gm: torch.fx.GraphModule, *, model_class: str, granularity: str, prediction: str) -> CacheLayout:
     """The node-free layout of a cond-guarded graph, read from its annotated inputs."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     annotated = [n for n in placeholders if POINT_SPEC_META_KEY in n.meta]

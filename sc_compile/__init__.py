@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from sc_compile.alpha import AlphaTable
+    from sc_compile.calibration.table import AlphaTable
     from sc_compile.config import ScalingCacheConfig
-    from sc_compile.explanation import Explanation
-    from sc_compile.reporting import GenerationReport
+    from sc_compile.reporting.explanation import Explanation
+    from sc_compile.reporting.report import GenerationReport
 
 __all__ = [
     "AlphaTable",
@@ -40,7 +40,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name == "AlphaTable":
-        from sc_compile.alpha import AlphaTable
+        from sc_compile.calibration.table import AlphaTable
 
         return AlphaTable
     if name == "ScalingCacheConfig":
@@ -76,15 +76,15 @@ def compile(  # noqa: A001 - the verb users expect, as torch.compile
 
 
 def calibrate(target: Any, samples: Any, **kwargs: Any) -> AlphaTable:
-    """Calibrate an α table (paper eq. 5); see :func:`sc_compile.calibration.calibrate`."""
-    from sc_compile.calibration import calibrate as _calibrate
+    """Calibrate an α table (paper eq. 5); see :func:`sc_compile.calibration.collect.calibrate`."""
+    from sc_compile.calibration.collect import calibrate as _calibrate
 
     return _calibrate(target, samples, **kwargs)
 
 
 def report(model: torch.nn.Module) -> GenerationReport:
     """The last generation's record of ``model`` (compiled, or the module that was compiled)."""
-    from sc_compile.runtime import report as _report
+    from sc_compile.runtime.dispatch import report as _report
 
     return _report(model)
 
@@ -105,7 +105,7 @@ def generation(
     """
     import threading
 
-    from sc_compile.generations import (
+    from sc_compile.runtime.generations import (
         GenerationScope,
         module_key,
         pop_scope,
@@ -139,7 +139,7 @@ def generation(
 def uncached(model: torch.nn.Module) -> Iterator[None]:
     """Calls of ``model`` inside run in full on scratch state, outside any generation (previews,
     probes): they neither advance nor read the generation that is running."""
-    from sc_compile.generations import module_key, pop_uncached, push_uncached
+    from sc_compile.runtime.generations import module_key, pop_uncached, push_uncached
 
     token = push_uncached(module_key(model))
     try:
@@ -151,21 +151,21 @@ def uncached(model: torch.nn.Module) -> Iterator[None]:
 def enable(pipe: Any, *, denoisers: Any = None) -> Any:
     """Give a pipeline's ScalingCache-compiled denoisers the pipeline's own step clock: a
     generation per pipeline call, steps from its scheduler, streams from its ``cache_context``;
-    see :mod:`sc_compile.pipeline`. Returns ``pipe``."""
-    from sc_compile.pipeline import enable as _enable
+    see :mod:`sc_compile.clock.pipeline`. Returns ``pipe``."""
+    from sc_compile.clock.pipeline import enable as _enable
 
     return _enable(pipe, denoisers=denoisers)
 
 
 def disable(pipe: Any) -> Any:
     """Undo :func:`enable`."""
-    from sc_compile.pipeline import disable as _disable
+    from sc_compile.clock.pipeline import disable as _disable
 
     return _disable(pipe)
 
 
 def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Explanation:
     """What the pass finds in ``model`` for these inputs, without running a generation."""
-    from sc_compile.explanation import explain as _explain
+    from sc_compile.reporting.explanation import explain as _explain
 
     return _explain(model, *args, **kwargs)

@@ -71,7 +71,9 @@ def model_dir_format(model_dir: str | Path) -> str:
                 f"pipeline with pipe.save_pretrained(DIR) and calibrate DIR (give {MODEL_DIR_FORMATS})"
             )
         if not (directory / DEMO_EMBEDDINGS).is_file():
-            raise SystemExit(f"calibrate: {directory} is a {class_name} directory without {DEMO_EMBEDDINGS}; give {MODEL_DIR_FORMATS}")
+            raise SystemExit(
+                f"calibrate: {directory} is a {class_name} directory without {DEMO_EMBEDDINGS}; give {MODEL_DIR_FORMATS}"
+            )
         return "demo"
     raise SystemExit(f"calibrate: {directory} has neither {PIPELINE_INDEX} nor config.json; give {MODEL_DIR_FORMATS}")
 
@@ -87,13 +89,17 @@ def check_writable_output(path: str | Path) -> Path:
     if out.parent.exists() and not out.parent.is_dir():
         raise SystemExit(f"calibrate: --out {out}: {out.parent} is a file, not a directory; choose another path")
     if not out.parent.is_dir():
-        raise SystemExit(f"calibrate: --out {out}: the directory {out.parent} does not exist; create it or choose another path")
+        raise SystemExit(
+            f"calibrate: --out {out}: the directory {out.parent} does not exist; create it or choose another path"
+        )
     existed = out.exists()
     try:
         with open(out, "ab"):
             pass
     except OSError as error:
-        raise SystemExit(f"calibrate: --out {out} cannot be written ({error.strerror}); choose a writable path") from error
+        raise SystemExit(
+            f"calibrate: --out {out} cannot be written ({error.strerror}); choose a writable path"
+        ) from error
     finally:
         if not existed:
             out.unlink(missing_ok=True)
@@ -106,7 +112,9 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
     if args.prompts_file is not None:
         path = Path(args.prompts_file)
         if not path.is_file():
-            raise SystemExit(f"calibrate: --prompts-file {path} is not a file; give a text file with one prompt per line")
+            raise SystemExit(
+                f"calibrate: --prompts-file {path} is not a file; give a text file with one prompt per line"
+            )
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not prompts:
             raise SystemExit(f"calibrate: --prompts-file {path} holds no prompt; write one prompt per line")
@@ -124,7 +132,9 @@ def read_prompt_embeddings(path: str | None) -> dict[str, Any] | None:
         return None
     file = Path(path)
     if not file.is_file():
-        raise SystemExit(f"calibrate: --prompt-embeds {file} is not a file; give a .safetensors file of prompt embeddings")
+        raise SystemExit(
+            f"calibrate: --prompt-embeds {file} is not a file; give a .safetensors file of prompt embeddings"
+        )
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -214,17 +224,27 @@ def check_calibration_inputs(args: argparse.Namespace) -> tuple[str, Path, list[
     prompts = read_prompts(args)
     embeddings = read_prompt_embeddings(args.prompt_embeds)
     if kind == "demo" and (prompts is not None or embeddings is not None):
-        raise SystemExit(f"calibrate: {args.model_dir} is a demo-style directory; its prompts are class labels (--classes), not --prompt / --prompt-embeds")
+        raise SystemExit(
+            f"calibrate: {args.model_dir} is a demo-style directory; its prompts are class labels (--classes), not --prompt / --prompt-embeds"
+        )
     if kind == "pipeline":
         if prompts is not None and embeddings is not None:
             raise SystemExit("calibrate: give text prompts (--prompt / --prompts-file) or --prompt-embeds, not both")
         if prompts is None and embeddings is None:
-            raise SystemExit(f"calibrate: the pipeline in {args.model_dir} needs prompts: --prompt TEXT, --prompts-file FILE or --prompt-embeds FILE")
+            raise SystemExit(
+                f"calibrate: the pipeline in {args.model_dir} needs prompts: --prompt TEXT, --prompts-file FILE or --prompt-embeds FILE"
+            )
         if prompts is not None:
             index = json.loads((Path(args.model_dir) / PIPELINE_INDEX).read_text())
-            encoders = [name for name, value in index.items() if name.startswith("text_encoder") and isinstance(value, list) and value[0] is not None]
+            encoders = [
+                name
+                for name, value in index.items()
+                if name.startswith("text_encoder") and isinstance(value, list) and value[0] is not None
+            ]
             if not encoders:
-                raise SystemExit(f"calibrate: the pipeline in {args.model_dir} has no text encoder to encode --prompt; give --prompt-embeds FILE")
+                raise SystemExit(
+                    f"calibrate: the pipeline in {args.model_dir} has no text encoder to encode --prompt; give --prompt-embeds FILE"
+                )
     return kind, out, prompts, embeddings
 
 
@@ -286,7 +306,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from sc_compile.alpha import AlphaTable
+    from sc_compile.calibration.table import AlphaTable
 
     table = AlphaTable.load(args.file)
     print(repr(table))
@@ -296,7 +316,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for step in range(table.num_steps):
         row = table.alpha[step]
         timestep = f"{table.timesteps[step]:.5g}" if table.timesteps else "-"
-        print(f"{step:4d}  {timestep:>10}  {mean[step]:7.4f}  {std[step]:7.4f}  {float(row.min()):7.4f}  {float(row.max()):7.4f}")
+        print(
+            f"{step:4d}  {timestep:>10}  {mean[step]:7.4f}  {std[step]:7.4f}  {float(row.min()):7.4f}  {float(row.max()):7.4f}"
+        )
     if args.plot:
         try:
             import matplotlib
@@ -345,10 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
         "point. MODEL_DIR is " + MODEL_DIR_FORMATS + ". A pipeline needs prompts: --prompt / --prompts-file "
         "(encoded by its text encoders) or --prompt-embeds; a demo-style directory uses its class labels.",
     )
-    cal.add_argument("model_dir", help="pipeline directory (DiffusionPipeline.save_pretrained) or demo-style model directory")
+    cal.add_argument(
+        "model_dir", help="pipeline directory (DiffusionPipeline.save_pretrained) or demo-style model directory"
+    )
     cal.add_argument("--out", required=True, help="the α file to write (.safetensors)")
     steps_note = " (α is fitted from the third step on)"
-    cal.add_argument("--steps", type=_at_least(MIN_CALIBRATION_STEPS, steps_note), default=28, help="inference steps per generation")
+    cal.add_argument(
+        "--steps", type=_at_least(MIN_CALIBRATION_STEPS, steps_note), default=28, help="inference steps per generation"
+    )
     cal.add_argument("--prompt", action="append", help="a text prompt (repeat for several)")
     cal.add_argument("--prompts-file", help="a text file with one prompt per line")
     cal.add_argument(
@@ -357,20 +383,37 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline takes them, pooled_prompt_embeds, negative_prompt_embeds, ...",
     )
     cal.add_argument("--seeds", type=_at_least(1), default=2, help="generations (seeds) per prompt or class")
-    cal.add_argument("--classes", type=_at_least(1), default=10, help="demo-style directories: class labels used as prompts")
-    cal.add_argument("--height", type=_at_least(1), default=None, help="pipeline directories: image height (default: the pipeline's)")
-    cal.add_argument("--width", type=_at_least(1), default=None, help="pipeline directories: image width (default: the pipeline's)")
-    cal.add_argument("--num-frames", type=_at_least(1), default=None, help="pipeline directories: video frames (default: the pipeline's)")
-    cal.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's (3.0 for demo-style directories)")
+    cal.add_argument(
+        "--classes", type=_at_least(1), default=10, help="demo-style directories: class labels used as prompts"
+    )
+    cal.add_argument(
+        "--height", type=_at_least(1), default=None, help="pipeline directories: image height (default: the pipeline's)"
+    )
+    cal.add_argument(
+        "--width", type=_at_least(1), default=None, help="pipeline directories: image width (default: the pipeline's)"
+    )
+    cal.add_argument(
+        "--num-frames",
+        type=_at_least(1),
+        default=None,
+        help="pipeline directories: video frames (default: the pipeline's)",
+    )
+    cal.add_argument(
+        "--guidance-scale", type=float, default=None, help="default: the pipeline's (3.0 for demo-style directories)"
+    )
     cal.add_argument("--beta", type=float, default=0.97)
     cal.add_argument("--granularity", choices=["block", "module"], default="block")
     cal.add_argument("--prediction", choices=["hidden", "residual"], default="hidden")
     cal.add_argument(
-        "--max-gap", type=_at_least(1), default=8,
+        "--max-gap",
+        type=_at_least(1),
+        default=8,
         help="longest gap (steps) the fitted coefficients may serve; keeps 2K+2 values per cache point while calibrating",
     )
     cal.add_argument(
-        "--statistic", choices=["subsample", "full"], default="subsample",
+        "--statistic",
+        choices=["subsample", "full"],
+        default="subsample",
         help="what the points no cached step reads keep (the compile option of that name)",
     )
     cal.add_argument("--compiler", choices=["inductor", "aot_eager", "eager"], default="eager")

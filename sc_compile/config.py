@@ -18,7 +18,7 @@ import torch
 from sc_compile.contract import Statistic
 
 if TYPE_CHECKING:
-    from sc_compile.alpha import AlphaTable
+    from sc_compile.calibration.table import AlphaTable
 
 
 class Prediction(str, enum.Enum):
@@ -68,7 +68,7 @@ class Coefficients(str, enum.Enum):
 
     FITTED = "fitted"
     """Per-gap least-squares coefficients fitted for the gaps the runtime takes (format-2 tables;
-    see :mod:`sc_compile.fitting`)."""
+    see :mod:`sc_compile.calibration.fitting`)."""
     CHAINED = "chained"
     """The paper's one-step α's, chained: ``c = Σ_j Π_i α`` (every table has them)."""
 
@@ -109,7 +109,7 @@ class ScalingCacheConfig:
     and below 50."""
 
     alpha: str | os.PathLike[str] | AlphaTable | None = None
-    """α: a path to an α file (safetensors), an :class:`~sc_compile.alpha.AlphaTable`, or ``"ones"``
+    """α: a path to an α file (safetensors), an :class:`~sc_compile.calibration.table.AlphaTable`, or ``"ones"``
     (α = 1, TaylorSeer-style first-order prediction). ``None``: the table shipped in ``assets/``
     for this model's layout if there is one, else α = 1 with one warning that says how to
     calibrate."""
@@ -197,9 +197,13 @@ class ScalingCacheConfig:
         coerce("change_points", ChangePoints)
         coerce("statistic", Statistic)
         if self.max_cache_bytes is not None and (
-            not isinstance(self.max_cache_bytes, int) or isinstance(self.max_cache_bytes, bool) or self.max_cache_bytes < 1
+            not isinstance(self.max_cache_bytes, int)
+            or isinstance(self.max_cache_bytes, bool)
+            or self.max_cache_bytes < 1
         ):
-            raise ValueError(f"max_cache_bytes must be a positive int (bytes) or None, but got {self.max_cache_bytes!r}")
+            raise ValueError(
+                f"max_cache_bytes must be a positive int (bytes) or None, but got {self.max_cache_bytes!r}"
+            )
         if self.coefficients is not None:
             coerce("coefficients", Coefficients)
             if self.coefficients is Coefficients.FITTED and isinstance(self.alpha, str) and self.alpha == "ones":
@@ -207,7 +211,9 @@ class ScalingCacheConfig:
         if self.full_steps is not None and (
             not isinstance(self.full_steps, int) or isinstance(self.full_steps, bool) or self.full_steps < 2
         ):
-            raise ValueError(f"full_steps must be an int >= 2 (the first two steps are always full) or None, but got {self.full_steps!r}")
+            raise ValueError(
+                f"full_steps must be an int >= 2 (the first two steps are always full) or None, but got {self.full_steps!r}"
+            )
         if self.speedup is not None and (
             isinstance(self.speedup, bool) or not isinstance(self.speedup, int | float) or not self.speedup >= 1.0
         ):
@@ -217,7 +223,9 @@ class ScalingCacheConfig:
             raise ValueError(f"{' and '.join(schedules)} each choose the schedule: give at most one of them")
         coerce("stochastic_sampler", StochasticSampler)
         if self.static_interval is not None and (
-            not isinstance(self.static_interval, int) or isinstance(self.static_interval, bool) or self.static_interval < 1
+            not isinstance(self.static_interval, int)
+            or isinstance(self.static_interval, bool)
+            or self.static_interval < 1
         ):
             raise ValueError(f"static_interval must be a positive int or None, but got {self.static_interval!r}")
         if self.warmup_steps is not None:
@@ -228,22 +236,32 @@ class ScalingCacheConfig:
                     f"warmup_steps must be at least {MIN_WARMUP_STEPS} (the first difference needs two "
                     f"full steps), but got {self.warmup_steps}"
                 )
-        if not isinstance(self.final_full_steps, int) or isinstance(self.final_full_steps, bool) or self.final_full_steps < 0:
+        if (
+            not isinstance(self.final_full_steps, int)
+            or isinstance(self.final_full_steps, bool)
+            or self.final_full_steps < 0
+        ):
             raise ValueError(f"final_full_steps must be an int >= 0, but got {self.final_full_steps!r}")
         if self.num_inference_steps is not None and (
-            not isinstance(self.num_inference_steps, int) or isinstance(self.num_inference_steps, bool) or self.num_inference_steps < 1
+            not isinstance(self.num_inference_steps, int)
+            or isinstance(self.num_inference_steps, bool)
+            or self.num_inference_steps < 1
         ):
-            raise ValueError(f"num_inference_steps must be a positive int or None, but got {self.num_inference_steps!r}")
+            raise ValueError(
+                f"num_inference_steps must be a positive int or None, but got {self.num_inference_steps!r}"
+            )
         if not isinstance(self.share_decision_across_streams, bool):
             raise ValueError(
                 f"share_decision_across_streams must be a bool, but got {self.share_decision_across_streams!r}"
             )
-        if self.cache_dtype is not None and not (isinstance(self.cache_dtype, torch.dtype) and self.cache_dtype.is_floating_point):
+        if self.cache_dtype is not None and not (
+            isinstance(self.cache_dtype, torch.dtype) and self.cache_dtype.is_floating_point
+        ):
             raise ValueError(f"cache_dtype must be a floating torch.dtype or None, but got {self.cache_dtype!r}")
         self._check_alpha()
 
     def _check_alpha(self) -> None:
-        from sc_compile.alpha import AlphaTable
+        from sc_compile.calibration.table import AlphaTable
 
         alpha = self.alpha
         if alpha is None or isinstance(alpha, AlphaTable):

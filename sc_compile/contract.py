@@ -40,6 +40,7 @@ STATS = "sc_stats"
 STAT_COLUMNS = ("change_l1", "prev_l1", "next_change_l1", "value_l1")
 CHANGE_L1, PREV_L1, NEXT_CHANGE_L1, VALUE_L1 = range(len(STAT_COLUMNS))
 
+
 def stats_row(*, change_l1: object, prev_l1: object, next_change_l1: object, value_l1: object) -> list[object]:
     """A point's statistics row in :data:`STAT_COLUMNS` order (scalar tensors, or the FX nodes
     that compute them)."""

@@ -20,7 +20,9 @@ FLUX_MODULES = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
 WAN_MODULES = ["blocks.0.attn1", "blocks.0.attn2"]
 
 
-def plan(*argv: str, modules: list[str] = FLUX_MODULES, mag_ratios: tuple[float, ...] | None = (1.0,)) -> list[peers.Method]:
+def plan(
+    *argv: str, modules: list[str] = FLUX_MODULES, mag_ratios: tuple[float, ...] | None = (1.0,)
+) -> list[peers.Method]:
     _, settings = cli.parse_args(list(argv))
     return peers.configurations(settings, modules, None if mag_ratios is None else list(mag_ratios))
 
@@ -51,14 +53,22 @@ def test_default_plan_compiles_the_middle_point_of_each_sweep_with_its_eager_twi
     compiled = [c for c in configs if c.kind == "peer" and c.variant != "eager"]
     # one per sweep, SeaCache never (fail-open on Flux: nothing to compare compiled)
     assert [c.name for c in compiled] == [
-        "FirstBlockCache thr=0.2", "TaylorSeerCache interval=4", "TaylorSeerCache lite interval=3",
-        "MagCache thr=0.12", "PyramidAttentionBroadcast skip=3", "FasterCache skip=2",
-        "cache-dit DBCache F1B0 rdt=0.3", "cache-dit DBCache+TaylorSeer F1B0 rdt=0.16",
+        "FirstBlockCache thr=0.2",
+        "TaylorSeerCache interval=4",
+        "TaylorSeerCache lite interval=3",
+        "MagCache thr=0.12",
+        "PyramidAttentionBroadcast skip=3",
+        "FasterCache skip=2",
+        "cache-dit DBCache F1B0 rdt=0.3",
+        "cache-dit DBCache+TaylorSeer F1B0 rdt=0.16",
     ]
     assert all(c.variant == "inductor" and c.twin in keys for c in compiled)
     ours = [c for c in configs if c.kind == "ours"]
     assert {c.label for c in ours} == {
-        "ScalingCache", "ScalingCache static", "ScalingCache residual", "ScalingCache module"
+        "ScalingCache",
+        "ScalingCache static",
+        "ScalingCache residual",
+        "ScalingCache module",
     }
     static = next(c for c in ours if c.label == "ScalingCache static")
     assert (static.name, static.param, static.warmup_steps) == ("ScalingCache static k=2", "S=4 k=2", 4)
@@ -68,7 +78,8 @@ def test_plan_options():
     # a budget per inner compiler; --only keeps the uncached references
     budget = [c for c in plan("--budgets", "13", "--only", "budget") if c.kind != "uncached"]
     assert [(c.key, c.full_steps, c.warmup_steps) for c in budget] == [
-        ("ScalingCache budget B=13|inductor", 13, None), ("ScalingCache budget B=13|eager inner", 13, None)
+        ("ScalingCache budget B=13|inductor", 13, None),
+        ("ScalingCache budget B=13|eager inner", 13, None),
     ]
     assert [c.kind for c in plan("--only", "nothing matches")] == ["uncached", "uncached"]
     # MagCache leaves the plan when its calibration failed
@@ -91,16 +102,35 @@ def test_cli_refuses(argv, capsys):
 
 
 def row(name: str, kind: str, variant: str, full: float, psnr: float, method: str | None = None) -> dict:
-    result = measurements.Result(name, method or name.rsplit(" ", 1)[0], name.rsplit(" ", 1)[1], variant, kind,
-                                 calls_per_gen=20, full_evals_per_gen=full, macs_frac=full / 20, psnr=psnr)
+    result = measurements.Result(
+        name,
+        method or name.rsplit(" ", 1)[0],
+        name.rsplit(" ", 1)[1],
+        variant,
+        kind,
+        calls_per_gen=20,
+        full_evals_per_gen=full,
+        macs_frac=full / 20,
+        psnr=psnr,
+    )
     return dataclasses.asdict(result)
 
 
 def test_matched_pairs_the_best_of_ours_at_no_more_full_evaluations():
-    ours = [row("ScalingCache S=2", "ours", "eager inner", 10, 40.0), row("ScalingCache S=4", "ours", "eager inner", 12, 45.0),
-            row("ScalingCache S=8", "ours", "eager inner", 16, 50.0), row("ScalingCache S=4", "ours", "inductor", 12, 45.0)]
-    lines = rendering.matched(ours + [row("Peer a", "peer", "eager", 13, 41.0), row("Peer b", "peer", "eager", 8, 30.0),
-                                      row("Peer c", "peer", "eager", 20, 30.0)])
+    ours = [
+        row("ScalingCache S=2", "ours", "eager inner", 10, 40.0),
+        row("ScalingCache S=4", "ours", "eager inner", 12, 45.0),
+        row("ScalingCache S=8", "ours", "eager inner", 16, 50.0),
+        row("ScalingCache S=4", "ours", "inductor", 12, 45.0),
+    ]
+    lines = rendering.matched(
+        ours
+        + [
+            row("Peer a", "peer", "eager", 13, 41.0),
+            row("Peer b", "peer", "eager", 8, 30.0),
+            row("Peer c", "peer", "eager", 20, 30.0),
+        ]
+    )
     table = [line for line in lines if line.startswith("| Peer")]
     # a: S=4 (12 ≤ 13, best PSNR among those); b: every run of ours costs more, the cheapest (S=2)
     assert [cells.split(" | ")[8] for cells in table] == ["dynamic S=4 (eager inner)", "dynamic S=2 (eager inner)"]

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import sc_compile
-from sc_compile.block_graphs import BlockGraphRuntime, BlockGraphsState
-from sc_compile.clock import ClockError
-from sc_compile.generations import sessions_of
-from sc_compile.runtime import runtimes_of
+from sc_compile.clock.step_clock import ClockError
+from sc_compile.runtime.dispatch import runtimes_of
+from sc_compile.runtime.generations import sessions_of
+from sc_compile.runtime.per_block import BlockGraphRuntime, BlockGraphsState
 
 from dummy_dit import DummyBlock, DummyDiT, output_scale
 from tiny_models import BUILDERS, timesteps, with_timestep
@@ -221,7 +221,9 @@ def test_pipeline_clock_places_per_block_graphs_with_guidance_streams():
     pipe, embeddings = random_flux_demo(seed=0)
     reference = pipe.transformer
     cached_pipe, _ = random_flux_demo(seed=0)
-    cached_pipe.transformer.compile_repeated_blocks(backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3})
+    cached_pipe.transformer.compile_repeated_blocks(
+        backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3}
+    )
     sc_compile.enable(cached_pipe)
 
     def generate(p):
@@ -250,6 +252,9 @@ def test_per_block_buffers_over_the_declared_budget_are_refused_before_they_are_
     model = _with_break_in_block(DummyDiT())
     # One unit's two buffers of [1, 4, 8] float32 and its statistics row: 2 * 128 + 16 = 272 bytes.
     compiled = torch.compile(model, backend="scalingcache", options={**OPTIONS, "max_cache_bytes": 600})
-    with pytest.raises(CacheMemoryError, match=r"stream 0\) of this generation needs .* over the limit of 600 B set by "
-                       r"options=\{'max_cache_bytes': 600\}.*two full buffers"):
+    with pytest.raises(
+        CacheMemoryError,
+        match=r"stream 0\) of this generation needs .* over the limit of 600 B set by "
+        r"options=\{'max_cache_bytes': 600\}.*two full buffers",
+    ):
         _run(model, compiled)

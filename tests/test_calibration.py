@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import sc_compile
-from sc_compile.alpha import AlphaTable
-from sc_compile.calibration import AlphaAccumulator
-from sc_compile.fitting import BandedGram, one_step_alpha
+from sc_compile.calibration.collect import AlphaAccumulator
+from sc_compile.calibration.fitting import BandedGram, one_step_alpha
+from sc_compile.calibration.table import AlphaTable
 
 from dummy_dit import DummyDiT
 
@@ -83,7 +83,9 @@ def test_calibrated_table_is_accepted_and_mapped_to_other_step_counts(tmp_path, 
     path = tmp_path / "alpha.safetensors"
     table.save(path)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "alpha": str(path), "warmup_steps": 3})
+    compiled = torch.compile(
+        model, backend="scalingcache", options={"compiler": "eager", "alpha": str(path), "warmup_steps": 3}
+    )
     for steps in (10, 40, 20):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="sc_compile.runtime"), torch.no_grad():
@@ -104,7 +106,23 @@ def test_cli_calibrates_a_tiny_pipeline_and_inspects_the_table(tmp_path):
     pipe.transformer.save_pretrained(model_dir)
     embeddings.save(model_dir / "class_embeddings.safetensors")
     out = tmp_path / "alpha.safetensors"
-    command = [sys.executable, "-m", "sc_compile", "calibrate", str(model_dir), "--out", str(out), "--steps", "6", "--classes", "2", "--seeds", "1", "--max-gap", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "sc_compile",
+        "calibrate",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "6",
+        "--classes",
+        "2",
+        "--seeds",
+        "1",
+        "--max-gap",
+        "2",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "2 samples x 6 steps" in result.stdout
     table = AlphaTable.load(out)
@@ -112,10 +130,14 @@ def test_cli_calibrates_a_tiny_pipeline_and_inspects_the_table(tmp_path):
     assert table.scheduler == "FlowMatchEulerDiscreteScheduler"
     assert "calibrate" in table.command
     assert table.fitted is not None and table.fitted.max_gap_limit == 2
-    inspect = subprocess.run([sys.executable, "-m", "sc_compile", "inspect", str(out)], capture_output=True, text=True, check=True)
+    inspect = subprocess.run(
+        [sys.executable, "-m", "sc_compile", "inspect", str(out)], capture_output=True, text=True, check=True
+    )
     assert "steps=6" in inspect.stdout and "α mean" in inspect.stdout
     # The backend accepts the file for the same architecture.
-    pipe.transformer = torch.compile(pipe.transformer, backend="scalingcache", options={"compiler": "eager", "alpha": str(out), "warmup_steps": 2})
+    pipe.transformer = torch.compile(
+        pipe.transformer, backend="scalingcache", options={"compiler": "eager", "alpha": str(out), "warmup_steps": 2}
+    )
     with torch.no_grad():
         pipe(**embeddings.pipeline_kwargs([0]), height=28, width=28, num_inference_steps=6, output_type="pt")
     report = sc_compile.report(pipe.transformer)
@@ -136,21 +158,32 @@ def test_shipped_table_at_other_step_counts_on_the_demo_model(capsys):
 
     def generate(steps):
         with torch.no_grad():
-            return pipe(**embeddings.pipeline_kwargs(labels, guidance_scale=3.0), height=28, width=28,
-                        num_inference_steps=steps, generator=torch.Generator().manual_seed(7), output_type="pt").images
+            return pipe(
+                **embeddings.pipeline_kwargs(labels, guidance_scale=3.0),
+                height=28,
+                width=28,
+                num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(7),
+                output_type="pt",
+            ).images
 
     results = {}
     for steps in (14, 56):
         reference = generate(steps)
         for name, table in (("mapped table", shipped), ("alpha = 1", "ones")):
             torch._dynamo.reset()
-            pipe.transformer = torch.compile(transformer, backend="scalingcache", options={
-                "compiler": "eager", "alpha": table, "num_inference_steps": steps, "full_steps": steps // 2})
+            pipe.transformer = torch.compile(
+                transformer,
+                backend="scalingcache",
+                options={"compiler": "eager", "alpha": table, "num_inference_steps": steps, "full_steps": steps // 2},
+            )
             results[(steps, name)] = (psnr(generate(steps), reference), sc_compile.report(transformer).num_full_steps)
             pipe.transformer = transformer
     with capsys.disabled():
-        print("\nshipped 28-step table at other step counts (PSNR vs uncached, full steps):",
-              {f"{k[0]} steps, {k[1]}": (round(v[0], 2), v[1]) for k, v in results.items()})
+        print(
+            "\nshipped 28-step table at other step counts (PSNR vs uncached, full steps):",
+            {f"{k[0]} steps, {k[1]}": (round(v[0], 2), v[1]) for k, v in results.items()},
+        )
     for steps in (14, 56):
         mapped, ones = results[(steps, "mapped table")], results[(steps, "alpha = 1")]
         assert mapped[1] == ones[1] == steps // 2  # the budget is met exactly

@@ -18,7 +18,7 @@ import torch
 
 import sc_compile
 from sc_compile.backends.capture_check import ForeignCacheError
-from sc_compile.clock import ClockError
+from sc_compile.clock.step_clock import ClockError
 from sc_compile.passes.find_blocks import UnsupportedGraphError
 
 from dummy_dit import DummyBlock, DummyDiT
@@ -99,7 +99,9 @@ def test_break_in_the_first_block_names_the_break_and_its_line():
     model = DummyDiT()
     model.blocks[0] = BlockWithBreak(1.0)
     message = _clock_error(model, torch.ones(1, 4, 8), torch.tensor([1.0]))
-    assert re.search(rf"graph break: Call to `torch._dynamo.graph_break\(\)` at {THIS_FILE}:{_line_of('BREAK IN BLOCK')}", message), message
+    assert re.search(
+        rf"graph break: Call to `torch._dynamo.graph_break\(\)` at {THIS_FILE}:{_line_of('BREAK IN BLOCK')}", message
+    ), message
     assert "found no transformer blocks" not in message
     assert "sc_compile.enable(pipe)" in message and "fullgraph" not in message
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import sc_compile
-import sc_compile.runtime
+import sc_compile.runtime.dispatch
 
 from tiny_models import BUILDERS, timesteps, with_timestep
 
@@ -226,7 +226,9 @@ def test_complex_rope_at_two_resolutions(compiler):
     compiled = torch.compile(model, backend="scalingcache", options={"compiler": compiler, "warmup_steps": 2})
     for height, width in ((4, 4), (6, 4), (8, 6)):
         step_inputs = dict(inputs)
-        step_inputs["hidden_states"] = torch.randn(1, height * width, 16, generator=torch.Generator().manual_seed(height))
+        step_inputs["hidden_states"] = torch.randn(
+            1, height * width, 16, generator=torch.Generator().manual_seed(height)
+        )
         step_inputs["img_shapes"] = [[(1, height, width)]]
         outputs = []
         with torch.no_grad():
@@ -256,7 +258,7 @@ def test_half_precision_models(dtype):
         ours, eager = outputs[step]
         assert ours.dtype == dtype
         torch.testing.assert_close(ours, eager)  # the dtype's default tolerances
-    layout = sc_compile.runtime.latest_runtime(model).layout
+    layout = sc_compile.runtime.dispatch.latest_runtime(model).layout
     assert all(p.dtype == dtype for p in layout.points)
 
 
@@ -273,7 +275,9 @@ def test_lora_hotswap_and_unload_through_diffusers(tmp_path):
     for seed in (1, 2):
         donor, _ = BUILDERS["flux"](seed=0)
         torch.manual_seed(seed)
-        donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+        donor.add_adapter(
+            LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+        )
         states.append({f"transformer.{k}": v for k, v in get_peft_model_state_dict(donor).items()})
     model.enable_lora_hotswap(target_rank=4)
     model.load_lora_adapter(states[0], prefix="transformer", adapter_name="swap")
@@ -300,7 +304,9 @@ def test_inductor_max_autotune_no_cudagraphs_mode():
     """``mode="max-autotune-no-cudagraphs"`` with ScalingCache options (``torch.compile`` takes
     ``mode`` or ``options``, not both: ``sc_compile.compile`` passes both to the backend)."""
     model, inputs = BUILDERS["wan"](seed=0)
-    compiled = sc_compile.compile(model, sc_compile.ScalingCacheConfig(warmup_steps=2), mode="max-autotune-no-cudagraphs")
+    compiled = sc_compile.compile(
+        model, sc_compile.ScalingCacheConfig(warmup_steps=2), mode="max-autotune-no-cudagraphs"
+    )
     outputs = []
     with torch.no_grad():
         for t in timesteps("wan", 6):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import sc_compile
-from sc_compile.alpha import AlphaTable
+from sc_compile.calibration.table import AlphaTable
 from sc_compile.cli import build_parser, calibration_samples, main
 
 FLUX_INDEX = {
@@ -76,51 +76,86 @@ def test_calibrate_refuses_a_bad_model_path(tmp_path, capsys, nothing_runs, embe
     elif bad == "bare_transformer":
         path.mkdir()
         (path / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
-    message = _refusal(["calibrate", str(path), "--out", str(tmp_path / "alpha.safetensors"),
-                        "--prompt-embeds", str(embeddings_file)], capsys)
+    message = _refusal(
+        ["calibrate", str(path), "--out", str(tmp_path / "alpha.safetensors"), "--prompt-embeds", str(embeddings_file)],
+        capsys,
+    )
     assert str(path) in message and "save_pretrained" in message, message
     assert not (tmp_path / "alpha.safetensors").exists()
 
 
-def test_calibrate_refuses_a_pipeline_without_transformer(tmp_path, capsys, nothing_runs, index_only_pipeline, embeddings_file):
+def test_calibrate_refuses_a_pipeline_without_transformer(
+    tmp_path, capsys, nothing_runs, index_only_pipeline, embeddings_file
+):
     index = {**FLUX_INDEX, "transformer": [None, None]}
     (index_only_pipeline / "model_index.json").write_text(json.dumps(index))
-    message = _refusal(["calibrate", str(index_only_pipeline), "--out", str(tmp_path / "a.safetensors"),
-                        "--prompt-embeds", str(embeddings_file)], capsys)
+    message = _refusal(
+        [
+            "calibrate",
+            str(index_only_pipeline),
+            "--out",
+            str(tmp_path / "a.safetensors"),
+            "--prompt-embeds",
+            str(embeddings_file),
+        ],
+        capsys,
+    )
     assert "no transformer component" in message, message
 
 
 @pytest.mark.parametrize("steps", ["0", "-1", "2", "many"])
 def test_calibrate_refuses_too_few_steps(tmp_path, capsys, nothing_runs, index_only_pipeline, embeddings_file, steps):
-    message = _refusal(["calibrate", str(index_only_pipeline), "--out", str(tmp_path / "a.safetensors"),
-                        "--prompt-embeds", str(embeddings_file), "--steps", steps], capsys)
+    message = _refusal(
+        [
+            "calibrate",
+            str(index_only_pipeline),
+            "--out",
+            str(tmp_path / "a.safetensors"),
+            "--prompt-embeds",
+            str(embeddings_file),
+            "--steps",
+            steps,
+        ],
+        capsys,
+    )
     assert "--steps" in message and ("at least 3" in message or "integer" in message), message
 
 
 @pytest.mark.parametrize("option", ["--seeds", "--classes"])
 def test_calibrate_refuses_zero_generations(tmp_path, capsys, nothing_runs, index_only_pipeline, option):
-    message = _refusal(["calibrate", str(index_only_pipeline), "--out", str(tmp_path / "a.safetensors"), option, "0"], capsys)
+    message = _refusal(
+        ["calibrate", str(index_only_pipeline), "--out", str(tmp_path / "a.safetensors"), option, "0"], capsys
+    )
     assert option in message and "at least 1" in message, message
 
 
 @pytest.mark.parametrize("bad", ["directory", "missing_parent", "parent_is_a_file"])
-def test_calibrate_refuses_an_unwritable_output(tmp_path, capsys, nothing_runs, index_only_pipeline, embeddings_file, bad):
+def test_calibrate_refuses_an_unwritable_output(
+    tmp_path, capsys, nothing_runs, index_only_pipeline, embeddings_file, bad
+):
     out = {
         "directory": tmp_path,
         "missing_parent": tmp_path / "no" / "such" / "alpha.safetensors",
         "parent_is_a_file": embeddings_file / "alpha.safetensors",
     }[bad]
-    message = _refusal(["calibrate", str(index_only_pipeline), "--out", str(out), "--prompt-embeds", str(embeddings_file)], capsys)
+    message = _refusal(
+        ["calibrate", str(index_only_pipeline), "--out", str(out), "--prompt-embeds", str(embeddings_file)], capsys
+    )
     assert "--out" in message and str(out) in message, message
 
 
 def test_calibrate_refuses_bad_prompt_embeddings(tmp_path, capsys, nothing_runs, index_only_pipeline):
     out = str(tmp_path / "a.safetensors")
-    missing = _refusal(["calibrate", str(index_only_pipeline), "--out", out, "--prompt-embeds", str(tmp_path / "none.safetensors")], capsys)
+    missing = _refusal(
+        ["calibrate", str(index_only_pipeline), "--out", out, "--prompt-embeds", str(tmp_path / "none.safetensors")],
+        capsys,
+    )
     assert "is not a file" in missing, missing
     not_safetensors = tmp_path / "embeds.txt"
     not_safetensors.write_text("a cat")
-    garbage = _refusal(["calibrate", str(index_only_pipeline), "--out", out, "--prompt-embeds", str(not_safetensors)], capsys)
+    garbage = _refusal(
+        ["calibrate", str(index_only_pipeline), "--out", out, "--prompt-embeds", str(not_safetensors)], capsys
+    )
     assert "not a safetensors file" in garbage, garbage
     ragged = tmp_path / "ragged.safetensors"
     save_file({"prompt_embeds": torch.randn(2, 4, 8), "pooled_prompt_embeds": torch.randn(3, 8)}, str(ragged))
@@ -132,15 +167,33 @@ def test_calibrate_refuses_bad_prompt_embeddings(tmp_path, capsys, nothing_runs,
 
 
 def test_calibrate_refuses_text_prompts_without_a_text_encoder(tmp_path, capsys, nothing_runs, index_only_pipeline):
-    message = _refusal(["calibrate", str(index_only_pipeline), "--out", str(tmp_path / "a.safetensors"), "--prompt", "a cat"], capsys)
+    message = _refusal(
+        ["calibrate", str(index_only_pipeline), "--out", str(tmp_path / "a.safetensors"), "--prompt", "a cat"], capsys
+    )
     assert "no text encoder" in message and "--prompt-embeds" in message, message
 
 
 def test_prompts_give_one_generation_per_prompt_and_seed(tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("a cat\n\na dog\n")
-    args = build_parser().parse_args(["calibrate", "DIR", "--out", "a.safetensors", "--prompt", "a bird",
-                                      "--prompts-file", str(prompts_file), "--steps", "5", "--seeds", "2", "--height", "64"])
+    args = build_parser().parse_args(
+        [
+            "calibrate",
+            "DIR",
+            "--out",
+            "a.safetensors",
+            "--prompt",
+            "a bird",
+            "--prompts-file",
+            str(prompts_file),
+            "--steps",
+            "5",
+            "--seeds",
+            "2",
+            "--height",
+            "64",
+        ]
+    )
     from sc_compile.cli import read_prompts
 
     prompts = read_prompts(args)
@@ -160,8 +213,9 @@ def _word_tokenizer(max_length: int):
 
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(PROMPT_WORDS)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=max_length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
 
 
 def _save_tiny_flux_pipeline(directory: Path, text_encoders: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,21 +226,41 @@ def _save_tiny_flux_pipeline(directory: Path, text_encoders: bool = False) -> tu
     from sc_compile.demo.models import flux_scheduler, random_flux_demo
 
     demo, embeddings = random_flux_demo(seed=0)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(4, 4), latent_channels=4,
-                        norm_num_groups=2, layers_per_block=1)
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 4),
+        latent_channels=4,
+        norm_num_groups=2,
+        layers_per_block=1,
+    )
     encoders: dict[str, object] = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
     if text_encoders:
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
         torch.manual_seed(0)
         # Widths as the demo transformer's pooled_projection_dim and joint_attention_dim (64).
-        clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(PROMPT_WORDS), hidden_size=64, intermediate_size=128,
-                                            num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16,
-                                            bos_token_id=1, eos_token_id=1, pad_token_id=0)).eval()
-        t5 = T5EncoderModel(T5Config(vocab_size=len(PROMPT_WORDS), d_model=64, d_kv=16, d_ff=128, num_layers=1,
-                                     num_heads=4)).eval()
-        encoders = dict(text_encoder=clip, tokenizer=_word_tokenizer(16), text_encoder_2=t5, tokenizer_2=_word_tokenizer(32))
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(PROMPT_WORDS),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                max_position_embeddings=16,
+                bos_token_id=1,
+                eos_token_id=1,
+                pad_token_id=0,
+            )
+        ).eval()
+        t5 = T5EncoderModel(
+            T5Config(vocab_size=len(PROMPT_WORDS), d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4)
+        ).eval()
+        encoders = dict(
+            text_encoder=clip, tokenizer=_word_tokenizer(16), text_encoder_2=t5, tokenizer_2=_word_tokenizer(32)
+        )
     pipe = FluxPipeline(scheduler=flux_scheduler(), vae=vae, transformer=demo.transformer, **encoders)
     pipe.save_pretrained(directory)
     prompt_embeds, pooled = embeddings([0, 3])
@@ -198,9 +272,27 @@ def test_calibrate_runs_on_a_saved_pipeline_with_text_prompts(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat on the mat\na dog\n")
     out = tmp_path / "alpha.safetensors"
-    command = [sys.executable, "-m", "sc_compile", "calibrate", str(tmp_path / "pipeline"), "--out", str(out),
-               "--prompts-file", str(prompts), "--prompt", "a bird", "--steps", "4", "--seeds", "1",
-               "--height", "28", "--width", "28"]
+    command = [
+        sys.executable,
+        "-m",
+        "sc_compile",
+        "calibrate",
+        str(tmp_path / "pipeline"),
+        "--out",
+        str(out),
+        "--prompts-file",
+        str(prompts),
+        "--prompt",
+        "a bird",
+        "--steps",
+        "4",
+        "--seeds",
+        "1",
+        "--height",
+        "28",
+        "--width",
+        "28",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 samples x 4 steps" in result.stdout, result.stdout
@@ -214,8 +306,25 @@ def test_calibrate_runs_on_a_saved_pipeline_with_prompt_embeddings(tmp_path):
     embeds = tmp_path / "embeds.safetensors"
     save_file({"prompt_embeds": prompt_embeds.contiguous(), "pooled_prompt_embeds": pooled.contiguous()}, str(embeds))
     out = tmp_path / "alpha.safetensors"
-    command = [sys.executable, "-m", "sc_compile", "calibrate", str(tmp_path / "pipeline"), "--out", str(out),
-               "--prompt-embeds", str(embeds), "--steps", "5", "--seeds", "1", "--height", "28", "--width", "28"]
+    command = [
+        sys.executable,
+        "-m",
+        "sc_compile",
+        "calibrate",
+        str(tmp_path / "pipeline"),
+        "--out",
+        str(out),
+        "--prompt-embeds",
+        str(embeds),
+        "--steps",
+        "5",
+        "--seeds",
+        "1",
+        "--height",
+        "28",
+        "--width",
+        "28",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 samples x 5 steps" in result.stdout, result.stdout
@@ -231,15 +340,24 @@ def test_calibrate_runs_on_a_saved_pipeline_with_prompt_embeddings(tmp_path):
 
     absent = {name: None for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline", **absent)
-    pipe.transformer = torch.compile(pipe.transformer, backend="scalingcache",
-                                     options={"compiler": "eager", "alpha": str(out), "warmup_steps": 2})
+    pipe.transformer = torch.compile(
+        pipe.transformer, backend="scalingcache", options={"compiler": "eager", "alpha": str(out), "warmup_steps": 2}
+    )
     with torch.no_grad():
-        pipe(prompt_embeds=prompt_embeds[:1], pooled_prompt_embeds=pooled[:1], height=28, width=28,
-             num_inference_steps=5, output_type="latent")
+        pipe(
+            prompt_embeds=prompt_embeds[:1],
+            pooled_prompt_embeds=pooled[:1],
+            height=28,
+            width=28,
+            num_inference_steps=5,
+            output_type="latent",
+        )
     assert "--prompt-embeds" in sc_compile.report(pipe.transformer).alpha_source  # the table's command
 
 
-@pytest.mark.skipif(importlib.util.find_spec("accelerate") is not None, reason="accelerate is installed: diffusers loads the pipeline")
+@pytest.mark.skipif(
+    importlib.util.find_spec("accelerate") is not None, reason="accelerate is installed: diffusers loads the pipeline"
+)
 def test_calibrate_says_what_to_install_for_a_pipeline_diffusers_loads_only_with_accelerate(tmp_path):
     """Wan's transformer keeps modules in float32, which diffusers' from_pretrained loads only with accelerate."""
     from diffusers import AutoencoderKLWan, WanPipeline
@@ -247,12 +365,29 @@ def test_calibrate_says_what_to_install_for_a_pipeline_diffusers_loads_only_with
     from sc_compile.demo.models import random_wan_demo, wan_scheduler
 
     demo, embeddings = random_wan_demo(seed=0)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
-    WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=wan_scheduler(), transformer=demo.transformer).save_pretrained(tmp_path / "wan")
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    WanPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, scheduler=wan_scheduler(), transformer=demo.transformer
+    ).save_pretrained(tmp_path / "wan")
     embeds = tmp_path / "embeds.safetensors"
     save_file({"prompt_embeds": embeddings([0])[0].contiguous()}, str(embeds))
-    command = [sys.executable, "-m", "sc_compile", "calibrate", str(tmp_path / "wan"), "--out", str(tmp_path / "a.safetensors"),
-               "--prompt-embeds", str(embeds), "--steps", "3", "--seeds", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "sc_compile",
+        "calibrate",
+        str(tmp_path / "wan"),
+        "--out",
+        str(tmp_path / "a.safetensors"),
+        "--prompt-embeds",
+        str(embeds),
+        "--steps",
+        "3",
+        "--seeds",
+        "1",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "pip install accelerate" in result.stderr, result.stderr

@@ -18,9 +18,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import sc_compile
-from sc_compile.clock import MAX_STREAMS_PER_STEP, ClockError
-from sc_compile.runtime import BatchTimestepError, GradEnabledError, StochasticSamplerError
-from sc_compile.state import LIVE_STREAM_STATES
+from sc_compile.clock.step_clock import MAX_STREAMS_PER_STEP, ClockError
+from sc_compile.runtime.dispatch import BatchTimestepError, GradEnabledError, StochasticSamplerError
+from sc_compile.runtime.state import LIVE_STREAM_STATES
 
 from dummy_dit import DummyDiT, output_scale
 
@@ -41,7 +41,10 @@ def _scaled(out: torch.Tensor) -> float:
 def _run(compiled, values=SEQUENCE, timesteps=None, dtype=torch.float32):
     timesteps = timesteps if timesteps is not None else [1000.0 - 100.0 * i for i in range(len(values))]
     with torch.no_grad():
-        return [_scaled(compiled(torch.ones(1, 4, 8) * v, torch.tensor([t], dtype=dtype))) for v, t in zip(values, timesteps, strict=True)]
+        return [
+            _scaled(compiled(torch.ones(1, 4, 8) * v, torch.tensor([t], dtype=dtype)))
+            for v, t in zip(values, timesteps, strict=True)
+        ]
 
 
 class LoopPipeline:
@@ -55,7 +58,15 @@ class LoopPipeline:
     def components(self):
         return {"transformer": self.transformer, "scheduler": self.scheduler}
 
-    def __call__(self, latents, num_inference_steps, timestep_dtype=torch.float32, callback_on_step_end=None, guidance_from=None, generator=None):
+    def __call__(
+        self,
+        latents,
+        num_inference_steps,
+        timestep_dtype=torch.float32,
+        callback_on_step_end=None,
+        guidance_from=None,
+        generator=None,
+    ):
         self.scheduler.set_timesteps(num_inference_steps)
         outputs = []
         for i, t in enumerate(self.scheduler.timesteps):
@@ -64,7 +75,9 @@ class LoopPipeline:
             if guidance_from is not None and i >= guidance_from:
                 out = 0.5 * (out + self.transformer(latents * 2.0, timestep))
             outputs.append(out)
-            latents = self.scheduler.step(out / output_scale() - latents, t, latents, generator=generator, return_dict=False)[0]
+            latents = self.scheduler.step(
+                out / output_scale() - latents, t, latents, generator=generator, return_dict=False
+            )[0]
             if callback_on_step_end is not None:
                 callback_on_step_end(self, i, t, {"latents": latents})
         return torch.stack(outputs), latents
@@ -146,7 +159,10 @@ def test_case01_concurrent_generations_in_their_own_contexts_are_isolated():
             with torch.no_grad(), sc_compile.generation(model):
                 for i, value in enumerate(SEQUENCE):
                     turn.wait(timeout=30)
-                    out.append(_scaled(compiled(torch.ones(1, 4, 8) * value * scale, torch.tensor([1000.0 - 100.0 * i]))) / scale)
+                    out.append(
+                        _scaled(compiled(torch.ones(1, 4, 8) * value * scale, torch.tensor([1000.0 - 100.0 * i])))
+                        / scale
+                    )
             results[index] = out
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
@@ -401,7 +417,9 @@ def test_case12_fewer_steps_than_declared_warn_that_final_steps_were_not_honoure
     with caplog.at_level(logging.WARNING, logger="sc_compile.runtime"):
         with sc_compile.generation(model, num_inference_steps=9):
             _run(compiled)
-    assert any("ran 7 of its 9 declared steps; final_full_steps=2 was not honoured" in r.getMessage() for r in caplog.records)
+    assert any(
+        "ran 7 of its 9 declared steps; final_full_steps=2 was not honoured" in r.getMessage() for r in caplog.records
+    )
     assert sc_compile.report(model).declared_steps == 9
 
 
@@ -414,7 +432,9 @@ def test_case12_a_declared_count_against_the_schedulers_is_refused():
 
 # -- 13. a stochastic sampler -------------------------------------------------------------------
 def _stochastic(model, **options):
-    return sc_compile.enable(LoopPipeline(_compile(model, **options), FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)))
+    return sc_compile.enable(
+        LoopPipeline(_compile(model, **options), FlowMatchEulerDiscreteScheduler(stochastic_sampling=True))
+    )
 
 
 def test_case13_a_stochastic_sampler_is_detected_and_refused_with_the_fix():
@@ -432,7 +452,9 @@ def _drift(stochastic: bool, caplog, **options) -> float:
     with torch.no_grad():
         scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=stochastic)
         reference = LoopPipeline(model, scheduler)(_latents(), 12, generator=generator.manual_seed(0))[1]
-        pipe = sc_compile.enable(LoopPipeline(_compile(model, **options), FlowMatchEulerDiscreteScheduler(stochastic_sampling=stochastic)))
+        pipe = sc_compile.enable(
+            LoopPipeline(_compile(model, **options), FlowMatchEulerDiscreteScheduler(stochastic_sampling=stochastic))
+        )
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="sc_compile.runtime"):
             cached = pipe(_latents(), 12, generator=generator.manual_seed(0))[1]
@@ -469,7 +491,9 @@ def test_case01_flux_pipelines_in_threads_share_a_compiled_transformer():
     transformer = pipe.transformer
     compiled = torch.compile(transformer, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3})
     pipes = [
-        sc_compile.enable(FluxPipeline(**{**pipe.components, "transformer": compiled, "scheduler": copy.deepcopy(pipe.scheduler)}))
+        sc_compile.enable(
+            FluxPipeline(**{**pipe.components, "transformer": compiled, "scheduler": copy.deepcopy(pipe.scheduler)})
+        )
         for _ in range(2)
     ]
 
@@ -510,7 +534,7 @@ def test_case01_flux_pipelines_in_threads_share_a_compiled_transformer():
 
 def test_the_decision_seam_gets_the_step_count_timestep_and_sigma(monkeypatch):
     """What the decision logic is given per step under the pipeline clock (read lazily)."""
-    from sc_compile.decisions import Decisions
+    from sc_compile.decision.decisions import Decisions
 
     seen = []
     decide = Decisions.decide

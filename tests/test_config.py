@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sc_compile
-from sc_compile.alpha import AlphaTable, AlphaTableError
+from sc_compile.calibration.table import AlphaTable, AlphaTableError
 from sc_compile.config import Granularity, InnerCompiler, ScalingCacheConfig, split_options
 
 from dummy_dit import DummyDiT
@@ -98,7 +98,12 @@ def test_alpha_file_for_another_model_is_refused(tmp_path):
     path = tmp_path / "alpha.safetensors"
     AlphaTable(torch.ones(7, 5), "OtherDiT", "0123456789abcdef", "block").save(path)
     compiled = torch.compile(DummyDiT(), backend="scalingcache", options={"compiler": "eager", "alpha": str(path)})
-    with pytest.raises(Exception, match=r"does not fit this model: it has 5 cache points \(the model has 3\).*calibrate"), torch.no_grad():
+    with (
+        pytest.raises(
+            Exception, match=r"does not fit this model: it has 5 cache points \(the model has 3\).*calibrate"
+        ),
+        torch.no_grad(),
+    ):
         compiled(torch.ones(1, 2, 4), torch.tensor([1.0]))
 
 
@@ -109,18 +114,35 @@ def test_alpha_file_of_another_granularity_is_refused(tmp_path):
     AlphaTable(torch.ones(7, 3), explanation.model_class, explanation.fingerprint, "module").save(path)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "alpha": str(path)})
-    with pytest.raises(Exception, match=r"granularity 'module' \(the model is compiled with 'block'\)"), torch.no_grad():
+    with (
+        pytest.raises(Exception, match=r"granularity 'module' \(the model is compiled with 'block'\)"),
+        torch.no_grad(),
+    ):
         compiled(torch.ones(1, 2, 4), torch.tensor([1.0]))
 
 
 def test_alpha_file_round_trip_and_corrupt_files(tmp_path):
-    table = AlphaTable(torch.rand(4, 3) + 0.5, "DummyDiT", "abc", "block", timesteps=(1.0, 0.75, 0.5, 0.25), scheduler="Euler", beta=0.9, num_samples=5, command="calibrate x")
+    table = AlphaTable(
+        torch.rand(4, 3) + 0.5,
+        "DummyDiT",
+        "abc",
+        "block",
+        timesteps=(1.0, 0.75, 0.5, 0.25),
+        scheduler="Euler",
+        beta=0.9,
+        num_samples=5,
+        command="calibrate x",
+    )
     path = tmp_path / "alpha.safetensors"
     table.save(path)
     loaded = AlphaTable.load(path)
     assert torch.equal(loaded.alpha, table.alpha)
     assert (loaded.timesteps, loaded.scheduler, loaded.beta, loaded.num_samples, loaded.command) == (
-        table.timesteps, "Euler", 0.9, 5, "calibrate x"
+        table.timesteps,
+        "Euler",
+        0.9,
+        5,
+        "calibrate x",
     )
     assert "steps=4, points=3" in repr(loaded)
     truncated = tmp_path / "truncated.safetensors"

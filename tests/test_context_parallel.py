@@ -55,9 +55,7 @@ RING_UNSUPPORTED = "Native attention does not support return_lse=True"
 # scenarios, shared by the workers (2 ranks) and the single-process references
 
 
-def _generate(
-    compiled, family: str, inputs: dict[str, Any], num_steps: int = NUM_STEPS
-) -> torch.Tensor:
+def _generate(compiled, family: str, inputs: dict[str, Any], num_steps: int = NUM_STEPS) -> torch.Tensor:
     from tiny_models import timesteps, with_timestep
 
     latents = inputs["hidden_states"]
@@ -87,9 +85,7 @@ def _generate_divergent(compiled, inputs: dict[str, Any]) -> torch.Tensor:
     with torch.no_grad():
         for step, t in enumerate(timesteps("flux", NUM_STEPS)):
             hidden = _divergent_hidden_states(inputs["hidden_states"], step)
-            outputs.append(
-                compiled(**with_timestep("flux", {**inputs, "hidden_states": hidden}, t))[0]
-            )
+            outputs.append(compiled(**with_timestep("flux", {**inputs, "hidden_states": hidden}, t))[0])
     return torch.stack(outputs)
 
 
@@ -116,7 +112,7 @@ def _report_fields(model) -> dict[str, Any]:
 
 
 def _graphs(model) -> int:
-    from sc_compile.runtime import runtimes_of
+    from sc_compile.runtime.dispatch import runtimes_of
 
     return len(runtimes_of(model))
 
@@ -190,7 +186,7 @@ def _trace_wan_hooks_in_one_graph(model, inputs) -> None:
 
 def _worker_generation(family: str) -> dict[str, Any]:
     import sc_compile
-    from sc_compile.runtime import runtimes_of
+    from sc_compile.runtime.dispatch import runtimes_of
 
     model, inputs = _parallel_model(family, ulysses_degree=WORLD_SIZE)
     if family == "wan":
@@ -340,10 +336,7 @@ def ranks(tmp_path_factory) -> list[dict[str, Any]]:
     finally:
         for _, log in processes:
             log.close()
-    logs = "\n".join(
-        f"--- rank {r} ---\n" + (out_dir / f"rank{r}.log").read_text()[-4000:]
-        for r in range(WORLD_SIZE)
-    )
+    logs = "\n".join(f"--- rank {r} ---\n" + (out_dir / f"rank{r}.log").read_text()[-4000:] for r in range(WORLD_SIZE))
     for rank, (process, _) in enumerate(processes):
         if process.returncode != 0 or not (out_dir / f"rank{rank}.pt").exists():
             pytest.fail(f"worker rank {rank} exited with {process.returncode}\n{logs}")
@@ -368,9 +361,7 @@ def _single_process(family: str, divergent: bool = False) -> dict[str, Any]:
 
     model, inputs = BUILDERS[family](seed=0)
     compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
-    outputs = (
-        _generate_divergent(compiled, inputs) if divergent else _generate(compiled, family, inputs)
-    )
+    outputs = _generate_divergent(compiled, inputs) if divergent else _generate(compiled, family, inputs)
     explanation = sc_compile.explain(model, **inputs)
     return {
         **_report_fields(model),
@@ -390,9 +381,7 @@ def test_ulysses_matches_single_process(ranks, family):
     assert single["cached_steps"], single  # the run exercises cached steps
     for rank, result in enumerate(per_rank):
         assert result["world_size"] == WORLD_SIZE
-        assert result["graphs"] == 1, (
-            f"rank {rank}: Dynamo broke the graph ({result['graphs']} graphs)"
-        )
+        assert result["graphs"] == 1, f"rank {rank}: Dynamo broke the graph ({result['graphs']} graphs)"
         assert result["full_steps"] == single["full_steps"], (
             rank,
             result["full_steps"],
@@ -406,10 +395,7 @@ def test_ulysses_matches_single_process(ranks, family):
         # Each rank caches its sequence shard: half the buffers (the statistics table is per point;
         # the tiny models' points are below the sketch's floor, so every buffer is a full one).
         stats_bytes = 4 * len(STAT_COLUMNS) * result["num_points"]
-        assert (
-            result["buffer_bytes"] - stats_bytes
-            == (single["buffer_bytes"] - stats_bytes) // WORLD_SIZE
-        )
+        assert result["buffer_bytes"] - stats_bytes == (single["buffer_bytes"] - stats_bytes) // WORLD_SIZE
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -421,13 +407,11 @@ def test_explain_under_context_parallelism(ranks, family):
         assert result["explain_buffer_bytes"] == result["buffer_bytes"]
 
 
-def _replay(
-    tables: list[torch.Tensor], decisions_full: tuple[int, ...], num_points: int
-) -> list[bool]:
+def _replay(tables: list[torch.Tensor], decisions_full: tuple[int, ...], num_points: int) -> list[bool]:
     """The decisions one rank would take from ``tables`` (one per full step after the first, in order), up to and
     including the first step where they differ from ``decisions_full``."""
-    from sc_compile.coefficients import ChainedPredictor
-    from sc_compile.schedule import DecisionUnit
+    from sc_compile.decision.coefficients import ChainedPredictor
+    from sc_compile.decision.schedule import DecisionUnit
 
     unit = DecisionUnit(
         num_points=num_points,
@@ -475,9 +459,7 @@ def test_strongly_different_shards_still_take_identical_decisions(ranks):
     num_points = local[0].shape[2]
     replays = [_replay(list(t), full_steps, num_points) for t in local]
     assert replays[0] != replays[1], (replays, full_steps)
-    assert _replay(list(reduced[0]), full_steps, num_points) == [
-        s in full_steps for s in range(NUM_STEPS)
-    ]
+    assert _replay(list(reduced[0]), full_steps, num_points) == [s in full_steps for s in range(NUM_STEPS)]
 
 
 def _single_calibration():
@@ -514,9 +496,7 @@ def test_ring(ranks):
             "hub kernels) need CUDA"
         )
     assert errors == {None}, errors
-    pytest.fail(
-        "ring attention now runs on CPU: extend the ring scenario to a ScalingCache generation"
-    )
+    pytest.fail("ring attention now runs on CPU: extend the ring scenario to a ScalingCache generation")
 
 
 if __name__ == "__main__":

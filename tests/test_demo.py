@@ -31,14 +31,20 @@ def test_metrics_match_scikit_image():
     expected_ssim = np.mean(
         [
             structural_similarity(
-                noisy[i, 0].numpy(), reference[i, 0].numpy(), gaussian_weights=True, sigma=1.5,
-                use_sample_covariance=False, data_range=1.0,
+                noisy[i, 0].numpy(),
+                reference[i, 0].numpy(),
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+                data_range=1.0,
             )
             for i in range(3)
         ]
     )
     assert ssim(noisy, reference) == pytest.approx(expected_ssim, abs=1e-6)
-    assert psnr(noisy, reference) == pytest.approx(peak_signal_noise_ratio(reference.numpy(), noisy.numpy(), data_range=1.0), abs=1e-6)
+    assert psnr(noisy, reference) == pytest.approx(
+        peak_signal_noise_ratio(reference.numpy(), noisy.numpy(), data_range=1.0), abs=1e-6
+    )
     assert psnr(reference, reference) == float("inf")
 
 
@@ -52,8 +58,19 @@ FLOORS = {"flux": (0.7, 0.0), "wan": (0.5, 0.0)}
 @pytest.mark.parametrize("model", ["flux", "wan"])
 def test_shipped_weights_are_trained(model):
     # The separability check is an example outside the library: run it as its documentation says.
-    command = [sys.executable, "-m", "examples.demo_models.check", "--model", model, "--samples-per-class", "1",
-               "--steps", "10", "--guidance", "3.0"]
+    command = [
+        sys.executable,
+        "-m",
+        "examples.demo_models.check",
+        "--model",
+        model,
+        "--samples-per-class",
+        "1",
+        "--steps",
+        "10",
+        "--guidance",
+        "3.0",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     output = result.stdout
@@ -65,8 +82,20 @@ def test_shipped_weights_are_trained(model):
 
 
 def test_demo_main_job_runs_and_keeps_fidelity(tmp_path):
-    command = [sys.executable, "-m", "sc_compile", "demo", "--steps", "10", "--samples", "4",
-               "--compiler", "aot_eager", "--out", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "sc_compile",
+        "demo",
+        "--steps",
+        "10",
+        "--samples",
+        "4",
+        "--compiler",
+        "aot_eager",
+        "--out",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     # Nothing but our own output: no notices of diffusers, transformers or torch on the console.
@@ -83,8 +112,21 @@ def test_demo_main_job_runs_and_keeps_fidelity(tmp_path):
 
 @pytest.mark.parametrize("model", ["flux", "wan"])
 def test_training_script_runs_a_few_steps(tmp_path, model):
-    command = [sys.executable, "-m", "examples.demo_models.train", "--model", model, "--out", str(tmp_path),
-               "--max-steps", "3", "--batch-size", "8", "--log-every", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "examples.demo_models.train",
+        "--model",
+        model,
+        "--out",
+        str(tmp_path),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--log-every",
+        "1",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
@@ -111,7 +153,9 @@ def test_shipped_residual_alpha_table_is_picked_for_residual_prediction(model):
 
     pipe, emb = (random_flux_demo if model == "flux" else random_wan_demo)()
     transformer = pipe.transformer
-    pipe.transformer = torch.compile(transformer, backend="scalingcache", options={"compiler": "eager", "prediction": "residual"})
+    pipe.transformer = torch.compile(
+        transformer, backend="scalingcache", options={"compiler": "eager", "prediction": "residual"}
+    )
     generate(pipe, emb, [1], num_inference_steps=3)
     assert "--prediction residual" in sc_compile.report(transformer).alpha_source
 
@@ -123,8 +167,12 @@ def test_demo_picture_says_what_it_shows(tmp_path):
     from sc_compile.demo.main import PICTURE_SCALE, STRIP_CELL, PictureCaptions, write_picture
 
     samples = torch.full((2, 1, 28, 28), 0.5)  # uniform grids: every other non-black pixel is text or strip
-    captions = PictureCaptions("uncached (eager): every step full", "ScalingCache: 3 of 6 steps full",
-                               "steps 1-6: white = full step, grey = cached step", "speed-up 1.50x, PSNR 30.0 dB")
+    captions = PictureCaptions(
+        "uncached (eager): every step full",
+        "ScalingCache: 3 of 6 steps full",
+        "steps 1-6: white = full step, grey = cached step",
+        "speed-up 1.50x, PSNR 30.0 dB",
+    )
     path = tmp_path / "demo.png"
     write_picture(path, samples, samples, 6, (0, 1, 3), captions)
     image = np.asarray(Image.open(path)).astype(int)

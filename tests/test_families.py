@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import sc_compile
-from sc_compile.clock import ClockError
+from sc_compile.clock.step_clock import ClockError
 
 from tiny_models import (
     BUILDERS,
@@ -200,11 +200,19 @@ def test_more_families_accelerate_with_exact_full_steps(family):
         # Split in its own forward (cached across the break), but the blocks' graph never sees the
         # timestep: without the pipeline clock the call cannot be placed (ClockError naming the break).
         ("lumina2", False, r"graph break in forward\(\) at .*transformer_lumina2.py:\d+.*sc_compile.enable\(pipe\)"),
-        # Dynamo gives up on the forward and compiles the blocks one by one (sc_compile/block_graphs.py):
+        # Dynamo gives up on the forward and compiles the blocks one by one (sc_compile/runtime/per_block.py):
         # these graphs see no timestep either, so without an explicit clock the call is refused with the
         # break and the fix.
-        ("hidream", False, r"blocks of HiDreamImageTransformer2DModel one by one .*forward runs in Python.*sc_compile.enable\(pipe\)"),
-        ("mochi", False, r"blocks of MochiTransformer3DModel one by one \(graph break: .*attention_processor.py:\d+.*inside 'transformer_blocks.0'"),
+        (
+            "hidream",
+            False,
+            r"blocks of HiDreamImageTransformer2DModel one by one .*forward runs in Python.*sc_compile.enable\(pipe\)",
+        ),
+        (
+            "mochi",
+            False,
+            r"blocks of MochiTransformer3DModel one by one \(graph break: .*attention_processor.py:\d+.*inside 'transformer_blocks.0'",
+        ),
     ],
 )
 def test_families_dynamo_splits_are_refused_naming_the_break(family, fullgraph, cause):

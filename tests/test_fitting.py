@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import sc_compile
-from sc_compile.alpha import AlphaTable, AlphaTableError
-from sc_compile.budget import BudgetError, plan_full_steps
-from sc_compile.coefficients import ChainedPredictor, FittedPredictor, make_predictor
-from sc_compile.fitting import BandedGram, fit_gap_coefficients, gram_width, one_step_alpha
+from sc_compile.calibration.fitting import BandedGram, fit_gap_coefficients, gram_width, one_step_alpha
+from sc_compile.calibration.table import AlphaTable, AlphaTableError
+from sc_compile.decision.budget import BudgetError, plan_full_steps
+from sc_compile.decision.coefficients import ChainedPredictor, FittedPredictor, make_predictor
 
 from dummy_dit import DummyDiT, output_scale
 
@@ -60,10 +60,14 @@ def test_fitted_coefficients_equal_their_closed_form_and_the_chain_predicts_noth
         r = float(torch.dot(d_1, d_g) / torch.dot(d_g, d_g))
         assert float(fitted.refresh[tau, g - 1, 0]) == pytest.approx(r, rel=1e-5)
         assert float(fitted.coef[tau, g - 1, k - 1, 0]) * r == pytest.approx(a, rel=1e-5, abs=1e-6)
-        error = float(torch.dot(target - a * d_g, target - a * d_g) / torch.dot(trajectory[tau + k], trajectory[tau + k]))
+        error = float(
+            torch.dot(target - a * d_g, target - a * d_g) / torch.dot(trajectory[tau + k], trajectory[tau + k])
+        )
         assert float(fitted.error[tau, g - 1, k - 1]) == pytest.approx(error, rel=1e-4, abs=1e-9)
     # Hand-derived case: τ = 4, g = 2: D_2 = 2.0 e1 + 1.7 e2, y_6 - y_4 = 1.5 e1 + 1.2 e2.
-    assert float(fitted.coef[4, 1, 1, 0] * fitted.refresh[4, 1, 0]) == pytest.approx((2.0 * 1.5 + 1.7 * 1.2) / (2.0**2 + 1.7**2), rel=1e-5)
+    assert float(fitted.coef[4, 1, 1, 0] * fitted.refresh[4, 1, 0]) == pytest.approx(
+        (2.0 * 1.5 + 1.7 * 1.2) / (2.0**2 + 1.7**2), rel=1e-5
+    )
     # The paper's one-step α: consecutive differences are orthogonal.
     alpha = one_step_alpha(_gram(trajectory, 3))
     torch.testing.assert_close(alpha[2:, 0], torch.zeros(len(trajectory) - 2, dtype=torch.float64), atol=1e-9, rtol=0)
@@ -165,8 +169,9 @@ def _table_from(model, trajectories, timesteps, max_gap=3) -> AlphaTable:
         grams.append(gram)
     fitted = fit_gap_coefficients(grams, max_gap, [p.feeds_output for p in explanation.cache_points], shrink=False)
     alpha = torch.stack([one_step_alpha(g) for g in grams]).mean(0).float()
-    return AlphaTable(alpha, explanation.model_class, explanation.fingerprint, "block",
-                      timesteps=tuple(timesteps), fitted=fitted)
+    return AlphaTable(
+        alpha, explanation.model_class, explanation.fingerprint, "block", timesteps=tuple(timesteps), fitted=fitted
+    )
 
 
 def _run(compiled, values, timesteps):
@@ -185,16 +190,22 @@ def test_fitted_table_predicts_a_quadratic_trajectory_exactly_on_its_grid():
     timesteps = [1000.0 - 80.0 * u for u in range(steps)]
     model = DummyDiT()
     table = _table_from(model, [values], timesteps)
-    compiled = torch.compile(model, backend="scalingcache", options={
-        "compiler": "eager", "alpha": table, "full_steps": 5, "num_inference_steps": steps})
+    compiled = torch.compile(
+        model,
+        backend="scalingcache",
+        options={"compiler": "eager", "alpha": table, "full_steps": 5, "num_inference_steps": steps},
+    )
     outputs = _run(compiled, values, timesteps)
     report = sc_compile.report(model)
     assert report.num_full_steps == 5 and report.cached_steps
     assert outputs == pytest.approx(values, abs=1e-4)
     # α = 1 extrapolates linearly and misses the curvature.
     torch._dynamo.reset()
-    ones = torch.compile(model, backend="scalingcache", options={
-        "compiler": "eager", "alpha": "ones", "full_steps": 5, "num_inference_steps": steps})
+    ones = torch.compile(
+        model,
+        backend="scalingcache",
+        options={"compiler": "eager", "alpha": "ones", "full_steps": 5, "num_inference_steps": steps},
+    )
     assert _run(ones, values, timesteps) != pytest.approx(values, abs=1e-3)
 
 
@@ -211,8 +222,11 @@ def test_other_step_counts_keep_the_gap_meaning_in_normalised_time(factor):
     n = steps * factor
     fine_values = [10.0 - t / factor for t in range(n)]
     fine_times = [1000.0 - 100.0 * t / factor for t in range(n)]
-    compiled = torch.compile(model, backend="scalingcache", options={
-        "compiler": "eager", "alpha": table, "full_steps": n // 3, "num_inference_steps": n})
+    compiled = torch.compile(
+        model,
+        backend="scalingcache",
+        options={"compiler": "eager", "alpha": table, "full_steps": n // 3, "num_inference_steps": n},
+    )
     assert _run(compiled, fine_values, fine_times) == pytest.approx(fine_values, abs=1e-4)
     report = sc_compile.report(model)
     assert report.num_full_steps == n // 3 and len(report.cached_steps) == n - n // 3
@@ -220,12 +234,22 @@ def test_other_step_counts_keep_the_gap_meaning_in_normalised_time(factor):
     # Chained: a geometric trajectory s_u = 2 + 8 · 0.7^u, α = 0.7 per calibrated step.
     geometric = [2.0 + 8.0 * 0.7**u for u in range(steps)]
     chained_table = _table_from(model, [geometric], timesteps)
-    torch.testing.assert_close(chained_table.alpha[2:], torch.full_like(chained_table.alpha[2:], 0.7), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        chained_table.alpha[2:], torch.full_like(chained_table.alpha[2:], 0.7), rtol=1e-4, atol=1e-4
+    )
     fine_geometric = [2.0 + 8.0 * 0.7 ** (t / factor) for t in range(n)]
     torch._dynamo.reset()
-    chained = torch.compile(model, backend="scalingcache", options={
-        "compiler": "eager", "alpha": chained_table, "coefficients": "chained", "full_steps": n // 3,
-        "num_inference_steps": n})
+    chained = torch.compile(
+        model,
+        backend="scalingcache",
+        options={
+            "compiler": "eager",
+            "alpha": chained_table,
+            "coefficients": "chained",
+            "full_steps": n // 3,
+            "num_inference_steps": n,
+        },
+    )
     assert _run(chained, fine_geometric, fine_times) == pytest.approx(fine_geometric, abs=1e-4)
 
 
@@ -235,8 +259,9 @@ def test_a_table_that_cannot_serve_a_step_count_is_refused():
     values = [10.0 - u for u in range(steps)]
     table = _table_from(model, [values], [1000.0 - 80.0 * u for u in range(steps)], max_gap=2)
     # 2 steps: each spans 6 calibrated steps, beyond the longest gap the table serves (2).
-    compiled = torch.compile(model, backend="scalingcache", options={
-        "compiler": "eager", "alpha": table, "num_inference_steps": 2})
+    compiled = torch.compile(
+        model, backend="scalingcache", options={"compiler": "eager", "alpha": table, "num_inference_steps": 2}
+    )
     with pytest.raises(AlphaTableError, match="calibrate at 2 steps|Calibrate at 2 steps"), torch.no_grad():
         compiled(torch.ones(1, 4, 8), torch.tensor([1000.0]))
     # Fitted coefficients asked of a format-1 table.
@@ -260,7 +285,9 @@ def test_format_1_tables_still_load_and_mean_chained_alpha(tmp_path):
     loaded = AlphaTable.load(path)
     assert loaded.fitted is None
     torch.testing.assert_close(loaded.alpha, alpha)
-    predictor = make_predictor(loaded, num_points=loaded.num_points, num_steps=7, timestep_of=lambda s: None, fitted=False)
+    predictor = make_predictor(
+        loaded, num_points=loaded.num_points, num_steps=7, timestep_of=lambda s: None, fitted=False
+    )
     # c for a 2-step gap after τ = 2: α3 + α3 α4 = .5 + .25.
     assert predictor.cached_coef(2, 1, 2) == pytest.approx((0.75,) * loaded.num_points)
 
@@ -273,7 +300,9 @@ def test_format_2_round_trip(tmp_path):
     assert loaded.fitted is not None
     for name in ("coef", "refresh", "error", "max_gap"):
         torch.testing.assert_close(getattr(loaded.fitted, name), getattr(table.fitted, name))
-    assert isinstance(make_predictor(loaded, num_points=3, num_steps=10, timestep_of=lambda s: None, fitted=True), FittedPredictor)
+    assert isinstance(
+        make_predictor(loaded, num_points=3, num_steps=10, timestep_of=lambda s: None, fitted=True), FittedPredictor
+    )
 
 
 @pytest.mark.parametrize(
@@ -292,13 +321,17 @@ def test_schedule_options_are_validated(options, message):
 
 def test_budget_needs_the_step_count_and_speedup_sets_the_budget():
     model = DummyDiT()
-    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "alpha": "ones", "full_steps": 4})
+    compiled = torch.compile(
+        model, backend="scalingcache", options={"compiler": "eager", "alpha": "ones", "full_steps": 4}
+    )
     with pytest.raises(ValueError, match="need its step count"), torch.no_grad():
         compiled(torch.ones(1, 4, 8), torch.tensor([1000.0]))
     torch._dynamo.reset()
     values = [10.0 - 0.5 * u for u in range(12)]
     timesteps = [1000.0 - 80.0 * u for u in range(12)]
-    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "alpha": "ones", "speedup": 3.0})
+    compiled = torch.compile(
+        model, backend="scalingcache", options={"compiler": "eager", "alpha": "ones", "speedup": 3.0}
+    )
     with sc_compile.generation(model, num_inference_steps=12):
         outputs = _run(compiled, values, timesteps)
     report = sc_compile.report(model)
@@ -310,7 +343,9 @@ def test_budget_needs_the_step_count_and_speedup_sets_the_budget():
 
 def _fitted_table(steps: int = 8, max_gap: int = 2):
     model = DummyDiT()
-    return _table_from(model, [[10.0 - u + 0.05 * u * u for u in range(steps)]], [1000.0 - 100.0 * u for u in range(steps)], max_gap)
+    return _table_from(
+        model, [[10.0 - u + 0.05 * u * u for u in range(steps)]], [1000.0 - 100.0 * u for u in range(steps)], max_gap
+    )
 
 
 @pytest.mark.parametrize(
@@ -359,14 +394,19 @@ def test_a_generation_past_a_table_without_timesteps_is_refused():
 
 def test_a_plan_never_serves_a_gap_the_table_refuses():
     """A full step the plan did not place starts a gap the plan never checked: still bounded."""
-    from sc_compile.schedule import DecisionUnit
+    from sc_compile.decision.schedule import DecisionUnit
 
     class OnlyOneGap(ChainedPredictor):
         def allows_gap(self, last_full, gap):
             return gap <= 1
 
-    unit = DecisionUnit(num_points=1, warmup_steps=3, predictor=OnlyOneGap(1, None, max_gap=1),
-                        planned_full_steps=(0, 1, 5), num_steps=8)
+    unit = DecisionUnit(
+        num_points=1,
+        warmup_steps=3,
+        predictor=OnlyOneGap(1, None, max_gap=1),
+        planned_full_steps=(0, 1, 5),
+        num_steps=8,
+    )
     decisions = [unit.decide(step) for step in range(8)]
     # Steps 0-2 warm-up; 3 cached (gap 1), 4 full (gap 2 refused), 5 planned, 6 cached, 7 full.
     assert [d.full for d in decisions] == [True, True, True, False, True, True, False, True]
@@ -384,8 +424,9 @@ def test_a_shifted_schedule_at_the_calibrated_step_count_is_mapped_not_read_as_t
     same = make_predictor(table, num_points=3, num_steps=steps, timestep_of=lambda s: None, fitted=True, sigmas=sigmas)
     assert isinstance(same, FittedPredictor) and same._direct()
     shifted_sigmas = [3.0 * s / (1.0 + 2.0 * s) for s in sigmas]
-    shifted = make_predictor(table, num_points=3, num_steps=steps, timestep_of=lambda s: None, fitted=True,
-                             sigmas=shifted_sigmas)
+    shifted = make_predictor(
+        table, num_points=3, num_steps=steps, timestep_of=lambda s: None, fitted=True, sigmas=shifted_sigmas
+    )
     assert not shifted._direct()
     assert shifted._u(2) == pytest.approx(steps * (1.0 - shifted_sigmas[2]), abs=1e-6)
     assert shifted.cached_coef(3, 1, 2) != pytest.approx(same.cached_coef(3, 1, 2), rel=1e-3)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import sc_compile
-from sc_compile.clock import ClockError
-from sc_compile.runtime import UncacheableSplitError, runtimes_of
+from sc_compile.clock.step_clock import ClockError
+from sc_compile.runtime.dispatch import UncacheableSplitError, runtimes_of
 
 from dummy_dit import DummyBlock, DummyDiT, NotADiT
 
@@ -176,7 +176,10 @@ def test_a_split_model_without_blocks_is_refused_not_silently_uncached():
     compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
     with torch.no_grad():
         compiled(torch.ones(1, 4, 8), torch.tensor([1000.0]))
-        with pytest.raises(UncacheableSplitError, match=r"graph break: Call to `torch._dynamo.graph_break\(\)` at .*test_graph_breaks.py:\d+.*none of the graphs"):
+        with pytest.raises(
+            UncacheableSplitError,
+            match=r"graph break: Call to `torch._dynamo.graph_break\(\)` at .*test_graph_breaks.py:\d+.*none of the graphs",
+        ):
             compiled(torch.ones(1, 4, 8), torch.tensor([900.0]))
 
 
@@ -198,7 +201,7 @@ class UnrolledWithBlockBreak(DummyDiT):
 
 def test_a_break_inside_a_block_is_cached_per_block_under_an_explicit_clock():
     """Dynamo compiles a block with a break inside on its own (its graphs see neither the model's
-    module paths nor the timestep): cached per block (sc_compile/block_graphs.py) once the steps
+    module paths nor the timestep): cached per block (sc_compile/runtime/per_block.py) once the steps
     are placed explicitly; full steps equal eager, and so do the cached ones (α = 1 is exact on
     this schedule)."""
     model = UnrolledWithBlockBreak()
@@ -250,8 +253,11 @@ def test_whole_forward_graphs_of_two_sizes_each_decide_for_themselves():
     """Two streams at different sizes are two graphs of one whole forward: neither follows the
     other's decisions (with independent decisions both cache and both report their change)."""
     model = DummyDiT()
-    compiled = torch.compile(model, backend="scalingcache", options={
-        "compiler": "eager", "warmup_steps": 2, "share_decision_across_streams": False})
+    compiled = torch.compile(
+        model,
+        backend="scalingcache",
+        options={"compiler": "eager", "warmup_steps": 2, "share_decision_across_streams": False},
+    )
     with torch.no_grad():
         for step in range(STEPS):
             timestep = torch.tensor([1000.0 - 100.0 * step])

@@ -14,7 +14,7 @@ import torch
 from test_clock import EAGER, LoopPipeline, _latents
 
 import sc_compile
-from sc_compile.runtime import ScalingCacheRuntime
+from sc_compile.runtime.dispatch import ScalingCacheRuntime
 
 from dummy_dit import DummyDiT
 
@@ -66,7 +66,14 @@ def _per_call(monkeypatch, run):
         reads, allocations, views = counter.reads, counter.allocations, len(counter.host_views)
         full_before = self.num_full_calls
         out = original(self, *args)
-        calls.append((self.num_full_calls > full_before, counter.reads - reads, counter.allocations - allocations, counter.host_views[views:]))
+        calls.append(
+            (
+                self.num_full_calls > full_before,
+                counter.reads - reads,
+                counter.allocations - allocations,
+                counter.host_views[views:],
+            )
+        )
         return out
 
     monkeypatch.setattr(ScalingCacheRuntime, "__call__", counted)
@@ -144,7 +151,7 @@ def test_outputs_never_alias_the_cache_state():
     """What a caller keeps is never storage a later step writes (the contract CUDA graphs need)."""
     model = DummyDiT()
     compiled = torch.compile(model, backend="scalingcache", options=EAGER)
-    from sc_compile.runtime import latest_runtime
+    from sc_compile.runtime.dispatch import latest_runtime
 
     outputs = []
     with torch.no_grad():
@@ -159,7 +166,7 @@ def test_outputs_never_alias_the_cache_state():
 
 def test_a_cached_step_mutates_nothing():
     """The cached-step graph reads the state and writes nothing: not the state, not the inputs."""
-    from sc_compile.runtime import latest_runtime
+    from sc_compile.runtime.dispatch import latest_runtime
 
     model = DummyDiT()
     compiled = torch.compile(model, backend="scalingcache", options=EAGER)

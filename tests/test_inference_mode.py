@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import sc_compile
-from sc_compile.runtime import latest_runtime
+from sc_compile.runtime.dispatch import latest_runtime
 
 from dummy_dit import DummyBlock, DummyDiT
 
@@ -124,7 +124,9 @@ def test_flux_pipeline_under_inference_mode_then_report_and_plain_call(enabled):
 
     pipe, embeddings = random_flux_demo(seed=0)
     transformer = pipe.transformer
-    pipe.transformer = torch.compile(transformer, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3})
+    pipe.transformer = torch.compile(
+        transformer, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3}
+    )
     if enabled:
         sc_compile.enable(pipe)
     first = _flux_generate(pipe, embeddings, "inference")

@@ -75,7 +75,9 @@ def test_full_steps_equal_eager(kind, compiler):
     torch.manual_seed(0)
     model = InplaceDiT(kind)
     latents = torch.randn(1, 8, 8)
-    compiled = torch.compile(model, backend="scalingcache", options={"compiler": compiler, "warmup_steps": 2, "alpha": "ones"})
+    compiled = torch.compile(
+        model, backend="scalingcache", options={"compiler": compiler, "warmup_steps": 2, "alpha": "ones"}
+    )
     with torch.no_grad():
         for step, t in enumerate((1.0, 0.9, 0.8, 0.7, 0.6)):
             timestep = torch.tensor([t])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sc_compile
-import sc_compile.runtime
+import sc_compile.runtime.dispatch
 
 from tiny_models import BUILDERS, timesteps, with_timestep
 
@@ -19,8 +19,17 @@ from tiny_models import BUILDERS, timesteps, with_timestep
 def test_explained_buffer_bytes_equal_the_allocated_bytes(family, granularity, prediction):
     model, inputs = BUILDERS[family](seed=0)
     explanation = sc_compile.explain(model, **inputs, granularity=granularity, prediction=prediction)
-    compiled = torch.compile(model, backend="scalingcache", options={
-        "compiler": "eager", "warmup_steps": 2, "granularity": granularity, "prediction": prediction, "alpha": "ones"})
+    compiled = torch.compile(
+        model,
+        backend="scalingcache",
+        options={
+            "compiler": "eager",
+            "warmup_steps": 2,
+            "granularity": granularity,
+            "prediction": prediction,
+            "alpha": "ones",
+        },
+    )
     with torch.no_grad(), sc_compile.generation(model, num_inference_steps=4):
         for t in timesteps(family, 4):
             compiled(**with_timestep(family, inputs, t))
@@ -42,8 +51,17 @@ def small_sketches(monkeypatch):
 def test_explained_bytes_equal_the_allocated_bytes_for_each_statistic_and_cache_dtype(statistic, small_sketches):
     model, inputs = BUILDERS["flux"](seed=0)
     explanation = sc_compile.explain(model, **inputs, statistic=statistic, cache_dtype=torch.float64)
-    compiled = torch.compile(model, backend="scalingcache", options={
-        "compiler": "eager", "warmup_steps": 2, "alpha": "ones", "statistic": statistic, "cache_dtype": torch.float64})
+    compiled = torch.compile(
+        model,
+        backend="scalingcache",
+        options={
+            "compiler": "eager",
+            "warmup_steps": 2,
+            "alpha": "ones",
+            "statistic": statistic,
+            "cache_dtype": torch.float64,
+        },
+    )
     with torch.no_grad(), sc_compile.generation(model, num_inference_steps=3):
         for t in timesteps("flux", 3):
             compiled(**with_timestep("flux", inputs, t))
@@ -59,7 +77,9 @@ def test_explained_bytes_equal_the_allocated_bytes_for_each_statistic_and_cache_
     for point in sketched:
         assert point.buffer_nbytes(torch.float64) <= 0.02 * point.numel * point.dtype.itemsize
     full_bytes = sum(p.buffer_nbytes(torch.float64) for p in explanation.cache_points if p.feeds_output)
-    assert explanation.buffer_bytes_per_stream < full_bytes + 0.02 * explanation.hidden_state_bytes * len(sketched) + 1024
+    assert (
+        explanation.buffer_bytes_per_stream < full_bytes + 0.02 * explanation.hidden_state_bytes * len(sketched) + 1024
+    )
 
 
 # -- the sketched statistic ---------------------------------------------------------------------
@@ -100,8 +120,11 @@ def test_sketched_change_equals_the_change_of_the_subsample_computed_by_hand():
     measured = {}
     for statistic in ("subsample", "full"):
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="scalingcache", options={
-            "compiler": "eager", "warmup_steps": len(SCALES), "alpha": "ones", "statistic": statistic})
+        compiled = torch.compile(
+            model,
+            backend="scalingcache",
+            options={"compiler": "eager", "warmup_steps": len(SCALES), "alpha": "ones", "statistic": statistic},
+        )
         with torch.no_grad():
             for i, s in enumerate(SCALES):
                 compiled((a + s * b).reshape(shape), torch.tensor([1000.0 - 100.0 * i]))
@@ -132,13 +155,22 @@ def test_outputs_do_not_depend_on_the_statistic_under_a_fixed_schedule(small_ske
     outputs = {}
     for statistic in ("subsample", "full"):
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="scalingcache", options={
-            "compiler": "eager", "warmup_steps": 2, "static_interval": 3, "alpha": "ones", "statistic": statistic})
+        compiled = torch.compile(
+            model,
+            backend="scalingcache",
+            options={
+                "compiler": "eager",
+                "warmup_steps": 2,
+                "static_interval": 3,
+                "alpha": "ones",
+                "statistic": statistic,
+            },
+        )
         with torch.no_grad():
             outputs[statistic] = [compiled(**with_timestep("wan", inputs, t))[0] for t in timesteps("wan", 6)]
         report = sc_compile.report(model)
         assert report.cached_steps  # predictions were made
-        layout = sc_compile.runtime.latest_runtime(model).layout
+        layout = sc_compile.runtime.dispatch.latest_runtime(model).layout
         assert any(p.sketch is not None for p in layout.points) == (statistic == "subsample")
     for sub, full in zip(outputs["subsample"], outputs["full"], strict=True):
         assert torch.equal(sub, full)
@@ -185,10 +217,15 @@ def test_a_layout_over_the_declared_budget_is_refused_at_compile_time_with_the_f
     default = sc_compile.explain(model, **inputs).buffer_bytes_per_stream
     assert default < full
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="scalingcache", options={
-        "compiler": "eager", "alpha": "ones", "statistic": "full", "max_cache_bytes": default + 1})
-    message = rf"one stream of FluxTransformer2DModel needs {format_bytes(full)} .*\({full:,} bytes\).*" \
-              rf"max_cache_bytes': {default + 1}.*statistic='subsample' \({format_bytes(default)}\)"
+    compiled = torch.compile(
+        model,
+        backend="scalingcache",
+        options={"compiler": "eager", "alpha": "ones", "statistic": "full", "max_cache_bytes": default + 1},
+    )
+    message = (
+        rf"one stream of FluxTransformer2DModel needs {format_bytes(full)} .*\({full:,} bytes\).*"
+        rf"max_cache_bytes': {default + 1}.*statistic='subsample' \({format_bytes(default)}\)"
+    )
     # Raised while Dynamo compiles: it reaches the caller inside BackendCompilerFailed.
     with torch.no_grad(), pytest.raises(Exception, match=message) as raised:
         compiled(**inputs)
@@ -197,13 +234,21 @@ def test_a_layout_over_the_declared_budget_is_refused_at_compile_time_with_the_f
 
 def test_a_second_stream_over_the_declared_budget_is_refused_before_it_is_allocated():
     from sc_compile.memory import CacheMemoryError
-    from sc_compile.state import LIVE_STREAM_STATES
+    from sc_compile.runtime.state import LIVE_STREAM_STATES
 
     model, inputs = BUILDERS["wan"](seed=0)
     per_stream = sc_compile.explain(model, **inputs).buffer_bytes_per_stream
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="scalingcache", options={
-        "compiler": "eager", "alpha": "ones", "warmup_steps": 2, "max_cache_bytes": per_stream + per_stream // 2})
+    compiled = torch.compile(
+        model,
+        backend="scalingcache",
+        options={
+            "compiler": "eager",
+            "alpha": "ones",
+            "warmup_steps": 2,
+            "max_cache_bytes": per_stream + per_stream // 2,
+        },
+    )
     t0 = timesteps("wan", 2)[0]
     with torch.no_grad(), sc_compile.generation(model, num_inference_steps=2):
         compiled(**with_timestep("wan", inputs, t0))  # stream 0 (cond) fits

@@ -47,16 +47,28 @@ def test_wheel_holds_the_package_and_the_shipped_data_only(built_wheel):
         for source in (ROOT / folder).rglob("*.py"):
             assert f"{installed}/{source.relative_to(ROOT / folder).as_posix()}" in names, source
     for model in ("demo_flux", "demo_wan"):
-        for file in ("config.json", "diffusion_pytorch_model.safetensors", "class_embeddings.safetensors", "MODEL_CARD.md"):
+        for file in (
+            "config.json",
+            "diffusion_pytorch_model.safetensors",
+            "class_embeddings.safetensors",
+            "MODEL_CARD.md",
+        ):
             assert f"sc_compile/assets/{model}/{file}" in names
         shipped_tables = [(ROOT / "assets").glob(f"{model}/alpha*.safetensors")]
         for table in shipped_tables[0]:
             assert f"sc_compile/assets/{model}/{table.name}" in names, table
     assert "sc_compile/py.typed" in names
     top_level = {name.split("/")[0] for name in names}
-    assert top_level == {"sc_compile", built_wheel.name.split("-")[0] + "-" + built_wheel.name.split("-")[1] + ".dist-info"}, top_level
+    assert top_level == {
+        "sc_compile",
+        built_wheel.name.split("-")[0] + "-" + built_wheel.name.split("-")[1] + ".dist-info",
+    }, top_level
     # Training logs, sample pictures and the training code stay in the source tree.
-    assert not [name for name in names if name.endswith(("train_log.txt", "samples.png")) or "/examples/" in name or "/train" in name]
+    assert not [
+        name
+        for name in names
+        if name.endswith(("train_log.txt", "samples.png")) or "/examples/" in name or "/train" in name
+    ]
 
 
 # Run in the fresh environment, from a directory outside the tree: the backend resolves by name
@@ -106,7 +118,20 @@ def test_installed_wheel_resolves_the_backend_and_runs_the_demo_with_the_shipped
     python = venv / "bin" / "python"
     site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
     (site / "test_dependencies.pth").write_text(f"{_dependency_view(tmp_path)}\n")
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--quiet", str(built_wheel)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--quiet",
+            str(built_wheel),
+        ]
+    )
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -119,8 +144,22 @@ def test_installed_wheel_resolves_the_backend_and_runs_the_demo_with_the_shipped
         assert Path(probe[key]).is_relative_to(site / "sc_compile"), (key, probe[key])
     assert (Path(probe["assets"]) / SHIPPED_TABLE).is_file()
 
-    demo = _run([str(venv / "bin" / "sc-compile"), "demo", "--steps", "6", "--samples", "2", "--compiler", "eager",
-                 "--out", str(tmp_path / "out")], cwd=elsewhere, env=env)
+    demo = _run(
+        [
+            str(venv / "bin" / "sc-compile"),
+            "demo",
+            "--steps",
+            "6",
+            "--samples",
+            "2",
+            "--compiler",
+            "eager",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=elsewhere,
+        env=env,
+    )
     output = demo.stdout + demo.stderr
     assert "no α table" not in output, output
     assert demo.stderr == "", demo.stderr  # no third-party notices on our CLI's console

@@ -203,7 +203,9 @@ def test_choose_cache_points_refuses_an_unknown_granularity():
 class _Inputs(nn.Module):
     """A model whose inputs are only named: which one is the timestep?"""
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, noise_level: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, noise_level: torch.Tensor, timestep: torch.Tensor
+    ) -> torch.Tensor:
         return x * (t.sum() + noise_level + timestep)
 
 
@@ -232,7 +234,10 @@ def test_the_timestep_pass_marks_the_input_and_refuses_a_graph_without_one():
 
     no_timestep = _graph(NoBlocks(), torch.ones(1, 3, 4), torch.ones(1))
     no_timestep.graph.find_nodes(op="placeholder")[1].name = "scale"
-    with pytest.raises(UnsupportedGraphError, match=r"NoBlocks: could not find the timestep input among the graph inputs \['x', 'scale'"):
+    with pytest.raises(
+        UnsupportedGraphError,
+        match=r"NoBlocks: could not find the timestep input among the graph inputs \['x', 'scale'",
+    ):
         mark_timestep_input(no_timestep, model_class="NoBlocks")
     # Not required (a piece of a split forward after a break): nothing is marked, nothing raised.
     assert mark_timestep_input(no_timestep, model_class="NoBlocks", required=False).modified is False
@@ -282,7 +287,12 @@ def test_a_sketched_point_predicts_a_stand_in_that_no_cached_step_keeps(monkeypa
         for name, sub in cond_gm.named_children()
         if name.startswith("sc_")
     }
-    assert stand_ins == {"sc_full_blocks_0": [], "sc_cached_blocks_0": [0], "sc_full_blocks_1": [], "sc_cached_blocks_1": []}
+    assert stand_ins == {
+        "sc_full_blocks_0": [],
+        "sc_cached_blocks_0": [0],
+        "sc_full_blocks_1": [],
+        "sc_cached_blocks_1": [],
+    }
     cached = specialize_cache_conds(cond_gm, full=False).graph_module
     assert not [n for n in cached.graph.nodes if UNPREDICTED_META_KEY in n.meta]
 
@@ -364,7 +374,11 @@ def test_the_cache_passes_leave_no_node_in_gm_meta_and_a_node_free_layout():
     gm.meta["from_dynamo"] = 1
     cond_gm, layout = run_cache_passes(gm, model_class="TinyDiT", granularity="module")
     assert CACHE_PASSES == (
-        "find_blocks", "find_residual_outputs", "choose_cache_points", "find_timestep_input", "insert_cache_conds"
+        "find_blocks",
+        "find_residual_outputs",
+        "choose_cache_points",
+        "find_timestep_input",
+        "insert_cache_conds",
     )
     assert cond_gm.meta == {"from_dynamo": 1}
     assert [p.node_name for p in layout.cache_points] == ["add", "add_1", "add_2", "add_3"]

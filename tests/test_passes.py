@@ -403,7 +403,10 @@ def test_backend_refuses_a_non_dit_module():
         ("L['self'].__dict__['_modules']['transformer_blocks'].0.attn", "transformer_blocks.0.attn"),
         ("L['self'].blocks[3]", "blocks.3"),
         ("L['self']._modules['single_transformer_blocks']._modules['1']", "single_transformer_blocks.1"),
-        ("L['self'].context_embedder.token_refiner.refiner_blocks.0", "context_embedder.token_refiner.refiner_blocks.0"),
+        (
+            "L['self'].context_embedder.token_refiner.refiner_blocks.0",
+            "context_embedder.token_refiner.refiner_blocks.0",
+        ),
     ],
 )
 def test_normalize_module_path(raw, normalized):

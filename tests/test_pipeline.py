@@ -62,7 +62,9 @@ def test_cached_generation_is_close_to_the_uncached_one(flux_pipeline):
     pipe, embeddings = flux_pipeline
     transformer = pipe.transformer
     reference = _generate(pipe, embeddings, [3])
-    pipe.transformer = torch.compile(transformer, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3})
+    pipe.transformer = torch.compile(
+        transformer, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3}
+    )
     cached = _generate(pipe, embeddings, [3])
     assert sc_compile.report(transformer).cached_steps
     mse = torch.mean((cached - reference) ** 2).item()

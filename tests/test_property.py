@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import sc_compile
-from sc_compile.alpha import AlphaTable
+from sc_compile.calibration.table import AlphaTable
 
 from dummy_dit import DummyDiT, output_scale
 
@@ -87,7 +87,9 @@ def test_backend_matches_the_reference(schedule):
         "block",
     )
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "alpha": table, "warmup_steps": warmup})
+    compiled = torch.compile(
+        model, backend="scalingcache", options={"compiler": "eager", "alpha": table, "warmup_steps": warmup}
+    )
     outputs = []
     with torch.no_grad():
         for t, value in enumerate(values):

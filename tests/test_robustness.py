@@ -79,7 +79,11 @@ def test_two_models_and_one_model_compiled_twice_are_independent():
     compiled_wan = torch.compile(wan, backend="scalingcache", options=options)
     twice = torch.compile(flux, backend="scalingcache", options={**options, "warmup_steps": 3})
     outputs = {"flux": [], "wan": [], "twice": []}
-    latents = {"flux": flux_inputs["hidden_states"], "wan": wan_inputs["hidden_states"], "twice": flux_inputs["hidden_states"]}
+    latents = {
+        "flux": flux_inputs["hidden_states"],
+        "wan": wan_inputs["hidden_states"],
+        "twice": flux_inputs["hidden_states"],
+    }
     with torch.no_grad():
         for tf, tw in zip(timesteps("flux", 8), timesteps("wan", 8), strict=True):
             for key, compiled, family, inputs, t in (
@@ -158,7 +162,9 @@ def test_fallback_compiles_an_uncacheable_model_with_a_warning(caplog):
 
 def test_dynamic_true_specialises_each_size_once(caplog):
     model, _ = BUILDERS["flux"](seed=0)
-    compiled = torch.compile(model, backend="scalingcache", dynamic=True, options={"compiler": "eager", "warmup_steps": 2})
+    compiled = torch.compile(
+        model, backend="scalingcache", dynamic=True, options={"compiler": "eager", "warmup_steps": 2}
+    )
     counters = torch._dynamo.utils.counters
     counters.clear()
     # The specialisations are logged by sc_compile.backends.shape_specialization.
@@ -174,6 +180,8 @@ def test_dynamic_true_specialises_each_size_once(caplog):
 
 def test_fullgraph_false_works_without_breaks():
     model, inputs = BUILDERS["flux"](seed=0)
-    compiled = torch.compile(model, backend="scalingcache", fullgraph=False, options={"compiler": "eager", "warmup_steps": 2})
+    compiled = torch.compile(
+        model, backend="scalingcache", fullgraph=False, options={"compiler": "eager", "warmup_steps": 2}
+    )
     _generation(compiled, "flux", inputs, 6)
     assert sc_compile.report(model).cached_steps

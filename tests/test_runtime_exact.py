@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sc_compile
-from sc_compile.alpha import AlphaTable
+from sc_compile.calibration.table import AlphaTable
 
 from dummy_dit import DummyDiT, output_scale
 
@@ -30,7 +30,9 @@ def _run(model, compiled, values, timesteps=None):
 
 def test_alpha_one_decisions_and_predictions():
     model = DummyDiT()
-    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3, "alpha": "ones"})
+    compiled = torch.compile(
+        model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3, "alpha": "ones"}
+    )
     outputs = _run(model, compiled, SEQUENCE)
     report = sc_compile.report(compiled)
     # t0..t2 warm-up. ē1 = 4/16 = .25, ē2 = 2/12 = .1667: δ = .2083, ε = .1667 and dy = -2.
@@ -58,7 +60,9 @@ def test_alpha_table_scales_the_prediction_and_the_refresh():
     model = DummyDiT()
     table = _table_for(model, 0.5, len(SEQUENCE))
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3, "alpha": table})
+    compiled = torch.compile(
+        model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3, "alpha": table}
+    )
     outputs = _run(model, compiled, SEQUENCE)
     report = sc_compile.report(model)
     # After the warm-up: dy = -2 (gap 1: Π/Σ = α2/α2 = 1), δ = .2083, ε = .1667.
@@ -174,7 +178,7 @@ def test_cache_dtype_keeps_the_model_dtype():
             outputs.append(out[0, 0, 0].item() / output_scale())
     assert sc_compile.report(model).full_steps == (0, 1, 2, 4)
     assert outputs == pytest.approx([16.0, 12.0, 10.0, 8.0, 8.5, 7.75, 7.0], abs=1e-5)
-    from sc_compile.runtime import latest_runtime
+    from sc_compile.runtime.dispatch import latest_runtime
 
     runtime = latest_runtime(model)
     assert all(buffer.dtype == torch.float64 for buffer in runtime.streams[0].buffers)
@@ -185,7 +189,9 @@ def test_residual_prediction_adds_the_predicted_residual_to_the_current_input():
     block's input of the current step, the first block's being the step's real input."""
     model = DummyDiT()
     compiled = torch.compile(
-        model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3, "alpha": "ones", "prediction": "residual"}
+        model,
+        backend="scalingcache",
+        options={"compiler": "eager", "warmup_steps": 3, "alpha": "ones", "prediction": "residual"},
     )
     outputs = _run(model, compiled, SEQUENCE)
     report = sc_compile.report(compiled)

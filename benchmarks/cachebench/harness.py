@@ -129,7 +129,9 @@ class Harness:
             try:
                 mag_ratios, self.mag_calibration = calibrate_magcache(self)
                 self.mag_ratios = mag_ratios
-                log(f"MagCache calibrated ({self.mag_calibration['seconds']:.1f}s): {[round(x, 3) for x in mag_ratios]}")
+                log(
+                    f"MagCache calibrated ({self.mag_calibration['seconds']:.1f}s): {[round(x, 3) for x in mag_ratios]}"
+                )
             except Exception as e:  # noqa: BLE001  (the run goes on without MagCache, and says so)
                 log(f"MagCache calibration failed: {e!r}")
                 self.mag_calibration = {"error": repr(e)}

@@ -142,7 +142,9 @@ def counts_from_linears(
     result.macs_frac = sum(per_call) / (full_macs_per_call * calls_per_generation * batches)
     result.count_source = "Linear counters (eager)"
     if len(per_call) != calls_per_generation * batches:
-        result.extra["warning"] = f"{len(per_call)} transformer calls counted, expected {calls_per_generation * batches}"
+        result.extra["warning"] = (
+            f"{len(per_call)} transformer calls counted, expected {calls_per_generation * batches}"
+        )
 
 
 def counts_from_reports(result: Result, reports: list[Any], calls_per_generation: int, batches: int) -> None:

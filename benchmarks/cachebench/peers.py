@@ -448,9 +448,7 @@ def calibrate_magcache(harness: Harness) -> tuple[list[float], dict[str, Any]]:
 # --------------------------------------------------------------------------- the sweep
 
 
-def configurations(
-    settings: Settings, module_names: list[str], mag_ratios: list[float] | None
-) -> list[Method]:
+def configurations(settings: Settings, module_names: list[str], mag_ratios: list[float] | None) -> list[Method]:
     """The configurations of a run, in order: the uncached references, ours, then each peer's sweep
     (eager, and compiled where ``Sweeps.compiles``). ``mag_ratios=None`` leaves MagCache out (its
     calibration failed)."""
@@ -480,15 +478,24 @@ def configurations(
     # The peers: one sweep each over one field, the other fields fixed.
     has_numbered_attention = any(re.fullmatch(r"blocks\.\d+\.attn\d+", n) for n in module_names)
     taylorseer = dict(warmup_steps=sweeps.ts_warmup)
-    dbcache = dict(front_blocks=sweeps.dbc_fn, back_blocks=sweeps.dbc_bn, warmup_steps=sweeps.dbc_warmup,
-                   num_inference_steps=steps)
+    dbcache = dict(
+        front_blocks=sweeps.dbc_fn, back_blocks=sweeps.dbc_bn, warmup_steps=sweeps.dbc_warmup, num_inference_steps=steps
+    )
     peer_sweeps: list[tuple[type[Peer], str, tuple[Any, ...], dict[str, Any]]] = [
         (FirstBlockCache, "threshold", sweeps.fbc, {}),
-        (TaylorSeerCache, "interval", sweeps.taylorseer,
-         dict(taylorseer, cache_identifiers=(r"^blocks\.\d+\.attn\d+$",) if has_numbered_attention else None)),
+        (
+            TaylorSeerCache,
+            "interval",
+            sweeps.taylorseer,
+            dict(taylorseer, cache_identifiers=(r"^blocks\.\d+\.attn\d+$",) if has_numbered_attention else None),
+        ),
         (TaylorSeerCacheLite, "interval", sweeps.taylorseer_lite, taylorseer),
-        (MagCache, "threshold", sweeps.magcache if mag_ratios is not None else (),
-         dict(max_skip_steps=sweeps.mag_max_skip, num_inference_steps=steps, mag_ratios=tuple(mag_ratios or ()))),
+        (
+            MagCache,
+            "threshold",
+            sweeps.magcache if mag_ratios is not None else (),
+            dict(max_skip_steps=sweeps.mag_max_skip, num_inference_steps=steps, mag_ratios=tuple(mag_ratios or ())),
+        ),
         (PyramidAttentionBroadcast, "skip", sweeps.pab, {}),
         (FasterCache, "skip", sweeps.fastercache, {}),
         (SeaCache, "threshold", sweeps.seacache, {}),

@@ -150,5 +150,7 @@ def feature_distance(
     if prediction.shape != reference.shape:
         raise ValueError(f"shapes differ: {tuple(prediction.shape)} vs {tuple(reference.shape)}")
     fb = reference_features if reference_features is not None else normalized_features(reference)
-    per_stage = [((a - b) ** 2).sum(dim=1).mean(dim=(1, 2)) for a, b in zip(normalized_features(prediction), fb, strict=True)]
+    per_stage = [
+        ((a - b) ** 2).sum(dim=1).mean(dim=(1, 2)) for a, b in zip(normalized_features(prediction), fb, strict=True)
+    ]
     return torch.stack(per_stage).mean().item()

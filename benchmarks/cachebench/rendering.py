@@ -84,8 +84,7 @@ def markdown(data: dict[str, Any]) -> str:
                 f"{e.get('num_points', '?')} cache points, buffers {e.get('buffer_bytes', 0) / 1024:.0f} KiB"
             )
         out += [""] + [
-            f"α [{i + 1}]: `{src}`" + ("  " if i + 1 < len(sources) else "")
-            for i, src in enumerate(sources)
+            f"α [{i + 1}]: `{src}`" + ("  " if i + 1 < len(sources) else "") for i, src in enumerate(sources)
         ]
         for f in s.get("alpha_files", []):
             out.append(
@@ -128,9 +127,7 @@ def matched(ok: list[dict[str, Any]], by: str = "full") -> list[str]:
         if p["full_evals_per_gen"] >= n:
             skipped.append(f"{p['name']} ({p['variant']})")
             continue
-        pool = [
-            o for o in ours if (o["variant"] == "eager inner") == (p["variant"] == "eager")
-        ] or ours
+        pool = [o for o in ours if (o["variant"] == "eager inner") == (p["variant"] == "eager")] or ours
         pool = [o for o in pool if "module" not in o["method"]] or pool
         if not pool:
             continue

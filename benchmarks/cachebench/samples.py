@@ -20,8 +20,13 @@ def sample_call(
     embeddings: Any, size: dict[str, int], label: int, seed: int, steps: int, guidance: float
 ) -> dict[str, Any]:
     """The pipeline call of one class-label sample, guidance as separate cond / uncond calls."""
-    return {**embeddings.pipeline_kwargs([label], guidance_scale=guidance), **size,
-            "num_inference_steps": steps, "seed": seed, "output_type": "pt"}
+    return {
+        **embeddings.pipeline_kwargs([label], guidance_scale=guidance),
+        **size,
+        "num_inference_steps": steps,
+        "seed": seed,
+        "output_type": "pt",
+    }
 
 
 def generate(pipe: Any, call: dict[str, Any]) -> torch.Tensor:
@@ -39,7 +44,8 @@ def generate_cached(pipe: Any, call: dict[str, Any], options: dict[str, Any]) ->
     transformer = pipe.transformer
     torch._dynamo.reset()
     pipe.transformer = torch.compile(
-        transformer, backend="scalingcache",
+        transformer,
+        backend="scalingcache",
         options={"compiler": "eager", "num_inference_steps": call["num_inference_steps"], **options},
     )
     try:

@@ -109,7 +109,15 @@ def load(key: str, random_weights: bool = False) -> tuple[Workload, Any]:
         pipe, emb = random_init() if random_weights else shipped()
         weights = f"random ({random_init.__name__})" if random_weights else str(demo.assets_dir() / dirname)
         wl = Workload(
-            key, title, description, weights, pipe.transformer, build, call, pipeline, guidance_arg,
+            key,
+            title,
+            description,
+            weights,
+            pipe.transformer,
+            build,
+            call,
+            pipeline,
+            guidance_arg,
             trained=not random_weights,
         )
         return wl, emb

@@ -69,9 +69,7 @@ def class_separability(
     distance to the own class mean; > 0 means samples sit closer to their own class)
     and ``samples`` (the generated tensor).
     """
-    samples, labels = generate_per_class(
-        pipe, emb, samples_per_class, guidance_scale, num_inference_steps, seed
-    )
+    samples, labels = generate_per_class(pipe, emb, samples_per_class, guidance_scale, num_inference_steps, seed)
     if samples.dim() == 5:  # video [N, F, C, H, W] -> first frame, centre 28x28
         images = center_crop(samples[:, 0, 0], 28)
     else:
@@ -113,7 +111,9 @@ def main() -> None:
 
     from sc_compile.demo.models import load_flux_demo, load_wan_demo
 
-    ap = argparse.ArgumentParser(prog="python -m examples.demo_models.check", description="Class separability of the shipped demo models")
+    ap = argparse.ArgumentParser(
+        prog="python -m examples.demo_models.check", description="Class separability of the shipped demo models"
+    )
     ap.add_argument("--model", choices=["flux", "wan"], default="flux")
     ap.add_argument("--path", default=None, help="weights dir (default: the shipped demo_<model>)")
     ap.add_argument("--samples-per-class", type=int, default=1)

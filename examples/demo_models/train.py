@@ -70,9 +70,7 @@ def flux_ids() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m examples.demo_models.train", description=__doc__.split("\n")[0]
-    )
+    ap = argparse.ArgumentParser(prog="python -m examples.demo_models.train", description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["flux", "wan"], required=True)
     ap.add_argument("--out", required=True, help="output directory (e.g. assets/demo_flux)")
     ap.add_argument("--max-steps", type=int, default=3000)
@@ -94,25 +92,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "uniform (covers sigma ~ 1, where sampling starts); default: logit-normal (flux), mixed (wan)",
     )
     ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument(
-        "--save-every", type=int, default=500, help="checkpoint interval (0: only at the end)"
-    )
-    ap.add_argument(
-        "--max-minutes", type=float, default=None, help="stop (and save) after this wall time"
-    )
+    ap.add_argument("--save-every", type=int, default=500, help="checkpoint interval (0: only at the end)")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
     ap.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16")
-    ap.add_argument(
-        "--eval-steps", type=int, default=20, help="sampling steps for samples.png / the check"
-    )
+    ap.add_argument("--eval-steps", type=int, default=20, help="sampling steps for samples.png / the check")
     ap.add_argument(
         "--init-from",
         default=None,
         help="continue from the weights in this directory (a previous run's --out, same model); "
         "the model card then lists every command found in <out>/train_log.txt",
     )
-    ap.add_argument(
-        "--no-eval", action="store_true", help="skip samples.png and the separability check"
-    )
+    ap.add_argument("--no-eval", action="store_true", help="skip samples.png and the separability check")
     a = ap.parse_args(argv)
     if a.batch_size is None:
         a.batch_size = 96 if a.model == "flux" else 16
@@ -183,9 +173,7 @@ def build(a: argparse.Namespace):
                 return_dict=False,
             )[0]
         else:
-            clips = make_clips(
-                images[idx], num_frames=M.WAN_NUM_FRAMES, size=M.WAN_FRAME_SIZE, seed=gen
-            )
+            clips = make_clips(images[idx], num_frames=M.WAN_NUM_FRAMES, size=M.WAN_FRAME_SIZE, seed=gen)
             x0 = vae.latents_from_frames(clips)  # [B, 8, 5, 16, 16]
             noise = torch.randn(x0.shape, generator=gen)
             s = sigma.view(b, 1, 1, 1, 1)
@@ -232,9 +220,7 @@ def evaluate(a: argparse.Namespace, out: Path) -> dict:
     return r
 
 
-def write_card(
-    a, out, cfg, nparams, step, final_loss, wall, s_per_step, mb, command, eval_result, done
-):
+def write_card(a, out, cfg, nparams, step, final_loss, wall, s_per_step, mb, command, eval_result, done):
     from sc_compile.demo import models as M
 
     status = "final" if done else f"checkpoint at step {step} (training still running)"
@@ -253,9 +239,7 @@ def write_card(
             '            num_inference_steps=20, output_type="pt").images  # [3, 1, 28, 28]\n```'
         )
         sched = "FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)"
-        tconv = (
-            "timestep passed to the transformer = sigma (FluxPipeline divides t=1000*sigma by 1000)"
-        )
+        tconv = "timestep passed to the transformer = sigma (FluxPipeline divides t=1000*sigma by 1000)"
         cfg_note = "guidance: `true_cfg_scale` with the null class as negative prompt (no guidance embedding)"
     else:
         what = (
@@ -287,10 +271,7 @@ def write_card(
             if ln.startswith(COMMAND_PREFIXES)
         ]
         saved = [ln for ln in lines if ln.startswith("# saved ")]
-        prev = [
-            (int(ln.split(" after ")[1].split()[0]), float(ln.split(" steps, ")[1].split()[0]))
-            for ln in saved
-        ]
+        prev = [(int(ln.split(" after ")[1].split()[0]), float(ln.split(" steps, ")[1].split()[0])) for ln in saved]
         if done:  # the last "saved" line is this run's own final save
             prev = prev[:-1]
         if prev:
@@ -392,9 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     nparams = sum(p.numel() for p in model.parameters())
     log(f"# {command}")
-    log(
-        f"# model={a.model} params={nparams:,} batch={a.batch_size} threads={a.threads} pid={os.getpid()}"
-    )
+    log(f"# model={a.model} params={nparams:,} batch={a.batch_size} threads={a.threads} pid={os.getpid()}")
 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -462,9 +441,7 @@ def main(argv: list[str] | None = None) -> None:
 
     wall = time.time() - t0
     mb = save_model(model, ema, emb, out, a.save_dtype)
-    log(
-        f"# saved {out} ({mb:.2f} MB) after {step} steps, {wall / 60:.1f} min, {wall / max(step, 1):.3f} s/step"
-    )
+    log(f"# saved {out} ({mb:.2f} MB) after {step} steps, {wall / 60:.1f} min, {wall / max(step, 1):.3f} s/step")
     eval_result = None
     if not a.no_eval:
         from .check import reference_accuracy

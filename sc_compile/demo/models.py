@@ -149,16 +149,12 @@ def wan_config() -> dict[str, Any]:
 
 def flux_scheduler() -> Any:
     """Flow-matching Euler scheduler for the 49-token images (no resolution shift)."""
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False
-    )
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 
 
 def wan_scheduler() -> Any:
     """Flow-matching Euler scheduler for the video model (no shift)."""
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False
-    )
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 
 
 # --------------------------------------------------------------------------- VAE shells
@@ -275,11 +271,7 @@ class VideoPixelShuffleVAE(ModelMixin, ConfigMixin):  # type: ignore[misc]
         x = z.permute(0, 2, 1, 3, 4).reshape(b * groups, zc, hh, ww)
         x = F.pixel_shuffle(x, s)  # (b g) (c t) h w
         h, w = x.shape[-2:]
-        x = (
-            x.reshape(b, groups, c, t, h, w)
-            .permute(0, 2, 1, 3, 4, 5)
-            .reshape(b, c, groups * t, h, w)
-        )
+        x = x.reshape(b, groups, c, t, h, w).permute(0, 2, 1, 3, 4, 5).reshape(b, c, groups * t, h, w)
         first = x[:, :, :t].mean(dim=2, keepdim=True)
         x = torch.cat([first, x[:, :, t:]], dim=2)
         return DecoderOutput(sample=x) if return_dict else (x,)
@@ -292,9 +284,7 @@ class VideoPixelShuffleVAE(ModelMixin, ConfigMixin):  # type: ignore[misc]
 # --------------------------------------------------------------------------- class embeddings
 
 
-def make_class_embeddings(
-    num_tokens: int, dim: int, pooled_dim: int | None, seed: int
-) -> dict[str, torch.Tensor]:
+def make_class_embeddings(num_tokens: int, dim: int, pooled_dim: int | None, seed: int) -> dict[str, torch.Tensor]:
     """Deterministic class "prompt" embeddings for 10 classes + the null class.
 
     Returns ``{"prompt_embeds": [11, T, D]}`` (plus ``"pooled_prompt_embeds": [11, P]``
@@ -399,9 +389,7 @@ def flux_class_embeddings() -> ClassEmbeddings:
 
 def wan_class_embeddings() -> ClassEmbeddings:
     cfg = wan_config()
-    return ClassEmbeddings(
-        make_class_embeddings(WAN_TEXT_TOKENS, cfg["text_dim"], None, WAN_EMBED_SEED)
-    )
+    return ClassEmbeddings(make_class_embeddings(WAN_TEXT_TOKENS, cfg["text_dim"], None, WAN_EMBED_SEED))
 
 
 def class_prompt_embeds(

@@ -113,7 +113,9 @@ class StepClock:
     def place_in_pipeline_step(self, step: int, name: str | None) -> tuple[int, int]:
         """Place a call at ``step`` (the scheduler steps taken so far in the pipeline call)."""
         if step < self.step:
-            raise RuntimeError(f"ScalingCache: the pipeline's step went back from {self.step} to {step}; bug in sc_compile")
+            raise RuntimeError(
+                f"ScalingCache: the pipeline's step went back from {self.step} to {step}; bug in sc_compile"
+            )
         while self.step < step:
             self._begin_step(None)
         stream = self._stream_of(name)
@@ -166,9 +168,7 @@ class StepClock:
             return False
         return (now - last) * (second - first) < 0  # type: ignore[operator]
 
-    def place_by_timestep(
-        self, values: tuple[float, ...], name: str | None, dtype: torch.dtype
-    ) -> tuple[int, int]:
+    def place_by_timestep(self, values: tuple[float, ...], name: str | None, dtype: torch.dtype) -> tuple[int, int]:
         """Place a call by its timestep values; raises :class:`NewGeneration` or :class:`ClockError`."""
         if self.step < 0:
             self._begin_step(values)

@@ -34,12 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sc_compile.alpha import AlphaTable
-from sc_compile.clock import EXPLICIT_SOURCES, ClockError, NewGeneration
+from sc_compile.calibration.table import AlphaTable
+from sc_compile.clock.step_clock import EXPLICIT_SOURCES, ClockError, NewGeneration
 from sc_compile.config import ScalingCacheConfig, StochasticSampler
 from sc_compile.contract import step_inputs
-from sc_compile.decisions import StepInfo
-from sc_compile.generations import (
+from sc_compile.decision.decisions import StepInfo
+from sc_compile.reporting.report import GenerationReport
+from sc_compile.runtime.generations import (
     Generation,
     GenerationScope,
     LayoutState,
@@ -51,8 +52,7 @@ from sc_compile.generations import (
     sessions_of,
     stream_name,
 )
-from sc_compile.reporting import GenerationReport
-from sc_compile.state import PointLayout, StepCoefficients, StreamState
+from sc_compile.runtime.state import PointLayout, StepCoefficients, StreamState
 
 if TYPE_CHECKING:
     from sc_compile.backends.capture_check import GraphPiece
@@ -164,7 +164,11 @@ class _Uncached:
 
 def refuse_stochastic(config: ScalingCacheConfig, scope: GenerationScope, warned: set[str]) -> None:
     """Refuse a generation with a stochastic sampler, or warn once per scope where the config says so."""
-    how = "declared with stochastic_sampler=True" if scope.stochastic_sampler else "its scheduler drew random numbers in a step"
+    how = (
+        "declared with stochastic_sampler=True"
+        if scope.stochastic_sampler
+        else "its scheduler drew random numbers in a step"
+    )
     what = (
         f"ScalingCache: this generation uses a stochastic sampler ({how}): it injects fresh noise into the "
         "latents every step, and a cached step, predicted from past full steps, never sees it, so the result "
@@ -292,7 +296,9 @@ class ScalingCacheRuntime:
             return self._dispatch(generation, placement, args)
 
     # -- pieces of a split forward -------------------------------------------------------------
-    def _start_forward(self, session: ModuleSession, generation: Generation | None, placement: Placement | None) -> None:
+    def _start_forward(
+        self, session: ModuleSession, generation: Generation | None, placement: Placement | None
+    ) -> None:
         if self.piece is not None:
             forward = _FORWARDS.by_token.get(_token_id(self.compile_token))
             # Pieces without blocks that started this forward stay in it (they ran in this call).
@@ -353,7 +359,9 @@ class ScalingCacheRuntime:
                     "batch only samples at the same step, or run each schedule in its own call."
                 )
 
-    def _place_in_scope(self, generation: Generation, scope: GenerationScope, key: Any, args: tuple[Any, ...]) -> Placement:
+    def _place_in_scope(
+        self, generation: Generation, scope: GenerationScope, key: Any, args: tuple[Any, ...]
+    ) -> Placement:
         if scope.pipeline is not None:
             if scope.pipeline.stochastic or scope.stochastic_sampler:
                 self._refuse_stochastic(scope)
@@ -424,7 +432,9 @@ class ScalingCacheRuntime:
         refuse_stochastic(self.config, scope, self._warned_scopes)
 
     # -- dispatch ------------------------------------------------------------------------------
-    def _dispatch(self, generation: Generation, placement: Placement, args: tuple[Any, ...], follows: bool = False) -> Any:
+    def _dispatch(
+        self, generation: Generation, placement: Placement, args: tuple[Any, ...], follows: bool = False
+    ) -> Any:
         if not follows:
             self._start_forward(generation.session, generation, placement)
         step, stream = placement.step, placement.stream
@@ -444,7 +454,9 @@ class ScalingCacheRuntime:
         else:
             # Another graph of the split forward feeds the model output: its verdict is the step's.
             leader.decisions.decide(stream, info, step_info)
-            decision = decisions.decide(stream, info, step_info, follow=lambda s: leader.decisions.decision_of(stream, s))
+            decision = decisions.decide(
+                stream, info, step_info, follow=lambda s: leader.decisions.decision_of(stream, s)
+            )
         record = generation.record(stream)
         synced = False
         # The unit's last full step before this one: the step a stream's buffers must hold.
@@ -483,7 +495,9 @@ class ScalingCacheRuntime:
         record.reasons[step] = reason
         return out
 
-    def _outside_schedule(self, layout_state: LayoutState, state: StreamState, step: int) -> tuple[StepCoefficients, str]:
+    def _outside_schedule(
+        self, layout_state: LayoutState, state: StreamState, step: int
+    ) -> tuple[StepCoefficients, str]:
         """A full step for a stream whose buffers do not hold its unit's last full step.
 
         Right after the stream's own full step the refresh is the plain difference (factor 1);
@@ -504,7 +518,9 @@ class ScalingCacheRuntime:
             scratch = self._uncached
             scratch.state.zero_()
             state = scratch.state
-            inputs = step_inputs(args, state.buffers, scratch.coefficients.coef, scratch.coefficients.refresh, state.stats)
+            inputs = step_inputs(
+                args, state.buffers, scratch.coefficients.coef, scratch.coefficients.refresh, state.stats
+            )
             return self.full_step.fn(*[inputs[i] for i in self.full_step.input_indices])
 
     # -- what callers of the old per-graph runtime read ----------------------------------------
@@ -544,7 +560,7 @@ class ScalingCacheRuntime:
 
 
 # Compile tokens (id) of the torch.compile calls that built a cached piece of a split forward
-# (or a per-block graph, ``sc_compile/block_graphs.py``).
+# (or a per-block graph, ``sc_compile/runtime/per_block.py``).
 _BLOCK_PIECES: set[int] = set()
 
 

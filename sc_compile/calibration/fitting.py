@@ -94,7 +94,9 @@ class FittedCoefficients:
         if self.error.isnan().any() or (self.error < 0).any():
             raise ValueError("fitted error must be >= 0 (or inf), without NaN")
         if self.max_gap.dtype != torch.int64 or (self.max_gap < 0).any() or (self.max_gap > k).any():
-            raise ValueError(f"max_gap must be int64 values in [0, {k}], but got {self.max_gap.dtype} {self.max_gap.tolist()}")
+            raise ValueError(
+                f"max_gap must be int64 values in [0, {k}], but got {self.max_gap.dtype} {self.max_gap.tolist()}"
+            )
 
     @property
     def num_steps(self) -> int:
@@ -269,9 +271,7 @@ def fit_gap_coefficients(
         while k < big_k and (tau + k + 1 > num_steps - 1 or bool(serves[tau, k])):
             k += 1
         max_gaps[tau] = k
-    return FittedCoefficients(
-        coef=coef.float(), refresh=refresh.float(), error=error.float(), max_gap=max_gaps
-    )
+    return FittedCoefficients(coef=coef.float(), refresh=refresh.float(), error=error.float(), max_gap=max_gaps)
 
 
 def one_step_alpha(gram: BandedGram) -> torch.Tensor:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from sc_compile.generations import (
+from sc_compile.runtime.generations import (
     GenerationScope,
     PipelineRun,
     module_key,
@@ -57,7 +57,9 @@ def _denoiser_names(pipe: Any, names: Sequence[str] | None) -> tuple[str, ...]:
         return tuple(names)
     components = getattr(pipe, "components", None) or vars(pipe)
     found = tuple(
-        n for n, c in components.items() if isinstance(c, torch.nn.Module) and (n.startswith("transformer") or n == "unet")
+        n
+        for n, c in components.items()
+        if isinstance(c, torch.nn.Module) and (n.startswith("transformer") or n == "unet")
     )
     if not found:
         raise ValueError(
@@ -80,7 +82,16 @@ def enable(pipe: Any, *, denoisers: Sequence[str] | None = None) -> Any:
     if not getattr(cls, "_sc_compile_enabled", False):
         enabled = _ENABLED_CLASSES.get(cls)
         if enabled is None:
-            enabled = _ENABLED_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": _call, "_sc_compile_enabled": True, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+            enabled = _ENABLED_CLASSES[cls] = type(
+                cls.__name__,
+                (cls,),
+                {
+                    "__call__": _call,
+                    "_sc_compile_enabled": True,
+                    "__module__": cls.__module__,
+                    "__qualname__": cls.__qualname__,
+                },
+            )
         pipe.__class__ = enabled
     pipe._sc_compile_denoisers = names
     return pipe

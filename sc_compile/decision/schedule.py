@@ -9,8 +9,8 @@ that decide together (all streams of a step by default, each stream alone otherw
    E), ε ← ε + ē at a cached step;
 2. step t is full if t < S_f, if it is one of the forced final steps, if a measured or predicted
    change was not finite, if the gap since the last full step τ is longer than the predictor serves
-   (:mod:`sc_compile.coefficients`), or by the schedule: a planned set of full steps (a budget,
-   :mod:`sc_compile.budget`), every k-th step (static interval), or the paper's dynamic rule ε > δ =
+   (:mod:`sc_compile.decision.coefficients`), or by the schedule: a planned set of full steps (a budget,
+   :mod:`sc_compile.decision.budget`), every k-th step (static interval), or the paper's dynamic rule ε > δ =
    mean(E);
 3. the coefficients come from the generation's predictor: at a cached step ``c`` for the gap
    ``t − τ`` (the prediction is y_full + c·dy); at a full step the previous step's coefficient (to
@@ -23,8 +23,8 @@ import dataclasses
 import math
 from collections.abc import Collection, Sequence
 
-from sc_compile.coefficients import Predictor
 from sc_compile.contract import CHANGE_L1, NEXT_CHANGE_L1, PREV_L1, VALUE_L1
+from sc_compile.decision.coefficients import Predictor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +161,11 @@ class DecisionUnit:
         elif self.last_full is None or self.previous_gap == 0:
             reason = "no history"
         elif follow is not None:
-            reason = follow.reason if follow.full else ("longest gap" if not self.predictor.allows_gap(self.last_full, gap) else "")
+            reason = (
+                follow.reason
+                if follow.full
+                else ("longest gap" if not self.predictor.allows_gap(self.last_full, gap) else "")
+            )
         elif self._planned is not None and step in self._planned:
             reason = "planned"
         elif not self.predictor.allows_gap(self.last_full, gap):

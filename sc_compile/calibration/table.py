@@ -7,7 +7,7 @@ produced it) and these float32 tensors:
 
 * format 1 (the paper's): ``alpha`` [N, P], one-step α per step and cache point (eq. 5), chained
   by the runtime;
-* format 2 adds the per-gap least-squares coefficients of :mod:`sc_compile.fitting`: ``coef``
+* format 2 adds the per-gap least-squares coefficients of :mod:`sc_compile.calibration.fitting`: ``coef``
   [N, K+1, K, P], ``refresh`` [N, K+1, P], ``error`` [N, K+1, K] and ``max_gap`` [N] (int64), with
   K in the metadata. ``alpha`` is still there, so the paper's chained variant stays available.
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sc_compile.fitting import FittedCoefficients
+from sc_compile.calibration.fitting import FittedCoefficients
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ class AlphaTable:
     def __post_init__(self) -> None:
         alpha = self.alpha
         if not isinstance(alpha, torch.Tensor) or alpha.ndim != 2:
-            raise AlphaTableError(f"alpha must be a 2-D tensor [steps, points], but got {getattr(alpha, 'shape', alpha)!r}")
+            raise AlphaTableError(
+                f"alpha must be a 2-D tensor [steps, points], but got {getattr(alpha, 'shape', alpha)!r}"
+            )
         object.__setattr__(self, "alpha", alpha.detach().to("cpu", torch.float32).contiguous())
         if not torch.isfinite(self.alpha).all():
             bad = (~torch.isfinite(self.alpha)).nonzero()[:3].tolist()
@@ -92,7 +94,15 @@ class AlphaTable:
         return int(self.alpha.shape[1])
 
     @classmethod
-    def ones(cls, num_steps: int, num_points: int, *, model_class: str = "", fingerprint: str = "", granularity: str = "block") -> AlphaTable:
+    def ones(
+        cls,
+        num_steps: int,
+        num_points: int,
+        *,
+        model_class: str = "",
+        fingerprint: str = "",
+        granularity: str = "block",
+    ) -> AlphaTable:
         return cls(torch.ones(num_steps, num_points), model_class, fingerprint, granularity)
 
     def step_statistics(self) -> tuple[list[float], list[float]]:
@@ -175,7 +185,7 @@ class AlphaTable:
                 beta=float(metadata.get("beta", "0.97")),
                 num_samples=int(metadata.get("num_samples", "0")),
                 command=metadata.get("command", ""),
-                extra={k[len("extra."):]: v for k, v in metadata.items() if k.startswith("extra.")},
+                extra={k[len("extra.") :]: v for k, v in metadata.items() if k.startswith("extra.")},
                 fitted=fitted,
             )
         except KeyError as error:
@@ -183,7 +193,9 @@ class AlphaTable:
         return table
 
     # -- use -----------------------------------------------------------------------------------
-    def check_compatible(self, *, model_class: str, fingerprint: str, num_points: int, granularity: str, source: str = "α table") -> None:
+    def check_compatible(
+        self, *, model_class: str, fingerprint: str, num_points: int, granularity: str, source: str = "α table"
+    ) -> None:
         """Raise :class:`AlphaTableError` saying what differs when the table does not fit."""
         problems = []
         if self.granularity != granularity:
@@ -196,7 +208,9 @@ class AlphaTable:
                 f"(this {model_class} has {fingerprint})"
             )
         if problems:
-            raise AlphaTableError(f"{source} does not fit this model: it has " + "; ".join(problems) + f". {RECALIBRATE_HINT}")
+            raise AlphaTableError(
+                f"{source} does not fit this model: it has " + "; ".join(problems) + f". {RECALIBRATE_HINT}"
+            )
 
     def __repr__(self) -> str:
         mean = float(self.alpha.mean())
@@ -211,7 +225,13 @@ class AlphaTable:
 
 
 def resolve_alpha_source(
-    alpha: Any, *, model_class: str, fingerprint: str, num_points: int, granularity: str, search_dirs: Sequence[Path] = ()
+    alpha: Any,
+    *,
+    model_class: str,
+    fingerprint: str,
+    num_points: int,
+    granularity: str,
+    search_dirs: Sequence[Path] = (),
 ) -> AlphaTable | None:
     """The table to use, checked against the model; ``None`` means α = 1.
 
@@ -230,7 +250,13 @@ def resolve_alpha_source(
                     meta = handle.metadata() or {}
                 if meta.get("fingerprint") == fingerprint and meta.get("granularity") == granularity:
                     table = AlphaTable.load(path)
-                    table.check_compatible(model_class=model_class, fingerprint=fingerprint, num_points=num_points, granularity=granularity, source=os.fspath(path))
+                    table.check_compatible(
+                        model_class=model_class,
+                        fingerprint=fingerprint,
+                        num_points=num_points,
+                        granularity=granularity,
+                        source=os.fspath(path),
+                    )
                     log.info("using the shipped α table %s for %s", path, model_class)
                     return table
         log.warning(
@@ -244,5 +270,7 @@ def resolve_alpha_source(
         return None
     table = alpha if isinstance(alpha, AlphaTable) else AlphaTable.load(alpha)
     source = "the given α table" if isinstance(alpha, AlphaTable) else os.fspath(alpha)
-    table.check_compatible(model_class=model_class, fingerprint=fingerprint, num_points=num_points, granularity=granularity, source=source)
+    table.check_compatible(
+        model_class=model_class, fingerprint=fingerprint, num_points=num_points, granularity=granularity, source=source
+    )
     return table

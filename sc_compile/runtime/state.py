@@ -56,7 +56,9 @@ class StreamState:
             for _ in range(2):  # y_full, dy
                 self.buffers.append(_static(state_zeros(*shape, dtype=dtype, device=layout.device)))
         # stats: [P, len(STAT_COLUMNS)] float32, written by every full step.
-        self.stats = _static(state_zeros(layout.num_points, len(STAT_COLUMNS), dtype=torch.float32, device=layout.device))
+        self.stats = _static(
+            state_zeros(layout.num_points, len(STAT_COLUMNS), dtype=torch.float32, device=layout.device)
+        )
         self.forget()
         LIVE_STREAM_STATES.add(self)
 
@@ -140,7 +142,7 @@ class StatePool:
         for state in states:
             state.forget()
         free.extend(states)
-        del free[max(len(states), 1):]
+        del free[max(len(states), 1) :]
 
     def clear(self) -> None:
         self._free.clear()

@@ -27,7 +27,7 @@ count is required, so that guidance run as separate calls is refused rather than
 steps). Without either, the call is refused (:class:`ClockError`): nothing tells the steps apart.
 
 All units of a generation share one decision per step (:class:`BlockGraphsState`, one
-:class:`~sc_compile.decisions.Decisions` with α = 1: no calibrated table describes these graphs).
+:class:`~sc_compile.decision.decisions.Decisions` with α = 1: no calibrated table describes these graphs).
 At a full step every graph runs and each unit updates, for each of its outputs, ``y_full``, ``dy``
 and a statistics row, as the whole-model full-step graph does (SPEC §1). At a cached step every
 unit returns the prediction ``y_full + c·dy`` of exactly each of its own outputs without running
@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from sc_compile.clock import ClockError
+from sc_compile.clock.step_clock import ClockError
 from sc_compile.config import ChangePoints, ScalingCacheConfig
 from sc_compile.contract import (
     CHANGE_L1,
@@ -71,8 +71,10 @@ from sc_compile.contract import (
     PointLayout,
     stats_row,
 )
-from sc_compile.decisions import Decisions, StepInfo
-from sc_compile.generations import (
+from sc_compile.decision.decisions import Decisions, StepInfo
+from sc_compile.decision.schedule import StepDecision
+from sc_compile.memory import CacheMemoryError, new_stream_limit, refusal
+from sc_compile.runtime.generations import (
     Generation,
     GenerationScope,
     active_scope,
@@ -81,9 +83,7 @@ from sc_compile.generations import (
     session_for,
     stream_name,
 )
-from sc_compile.memory import CacheMemoryError, new_stream_limit, refusal
-from sc_compile.schedule import StepDecision
-from sc_compile.state import StatePool, StepCoefficients, StreamState
+from sc_compile.runtime.state import StatePool, StepCoefficients, StreamState
 
 log = logging.getLogger("sc_compile.runtime")
 
@@ -339,7 +339,12 @@ class BlockGraphsState:
             change = sum(_relative(r[CHANGE_L1], r[PREV_L1]) for r in rows) / len(rows)
             following = sum(_relative(r[NEXT_CHANGE_L1], r[VALUE_L1]) for r in rows) / len(rows)
             virtual = [0.0] * len(STAT_COLUMNS)
-            virtual[CHANGE_L1], virtual[PREV_L1], virtual[NEXT_CHANGE_L1], virtual[VALUE_L1] = change, 1.0, following, 1.0
+            virtual[CHANGE_L1], virtual[PREV_L1], virtual[NEXT_CHANGE_L1], virtual[VALUE_L1] = (
+                change,
+                1.0,
+                following,
+                1.0,
+            )
             result.append([virtual])
         return result
 
@@ -347,7 +352,9 @@ class BlockGraphsState:
     def unit_state(self, unit: tuple[int, int], stream: int) -> _UnitState | None:
         return self.units.get((unit, stream))
 
-    def new_unit_state(self, unit: tuple[int, int], stream: int, label: str, outputs: Sequence[torch.Tensor]) -> _UnitState:
+    def new_unit_state(
+        self, unit: tuple[int, int], stream: int, label: str, outputs: Sequence[torch.Tensor]
+    ) -> _UnitState:
         """Buffers for ``unit`` in ``stream``, shaped after its outputs at its first full step."""
         cache_dtype = self.config.cache_dtype
         points = [
@@ -366,8 +373,15 @@ class BlockGraphsState:
             needed = counted + new
             if limit is not None and needed > limit:
                 error = refusal(
-                    f"{label} (stream {stream}) of this generation", needed, limit, source,
-                    layout, cache_dtype, self.config.granularity.value, streams=1, available=limit - self.nbytes,
+                    f"{label} (stream {stream}) of this generation",
+                    needed,
+                    limit,
+                    source,
+                    layout,
+                    cache_dtype,
+                    self.config.granularity.value,
+                    streams=1,
+                    available=limit - self.nbytes,
                 )
                 raise CacheMemoryError(
                     f"{error} With per-block graphs every output of every block graph keeps two full buffers "
@@ -401,7 +415,9 @@ def _caller_anchor() -> torch.Tensor | None:
     whole (its parameters are in submodules called in Python). ``None`` for a resume function,
     which has no ``self``."""
     frame: FrameType | None = sys._getframe(1)
-    while frame is not None and (frame.f_code.co_filename == __file__ or frame.f_code.co_filename.startswith(_TORCH_DIR)):
+    while frame is not None and (
+        frame.f_code.co_filename == __file__ or frame.f_code.co_filename.startswith(_TORCH_DIR)
+    ):
         frame = frame.f_back
     owner = frame.f_locals.get("self") if frame is not None else None
     if isinstance(owner, torch.nn.Module):
@@ -476,7 +492,7 @@ class BlockGraphRuntime:
         return anchor
 
     def __call__(self, *args: Any) -> Any:
-        from sc_compile.runtime import (
+        from sc_compile.runtime.dispatch import (
             _ACTIVITY,
             GradEnabledError,
             _scheduler_sigma,
@@ -533,7 +549,9 @@ class BlockGraphRuntime:
         with generation.lock:
             state = BlockGraphsState.of(generation, session.config, self.where)
             forward = state.place(unit, scope, key)
-            sigma = _scheduler_sigma(scope.pipeline.scheduler, forward.step) if scope.pipeline is not None else lambda: None
+            sigma = (
+                _scheduler_sigma(scope.pipeline.scheduler, forward.step) if scope.pipeline is not None else lambda: None
+            )
             return self._dispatch(state, unit, forward, sigma, args)
 
     # -- running -------------------------------------------------------------------------------
@@ -610,8 +628,10 @@ class BlockGraphRuntime:
             previous = y_full32 + dy.float() * coef
             new_dy = (value32 - y_full32) * refresh
             row = stats_row(
-                change_l1=(value32 - previous).abs().sum(), prev_l1=previous.abs().sum(),
-                next_change_l1=new_dy.abs().sum(), value_l1=value32.abs().sum(),
+                change_l1=(value32 - previous).abs().sum(),
+                prev_l1=previous.abs().sum(),
+                next_change_l1=new_dy.abs().sum(),
+                value_l1=value32.abs().sum(),
             )
             torch.stack(row, out=state.stats[index])  # type: ignore[arg-type]
             dy.copy_(new_dy)

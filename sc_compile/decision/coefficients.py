@@ -12,7 +12,7 @@ A :class:`Predictor` answers, for the running generation, what the runtime multi
 
 :class:`ChainedPredictor` is the paper's closed form ``c = Σ_j Π_i α`` over one-step α's (an α file
 of format 1, or α = 1). :class:`FittedPredictor` reads the per-gap least-squares coefficients of a
-format-2 table (:mod:`sc_compile.fitting`).
+format-2 table (:mod:`sc_compile.calibration.fitting`).
 
 **Other step counts.** A generation of N' steps with a table calibrated at N maps every step to
 its *position* on the calibrated grid, in calibrated steps (``t · N / N'`` for the
@@ -35,8 +35,8 @@ from typing import Protocol
 
 import torch
 
-from sc_compile.alpha import AlphaTable, AlphaTableError
-from sc_compile.fitting import FittedCoefficients
+from sc_compile.calibration.fitting import FittedCoefficients
+from sc_compile.calibration.table import AlphaTable, AlphaTableError
 
 # Without a fitted table, no run of cached steps is longer than this fraction of the generation
 # (at least MIN_SAFEGUARD_GAP steps): the dynamic rule's accumulated change can stall when the
@@ -281,7 +281,9 @@ class FittedPredictor:
             u = self._u(last_full)
             span_g = u - self._u(last_full - previous_gap)
             span_k = self._u(last_full + gap) - u
-            squared = float(_interpolate(self._error, (u, span_g - 1, span_k), (f.num_steps - 1, f.max_gap_limit, f.max_gap_limit)))
+            squared = float(
+                _interpolate(self._error, (u, span_g - 1, span_k), (f.num_steps - 1, f.max_gap_limit, f.max_gap_limit))
+            )
         return math.sqrt(squared) if math.isfinite(squared) else math.inf
 
 

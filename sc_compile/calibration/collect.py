@@ -5,7 +5,7 @@ each step the value of every cache point (its ``y_full`` buffer, which the full 
 written) is folded into a banded Gram ``⟨y_t, y_{t−d}⟩``, d ≤ 2K + 1, per (sample, stream): a
 window of 2K + 2 values per point is kept, never the trajectory. From the Grams:
 
-* the per-gap least-squares coefficients the runtime multiplies (:mod:`sc_compile.fitting`, the
+* the per-gap least-squares coefficients the runtime multiplies (:mod:`sc_compile.calibration.fitting`, the
   default, table format 2), with the calibrated error of every gap for the schedule search;
 * the paper's one-step α (eq. 5), ``<y_t − y_{t−1}, y_{t−1} − y_{t−2}> / |y_{t−1} − y_{t−2}|²``,
   folded over samples with an exponential moving average, β = 0.97 as in the paper (the first
@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from sc_compile.alpha import AlphaTable
+from sc_compile.calibration.fitting import BandedGram, fit_gap_coefficients, gram_width, one_step_alpha
+from sc_compile.calibration.table import AlphaTable
 from sc_compile.config import Granularity, InnerCompiler, Prediction, ScalingCacheConfig
 from sc_compile.contract import Statistic
-from sc_compile.fitting import BandedGram, fit_gap_coefficients, gram_width, one_step_alpha
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def calibrate(
     """Calibrate an α table by running ``samples`` generations with every step full.
 
     ``max_gap``: the longest gap K (in steps) the fitted coefficients may serve; each step's own
-    limit K_τ ≤ K comes from the data (:mod:`sc_compile.fitting`). Keeps 2K + 2 values of every
+    limit K_τ ≤ K comes from the data (:mod:`sc_compile.calibration.fitting`). Keeps 2K + 2 values of every
     cache point while calibrating. ``statistic``: what the points no cached step reads keep (the
     compile option of that name): their coefficients are fitted on what the runtime measures ē on.
 
@@ -165,8 +165,8 @@ def calibrate(
     from tqdm.auto import tqdm
 
     from sc_compile.backends.scalingcache import scalingcache
-    from sc_compile.runtime import ScalingCacheRuntime
-    from sc_compile.state import StreamState
+    from sc_compile.runtime.dispatch import ScalingCacheRuntime
+    from sc_compile.runtime.state import StreamState
 
     pipeline = target if hasattr(target, "transformer") else None
     transformer = pipeline.transformer if pipeline is not None else target

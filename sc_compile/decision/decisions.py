@@ -21,12 +21,12 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 
-from sc_compile.alpha import AlphaTable
-from sc_compile.budget import BudgetError, plan_full_steps
-from sc_compile.coefficients import Predictor, make_predictor, step_weights
+from sc_compile.calibration.table import AlphaTable
 from sc_compile.config import ChangePoints, Coefficients, ScalingCacheConfig
-from sc_compile.schedule import DecisionUnit, StepDecision
-from sc_compile.state import StepCoefficients
+from sc_compile.decision.budget import BudgetError, plan_full_steps
+from sc_compile.decision.coefficients import Predictor, make_predictor, step_weights
+from sc_compile.decision.schedule import DecisionUnit, StepDecision
+from sc_compile.runtime.state import StepCoefficients
 
 # The runtime's logger: what a generation did is logged under one name users filter on.
 log = logging.getLogger("sc_compile.runtime")

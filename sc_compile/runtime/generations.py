@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sc_compile.clock import ClockError, StepClock
+from sc_compile.clock.step_clock import ClockError, StepClock
 from sc_compile.config import ScalingCacheConfig
-from sc_compile.decisions import Decisions
+from sc_compile.decision.decisions import Decisions
 from sc_compile.memory import format_bytes, new_stream_limit, refusal
-from sc_compile.state import PointLayout, StatePool, StepCoefficients, StreamState, state_zeros
+from sc_compile.runtime.state import PointLayout, StatePool, StepCoefficients, StreamState, state_zeros
 
 if TYPE_CHECKING:
-    from sc_compile.alpha import AlphaTable
-    from sc_compile.reporting import GenerationReport
+    from sc_compile.calibration.table import AlphaTable
+    from sc_compile.reporting.report import GenerationReport
 
 # The runtime's logger: what a generation did is logged under one name users filter on.
 log = logging.getLogger("sc_compile.runtime")
@@ -151,7 +151,14 @@ class StreamRecord:
 class LayoutState:
     """A generation's state for one cache layout: stream buffers, decisions, fixed coefficients."""
 
-    def __init__(self, generation: Generation, layout: PointLayout, alpha: AlphaTable | None, alpha_source: str, process_group: Any):
+    def __init__(
+        self,
+        generation: Generation,
+        layout: PointLayout,
+        alpha: AlphaTable | None,
+        alpha_source: str,
+        process_group: Any,
+    ):
         session = generation.session
         self.generation = generation
         self.layout = layout
@@ -200,11 +207,16 @@ class LayoutState:
         if limit is not None and needed > limit:
             streams = sum(1 for s in self.streams if s is not None) + 1
             raise refusal(
-                f"stream {index} of this generation ({streams} stream(s) of this layout, "
-                f"{format_bytes(new)} each)",
-                needed, limit, source, self.layout, self.cache_dtype, config.granularity.value,
+                f"stream {index} of this generation ({streams} stream(s) of this layout, {format_bytes(new)} each)",
+                needed,
+                limit,
+                source,
+                self.layout,
+                self.cache_dtype,
+                config.granularity.value,
                 # For this layout's streams: the limit less what the other layouts count against it.
-                streams=streams, available=limit - max(counted - self.nbytes, 0),
+                streams=streams,
+                available=limit - max(counted - self.nbytes, 0),
             )
 
     def global_stats(self, stats: torch.Tensor) -> torch.Tensor:
@@ -254,7 +266,12 @@ class Generation:
         config_steps = session.config.num_inference_steps
         # A per-generation declaration overrides the compile-time option.
         self.num_steps = declared or pipeline_steps or config_steps
-        if source == "pipeline" and config_steps is not None and pipeline_steps is not None and config_steps != pipeline_steps:
+        if (
+            source == "pipeline"
+            and config_steps is not None
+            and pipeline_steps is not None
+            and config_steps != pipeline_steps
+        ):
             raise ClockError(
                 f"ScalingCache: options={{'num_inference_steps': {config_steps}}} was given, but the pipeline's "
                 f"scheduler runs {pipeline_steps} steps. Drop the option: `sc_compile.enable(pipe)` reads the "
@@ -301,7 +318,9 @@ class Generation:
         key = runtime.layout.key(self.session.config.cache_dtype)
         state = self.layouts.get(key)
         if state is None:
-            state = self.layouts[key] = LayoutState(self, runtime.layout, runtime.alpha, runtime.alpha_source, runtime.process_group)
+            state = self.layouts[key] = LayoutState(
+                self, runtime.layout, runtime.alpha, runtime.alpha_source, runtime.process_group
+            )
             if getattr(runtime, "piece", None) is not None:
                 self.leader = state
         return state
@@ -400,7 +419,7 @@ class ModuleSession:
         """Build the generation's report and free its state."""
         if generation.finished:
             return
-        from sc_compile.reporting import build_report
+        from sc_compile.reporting.report import build_report
 
         generation.finished = True
         if generation.num_calls:
@@ -429,7 +448,7 @@ class ModuleSession:
                 self.finish(self.ambient, interrupted=False)
 
     def report(self) -> GenerationReport:
-        from sc_compile.reporting import build_report
+        from sc_compile.reporting.report import build_report
 
         generation = self.last_generation
         if generation is not None and not generation.finished and generation.num_calls:

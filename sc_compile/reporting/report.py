@@ -6,7 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sc_compile.generations import Generation
+    from sc_compile.runtime.generations import Generation
 
 
 @dataclasses.dataclass(frozen=True)

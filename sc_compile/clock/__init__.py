@@ -1,0 +1,5 @@
+"""The step clock: which generation, step and stream a call belongs to.
+
+``step_clock`` (placement by the pipeline, a declared context or the timestep input) and
+``pipeline`` (the diffusers pipeline integration: ``sc_compile.enable``).
+"""

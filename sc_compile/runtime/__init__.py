@@ -1,0 +1,5 @@
+"""The runtime: what runs at every call of a compiled graph.
+
+``dispatch`` (whole-graph runtime, the session's reports), ``per_block`` (per-block graphs),
+``generations`` (sessions, generations, explicit scopes) and ``state`` (the preallocated buffers).
+"""
