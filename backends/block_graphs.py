@@ -22,7 +22,7 @@ import torch.fx
 from sc_compile.backends.capture_check import BlockGraph, OutsideBlocksGraph, holds_blocks
 from sc_compile.backends.dead_code import mutated_inputs
 from sc_compile.config import Granularity, Prediction, ScalingCacheConfig
-from sc_compile.passes.find_blocks import UnsupportedGraphError
+from sc_compile.errors import BlockGraphError, GraphBreakError
 from sc_compile.runtime.dispatch import note_cached_graph
 from sc_compile.runtime.per_block import BlockGraphRuntime, OutputPlan, OutsideBlocksRuntime
 
@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 
 
 __all__ = ["BlockGraphError", "build_block_graph_runtime", "build_outside_blocks_runtime"]
-
-
-class BlockGraphError(UnsupportedGraphError):
-    """A per-block graph ScalingCache cannot cache exactly; the message says why and what to do."""
 
 
 def _refuse_options(config: ScalingCacheConfig, graph: BlockGraph) -> None:
@@ -167,7 +163,6 @@ def build_outside_blocks_runtime(
 ) -> OutsideBlocksRuntime:
     """A graph outside the blocks of a model whose forward runs in Python: it runs as it is at
     every step. Refused when the model holds no blocks (nothing of it would ever be cached)."""
-    from sc_compile.backends.capture_check import GraphBreakError
     from sc_compile.backends.inner_compiler import compile_graph
 
     if graph.model is not None and not holds_blocks(graph.model):

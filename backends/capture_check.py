@@ -43,7 +43,7 @@ from sc_compile.backends.integration import (
     resumed_function,
     running_module_frames,
 )
-from sc_compile.passes.find_blocks import UnsupportedGraphError
+from sc_compile.errors import ForeignCacheError, GraphBreakError
 
 _NUMBERED = re.compile(r"(?:^|\.)[A-Za-z_]\w*\.\d+(?:\.|$)")
 _TOP_LEVEL_NUMBERED = re.compile(r"^[A-Za-z_]\w*\.\d+(?:\.|$)")
@@ -94,18 +94,6 @@ class OutsideBlocksGraph:
 
     model: torch.nn.Module | None
     refusal: str
-
-
-class GraphBreakError(UnsupportedGraphError):
-    """Dynamo split the model into several graphs; the message names the break and where it is."""
-
-
-class RegionalCompilationError(UnsupportedGraphError):
-    """A single block was compiled on its own (diffusers regional compilation)."""
-
-
-class ForeignCacheError(UnsupportedGraphError):
-    """Another cache (diffusers ``enable_cache`` or a caching hook) is installed on the model."""
 
 
 def _module_path(root: torch.nn.Module, module: torch.nn.Module) -> str | None:

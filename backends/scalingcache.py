@@ -46,9 +46,9 @@ from sc_compile.backends.shape_specialization import ShapeSpecializingRuntime, h
 from sc_compile.calibration.table import AlphaTable, resolve_alpha_source
 from sc_compile.config import Fallback, ScalingCacheConfig, split_options
 from sc_compile.contract import step_inputs
+from sc_compile.errors import NoBlocksFoundError, UnsupportedGraphError
 from sc_compile.memory import cache_bytes_limit, refusal
 from sc_compile.passes import run_cache_passes
-from sc_compile.passes.find_blocks import NoBlocksFoundError, UnsupportedGraphError
 from sc_compile.passes.layout import CacheLayout
 from sc_compile.resources import assets_dir
 from sc_compile.runtime.dispatch import GraphPieceRuntime, PointLayout, ScalingCacheRuntime, StreamState

@@ -15,6 +15,7 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from sc_compile.errors import NoBlocksFoundError, UnsupportedGraphError
 from sc_compile.passes.layout import (
     ANALYSIS_META_KEYS,
     BLOCK_META_KEY,
@@ -25,14 +26,6 @@ from sc_compile.passes.layout import (
 from sc_compile.passes.module_paths import module_classes, numbered_ancestor_of, top_level_block_of
 
 log = logging.getLogger(__name__)
-
-
-class NoBlocksFoundError(RuntimeError):
-    """The graph has no ``<name>.<int>`` top-level blocks that ScalingCache could cache."""
-
-
-class UnsupportedGraphError(RuntimeError):
-    """The blocks exist but the graph around them cannot be rewritten safely."""
 
 
 def _is_tensor_valued(node: torch.fx.Node) -> bool:

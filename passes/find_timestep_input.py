@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from sc_compile.passes.find_blocks import UnsupportedGraphError
+from sc_compile.errors import UnsupportedGraphError
 from sc_compile.passes.layout import TIMESTEP_META_KEY, tensor_meta
 
 

@@ -56,8 +56,8 @@ from sc_compile.contract import (
     stats_row,
     y_full_name,
 )
+from sc_compile.errors import UnsupportedGraphError
 from sc_compile.passes.choose_cache_points import replay_nodes
-from sc_compile.passes.find_blocks import UnsupportedGraphError
 from sc_compile.passes.find_residual_outputs import (
     _bias_add_carrier,
     _is_add,

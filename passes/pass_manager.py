@@ -19,8 +19,9 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from sc_compile.backends.dead_code import eliminate_dead_code
+from sc_compile.errors import NoBlocksFoundError, PassFailedError, UnsupportedGraphError
 from sc_compile.passes.choose_cache_points import choose_cache_points
-from sc_compile.passes.find_blocks import NoBlocksFoundError, UnsupportedGraphError, find_blocks
+from sc_compile.passes.find_blocks import find_blocks
 from sc_compile.passes.find_residual_outputs import find_residual_outputs
 from sc_compile.passes.find_timestep_input import mark_timestep_input
 from sc_compile.passes.insert_cache_conds import insert_cache_conds
@@ -32,10 +33,6 @@ log = logging.getLogger(__name__)
 USER_FACING_ERRORS = (NoBlocksFoundError, UnsupportedGraphError, ValueError)
 
 Pass = Callable[[torch.fx.GraphModule], PassResult]
-
-
-class PassFailedError(RuntimeError):
-    """A pass raised an unexpected error; the message names it and the passes that ran before."""
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

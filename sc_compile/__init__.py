@@ -11,6 +11,7 @@ Importing this package is light: torch and the backend load on first use.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,31 @@ if TYPE_CHECKING:
     from sc_compile.config import ScalingCacheConfig
     from sc_compile.reporting.explanation import Explanation
     from sc_compile.reporting.report import GenerationReport
+
+from sc_compile.errors import (
+    AlphaTableError,
+    BatchTimestepError,
+    BlockGraphError,
+    BudgetError,
+    CacheMemoryError,
+    ClockError,
+    ForeignCacheError,
+    GradEnabledError,
+    GraphBreakError,
+    NoBlocksFoundError,
+    PassFailedError,
+    RegionalCompilationError,
+    ScalingCacheError,
+    StochasticSamplerError,
+    UncacheableSplitError,
+    UnsupportedGraphError,
+)
+
+# Names loaded on first use, and the module that defines each.
+_LAZY = {
+    "AlphaTable": "sc_compile.calibration.table",
+    "ScalingCacheConfig": "sc_compile.config",
+}
 
 __all__ = [
     "AlphaTable",
@@ -33,21 +59,37 @@ __all__ = [
     "generation",
     "report",
     "uncached",
+    # the errors, one hierarchy under ScalingCacheError (sc_compile/errors.py; imports nothing heavy)
+    "ScalingCacheError",
+    "AlphaTableError",
+    "BatchTimestepError",
+    "BlockGraphError",
+    "BudgetError",
+    "CacheMemoryError",
+    "ClockError",
+    "ForeignCacheError",
+    "GradEnabledError",
+    "GraphBreakError",
+    "NoBlocksFoundError",
+    "PassFailedError",
+    "RegionalCompilationError",
+    "StochasticSamplerError",
+    "UncacheableSplitError",
+    "UnsupportedGraphError",
 ]
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    if name == "AlphaTable":
-        from sc_compile.calibration.table import AlphaTable
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sc_compile' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
-        return AlphaTable
-    if name == "ScalingCacheConfig":
-        from sc_compile.config import ScalingCacheConfig
 
-        return ScalingCacheConfig
-    raise AttributeError(f"module 'sc_compile' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def compile(  # noqa: A001 - the verb users expect, as torch.compile

@@ -18,6 +18,7 @@ import dataclasses
 import torch
 
 from sc_compile.contract import CachePointSpec, PointLayout, Statistic, sketch_plan
+from sc_compile.errors import CacheMemoryError
 
 
 def format_bytes(n: int) -> str:
@@ -26,10 +27,6 @@ def format_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:,.2f} {unit}"
     return f"{n} B"
-
-
-class CacheMemoryError(MemoryError):
-    """The cache buffers would not fit the declared budget or the device's free memory."""
 
 
 def cache_bytes_limit(max_cache_bytes: int | None, device: torch.device) -> tuple[int | None, str]:

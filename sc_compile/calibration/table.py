@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from sc_compile.calibration.fitting import FittedCoefficients
+from sc_compile.errors import AlphaTableError
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ RECALIBRATE_HINT = (
     "Recalibrate for this model with `python -m sc_compile calibrate MODEL_DIR --out alpha.safetensors` "
     "(or sc_compile.calibrate(...)), or pass options={'alpha': 'ones'}."
 )
-
-
-class AlphaTableError(ValueError):
-    """An α table is malformed or does not fit the model it is used with."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import torch
 
+from sc_compile.errors import ClockError
+
 # Calls with one timestep before the clock refuses to take them as further streams of a step.
 MAX_STREAMS_PER_STEP = 8
 
@@ -36,10 +38,6 @@ EXPLICIT_SOURCES = (
     "use `sc_compile.enable(pipe)` (a generation per pipeline call, steps from the scheduler) or wrap each "
     "generation in `with sc_compile.generation(transformer, num_inference_steps=N):`"
 )
-
-
-class ClockError(RuntimeError):
-    """A call cannot be placed in a generation without guessing; the message says what to do."""
 
 
 class NewGeneration(Exception):

@@ -16,9 +16,7 @@ from collections.abc import Callable, Collection, Sequence
 
 import torch
 
-
-class BudgetError(ValueError):
-    """No schedule meets the budget."""
+from sc_compile.errors import BudgetError
 
 
 def plan_full_steps(

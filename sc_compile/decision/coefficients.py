@@ -36,7 +36,8 @@ from typing import Protocol
 import torch
 
 from sc_compile.calibration.fitting import FittedCoefficients
-from sc_compile.calibration.table import AlphaTable, AlphaTableError
+from sc_compile.calibration.table import AlphaTable
+from sc_compile.errors import AlphaTableError
 
 # Without a fitted table, no run of cached steps is longer than this fraction of the generation
 # (at least MIN_SAFEGUARD_GAP steps): the dynamic rule's accumulated change can stall when the

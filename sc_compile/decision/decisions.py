@@ -23,9 +23,10 @@ from collections.abc import Callable, Sequence
 
 from sc_compile.calibration.table import AlphaTable
 from sc_compile.config import ChangePoints, Coefficients, ScalingCacheConfig
-from sc_compile.decision.budget import BudgetError, plan_full_steps
+from sc_compile.decision.budget import plan_full_steps
 from sc_compile.decision.coefficients import Predictor, make_predictor, step_weights
 from sc_compile.decision.schedule import DecisionUnit, StepDecision
+from sc_compile.errors import BudgetError
 from sc_compile.runtime.state import StepCoefficients
 
 # The runtime's logger: what a generation did is logged under one name users filter on.

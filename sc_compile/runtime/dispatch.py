@@ -39,6 +39,7 @@ from sc_compile.clock.step_clock import EXPLICIT_SOURCES, ClockError, NewGenerat
 from sc_compile.config import ScalingCacheConfig, StochasticSampler
 from sc_compile.contract import step_inputs
 from sc_compile.decision.decisions import StepInfo
+from sc_compile.errors import BatchTimestepError, GradEnabledError, StochasticSamplerError, UncacheableSplitError
 from sc_compile.reporting.report import GenerationReport
 from sc_compile.runtime.generations import (
     Generation,
@@ -107,18 +108,6 @@ class _Forwards(threading.local):
 
 # Per thread, per torch.compile (compile token): the forward its pieces run in.
 _FORWARDS = _Forwards()
-
-
-class GradEnabledError(RuntimeError):
-    """A call with autograd recording: the cache updates its state in place."""
-
-
-class StochasticSamplerError(RuntimeError):
-    """A sampler that injects fresh noise every step, with hidden-state prediction."""
-
-
-class BatchTimestepError(ValueError):
-    """The samples of one batch are at different timesteps."""
 
 
 @dataclasses.dataclass
@@ -599,10 +588,6 @@ class GraphPieceRuntime:
                 "break at its source), or pass options={'fallback': 'inductor'} to compile the model uncached."
             )
         return self.fn(*args)
-
-
-class UncacheableSplitError(RuntimeError):
-    """A model split at graph breaks into graphs none of which holds a block."""
 
 
 def _mean(values: tuple[float, ...]) -> float:
