@@ -20,9 +20,9 @@ import torch
 import torch.fx
 
 from sc_compile.backends.capture_check import BlockGraph, OutsideBlocksGraph, holds_blocks
-from sc_compile.backends.dead_code import mutated_inputs
 from sc_compile.config import Granularity, Prediction, ScalingCacheConfig
 from sc_compile.errors import BlockGraphError, GraphBreakError
+from sc_compile.passes.dead_code import mutated_inputs
 from sc_compile.runtime.dispatch import note_cached_graph
 from sc_compile.runtime.per_block import BlockGraphRuntime, OutputPlan, OutsideBlocksRuntime
 

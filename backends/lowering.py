@@ -17,8 +17,8 @@ import operator
 import torch
 import torch.fx
 
-from sc_compile.backends.dead_code import eliminate_dead_code
 from sc_compile.contract import IS_FULL
+from sc_compile.passes.dead_code import eliminate_dead_code
 from sc_compile.passes.insert_cache_conds import UNPREDICTED_META_KEY
 from sc_compile.passes.pass_manager import copy_graph_module
 

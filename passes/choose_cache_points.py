@@ -13,7 +13,7 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from sc_compile.passes.find_residual_outputs import _stream_inputs
+from sc_compile.passes.find_residual_outputs import stream_inputs
 from sc_compile.passes.layout import CACHE_POINT_META_KEY, BlockInfo, blocks_of
 
 
@@ -30,7 +30,7 @@ def replay_nodes(
         node = stack.pop()
         if node in points or node not in members or node in needed:
             continue
-        carried = _stream_inputs(node)
+        carried = stream_inputs(node)
         if not carried:
             return None
         other_member_inputs = [a for a in node.all_input_nodes if a in members and a not in carried and a not in points]

@@ -184,7 +184,7 @@ def _scalar_chain(node: torch.fx.Node) -> list[torch.fx.Node] | None:
     """The nodes that compute the non-tensor value ``node`` from tensors and constants, in graph
     order (``scale.item() * 0.5``, ``x.shape[1] // 2``), or ``None`` when a non-tensor graph input
     or a node that mutates something is among them."""
-    from sc_compile.backends.dead_code import mutated_inputs
+    from sc_compile.passes.dead_code import mutated_inputs
 
     chain: set[torch.fx.Node] = set()
     stack = [node]

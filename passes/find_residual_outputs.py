@@ -23,17 +23,17 @@ _STREAM_METHODS = _CAST_METHODS | {"view", "reshape", "clip", "clamp", "unflatte
 _STREAM_FUNCTIONS = {operator.getitem, torch.cat, torch.clip, torch.clamp, torch.reshape}
 
 
-def _is_add(node: torch.fx.Node) -> bool:
+def is_add(node: torch.fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _ADD_TARGETS
     return node.op == "call_method" and node.target in ("add", "add_", "__add__")
 
 
-def _is_cast(node: torch.fx.Node) -> bool:
+def is_cast(node: torch.fx.Node) -> bool:
     return node.op == "call_method" and node.target in _CAST_METHODS
 
 
-def _stream_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+def stream_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The inputs through which a stream-preserving op carries the residual stream."""
     if node.op == "call_method" and node.target in _STREAM_METHODS:
         first = node.args[0]
@@ -60,7 +60,7 @@ def _ancestors(node: torch.fx.Node, members: set[torch.fx.Node]) -> set[torch.fx
     return seen
 
 
-def _skip_operand(add: torch.fx.Node, members: set[torch.fx.Node]) -> torch.fx.Node | None:
+def skip_operand(add: torch.fx.Node, members: set[torch.fx.Node]) -> torch.fx.Node | None:
     """The skip connection ``x`` of ``x + g * f(x)``: the operand the other one is computed from.
 
     It must also carry the add's full shape: a bias or a gate broadcast into an add is no stream.
@@ -83,12 +83,12 @@ def _skip_operand(add: torch.fx.Node, members: set[torch.fx.Node]) -> torch.fx.N
 
 def _strip_casts(node: torch.fx.Node, members: set[torch.fx.Node]) -> torch.fx.Node:
     """The value before the block's own casts of it (never past the block's inputs)."""
-    while node in members and _is_cast(node) and isinstance(node.args[0], torch.fx.Node):
+    while node in members and is_cast(node) and isinstance(node.args[0], torch.fx.Node):
         node = node.args[0]
     return node
 
 
-def _bias_add_carrier(add: torch.fx.Node, members: set[torch.fx.Node]) -> torch.fx.Node | None:
+def bias_add_carrier(add: torch.fx.Node, members: set[torch.fx.Node]) -> torch.fx.Node | None:
     """For ``stream + bias`` (a smaller, broadcast operand that does not read the stream), the
     stream operand: the residual stream passes through such an add unchanged in shape."""
     operands = [a for a in add.args[:2] if isinstance(a, torch.fx.Node)]
@@ -106,7 +106,7 @@ def _bias_add_carrier(add: torch.fx.Node, members: set[torch.fx.Node]) -> torch.
 def _through_casts(node: torch.fx.Node) -> torch.fx.Node:
     while len(node.users) == 1:
         (user,) = node.users
-        if not _is_cast(user):
+        if not is_cast(user):
             break
         node = user
     return node
@@ -123,17 +123,17 @@ def residual_outputs_of(block: BlockInfo) -> list[torch.fx.Node]:
         if node in visited or node not in members:
             continue
         visited.add(node)
-        if _is_add(node):
-            skip = _skip_operand(node, members)
+        if is_add(node):
+            skip = skip_operand(node, members)
             if skip is not None:
                 found.add(_through_casts(node))
                 stack.append(skip)
                 continue
-            carrier = _bias_add_carrier(node, members)
+            carrier = bias_add_carrier(node, members)
             if carrier is not None:
                 stack.append(carrier)
                 continue
-        stack.extend(_stream_inputs(node))
+        stack.extend(stream_inputs(node))
     return [n for n in block.members if n in found]
 
 

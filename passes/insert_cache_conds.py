@@ -59,11 +59,11 @@ from sc_compile.contract import (
 from sc_compile.errors import UnsupportedGraphError
 from sc_compile.passes.choose_cache_points import replay_nodes
 from sc_compile.passes.find_residual_outputs import (
-    _bias_add_carrier,
-    _is_add,
-    _is_cast,
-    _skip_operand,
-    _stream_inputs,
+    bias_add_carrier,
+    is_add,
+    is_cast,
+    skip_operand,
+    stream_inputs,
 )
 from sc_compile.passes.layout import (
     ANALYSIS_META_KEYS,
@@ -189,13 +189,13 @@ def _anchor(
         return b.env[node]
     if node in memo:
         return memo[node]
-    if _is_add(node):
-        carrier = _skip_operand(node, members) or _bias_add_carrier(node, members)
+    if is_add(node):
+        carrier = skip_operand(node, members) or bias_add_carrier(node, members)
         if carrier is not None:
             memo[node] = _anchor(b, carrier, block, members, memo)
             return memo[node]
-    carried = _stream_inputs(node)
-    if _is_cast(node) and carried:
+    carried = stream_inputs(node)
+    if is_cast(node) and carried:
         # A cast's other arguments (``type_as(other)``) only name a dtype: cast to the node's own.
         memo[node] = b.method("to", _anchor(b, carried[0], block, members, memo), required_tensor_meta(node).dtype)
         return memo[node]

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from sc_compile.backends.dead_code import eliminate_dead_code
 from sc_compile.errors import NoBlocksFoundError, PassFailedError, UnsupportedGraphError
 from sc_compile.passes.choose_cache_points import choose_cache_points
+from sc_compile.passes.dead_code import eliminate_dead_code
 from sc_compile.passes.find_blocks import find_blocks
 from sc_compile.passes.find_residual_outputs import find_residual_outputs
 from sc_compile.passes.find_timestep_input import mark_timestep_input

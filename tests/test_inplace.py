@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import sc_compile
-from sc_compile.backends.dead_code import eliminate_dead_code, mutated_inputs
+from sc_compile.passes.dead_code import eliminate_dead_code, mutated_inputs
 
 
 class InplaceBlock(nn.Module):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from sc_compile.runtime.generations import Generation
+    from sc_compile.clock.step_clock import StepClock
+    from sc_compile.config import ScalingCacheConfig
+    from sc_compile.contract import PointLayout
+    from sc_compile.decision.decisions import Decisions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +85,67 @@ class GenerationReport:
         return "\n".join(lines)
 
 
-def _stream_changes(generation: Generation, layouts: list, stream: int, num_steps: int) -> tuple[float | None, ...]:
+# What a report reads of a generation, written as protocols so that this module does not import the
+# runtime that builds reports from it (sc_compile.runtime.generations.Generation fits them).
+
+
+class _StreamRecord(Protocol):
+    @property
+    def full_steps(self) -> Sequence[int]: ...
+    @property
+    def cached_steps(self) -> Sequence[int]: ...
+    @property
+    def reasons(self) -> Mapping[int, str]: ...
+
+
+class _LayoutRecord(Protocol):
+    @property
+    def decisions(self) -> Decisions: ...
+    @property
+    def layout(self) -> PointLayout: ...
+    @property
+    def alpha_source(self) -> str: ...
+    @property
+    def process_group(self) -> object | None: ...
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def num_allreduces(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
+class _Session(Protocol):
+    @property
+    def config(self) -> ScalingCacheConfig: ...
+
+
+class GenerationRecord(Protocol):
+    """The state of a generation a report is built from."""
+
+    @property
+    def clock(self) -> StepClock: ...
+    @property
+    def layouts(self) -> Mapping[tuple[object, ...], _LayoutRecord]: ...
+    @property
+    def leader(self) -> _LayoutRecord | None: ...
+    @property
+    def records(self) -> Mapping[int, _StreamRecord]: ...
+    @property
+    def warmup_steps(self) -> int: ...
+    @property
+    def session(self) -> _Session: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def declared_steps(self) -> int | None: ...
+    @property
+    def num_calls(self) -> int: ...
+
+
+def _stream_changes(
+    generation: GenerationRecord, layouts: Sequence[_LayoutRecord], stream: int, num_steps: int
+) -> tuple[float | None, ...]:
     """A stream's ē per step: the leader's for a split forward (all pieces took its verdicts),
     otherwise from whichever graph's layout the stream ran on at each step (a stream at its own
     size, or a recompile within the generation, runs on a layout of its own)."""
@@ -90,7 +154,7 @@ def _stream_changes(generation: Generation, layouts: list, stream: int, num_step
     return tuple(next((row[step] for row in rows if row[step] is not None), None) for step in range(num_steps))
 
 
-def build_report(generation: Generation, finished: bool, collective: bool = True) -> GenerationReport:
+def build_report(generation: GenerationRecord, finished: bool, collective: bool = True) -> GenerationReport:
     """The record of ``generation``. ``collective=False`` (a report asked for on one rank) folds in
     no statistics that would need an all-reduce the other ranks never join."""
     num_steps = generation.clock.step + 1
