@@ -432,3 +432,44 @@ def test_a_shifted_schedule_at_the_calibrated_step_count_is_mapped_not_read_as_t
     assert shifted.cached_coef(3, 1, 2) != pytest.approx(same.cached_coef(3, 1, 2), rel=1e-3)
     # Without the schedule's sigmas (no pipeline clock) the calibrated count reads the grid, as before.
     assert make_predictor(table, num_points=3, num_steps=steps, timestep_of=lambda s: None, fitted=True)._direct()
+
+
+def _with_tensor(tmp_path, table: AlphaTable, name: str, value: torch.Tensor):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "alpha.safetensors"
+    table.save(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    tensors[name] = value
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("name", ["coef", "refresh", "alpha"])
+def test_a_table_with_finite_but_huge_coefficients_is_refused_on_load(tmp_path, name):
+    """Issue 21 item 6: 1e30 is finite, loads under a finiteness check alone, and makes NaN outputs."""
+    table = _fitted_table()
+    value = (table.alpha if name == "alpha" else getattr(table.fitted, name)).clone()
+    value.view(-1)[value.numel() // 2] = 1e30
+    path = _with_tensor(tmp_path, table, name, value)
+    with pytest.raises(AlphaTableError, match="past what a fit can produce") as caught:
+        AlphaTable.load(path)
+    assert str(path) in str(caught.value)  # which file
+    assert "Recalibrate" in str(caught.value)  # what to do
+
+
+def test_the_limits_leave_what_the_fit_produces():
+    """The fallback coefficients of the fit's floor on r sit inside the limits (the documented
+    derivation), and the shipped tables load."""
+    from sc_compile.calibration.fitting import COEF_LIMIT, REFRESH_FLOOR
+
+    assert 1.0 / REFRESH_FLOOR <= COEF_LIMIT  # (k / g) / (REFRESH_FLOOR / g) = k / REFRESH_FLOOR
+    from sc_compile.resources import assets_dir
+
+    tables = sorted(assets_dir().glob("demo_*/alpha_*.safetensors"))
+    assert len(tables) == 4
+    for path in tables:
+        AlphaTable.load(path)

@@ -39,6 +39,21 @@ import torch
 # Shrinkage factors toward α = 1 tried per coefficient (0: α = 1, 1: the pooled fit).
 SHRINKAGE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
+# A refresh below this fraction of 1 / g falls back to 1 / g (the fit's floor on r).
+REFRESH_FLOOR = 1e-3
+
+# What a table may hold (checked when it is made or loaded: a table past them is refused). The fit
+# floors r at REFRESH_FLOOR / g, so the α = 1 coefficient (k / g) / r of a gap k is at most
+# k / REFRESH_FLOOR = 1e3·k; a fitted a = ⟨Δ_k, D_g⟩ / ‖D_g‖² is bounded by ‖Δ_k‖ / ‖D_g‖ (Cauchy–Schwarz), which
+# exceeds 1e3 times the α = 1 value k / g only for a trajectory whose k-step change is a thousand
+# times its difference per step: no diffusion trajectory the runtime could extrapolate. Hence
+# |c| ≤ COEF_LIMIT · k with COEF_LIMIT = 1e3 / REFRESH_FLOOR. The same reasoning bounds a one-step
+# α (eq. 5, ‖D_t‖ / ‖D_{t−1}‖ at most) and a refresh r (‖D_1‖ / ‖D_g‖ at most) by 1e3. A coefficient
+# past these would multiply a difference into values that overflow the cache dtype (NaN outputs).
+COEF_LIMIT = 1e3 / REFRESH_FLOOR
+ALPHA_LIMIT = 1e3
+REFRESH_LIMIT = 1e3
+
 
 def gram_width(max_gap: int) -> int:
     """Gram band needed for gaps up to ``max_gap`` (previous gaps up to ``max_gap + 1``)."""
@@ -91,6 +106,18 @@ class FittedCoefficients:
                 raise ValueError(f"fitted {name} has non-finite values")
         if not (self.refresh > 0).all():
             raise ValueError("fitted refresh must be positive")
+        gap = torch.arange(1, k + 1, dtype=self.coef.dtype).view(1, 1, k, 1)
+        over = self.coef.abs() > COEF_LIMIT * gap
+        if over.any():
+            first = over.nonzero()[0].tolist()
+            raise ValueError(
+                f"fitted coef {self.coef[tuple(first)].item():.3g} at [step, previous gap - 1, gap - 1, point] {first} "
+                f"is past what a fit can produce (|coef| <= {COEF_LIMIT:.0e} x gap; see sc_compile.calibration.fitting)"
+            )
+        if (self.refresh > REFRESH_LIMIT).any():
+            raise ValueError(
+                f"fitted refresh {self.refresh.max().item():.3g} is past what a fit can produce (<= {REFRESH_LIMIT:.0e})"
+            )
         if self.error.isnan().any() or (self.error < 0).any():
             raise ValueError("fitted error must be >= 0 (or inf), without NaN")
         if self.max_gap.dtype != torch.int64 or (self.max_gap < 0).any() or (self.max_gap > k).any():
@@ -216,7 +243,7 @@ def fit_gap_coefficients(
             r = _ratio(d1.sum(0), dd.sum(0), fallback_r)
             # D_1 nearly orthogonal to D_g makes r tiny and c = a / r huge: below a relative floor
             # the plain per-step average 1 / g is the refresh (c absorbs the scale either way).
-            r = torch.where(r > 1e-3 / g, r, fallback_r)
+            r = torch.where(r > REFRESH_FLOOR / g, r, fallback_r)
             refresh[tau, g - 1] = r
             for k in range(1, big_k + 1):
                 ones_a = torch.full((num_points,), k / g, dtype=torch.float64)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sc_compile.calibration.fitting import FittedCoefficients
+from sc_compile.calibration.fitting import ALPHA_LIMIT, FittedCoefficients
 from sc_compile.errors import AlphaTableError
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,13 @@ class AlphaTable:
         if not torch.isfinite(self.alpha).all():
             bad = (~torch.isfinite(self.alpha)).nonzero()[:3].tolist()
             raise AlphaTableError(f"alpha has non-finite values (first at [step, point] {bad}). {RECALIBRATE_HINT}")
+        if (self.alpha.abs() > ALPHA_LIMIT).any():
+            bad = (self.alpha.abs() > ALPHA_LIMIT).nonzero()[0].tolist()
+            raise AlphaTableError(
+                f"alpha {self.alpha[tuple(bad)].item():.3g} at [step, point] {bad} is past what a fit can produce "
+                f"(|alpha| <= {ALPHA_LIMIT:.0e}; see sc_compile.calibration.fitting): its predictions would not be "
+                f"finite. {RECALIBRATE_HINT}"
+            )
         if self.timesteps and len(self.timesteps) != self.num_steps:
             raise AlphaTableError(
                 f"the table has {self.num_steps} steps but {len(self.timesteps)} timesteps in its metadata"
@@ -187,6 +194,8 @@ class AlphaTable:
             )
         except KeyError as error:
             raise AlphaTableError(f"{path}: metadata lacks {error.args[0]!r}. {RECALIBRATE_HINT}") from None
+        except AlphaTableError as error:
+            raise AlphaTableError(f"{path}: {error}") from None
         return table
 
     # -- use -----------------------------------------------------------------------------------
