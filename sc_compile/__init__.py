@@ -147,6 +147,7 @@ def generation(
     """
     import threading
 
+    from sc_compile.config import is_int_at_least
     from sc_compile.runtime.generations import (
         GenerationScope,
         module_key,
@@ -155,9 +156,7 @@ def generation(
         sessions_of,
     )
 
-    if num_inference_steps is not None and (
-        not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1
-    ):
+    if num_inference_steps is not None and not is_int_at_least(num_inference_steps, 1):
         raise ValueError(f"num_inference_steps must be a positive int, but got {num_inference_steps!r}")
     for session in sessions_of(model):  # free a timestep-placed generation this thread left running
         if session.ambient is not None and session.ambient.owner == threading.get_ident():

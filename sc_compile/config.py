@@ -92,6 +92,11 @@ class StochasticSampler(str, enum.Enum):
     """Cache anyway and warn once per generation: cached steps never see the injected noise."""
 
 
+def is_int_at_least(value: object, minimum: int | None) -> bool:
+    """Whether ``value`` is an int (a bool is not) and at least ``minimum`` (``None``: any int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+
+
 # Paper setting: S_f = 10 full warm-up steps out of 50.
 REFERENCE_WARMUP_STEPS = 10
 REFERENCE_NUM_STEPS = 50
@@ -196,24 +201,12 @@ class ScalingCacheConfig:
         coerce("fallback", Fallback)
         coerce("change_points", ChangePoints)
         coerce("statistic", Statistic)
-        if self.max_cache_bytes is not None and (
-            not isinstance(self.max_cache_bytes, int)
-            or isinstance(self.max_cache_bytes, bool)
-            or self.max_cache_bytes < 1
-        ):
-            raise ValueError(
-                f"max_cache_bytes must be a positive int (bytes) or None, but got {self.max_cache_bytes!r}"
-            )
+        self._check_int("max_cache_bytes", 1, "a positive int (bytes) or None")
         if self.coefficients is not None:
             coerce("coefficients", Coefficients)
             if self.coefficients is Coefficients.FITTED and isinstance(self.alpha, str) and self.alpha == "ones":
                 raise ValueError("coefficients='fitted' needs a calibrated α table, but alpha='ones' was given")
-        if self.full_steps is not None and (
-            not isinstance(self.full_steps, int) or isinstance(self.full_steps, bool) or self.full_steps < 2
-        ):
-            raise ValueError(
-                f"full_steps must be an int >= 2 (the first two steps are always full) or None, but got {self.full_steps!r}"
-            )
+        self._check_int("full_steps", 2, "an int >= 2 (the first two steps are always full) or None")
         if self.speedup is not None and (
             isinstance(self.speedup, bool) or not isinstance(self.speedup, int | float) or not self.speedup >= 1.0
         ):
@@ -222,34 +215,16 @@ class ScalingCacheConfig:
         if len(schedules) > 1:
             raise ValueError(f"{' and '.join(schedules)} each choose the schedule: give at most one of them")
         coerce("stochastic_sampler", StochasticSampler)
-        if self.static_interval is not None and (
-            not isinstance(self.static_interval, int)
-            or isinstance(self.static_interval, bool)
-            or self.static_interval < 1
-        ):
-            raise ValueError(f"static_interval must be a positive int or None, but got {self.static_interval!r}")
+        self._check_int("static_interval", 1, "a positive int or None")
+        self._check_int("warmup_steps", None, "an int or None")
         if self.warmup_steps is not None:
-            if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool):
-                raise ValueError(f"warmup_steps must be an int or None, but got {self.warmup_steps!r}")
             if self.warmup_steps < MIN_WARMUP_STEPS:
                 raise ValueError(
                     f"warmup_steps must be at least {MIN_WARMUP_STEPS} (the first difference needs two "
                     f"full steps), but got {self.warmup_steps}"
                 )
-        if (
-            not isinstance(self.final_full_steps, int)
-            or isinstance(self.final_full_steps, bool)
-            or self.final_full_steps < 0
-        ):
-            raise ValueError(f"final_full_steps must be an int >= 0, but got {self.final_full_steps!r}")
-        if self.num_inference_steps is not None and (
-            not isinstance(self.num_inference_steps, int)
-            or isinstance(self.num_inference_steps, bool)
-            or self.num_inference_steps < 1
-        ):
-            raise ValueError(
-                f"num_inference_steps must be a positive int or None, but got {self.num_inference_steps!r}"
-            )
+        self._check_int("final_full_steps", 0, "an int >= 0", optional=False)
+        self._check_int("num_inference_steps", 1, "a positive int or None")
         if not isinstance(self.share_decision_across_streams, bool):
             raise ValueError(
                 f"share_decision_across_streams must be a bool, but got {self.share_decision_across_streams!r}"
@@ -259,6 +234,15 @@ class ScalingCacheConfig:
         ):
             raise ValueError(f"cache_dtype must be a floating torch.dtype or None, but got {self.cache_dtype!r}")
         self._check_alpha()
+
+    def _check_int(self, name: str, minimum: int | None, requirement: str, *, optional: bool = True) -> None:
+        """The one int check of the options: ``name`` is an int (not a bool) of at least ``minimum``,
+        or ``None`` when ``optional``; else ``ValueError("<name> must be <requirement>, but got ...")``."""
+        value = getattr(self, name)
+        if value is None and optional:
+            return
+        if not is_int_at_least(value, minimum):
+            raise ValueError(f"{name} must be {requirement}, but got {value!r}")
 
     def _check_alpha(self) -> None:
         from sc_compile.calibration.table import AlphaTable

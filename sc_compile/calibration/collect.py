@@ -28,7 +28,7 @@ import torch
 
 from sc_compile.calibration.fitting import BandedGram, fit_gap_coefficients, gram_width, one_step_alpha
 from sc_compile.calibration.table import AlphaTable
-from sc_compile.config import Granularity, InnerCompiler, Prediction, ScalingCacheConfig
+from sc_compile.config import Granularity, InnerCompiler, Prediction, ScalingCacheConfig, is_int_at_least
 from sc_compile.contract import Statistic
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def calibrate(
         raise ValueError(f"target must be a pipeline with a .transformer or an nn.Module, got {type(target).__name__}")
     if not samples:
         raise ValueError("calibration needs at least one sample")
-    if not isinstance(max_gap, int) or isinstance(max_gap, bool) or max_gap < 1:
+    if not is_int_at_least(max_gap, 1):
         raise ValueError(f"max_gap must be a positive int, but got {max_gap!r}")
     config = ScalingCacheConfig(
         warmup_steps=_ALL_FULL,
