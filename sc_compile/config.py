@@ -97,6 +97,10 @@ def is_int_at_least(value: object, minimum: int | None) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
 
 
+# The version ScalingCacheConfig.to_dict writes, and the versions from_dict reads.
+CONFIG_VERSION = 1
+READABLE_CONFIG_VERSIONS = (1,)
+
 # Paper setting: S_f = 10 full warm-up steps out of 50.
 REFERENCE_WARMUP_STEPS = 10
 REFERENCE_NUM_STEPS = 50
@@ -284,6 +288,71 @@ class ScalingCacheConfig:
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-able data, versioned: ``{"_type", "_version", "_data"}`` (torchao's
+        config serialisation). Enums are their values, ``cache_dtype`` its name (``"torch.bfloat16"``),
+        an α path a string. An in-memory :class:`~sc_compile.calibration.table.AlphaTable` is
+        recorded by what identifies it (``{"_type": "AlphaTable", ...}``); :meth:`from_dict` refuses
+        it: save the table and pass its path to get a config that round-trips."""
+        data: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, torch.dtype):
+                value = str(value)
+            elif isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            elif field.name == "alpha" and value is not None and not isinstance(value, str):
+                value = {
+                    "_type": "AlphaTable",
+                    "model_class": value.model_class,
+                    "fingerprint": value.fingerprint,
+                    "granularity": value.granularity,
+                    "num_steps": value.num_steps,
+                    "command": value.command,
+                }
+            data[field.name] = value
+        return {"_type": type(self).__name__, "_version": CONFIG_VERSION, "_data": data}
+
+    @classmethod
+    def from_dict(cls, serialized: Mapping[str, Any]) -> ScalingCacheConfig:
+        """The config :meth:`to_dict` wrote. Raises ``ValueError`` for another type, a version this
+        sc_compile does not read, an unknown option or an in-memory α table."""
+        if not isinstance(serialized, Mapping) or set(serialized) != {"_type", "_version", "_data"}:
+            raise ValueError(
+                "a serialised ScalingCacheConfig is a dict with the keys '_type', '_version' and '_data' "
+                f"(ScalingCacheConfig.to_dict()), but got {serialized!r}"
+            )
+        if serialized["_type"] != cls.__name__:
+            raise ValueError(f"expected a serialised {cls.__name__}, but '_type' is {serialized['_type']!r}")
+        version = serialized["_version"]
+        if version not in READABLE_CONFIG_VERSIONS:
+            raise ValueError(
+                f"{cls.__name__} version {version!r} was written by another sc_compile; this one reads versions "
+                f"{list(READABLE_CONFIG_VERSIONS)}. Upgrade sc_compile, or write the config again with this version."
+            )
+        data = dict(serialized["_data"])
+        unknown = sorted(set(data) - set(cls.option_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} in a serialised {cls.__name__}; valid: {list(cls.option_names())}"
+            )
+        alpha = data.get("alpha")
+        if isinstance(alpha, Mapping):
+            raise ValueError(
+                f"this config was made with an in-memory α table ({dict(alpha)}), which is not serialised: "
+                "save the table (AlphaTable.save) and give its path as alpha"
+            )
+        dtype = data.get("cache_dtype")
+        if dtype is not None:
+            found = getattr(torch, str(dtype).removeprefix("torch."), None)
+            if not isinstance(found, torch.dtype):
+                raise ValueError(f"cache_dtype {dtype!r} is not a torch dtype")
+            data["cache_dtype"] = found
+        return cls(**data)
 
 
 def split_options(

@@ -14,6 +14,7 @@ import sc_compile
 from sc_compile.calibration.collect import AlphaAccumulator
 from sc_compile.calibration.fitting import BandedGram, one_step_alpha
 from sc_compile.calibration.table import AlphaTable
+from sc_compile.config import InnerCompiler, ScalingCacheConfig
 
 from dummy_dit import DummyDiT
 
@@ -82,6 +83,11 @@ def test_calibrated_table_is_accepted_and_mapped_to_other_step_counts(tmp_path, 
     assert table.fitted is not None and table.fitted.num_steps == 20
     path = tmp_path / "alpha.safetensors"
     table.save(path)
+    # The file records the config the calibration ran with (versioned, ScalingCacheConfig.to_dict).
+    recorded = AlphaTable.load(path).config
+    assert recorded == table.config and recorded is not None and recorded["_version"] == 1
+    assert ScalingCacheConfig.from_dict(recorded) == ScalingCacheConfig.from_dict(table.config)
+    assert ScalingCacheConfig.from_dict(recorded).alpha == "ones"
     torch._dynamo.reset()
     compiled = torch.compile(
         model, backend="scalingcache", options={"compiler": "eager", "alpha": str(path), "warmup_steps": 3}
@@ -96,6 +102,9 @@ def test_calibrated_table_is_accepted_and_mapped_to_other_step_counts(tmp_path, 
         assert len(mapped) == (0 if steps == 20 else 1), steps
         report = sc_compile.report(model)
         assert report.num_steps == steps, steps
+        assert report.config is not None
+        ran = ScalingCacheConfig.from_dict(report.config)
+        assert (ran.alpha, ran.warmup_steps, ran.compiler) == (str(path), 3, InnerCompiler.EAGER)
 
 
 def test_cli_calibrates_a_tiny_pipeline_and_inspects_the_table(tmp_path):

@@ -173,3 +173,55 @@ def test_alpha_file_with_nan_is_refused(tmp_path):
     save_file({"alpha": alpha}, str(path), metadata=metadata)
     with pytest.raises(AlphaTableError, match=r"non-finite values \(first at \[step, point\] \[\[2, 1\]\]\)"):
         AlphaTable.load(path)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ScalingCacheConfig(),
+        ScalingCacheConfig(granularity="module", prediction="residual", statistic="full", compiler="eager"),
+        ScalingCacheConfig(cache_dtype=torch.bfloat16, full_steps=6, coefficients="chained", stochastic_sampler="warn"),
+        ScalingCacheConfig(alpha="ones", warmup_steps=3, final_full_steps=2, num_inference_steps=20, speedup=None),
+        ScalingCacheConfig(max_cache_bytes=1 << 20, static_interval=3, change_points="output", fallback="inductor"),
+    ],
+)
+def test_config_to_dict_round_trips_through_json(config):
+    import json
+
+    serialized = config.to_dict()
+    assert set(serialized) == {"_type", "_version", "_data"}
+    assert serialized["_type"] == "ScalingCacheConfig" and serialized["_version"] == 1
+    back = ScalingCacheConfig.from_dict(json.loads(json.dumps(serialized)))
+    assert back == config
+    assert isinstance(back.granularity, Granularity) and isinstance(back.compiler, InnerCompiler)
+
+
+def test_config_with_an_alpha_path_round_trips(tmp_path):
+    path = tmp_path / "alpha.safetensors"
+    AlphaTable(torch.ones(4, 3), "DummyDiT", "abc", "block").save(path)
+    config = ScalingCacheConfig(alpha=path)
+    assert ScalingCacheConfig.from_dict(config.to_dict()).alpha == str(path)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: {**d, "_version": 2}, r"version 2 was written by another sc_compile; this one reads versions \[1\]"),
+        (lambda d: {**d, "_type": "Float8Config"}, "expected a serialised ScalingCacheConfig"),
+        (lambda d: {"_data": d["_data"]}, "keys '_type', '_version' and '_data'"),
+        (lambda d: {**d, "_data": {**d["_data"], "warmup": 3}}, r"unknown option\(s\) \['warmup'\]"),
+        (lambda d: {**d, "_data": {**d["_data"], "cache_dtype": "torch.nothing"}}, "is not a torch dtype"),
+        (lambda d: {**d, "_data": {**d["_data"], "granularity": "layer"}}, "granularity must be one of"),
+    ],
+)
+def test_config_from_dict_refuses_what_it_cannot_read(mutate, message):
+    with pytest.raises(ValueError, match=message):
+        ScalingCacheConfig.from_dict(mutate(ScalingCacheConfig().to_dict()))
+
+
+def test_config_with_an_in_memory_table_records_it_and_from_dict_says_what_to_do():
+    table = AlphaTable(torch.ones(4, 3), "DummyDiT", "abc", "block")
+    serialized = ScalingCacheConfig(alpha=table).to_dict()
+    assert serialized["_data"]["alpha"]["fingerprint"] == "abc"
+    with pytest.raises(ValueError, match=r"save the table \(AlphaTable.save\) and give its path"):
+        ScalingCacheConfig.from_dict(serialized)

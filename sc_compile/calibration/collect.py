@@ -275,4 +275,5 @@ def calibrate(
         num_samples=len(samples),
         command=command,
         fitted=fitted,
+        config=config.to_dict(),
     )

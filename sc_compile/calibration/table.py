@@ -5,6 +5,9 @@ fingerprint of the cache-point layout it was calibrated on, N, the scheduler and
 sigmas, the granularity, β, the number of samples, per-step mean and std of α, the command that
 produced it) and these float32 tensors:
 
+The metadata also records the :class:`~sc_compile.config.ScalingCacheConfig` the calibration ran
+with (``config``: the JSON of ``ScalingCacheConfig.to_dict()``, versioned).
+
 * format 1 (the paper's): ``alpha`` [N, P], one-step α per step and cache point (eq. 5), chained
   by the runtime;
 * format 2 adds the per-gap least-squares coefficients of :mod:`sc_compile.calibration.fitting`: ``coef``
@@ -59,6 +62,9 @@ class AlphaTable:
     extra: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # Format 2: the per-gap least-squares coefficients (None: a format-1, chained-α table).
     fitted: FittedCoefficients | None = None
+    # The ScalingCacheConfig the calibration ran with, as ScalingCacheConfig.to_dict() wrote it
+    # (metadata "config"; None for tables written before it was recorded).
+    config: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         alpha = self.alpha
@@ -137,6 +143,8 @@ class AlphaTable:
             "command": self.command,
             **{f"extra.{k}": v for k, v in self.extra.items()},
         }
+        if self.config is not None:
+            metadata["config"] = json.dumps(self.config)
         tensors = {"alpha": self.alpha}
         if self.fitted is not None:
             metadata["max_gap_limit"] = str(self.fitted.max_gap_limit)
@@ -191,6 +199,7 @@ class AlphaTable:
                 command=metadata.get("command", ""),
                 extra={k[len("extra.") :]: v for k, v in metadata.items() if k.startswith("extra.")},
                 fitted=fitted,
+                config=json.loads(metadata["config"]) if "config" in metadata else None,
             )
         except KeyError as error:
             raise AlphaTableError(f"{path}: metadata lacks {error.args[0]!r}. {RECALIBRATE_HINT}") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from sc_compile.clock.step_clock import StepClock
@@ -53,6 +53,9 @@ class GenerationReport:
     declared_steps: int | None = None
     # Calls of the compiled model in the generation (all streams).
     num_calls: int = 0
+    # The ScalingCacheConfig the generation ran with, as ScalingCacheConfig.to_dict() writes it
+    # (versioned; ScalingCacheConfig.from_dict reads it back).
+    config: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
 
     @property
     def num_full_steps(self) -> int:
@@ -194,4 +197,5 @@ def build_report(generation: GenerationRecord, finished: bool, collective: bool 
         clock=generation.source,
         declared_steps=generation.declared_steps,
         num_calls=generation.num_calls,
+        config=generation.session.config.to_dict(),
     )
