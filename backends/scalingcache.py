@@ -19,6 +19,7 @@ What Dynamo is compiling and diffusers' private state are read in
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -56,13 +57,44 @@ from sc_compile.runtime.dispatch import GraphPieceRuntime, PointLayout, ScalingC
 log = logging.getLogger(__name__)
 
 
-def _fallback(gm: torch.fx.GraphModule, example_inputs, config, patches, error: Exception):
+def _fallback(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: ScalingCacheConfig,
+    patches: Mapping[str, Any],
+    error: Exception,
+) -> Callable[..., Any]:
     log.warning(
         "ScalingCache: %s; falling back to uncached %s as options={'fallback': 'inductor'} asks.",
         error,
-        config.compiler.value,
+        config.compiler,
     )
     return compile_graph(gm, example_inputs, config.compiler, patches, own_tracing_context=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildContext:
+    """What one Dynamo graph is compiled with, from the passes to the runtime."""
+
+    gm: torch.fx.GraphModule
+    """Dynamo's graph (never edited: the passes work on a copy)."""
+    example_inputs: Sequence[Any]
+    config: ScalingCacheConfig
+    config_patches: Mapping[str, Any]
+    """Inductor options and ``mode``'s options, for the inner compiler."""
+    module: torch.nn.Module | None
+    """The module Dynamo is compiling (``None`` when it cannot be told)."""
+    token: object | None
+    """The compilation this graph belongs to (:func:`~sc_compile.backends.integration.compile_token`)."""
+    piece: GraphPiece | None
+    """The graph is one of several Dynamo compiled for the model's forward (split at a graph break)."""
+
+    @property
+    def model_class(self) -> str:
+        return type(self.module).__name__ if self.module is not None else "the compiled module"
+
+    def fallback(self, error: Exception) -> Callable[..., Any]:
+        return _fallback(self.gm, self.example_inputs, self.config, self.config_patches, error)
 
 
 def build_runtime(
@@ -73,7 +105,7 @@ def build_runtime(
     module: torch.nn.Module | None = None,
     token: object | None = None,
     piece: GraphPiece | None = None,
-):
+) -> Callable[..., Any]:
     """Passes, lowering, inner compilation and the runtime for one Dynamo graph.
 
     ``piece``: the graph is one of several Dynamo compiled for the model's forward (split at a
@@ -81,14 +113,14 @@ def build_runtime(
     decisions it shares with the other pieces; a piece without blocks (the output head after a
     break) runs as it is, compiled by the inner compiler.
     """
-    model_class = type(module).__name__ if module is not None else "the compiled module"
+    context = BuildContext(gm, example_inputs, config, config_patches, module, token, piece)
     try:
         cond_gm, layout = run_cache_passes(
             gm,
-            model_class=model_class,
-            granularity=config.granularity.value,
-            prediction=config.prediction.value,
-            statistic=config.statistic.value,
+            model_class=context.model_class,
+            granularity=config.granularity,
+            prediction=config.prediction,
+            statistic=config.statistic,
             # A piece of a split forward may lack the timestep: one after a break joins the step
             # of the forward's first piece; a first piece without it can only be placed by the
             # pipeline clock (the runtime says so when it is called without one).
@@ -96,7 +128,7 @@ def build_runtime(
         )
     except (NoBlocksFoundError, UnsupportedGraphError) as error:
         if piece is not None and isinstance(error, NoBlocksFoundError):
-            return _plain_piece(gm, example_inputs, config, config_patches, module, token, piece)
+            return _plain_piece(context, piece)
         try:
             # Nothing to cache here may mean that this graph is a piece of the model.
             outside = check_whole_model(module, failed=True)
@@ -104,47 +136,39 @@ def build_runtime(
                 return build_outside_blocks_runtime(gm, example_inputs, config, config_patches, outside, token)
         except UnsupportedGraphError as cause:
             if config.fallback is Fallback.INDUCTOR:
-                return _fallback(gm, example_inputs, config, config_patches, cause)
+                return context.fallback(cause)
             raise cause from error
         if config.fallback is Fallback.INDUCTOR:
-            return _fallback(gm, example_inputs, config, config_patches, error)
+            return context.fallback(error)
         raise
     alpha = resolve_alpha_source(
         config.alpha,
-        model_class=model_class,
+        model_class=context.model_class,
         fingerprint=layout.fingerprint(),
         num_points=layout.num_points,
         granularity=layout.granularity,
         search_dirs=[assets_dir()],
     )
-    return _lower_and_compile(
-        gm, example_inputs, config, config_patches, module, cond_gm, layout, alpha, layout.timestep_index, token, piece
-    )
+    return _lower_and_compile(context, cond_gm, layout, alpha)
 
 
-def _plain_piece(gm, example_inputs, config, config_patches, module, token, piece: GraphPiece) -> GraphPieceRuntime:
+def _plain_piece(context: BuildContext, piece: GraphPiece) -> GraphPieceRuntime:
     """A piece of a split forward that holds no block: compiled as it is, in Dynamo's tracing
     context as any backend's graph. It runs at every step, full or cached."""
     log.info(
         "ScalingCache: %s: a piece without blocks after a %s runs uncached", type(piece.module).__name__, piece.where
     )
-    fn = compile_graph(gm, example_inputs, config.compiler, config_patches, own_tracing_context=False)
-    return GraphPieceRuntime(fn, piece=piece, compile_token=token)
+    config = context.config
+    fn = compile_graph(
+        context.gm, context.example_inputs, config.compiler, context.config_patches, own_tracing_context=False
+    )
+    return GraphPieceRuntime(fn, piece=piece, compile_token=context.token)
 
 
 def _lower_and_compile(
-    gm,
-    example_inputs,
-    config,
-    config_patches,
-    module,
-    cond_gm,
-    layout: CacheLayout,
-    alpha: AlphaTable | None,
-    timestep_index: int | None,
-    token: object | None,
-    piece: GraphPiece | None = None,
-):
+    context: BuildContext, cond_gm: torch.fx.GraphModule, layout: CacheLayout, alpha: AlphaTable | None
+) -> ScalingCacheRuntime:
+    config = context.config
     points = layout.cache_points
     device = layout.device
     point_layout = PointLayout(points=list(points), device=device, fingerprint=layout.fingerprint())
@@ -167,9 +191,9 @@ def _lower_and_compile(
     # Example state for compilation: the first stream's buffers.
     state = StreamState(point_layout, config.cache_dtype)
     coefficients = torch.zeros(len(points), device=device)
-    examples = step_inputs(example_inputs, state.buffers, coefficients, coefficients.clone(), state.stats)
-    full_step = compile_inner(full_spec, examples, config.compiler, config_patches)
-    cached_step = compile_inner(cached_spec, examples, config.compiler, config_patches)
+    examples = step_inputs(context.example_inputs, state.buffers, coefficients, coefficients.clone(), state.stats)
+    full_step = compile_inner(full_spec, examples, config.compiler, context.config_patches)
+    cached_step = compile_inner(cached_spec, examples, config.compiler, context.config_patches)
     alpha_source = "ones" if alpha is None else (alpha.command or f"table ({alpha.num_steps} steps)")
     runtime = ScalingCacheRuntime(
         model_class=layout.model_class,
@@ -179,14 +203,14 @@ def _lower_and_compile(
         config=config,
         alpha=alpha,
         alpha_source=alpha_source,
-        timestep_index=timestep_index,
-        identity_index=identity_input(example_inputs, module),
-        module=module,
-        compile_token=token,
+        timestep_index=layout.timestep_index,
+        identity_index=identity_input(context.example_inputs, context.module),
+        module=context.module,
+        compile_token=context.token,
         fingerprint=layout.fingerprint(),
         granularity=layout.granularity,
-        process_group=context_parallel_group(module),
-        piece=piece,
+        process_group=context_parallel_group(context.module),
+        piece=context.piece,
     )
     log.info(
         "ScalingCache: %s: %d blocks, %d cache points (%s); full step %d nodes (%.1fs), cached step %d nodes (%.1fs)",

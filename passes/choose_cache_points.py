@@ -13,6 +13,7 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from sc_compile.config import Granularity
 from sc_compile.passes.find_residual_outputs import stream_inputs
 from sc_compile.passes.layout import CACHE_POINT_META_KEY, BlockInfo, blocks_of
 
@@ -41,8 +42,8 @@ def replay_nodes(
     return list(needed)
 
 
-def _points_for(block: BlockInfo, granularity: str) -> list[torch.fx.Node]:
-    if granularity == "block":
+def _points_for(block: BlockInfo, granularity: Granularity) -> list[torch.fx.Node]:
+    if granularity is Granularity.BLOCK:
         return list(block.outputs)
     points = set(block.residual_outputs)
     members = set(block.members)
@@ -52,11 +53,12 @@ def _points_for(block: BlockInfo, granularity: str) -> list[torch.fx.Node]:
     return [n for n in block.members if n in points]
 
 
-def choose_cache_points(gm: torch.fx.GraphModule, granularity: str = "block") -> PassResult:
+def choose_cache_points(gm: torch.fx.GraphModule, granularity: Granularity | str = Granularity.BLOCK) -> PassResult:
     """Mark the cache points of every block (``node.meta[CACHE_POINT_META_KEY]``; an analysis:
     the graph is unchanged). Reads the blocks and residual outputs the earlier analyses marked."""
     if granularity not in ("block", "module"):
         raise ValueError(f"granularity must be 'block' or 'module', but got {granularity!r}")
+    granularity = Granularity(granularity)
     blocks = blocks_of(gm)
     for node in gm.graph.nodes:
         node.meta.pop(CACHE_POINT_META_KEY, None)

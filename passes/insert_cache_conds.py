@@ -42,6 +42,7 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from sc_compile.config import Prediction
 from sc_compile.contract import (
     COEF,
     IS_FULL,
@@ -233,7 +234,7 @@ def _full_branch(
     coef: torch.fx.Node,
     refresh: torch.fx.Node,
     stats: torch.fx.Node,
-    prediction: str,
+    prediction: Prediction,
 ) -> torch.fx.GraphModule:
     b = _BranchBuilder(operands)
     for member in block.members:
@@ -286,7 +287,7 @@ def _cached_branch(
     operands: list[torch.fx.Node],
     buffers: dict[torch.fx.Node, PointBuffers],
     coef: torch.fx.Node,
-    prediction: str,
+    prediction: Prediction,
 ) -> torch.fx.GraphModule:
     b = _BranchBuilder(operands)
     points = set(block.cache_points)
@@ -322,13 +323,15 @@ def _cached_branch(
 
 
 def insert_cache_conds(
-    gm: torch.fx.GraphModule, prediction: str = "hidden", statistic: str = Statistic.SUBSAMPLE.value
+    gm: torch.fx.GraphModule,
+    prediction: Prediction | str = Prediction.HIDDEN,
+    statistic: Statistic | str = Statistic.SUBSAMPLE,
 ) -> PassResult:
     """Rewrite each block the analyses marked into a cond over new state inputs; mark each cache
     point's ``y_full`` input with the point's :class:`~sc_compile.contract.CachePointSpec`."""
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, but got {prediction!r}")
-    statistic = Statistic(statistic)
+    prediction, statistic = Prediction(prediction), Statistic(statistic)
     blocks = blocks_of(gm)
     graph = gm.graph
     fake_mode = _fake_mode(gm)

@@ -21,6 +21,7 @@ import hashlib
 import torch
 import torch.fx
 
+from sc_compile.config import Granularity, Prediction
 from sc_compile.contract import CachePointSpec
 
 # The top-level block (``transformer_blocks.3``) a node belongs to (find_blocks).
@@ -106,9 +107,9 @@ class CacheLayout:
     model_class: str
     # The blocks that hold cache points, in graph order.
     block_names: tuple[str, ...]
-    granularity: str
-    # What the buffers hold: "hidden" (the point's value) or "residual" (over the block input).
-    prediction: str
+    granularity: Granularity
+    # What the buffers hold: the point's value (hidden) or its residual over the block input.
+    prediction: Prediction
     cache_points: tuple[CachePointSpec, ...]
     # Where the buffers live (the device of the cache points' values).
     device: torch.device
@@ -127,14 +128,16 @@ class CacheLayout:
         another architecture, depth or granularity changes it. It is what α files are checked by.
         """
         parts = [self.model_class, self.granularity]
-        if self.prediction != "hidden":  # hidden-state layouts keep the fingerprints they always had
+        if self.prediction is not Prediction.HIDDEN:  # hidden-state layouts keep the fingerprints they always had
             parts.append(self.prediction)
         for point in self.cache_points:
             parts.append(f"{point.block}:{len(point.shape)}:{point.shape[-1] if point.shape else 0}")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def cache_layout_of(gm: torch.fx.GraphModule, *, model_class: str, granularity: str, prediction: str) -> CacheLayout:
+def cache_layout_of(
+    gm: torch.fx.GraphModule, *, model_class: str, granularity: Granularity, prediction: Prediction
+) -> CacheLayout:
     """The node-free layout of a cond-guarded graph, read from its annotated inputs."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     annotated = [n for n in placeholders if POINT_SPEC_META_KEY in n.meta]

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from sc_compile.config import Granularity, Prediction
+from sc_compile.contract import Statistic
 from sc_compile.errors import NoBlocksFoundError, PassFailedError, UnsupportedGraphError
 from sc_compile.passes.choose_cache_points import choose_cache_points
 from sc_compile.passes.dead_code import eliminate_dead_code
@@ -59,7 +61,7 @@ def clean_up(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
-def analysis_passes(model_class: str, granularity: str) -> tuple[tuple[str, Pass], ...]:
+def analysis_passes(model_class: str, granularity: Granularity) -> tuple[tuple[str, Pass], ...]:
     """The analyses, in order: blocks, their residual outputs and the cache points."""
     return (
         ("find_blocks", functools.partial(find_blocks, model_class=model_class)),
@@ -70,9 +72,9 @@ def analysis_passes(model_class: str, granularity: str) -> tuple[tuple[str, Pass
 
 def cache_passes(
     model_class: str,
-    granularity: str,
-    prediction: str = "hidden",
-    statistic: str = "subsample",
+    granularity: Granularity,
+    prediction: Prediction = Prediction.HIDDEN,
+    statistic: Statistic = Statistic.SUBSAMPLE,
     require_timestep: bool = False,
 ) -> tuple[tuple[str, Pass], ...]:
     """The passes in their one fixed order.
@@ -91,7 +93,7 @@ def cache_passes(
     )
 
 
-CACHE_PASSES = tuple(name for name, _ in cache_passes("", "block"))
+CACHE_PASSES = tuple(name for name, _ in cache_passes("", Granularity.BLOCK))
 
 
 def run_passes(
@@ -120,14 +122,15 @@ def run_cache_passes(
     gm: torch.fx.GraphModule,
     *,
     model_class: str,
-    granularity: str = "block",
-    prediction: str = "hidden",
-    statistic: str = "subsample",
+    granularity: Granularity | str = Granularity.BLOCK,
+    prediction: Prediction | str = Prediction.HIDDEN,
+    statistic: Statistic | str = Statistic.SUBSAMPLE,
     require_timestep: bool = False,
 ) -> tuple[torch.fx.GraphModule, CacheLayout]:
     """Run the cache passes on a copy of ``gm``; returns the cond-guarded copy and its node-free
     layout. ``require_timestep``: refuse a graph without a timestep input (the backend does,
-    for a whole model's forward)."""
+    for a whole model's forward). The options are the config's enums (their values are accepted)."""
+    granularity, prediction, statistic = Granularity(granularity), Prediction(prediction), Statistic(statistic)
     passes = cache_passes(model_class, granularity, prediction, statistic, require_timestep)
     work = run_passes(copy_graph_module(gm), passes, model_class=model_class)
     return work, cache_layout_of(work, model_class=model_class, granularity=granularity, prediction=prediction)

@@ -19,6 +19,13 @@ PIPELINE_INDEX = "model_index.json"
 DEMO_EMBEDDINGS = "class_embeddings.safetensors"
 # α is fitted from the step-to-step changes of two steps before: steps 0 and 1 hold α = 1.
 MIN_CALIBRATION_STEPS = 3
+# The values of the config's enums (Granularity, Prediction, Statistic, InnerCompiler), written
+# here so that `--help` does not import torch; tests/test_cli.py checks they are the enums' values.
+# The commands turn them into the enums at once.
+GRANULARITY_CHOICES = ("block", "module")
+PREDICTION_CHOICES = ("hidden", "residual")
+STATISTIC_CHOICES = ("subsample", "full")
+COMPILER_CHOICES = ("inductor", "aot_eager", "eager")
 MODEL_DIR_FORMATS = (
     f"a pipeline directory written by DiffusionPipeline.save_pretrained (with {PIPELINE_INDEX}), or a "
     f"demo-style transformer directory (config.json of {' / '.join(DEMO_CLASSES)} and {DEMO_EMBEDDINGS}, "
@@ -287,16 +294,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     # One progress bar, calibration's own, instead of one per generation from the pipeline.
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
+    from sc_compile.config import Granularity, InnerCompiler, Prediction
+    from sc_compile.contract import Statistic
+
     table = sc_compile.calibrate(
         pipe,
         samples,
         beta=args.beta,
-        granularity=args.granularity,
-        prediction=args.prediction,
-        compiler=args.compiler,
+        granularity=Granularity(args.granularity),
+        prediction=Prediction(args.prediction),
+        compiler=InnerCompiler(args.compiler),
         command=_command_line(),
         max_gap=args.max_gap,
-        statistic=args.statistic,
+        statistic=Statistic(args.statistic),
     )
     seconds = time.perf_counter() - start
     table.save(out)
@@ -355,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=None, help="samples (default: 10 flux, 4 wan)")
     demo.add_argument("--warmup-steps", type=int, default=None, help="S_f (default: scaled from 10 at 50 steps)")
     demo.add_argument("--guidance-scale", type=float, default=3.0)
-    demo.add_argument("--compiler", choices=["inductor", "aot_eager", "eager"], default="inductor")
+    demo.add_argument("--compiler", choices=COMPILER_CHOICES, default="inductor")
     demo.add_argument("--out", default="out/demo", help="output directory for the pictures")
     demo.add_argument("--threads", type=int, default=1)
     demo.set_defaults(func=cmd_demo)
@@ -402,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance-scale", type=float, default=None, help="default: the pipeline's (3.0 for demo-style directories)"
     )
     cal.add_argument("--beta", type=float, default=0.97)
-    cal.add_argument("--granularity", choices=["block", "module"], default="block")
-    cal.add_argument("--prediction", choices=["hidden", "residual"], default="hidden")
+    cal.add_argument("--granularity", choices=GRANULARITY_CHOICES, default="block")
+    cal.add_argument("--prediction", choices=PREDICTION_CHOICES, default="hidden")
     cal.add_argument(
         "--max-gap",
         type=_at_least(1),
@@ -412,11 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument(
         "--statistic",
-        choices=["subsample", "full"],
+        choices=STATISTIC_CHOICES,
         default="subsample",
         help="what the points no cached step reads keep (the compile option of that name)",
     )
-    cal.add_argument("--compiler", choices=["inductor", "aot_eager", "eager"], default="eager")
+    cal.add_argument("--compiler", choices=COMPILER_CHOICES, default="eager")
     cal.add_argument("--threads", type=_at_least(1), default=1)
     cal.set_defaults(func=cmd_calibrate)
 

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sc_compile.contract import Statistic
+from sc_compile.contract import OptionEnum, Statistic
 
 if TYPE_CHECKING:
     from sc_compile.calibration.table import AlphaTable
 
 
-class Prediction(str, enum.Enum):
+class Prediction(OptionEnum):
     """What the cache buffers hold and a cached step extrapolates."""
 
     HIDDEN = "hidden"
@@ -34,7 +34,7 @@ class Prediction(str, enum.Enum):
     ``a_t`` is the current step's input of the block stack (TeaCache / FirstBlockCache style)."""
 
 
-class Granularity(str, enum.Enum):
+class Granularity(OptionEnum):
     """Where the cache points sit."""
 
     BLOCK = "block"
@@ -43,7 +43,7 @@ class Granularity(str, enum.Enum):
     """Each residual module's output (attention, feed-forward) inside every block."""
 
 
-class InnerCompiler(str, enum.Enum):
+class InnerCompiler(OptionEnum):
     """What compiles the specialised full-step and cached-step graphs."""
 
     INDUCTOR = "inductor"
@@ -54,7 +54,7 @@ class InnerCompiler(str, enum.Enum):
     """Run the FX graphs as they are: fastest compiles, for debugging and tests."""
 
 
-class ChangePoints(str, enum.Enum):
+class ChangePoints(OptionEnum):
     """Which cache points the per-step change ē averages over."""
 
     ALL = "all"
@@ -63,7 +63,7 @@ class ChangePoints(str, enum.Enum):
     """Only the points the output head reads at a cached step."""
 
 
-class Coefficients(str, enum.Enum):
+class Coefficients(OptionEnum):
     """Which coefficients of an α table a cached step multiplies."""
 
     FITTED = "fitted"
@@ -73,7 +73,7 @@ class Coefficients(str, enum.Enum):
     """The paper's one-step α's, chained: ``c = Σ_j Π_i α`` (every table has them)."""
 
 
-class Fallback(str, enum.Enum):
+class Fallback(OptionEnum):
     """What happens when the model cannot be cached (no blocks, unsupported graph)."""
 
     ERROR = "error"
@@ -82,7 +82,7 @@ class Fallback(str, enum.Enum):
     """Compile the graph uncached with the inner compiler and log a warning."""
 
 
-class StochasticSampler(str, enum.Enum):
+class StochasticSampler(OptionEnum):
     """What a generation whose sampler injects fresh noise every step does (detected by
     ``sc_compile.enable``, declared with ``sc_compile.generation(..., stochastic_sampler=True)``)."""
 

@@ -66,7 +66,20 @@ MIN_SKETCH_ELEMENTS = 1024
 SKETCH_DTYPE = torch.float32
 
 
-class Statistic(str, enum.Enum):
+class OptionEnum(str, enum.Enum):
+    """The base of the options' enums: a member is its value everywhere a string is read. It equals,
+    hashes, formats and prints as the value (``f"{Granularity.BLOCK}"`` is ``"block"``, as with
+    Python 3.11's ``enum.StrEnum``), so the enums travel through the passes, the runtime, reports
+    and messages without turning back into strings; ``repr`` still names the member."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, format_spec: str) -> str:
+        return str.__format__(self, format_spec)
+
+
+class Statistic(OptionEnum):
     """What a cache point that no cached step reads keeps for the change statistic and calibration."""
 
     SUBSAMPLE = "subsample"

@@ -17,6 +17,7 @@ import dataclasses
 
 import torch
 
+from sc_compile.config import Granularity
 from sc_compile.contract import CachePointSpec, PointLayout, Statistic, sketch_plan
 from sc_compile.errors import CacheMemoryError
 
@@ -57,7 +58,7 @@ def _sketched(point: CachePointSpec) -> CachePointSpec:
 
 
 def fitting_options(
-    layout: PointLayout, cache_dtype: torch.dtype | None, granularity: str, streams: int, available: int
+    layout: PointLayout, cache_dtype: torch.dtype | None, granularity: Granularity, streams: int, available: int
 ) -> list[str]:
     """Options (and their bytes for ``streams`` streams) under which the state would fit ``available``."""
     candidates: list[tuple[str, PointLayout, torch.dtype | None]] = []
@@ -76,7 +77,7 @@ def fitting_options(
         needed = streams * candidate.stream_nbytes(dtype)
         if needed <= available:
             fits.append(f"{text} ({format_bytes(needed)})")
-    if granularity == "module":
+    if granularity is Granularity.MODULE:
         fits.append("granularity='block' (fewer cache points; `sc_compile.explain` gives its bytes)")
     return fits
 
@@ -88,7 +89,7 @@ def refusal(
     source: str,
     layout: PointLayout,
     cache_dtype: torch.dtype | None,
-    granularity: str,
+    granularity: Granularity,
     streams: int,
     available: int,
 ) -> CacheMemoryError:

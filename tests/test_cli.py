@@ -391,3 +391,18 @@ def test_calibrate_says_what_to_install_for_a_pipeline_diffusers_loads_only_with
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "pip install accelerate" in result.stderr, result.stderr
+
+
+def test_cli_choices_are_the_config_enums_values():
+    """The CLI writes its choices without importing torch; they must be the enums' values."""
+    from sc_compile import cli
+    from sc_compile.config import Granularity, InnerCompiler, Prediction
+    from sc_compile.contract import Statistic
+
+    for choices, enum_type in [
+        (cli.GRANULARITY_CHOICES, Granularity),
+        (cli.PREDICTION_CHOICES, Prediction),
+        (cli.STATISTIC_CHOICES, Statistic),
+        (cli.COMPILER_CHOICES, InnerCompiler),
+    ]:
+        assert choices == tuple(member.value for member in enum_type)

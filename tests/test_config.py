@@ -225,3 +225,33 @@ def test_config_with_an_in_memory_table_records_it_and_from_dict_says_what_to_do
     assert serialized["_data"]["alpha"]["fingerprint"] == "abc"
     with pytest.raises(ValueError, match=r"save the table \(AlphaTable.save\) and give its path"):
         ScalingCacheConfig.from_dict(serialized)
+
+
+def test_option_enums_read_as_their_values_everywhere_a_string_is_read():
+    """The enums travel through the passes, the runtime and messages (issue 24 item 6): each
+    formats, prints, equals and hashes as its value; repr still names the member."""
+    from sc_compile.config import Coefficients, Fallback, Prediction
+    from sc_compile.contract import Statistic
+
+    for member in [Granularity.MODULE, Prediction.RESIDUAL, Statistic.FULL, InnerCompiler.AOT_EAGER, Fallback.ERROR]:
+        assert f"{member}" == str(member) == "{}".format(member) == member.value  # noqa: UP032
+        assert member == member.value and hash(member) == hash(member.value)
+        assert "|".join(["x", member]) == f"x|{member.value}"
+    assert repr(Coefficients.FITTED) == "<Coefficients.FITTED: 'fitted'>"
+
+
+def test_the_passes_and_explain_carry_the_config_enums():
+    from sc_compile.config import Prediction
+
+    explanation = sc_compile.explain(DummyDiT(), torch.ones(1, 2, 4), torch.tensor([1.0]), granularity="module")
+    assert explanation.granularity is Granularity.MODULE
+    assert "(module granularity)" in str(explanation)
+    from sc_compile.runtime.dispatch import runtimes_of
+
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "prediction": "residual"})
+    with torch.no_grad():
+        compiled(torch.ones(1, 2, 4), torch.tensor([1.0]))
+    (runtime,) = runtimes_of(model)
+    assert runtime.granularity is Granularity.BLOCK
+    assert runtime.config.prediction is Prediction.RESIDUAL

@@ -73,6 +73,8 @@ class AlphaTable:
                 f"alpha must be a 2-D tensor [steps, points], but got {getattr(alpha, 'shape', alpha)!r}"
             )
         object.__setattr__(self, "alpha", alpha.detach().to("cpu", torch.float32).contiguous())
+        # The file format's string (a config enum is one; safetensors metadata takes plain str).
+        object.__setattr__(self, "granularity", str(self.granularity))
         if not torch.isfinite(self.alpha).all():
             bad = (~torch.isfinite(self.alpha)).nonzero()[:3].tolist()
             raise AlphaTableError(f"alpha has non-finite values (first at [step, point] {bad}). {RECALIBRATE_HINT}")
@@ -214,7 +216,7 @@ class AlphaTable:
         """Raise :class:`AlphaTableError` saying what differs when the table does not fit."""
         problems = []
         if self.granularity != granularity:
-            problems.append(f"granularity {self.granularity!r} (the model is compiled with {granularity!r})")
+            problems.append(f"granularity {self.granularity!r} (the model is compiled with {str(granularity)!r})")
         if self.num_points != num_points:
             problems.append(f"{self.num_points} cache points (the model has {num_points})")
         if self.fingerprint != fingerprint:

@@ -33,7 +33,7 @@ class Explanation:
     """What :func:`explain` found. Graph texts can be pinned in graph-diff regression tests."""
 
     model_class: str
-    granularity: str
+    granularity: Granularity
     blocks: tuple[BlockSummary, ...]
     cache_points: tuple[CachePointSpec, ...]
     fingerprint: str
@@ -77,12 +77,13 @@ class Explanation:
 def explain_graph(
     gm: torch.fx.GraphModule,
     model_class: str,
-    granularity: str = "block",
-    prediction: str = "hidden",
-    statistic: str = "subsample",
+    granularity: Granularity | str = Granularity.BLOCK,
+    prediction: Prediction | str = Prediction.HIDDEN,
+    statistic: Statistic | str = Statistic.SUBSAMPLE,
     cache_dtype: torch.dtype | None = None,
 ) -> Explanation:
     """Run the passes and the lowering on a Dynamo graph and describe the result."""
+    granularity, prediction, statistic = Granularity(granularity), Prediction(prediction), Statistic(statistic)
     from sc_compile.backends.lowering import specialize_cache_conds
     from sc_compile.passes import run_cache_passes
     from sc_compile.passes.layout import blocks_of
@@ -154,9 +155,9 @@ def _throwaway_forward(module: torch.nn.Module) -> Any:
 def explain(
     model: torch.nn.Module,
     *args: Any,
-    granularity: str | Granularity = "block",
-    prediction: str | Prediction = "hidden",
-    statistic: str | Statistic = "subsample",
+    granularity: Granularity | str = Granularity.BLOCK,
+    prediction: Prediction | str = Prediction.HIDDEN,
+    statistic: Statistic | str = Statistic.SUBSAMPLE,
     cache_dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> Explanation:
@@ -168,9 +169,7 @@ def explain(
 
     The traced graph runs once, eagerly, to finish Dynamo's call; no generation state is created.
     """
-    granularity = Granularity(granularity).value
-    prediction = Prediction(prediction).value
-    statistic = Statistic(statistic).value
+    granularity, prediction, statistic = Granularity(granularity), Prediction(prediction), Statistic(statistic)
     module = getattr(model, "_orig_mod", model)
     graphs: list[torch.fx.GraphModule] = []
 

@@ -213,7 +213,7 @@ class LayoutState:
                 source,
                 self.layout,
                 self.cache_dtype,
-                config.granularity.value,
+                config.granularity,
                 # For this layout's streams: the limit less what the other layouts count against it.
                 streams=streams,
                 available=limit - max(counted - self.nbytes, 0),

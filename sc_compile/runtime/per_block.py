@@ -379,7 +379,7 @@ class BlockGraphsState:
                     source,
                     layout,
                     cache_dtype,
-                    self.config.granularity.value,
+                    self.config.granularity,
                     streams=1,
                     available=limit - self.nbytes,
                 )
