@@ -145,7 +145,8 @@ def main() -> None:
         )
     )
     lines = [
-        f"# Ablations — {title}, {steps} steps, {args.samples} samples (batch 1), guidance {GUIDANCE} as separate calls",
+        f"# Ablations — {title}, {steps} steps, {args.samples} samples (batch 1), guidance {GUIDANCE} as separate "
+        "calls",
         "",
         f"Fidelity against the uncached outputs of the same seeds (Wan: per frame); full steps averaged over samples. "
         f"*feat. dist.*: EfficientNet-Lite0 feature distance (offline perceptual stand-in, not LPIPS; "
@@ -156,7 +157,8 @@ def main() -> None:
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     lines += [
-        f"| {r['group']} | {r['config']} | {r['full_steps']:.2f} / {steps} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['feature_distance']:.4f} |"
+        f"| {r['group']} | {r['config']} | {r['full_steps']:.2f} / {steps} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
+        f"{r['feature_distance']:.4f} |"
         for r in rows
     ]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -157,7 +157,8 @@ def main() -> None:
         f"# Calibration ablation — {workload.title}, calibrated at {n} steps",
         "",
         f"Table calibrated on classes 0-4 × seeds 1000-1001 (10 samples, guidance {GUIDANCE} as separate calls); "
-        f"PSNR against the uncached output of the same seed, mean over {len(HELD_OUT['seeds'])} samples per held-out set, and mean full "
+        f"PSNR against the uncached output of the same seed, mean over {len(HELD_OUT['seeds'])} samples per held-out "
+        "set, and mean full "
         "steps. *held-out seeds*: classes 0-4, seeds 2000+; *held-out classes+seeds*: classes 5-9, seeds 3000+. "
         f"K_τ of the fitted table: {fitted.max_gap.tolist()}. Run in {elapsed:.0f} s with",
         f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibration_ablation.py --model {args.model} --steps {n}"

@@ -490,7 +490,8 @@ def write(results: dict[str, Any], out: Path) -> None:
         "over the median cached-step time of the compiled model (aot_eager graphs, tiny models, a loaded "
         "machine: an order of magnitude, not a benchmark).",
         "",
-        "| configuration | model | diffusers | recompile + graph break | repeated blocks | group offloading | different shapes | 8-step loop |",
+        "| configuration | model | diffusers | recompile + graph break | repeated blocks | group offloading | "
+        "different shapes | 8-step loop |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -499,9 +500,8 @@ def write(results: dict[str, Any], out: Path) -> None:
             continue
         cells = [f"{_cell(r['tests'][t]['aot_eager'])} / {_cell(r['tests'][t]['scalingcache'])}" for t in TESTS]
         lines.append(
-            f"| {r['config'].removesuffix('TesterConfig')} | {r['model_class']} | {'yes' if r['compile_class'] else 'no'} | "
-            + " | ".join(cells)
-            + f" | {_loop_cell(r['loop'])} |"
+            f"| {r['config'].removesuffix('TesterConfig')} | {r['model_class']} | "
+            f"{'yes' if r['compile_class'] else 'no'} | " + " | ".join(cells) + f" | {_loop_cell(r['loop'])} |"
         )
     counts: dict[str, dict[str, int]] = {}
     for r in rows:
@@ -536,7 +536,8 @@ def write(results: dict[str, Any], out: Path) -> None:
                 continue
             where = f" — at `{o['where']}`" if o.get("where") else ""
             lines.append(
-                f"* {r['config'].removesuffix('TesterConfig')}, {t}, {b}: **{o['outcome']}** {sanitize(o['detail'])}{where}"
+                f"* {r['config'].removesuffix('TesterConfig')}, {t}, {b}: **{o['outcome']}** "
+                f"{sanitize(o['detail'])}{where}"
             )
         for test, mark in r.get("marks", {}).items():
             lines.append(f"* {r['config'].removesuffix('TesterConfig')}: diffusers marks `{test}` {mark}")

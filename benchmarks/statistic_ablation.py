@@ -116,7 +116,8 @@ def main() -> None:
             print(
                 f"{group:>14} class {label} seed {seed}: ē max rel diff {row['change_max_rel_diff']:.3%}; dynamic "
                 f"{dyn[0]['psnr']:.2f} dB @ {len(dyn[0]['full_steps'])} (full) vs {dyn[1]['psnr']:.2f} dB @ "
-                f"{len(dyn[1]['full_steps'])} (subsample), same schedule: {dyn[0]['full_steps'] == dyn[1]['full_steps']}",
+                f"{len(dyn[1]['full_steps'])} (subsample), same schedule: "
+                f"{dyn[0]['full_steps'] == dyn[1]['full_steps']}",
                 flush=True,
             )
 
@@ -146,7 +147,8 @@ def main() -> None:
         "",
         "Points no cached step reads keep full buffers (`statistic='full'`) or a strided subsample "
         "(`statistic='subsample'`, the default); each statistic calibrated its own table on classes 0-4 × seeds "
-        f"1000-1001. Held-out samples: classes 0-4 × seeds 2000+ and classes 5-9 × seeds 3000+, {len(held_out['seeds'])} "
+        "1000-1001. Held-out samples: classes 0-4 × seeds 2000+ and classes 5-9 × seeds 3000+, "
+        f"{len(held_out['seeds'])} "
         f"per set. ē: every step full, both statistics on the same trajectory. Run in {elapsed:.0f} s with",
         f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/statistic_ablation.py --model {args.model} --steps {n}"
         + (f" --per-set {args.per_set}" if args.per_set != 2 else "")

@@ -102,13 +102,16 @@ def main() -> None:
     # A recompile would compile another graph: one graph over all generations means none.
     print(f"dynamo graphs over {args.generations + 1} generations: {counters['stats']['unique_graphs']}")
     print(
-        f"compile: full-step graph {runtime.full_step.compile_seconds:.1f} s ({runtime.full_step.num_compute_nodes} nodes), "
-        f"cached-step graph {runtime.cached_step.compile_seconds:.1f} s ({runtime.cached_step.num_compute_nodes} nodes); "
+        f"compile: full-step graph {runtime.full_step.compile_seconds:.1f} s ({runtime.full_step.num_compute_nodes} "
+        "nodes), "
+        f"cached-step graph {runtime.cached_step.compile_seconds:.1f} s ({runtime.cached_step.num_compute_nodes} "
+        "nodes); "
         f"first call {first:.1f} s"
     )
     print(f"full step:   median {full_ms:.3f} ms over {len(full_times)} calls")
     print(
-        f"cached step: median {cached_ms:.3f} ms over {len(cached_times)} calls ({cached_ms / full_ms:.1%} of a full step)"
+        f"cached step: median {cached_ms:.3f} ms over {len(cached_times)} calls ({cached_ms / full_ms:.1%} of a full "
+        "step)"
     )
 
 

@@ -79,7 +79,8 @@ def model_dir_format(model_dir: str | Path) -> str:
             )
         if not (directory / DEMO_EMBEDDINGS).is_file():
             raise SystemExit(
-                f"calibrate: {directory} is a {class_name} directory without {DEMO_EMBEDDINGS}; give {MODEL_DIR_FORMATS}"
+                f"calibrate: {directory} is a {class_name} directory without {DEMO_EMBEDDINGS}; give "
+                f"{MODEL_DIR_FORMATS}"
             )
         return "demo"
     raise SystemExit(f"calibrate: {directory} has neither {PIPELINE_INDEX} nor config.json; give {MODEL_DIR_FORMATS}")
@@ -151,7 +152,8 @@ def read_prompt_embeddings(path: str | None) -> dict[str, Any] | None:
         raise SystemExit(f"calibrate: --prompt-embeds {file} is not a safetensors file ({error})") from error
     if "prompt_embeds" not in tensors:
         raise SystemExit(
-            f"calibrate: --prompt-embeds {file} has no tensor named prompt_embeds (it has {', '.join(sorted(tensors)) or 'none'}); "
+            f"calibrate: --prompt-embeds {file} has no tensor named prompt_embeds (it has "
+            f"{', '.join(sorted(tensors)) or 'none'}); "
             "name each tensor as the pipeline argument it is, e.g. prompt_embeds [N, T, D]"
         )
     counts = {name: (tensor.shape[0] if tensor.dim() else 0) for name, tensor in tensors.items()}
@@ -232,14 +234,16 @@ def check_calibration_inputs(args: argparse.Namespace) -> tuple[str, Path, list[
     embeddings = read_prompt_embeddings(args.prompt_embeds)
     if kind == "demo" and (prompts is not None or embeddings is not None):
         raise SystemExit(
-            f"calibrate: {args.model_dir} is a demo-style directory; its prompts are class labels (--classes), not --prompt / --prompt-embeds"
+            f"calibrate: {args.model_dir} is a demo-style directory; its prompts are class labels (--classes), not "
+            "--prompt / --prompt-embeds"
         )
     if kind == "pipeline":
         if prompts is not None and embeddings is not None:
             raise SystemExit("calibrate: give text prompts (--prompt / --prompts-file) or --prompt-embeds, not both")
         if prompts is None and embeddings is None:
             raise SystemExit(
-                f"calibrate: the pipeline in {args.model_dir} needs prompts: --prompt TEXT, --prompts-file FILE or --prompt-embeds FILE"
+                f"calibrate: the pipeline in {args.model_dir} needs prompts: --prompt TEXT, --prompts-file FILE or "
+                "--prompt-embeds FILE"
             )
         if prompts is not None:
             index = json.loads((Path(args.model_dir) / PIPELINE_INDEX).read_text())
@@ -250,7 +254,8 @@ def check_calibration_inputs(args: argparse.Namespace) -> tuple[str, Path, list[
             ]
             if not encoders:
                 raise SystemExit(
-                    f"calibrate: the pipeline in {args.model_dir} has no text encoder to encode --prompt; give --prompt-embeds FILE"
+                    f"calibrate: the pipeline in {args.model_dir} has no text encoder to encode --prompt; give "
+                    "--prompt-embeds FILE"
                 )
     return kind, out, prompts, embeddings
 
@@ -327,7 +332,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         row = table.alpha[step]
         timestep = f"{table.timesteps[step]:.5g}" if table.timesteps else "-"
         print(
-            f"{step:4d}  {timestep:>10}  {mean[step]:7.4f}  {std[step]:7.4f}  {float(row.min()):7.4f}  {float(row.max()):7.4f}"
+            f"{step:4d}  {timestep:>10}  {mean[step]:7.4f}  {std[step]:7.4f}  {float(row.min()):7.4f}  "
+            f"{float(row.max()):7.4f}"
         )
     if args.plot:
         try:
@@ -418,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-gap",
         type=_at_least(1),
         default=8,
-        help="longest gap (steps) the fitted coefficients may serve; keeps 2K+2 values per cache point while calibrating",
+        help="longest gap (steps) the fitted coefficients may serve; keeps 2K+2 values per cache point while "
+        "calibrating",
     )
     cal.add_argument(
         "--statistic",

@@ -211,7 +211,8 @@ def test_more_families_accelerate_with_exact_full_steps(family):
         (
             "mochi",
             False,
-            r"blocks of MochiTransformer3DModel one by one \(graph break: .*attention_processor.py:\d+.*inside 'transformer_blocks.0'",
+            r"blocks of MochiTransformer3DModel one by one \(graph break: .*attention_processor.py:\d+.*inside "
+            r"'transformer_blocks.0'",
         ),
     ],
 )

@@ -178,7 +178,8 @@ def test_a_split_model_without_blocks_is_refused_not_silently_uncached():
         compiled(torch.ones(1, 4, 8), torch.tensor([1000.0]))
         with pytest.raises(
             UncacheableSplitError,
-            match=r"graph break: Call to `torch._dynamo.graph_break\(\)` at .*test_graph_breaks.py:\d+.*none of the graphs",
+            match=r"graph break: Call to `torch._dynamo.graph_break\(\)` at .*test_graph_breaks.py:\d+.*none of the "
+            r"graphs",
         ):
             compiled(torch.ones(1, 4, 8), torch.tensor([900.0]))
 

@@ -86,7 +86,9 @@ print(json.dumps({
     "passes": sc_compile.passes.__file__,
     "backends": sc_compile.backends.__file__,
     "assets": str(assets_dir()),
-    "distributions": [str(d.locate_file("")) for d in importlib.metadata.distributions() if d.metadata["Name"] == "sc-compile"],
+    "distributions": [
+        str(d.locate_file("")) for d in importlib.metadata.distributions() if d.metadata["Name"] == "sc-compile"
+    ],
     "top_level": [name for name in ("passes", "backends", "assets") if importlib.util.find_spec(name)],
 }))
 """

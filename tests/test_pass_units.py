@@ -333,7 +333,10 @@ def test_the_pass_manager_names_a_failing_pass_and_the_passes_before_it():
         raise KeyError("no such node")
 
     passes = (*analysis_passes("TinyDiT", "block"), ("broken", broken))
-    expected = r"TinyDiT: pass 'broken' failed after \['find_blocks', 'find_residual_outputs', 'choose_cache_points'\]: 'no such node'"
+    expected = (
+        r"TinyDiT: pass 'broken' failed after \['find_blocks', 'find_residual_outputs', 'choose_cache_points'\]: "
+        r"'no such node'"
+    )
     with pytest.raises(PassFailedError, match=expected):
         run_passes(_graph(TinyDiT()), passes, model_class="TinyDiT")
 

@@ -197,8 +197,10 @@ class Harness:
                 c.read_records(r, records, self)
                 live[key] = (c, prepared.pipe)
                 log(
-                    f"[{time.perf_counter() - started:6.0f}s] {key:55s} warm-up {r.warmup_s:6.1f}s  gen {r.time_all[0]:.2f}s  "
-                    f"full {fmt(r.full_evals_per_gen)}/{self.calls_per_generation}  graphs {r.graphs} breaks {r.graph_breaks}"
+                    f"[{time.perf_counter() - started:6.0f}s] {key:55s} warm-up {r.warmup_s:6.1f}s  gen "
+                    f"{r.time_all[0]:.2f}s  "
+                    f"full {fmt(r.full_evals_per_gen)}/{self.calls_per_generation}  graphs {r.graphs} breaks "
+                    f"{r.graph_breaks}"
                 )
             except Exception as e:  # noqa: BLE001  (recorded in the results: "Did not run")
                 r.status = "failed"
@@ -301,7 +303,8 @@ class Harness:
                     else "no guidance (one call per step)"
                 ),
                 "transformer_calls_per_generation": self.calls_per_generation,
-                "timing": f"{s.time_stat} of {s.rounds + 1} generations of all {s.samples} samples (1 measured + {s.rounds} interleaved rounds)",
+                "timing": f"{s.time_stat} of {s.rounds + 1} generations of all {s.samples} samples (1 measured + "
+                f"{s.rounds} interleaved rounds)",
                 "time_stat": s.time_stat,
                 "alpha_files": self.alpha_files(),
                 "threads": torch.get_num_threads(),

@@ -28,7 +28,8 @@ def markdown(data: dict[str, Any]) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
     n = s["transformer_calls_per_generation"]
     out = [
-        f"# Cache benchmark — {s.get('title', 'Flux demo')} through `{s.get('pipeline', 'FluxPipeline')}`, {s['steps']} steps, "
+        f"# Cache benchmark — {s.get('title', 'Flux demo')} through `{s.get('pipeline', 'FluxPipeline')}`, "
+        f"{s['steps']} steps, "
         f"{s['samples']} samples, {s['guidance']}",
         "",
         f"Model: {s['model']}.",
@@ -38,7 +39,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"{s['timing']} · α: `{s['alpha']}` · total {s['wall_s'] / 60:.1f} min",
         "",
         f"*full evals*: transformer calls per generation (of {n}) in which every block ran; *MACs*: block-Linear "
-        f"multiply-adds run, % of uncached; *time*: seconds per generation of all samples ({s.get('time_stat', 'median')} "
+        "multiply-adds run, % of uncached; *time*: seconds per generation of all samples "
+        f"({s.get('time_stat', 'median')} "
         "of the timed generations; the median beside it); *×ind*: speed-up vs "
         "uncached torch.compile (Inductor); *ideal ×*: calls / full evals, the speed-up a method would reach if its "
         "skipped calls cost nothing (compare with ×ind for the compiled rows); "
@@ -47,11 +49,14 @@ def markdown(data: dict[str, Any]) -> str:
         "**not LPIPS**: ImageNet features, LPIPS formula with uniform channel weights; 0 = identical, see "
         "`benchmarks/cachebench/perceptual.py`); *compile*: warm-up minus "
         "that time; *graphs/breaks*: Dynamo graphs compiled / graph breaks during warm-up and measured run; "
-        "*recomp*: frames compiled after the warm-up; *RSS*: peak RSS growth during one generation (MiB, VmHWM); *compile RSS*: the same over the warm-up "
+        "*recomp*: frames compiled after the warm-up; *RSS*: peak RSS growth during one generation (MiB, VmHWM); "
+        "*compile RSS*: the same over the warm-up "
         "(compile) generation.",
         "",
-        "| method | setting | compile | full evals | MACs % | time s | (median) | ×ind | ideal × | PSNR dB | SSIM | feat. dist. | compile s | graphs | breaks | recomp | RSS MiB | compile RSS MiB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | setting | compile | full evals | MACs % | time s | (median) | ×ind | ideal × | PSNR dB | SSIM | "
+        "feat. dist. | compile s | graphs | breaks | recomp | RSS MiB | compile RSS MiB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: |",
     ]
     for r in ok:
         out.append(
@@ -61,7 +66,8 @@ def markdown(data: dict[str, Any]) -> str:
             f"{fmt(r['speedup_vs_inductor'], '.2f')} | "
             f"{fmt(n / r['full_evals_per_gen'] if r['full_evals_per_gen'] else None, '.2f')} | "
             f"{fmt(r['psnr'], '.1f')} | {fmt(r['ssim'], '.3f')} | "
-            f"{fmt(r.get('perceptual'), '.4f')} | {fmt(r['compile_s'], '.1f')} | {r['graphs']} | {r['graph_breaks']} | {r['recompiles']} | {fmt(r['peak_rss_mib'], '.1f')} | "
+            f"{fmt(r.get('perceptual'), '.4f')} | {fmt(r['compile_s'], '.1f')} | {r['graphs']} | {r['graph_breaks']} | "
+            f"{r['recompiles']} | {fmt(r['peak_rss_mib'], '.1f')} | "
             f"{fmt(r['warmup_peak_rss_mib'], '.0f')} |"
         )
     failed = [r for r in rows if r["status"] != "ok"]
@@ -80,7 +86,8 @@ def markdown(data: dict[str, Any]) -> str:
         for r in ours:
             e = r["extra"]
             out.append(
-                f"- {r['name']} ({r['variant']}): `{e.get('steps', '?')}` α [{sources.index(e.get('alpha_source', '?')) + 1}], "
+                f"- {r['name']} ({r['variant']}): `{e.get('steps', '?')}` α "
+                f"[{sources.index(e.get('alpha_source', '?')) + 1}], "
                 f"{e.get('num_points', '?')} cache points, buffers {e.get('buffer_bytes', 0) / 1024:.0f} KiB"
             )
         out += [""] + [
@@ -95,7 +102,8 @@ def markdown(data: dict[str, Any]) -> str:
         out += ["", "## Warnings", ""]
         for r in notes:
             out.append(
-                f"- {r['name']} ({r['variant']}): {r['extra'].get('warning', '')} repeat max|Δ| {fmt(r['repeat_max_abs_diff'], '.1e')}"
+                f"- {r['name']} ({r['variant']}): {r['extra'].get('warning', '')} repeat max|Δ| "
+                f"{fmt(r['repeat_max_abs_diff'], '.1e')}"
             )
     return "\n".join(out) + "\n"
 
@@ -119,8 +127,10 @@ def matched(ok: list[dict[str, Any]], by: str = "full") -> list[str]:
             else "The same pairing by block-Linear MACs (the compute each really ran) instead of full evaluations."
         ),
         "",
-        "| peer | compile | full evals | MACs % | PSNR | SSIM | feat. dist. | ×ind | ScalingCache | full evals | MACs % | PSNR | SSIM | feat. dist. | ×ind | ΔPSNR (ours − peer) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| peer | compile | full evals | MACs % | PSNR | SSIM | feat. dist. | ×ind | ScalingCache | full evals | MACs "
+        "% | PSNR | SSIM | feat. dist. | ×ind | ΔPSNR (ours − peer) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "|",
     ]
     skipped = []
     for p in peers:
@@ -141,9 +151,11 @@ def matched(ok: list[dict[str, Any]], by: str = "full") -> list[str]:
         dp = None if (o["psnr"] is None or p["psnr"] is None) else o["psnr"] - p["psnr"]
         lines.append(
             f"| {p['name']} | {p['variant']} | {fmt(p['full_evals_per_gen'])} | {fmt(100 * p['macs_frac'], '.0f')} | "
-            f"{fmt(p['psnr'])} | {fmt(p['ssim'], '.3f')} | {fmt(p.get('perceptual'), '.4f')} | {fmt(p['speedup_vs_inductor'], '.2f')} | "
+            f"{fmt(p['psnr'])} | {fmt(p['ssim'], '.3f')} | {fmt(p.get('perceptual'), '.4f')} | "
+            f"{fmt(p['speedup_vs_inductor'], '.2f')} | "
             f"{o['method'].removeprefix('ScalingCache').strip() or 'dynamic'} {o['param']} ({o['variant']}) | "
-            f"{fmt(o['full_evals_per_gen'])} | {fmt(100 * o['macs_frac'], '.0f')} | {fmt(o['psnr'])} | {fmt(o['ssim'], '.3f')} | "
+            f"{fmt(o['full_evals_per_gen'])} | {fmt(100 * o['macs_frac'], '.0f')} | {fmt(o['psnr'])} | "
+            f"{fmt(o['ssim'], '.3f')} | "
             f"{fmt(o.get('perceptual'), '.4f')} | "
             f"{fmt(o['speedup_vs_inductor'], '.2f')} | {fmt(dp, '+.1f')} |"
         )
@@ -217,7 +229,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
     axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     s = data["setup"]
     fig.suptitle(
-        f"{s.get('title', 'Flux demo')} via {s.get('pipeline', 'FluxPipeline')}, {s['steps']} steps, {s['samples']} samples, "
+        f"{s.get('title', 'Flux demo')} via {s.get('pipeline', 'FluxPipeline')}, {s['steps']} steps, {s['samples']} "
+        "samples, "
         f"{s['guidance']}: fidelity vs speed (solid: compiled, dashed: eager / eager inner compiler)"
     )
     fig.tight_layout()

@@ -67,7 +67,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.samples % self.batch:
             raise ValueError(
-                f"samples must be a multiple of batch (all batches share one shape), but got {self.samples} and {self.batch}"
+                f"samples must be a multiple of batch (all batches share one shape), but got {self.samples} and "
+                f"{self.batch}"
             )
         if self.time_stat not in ("min", "median"):
             raise ValueError(f"time_stat must be 'min' or 'median', but got {self.time_stat!r}")

@@ -290,11 +290,13 @@ def write_card(a, out, cfg, nparams, step, final_loss, wall, s_per_step, mb, com
         ev = (
             f"- class separability (`python -m examples.demo_models.check`, 2 samples/class, {a.eval_steps} steps, "
             f"guidance 3.0): nearest-class-mean accuracy **{eval_result['accuracy']:.2f}** "
-            f"(margin {eval_result['margin']:.3f}); real test images: {eval_result.get('reference', float('nan')):.2f}; "
+            f"(margin {eval_result['margin']:.3f}); real test images: "
+            f"{eval_result.get('reference', float('nan')):.2f}; "
             "an untrained model gives ~0.1\n- samples: `samples.png`\n"
         )
     import diffusers
 
+    in_order = "; in order; each later one continues from the weights of the one before" if len(commands) > 1 else ""
     text = f"""# sc_compile demo model: {a.model} ({status})
 
 {what}
@@ -317,10 +319,12 @@ Scheduler: `{sched}`. {cfg_note}.
   weight decay {a.weight_decay}, grad clip {a.grad_clip}, EMA {a.ema} (EMA weights saved, {a.save_dtype})
 - steps: {step} of {a.max_steps}, batch {a.batch_size}, seed {a.seed}, threads {a.threads}{history}
 - final loss (mean of the last {a.log_every} steps): {final_loss:.4f}
-- wall time: {wall / 60:.1f} min ({s_per_step:.3f} s/step) on {platform.machine()} CPU, torch {torch.__version__}, diffusers {diffusers.__version__}
+- wall time: {wall / 60:.1f} min ({s_per_step:.3f} s/step) on {platform.machine()} CPU, \
+torch {torch.__version__}, diffusers {diffusers.__version__}
 - parameters: {nparams:,}; weights + embeddings on disk: {mb:.2f} MB
 {ev}
-Command{"s" if len(commands) > 1 else ""} (from the repository root; the training code is `examples/demo_models/`, not installed{"; in order; each later one continues from the weights of the one before" if len(commands) > 1 else ""}):
+Command{"s" if len(commands) > 1 else ""} (from the repository root; the training code is \
+`examples/demo_models/`, not installed{in_order}):
 
 ```
 {chr(10).join(commands)}

@@ -116,7 +116,8 @@ class FittedCoefficients:
             )
         if (self.refresh > REFRESH_LIMIT).any():
             raise ValueError(
-                f"fitted refresh {self.refresh.max().item():.3g} is past what a fit can produce (<= {REFRESH_LIMIT:.0e})"
+                f"fitted refresh {self.refresh.max().item():.3g} is past what a fit can produce (<= "
+                f"{REFRESH_LIMIT:.0e})"
             )
         if self.error.isnan().any() or (self.error < 0).any():
             raise ValueError("fitted error must be >= 0 (or inf), without NaN")

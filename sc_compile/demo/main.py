@@ -190,7 +190,8 @@ def run_demo(args: argparse.Namespace) -> int:
     write_picture(picture, uncached.samples, cached.samples, report.num_steps, report.full_steps, captions)
     print(report)
     print(
-        f"model:          demo {model} ({type(transformer).__name__}, {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters)"
+        f"model:          demo {model} ({type(transformer).__name__}, "
+        f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters)"
     )
     print(f"steps:          {report.num_steps}")
     print(f"full steps:     {report.num_full_steps} ({report.speedup:.2f}x fewer full evaluations)")

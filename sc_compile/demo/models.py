@@ -96,10 +96,14 @@ def _weights_dir(path: str | os.PathLike | None, dirname: str, model: str) -> Pa
         if not (d / name).is_file()
     ]
     if missing:
+        if path is not None:
+            advice = "Pass the directory a training run wrote"
+        else:
+            advice = "The installed package is incomplete; reinstall sc-compile"
         raise FileNotFoundError(
             f"Demo {model} weights not found in {d} (missing: {', '.join(missing)}). "
-            f"{'Pass the directory a training run wrote' if path is not None else 'The installed package is incomplete; reinstall sc-compile'}, "
-            f"or train them from a source checkout with `python -m examples.demo_models.train --model {model} --out DIR` "
+            f"{advice}, or train them from a source checkout with "
+            f"`python -m examples.demo_models.train --model {model} --out DIR` "
             "(needs `apt-get install dataset-fashion-mnist`)."
         )
     return d

@@ -307,7 +307,8 @@ class ScalingCacheRuntime:
         generation = forward.generation
         if generation.finished:
             raise ClockError(
-                f"ScalingCache: a piece of {self.model_class} after a {self.piece.where if self.piece else 'graph break'} "
+                f"ScalingCache: a piece of {self.model_class} after a "
+                f"{self.piece.where if self.piece else 'graph break'} "
                 "ran after its generation ended; run the whole forward inside one generation."
             )
         with generation.lock:
