@@ -13,12 +13,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# `python -m pytest` from the repository root puts the root on sys.path, which would make the
-# source folders passes/, backends/ and assets/ importable as top-level packages: a second copy of
-# every module (and exception class) beside sc_compile.passes / sc_compile.backends. The tests
-# import what is installed, as a user does (tests/test_packaging.py checks it).
+# `python -m pytest` from the repository root puts the root on sys.path (Python does, for `-m`),
+# which would make the source folders passes/, backends/ and assets/ importable as top-level
+# packages: a second copy of every module (and exception class) beside sc_compile.passes /
+# sc_compile.backends. The tests import what is installed, as a user does (tests/test_packaging.py
+# checks it). No pytest option removes that entry (`--import-mode=importlib` governs only how test
+# files are imported, `pythonpath` only adds); the `pytest` script and `python -P -m pytest`
+# (PYTHONSAFEPATH=1, Python >= 3.11, as the Makefile runs it) do not add it, and then this line does
+# nothing. The test helpers (dummy_dit, tiny_models) are on the path through pyproject's `pythonpath`.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 torch.set_num_threads(1)
 
@@ -62,3 +65,13 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip, with the reason, where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked cuda); torch.cuda.is_available() is False here")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -153,6 +153,7 @@ def test_cli_calibrates_a_tiny_pipeline_and_inspects_the_table(tmp_path):
     assert report.num_steps == 6 and "calibrate" in report.alpha_source
 
 
+@pytest.mark.slow
 def test_shipped_table_at_other_step_counts_on_the_demo_model(capsys):
     """The shipped 28-step table mapped to half and twice its step count, against α = 1 with the
     same budgeted schedule (same full-step count), on seeds the table never saw."""

@@ -214,6 +214,7 @@ def test_dynamic_true_with_aot_eager():
     _dynamic_generations("aot_eager", (16, 36), 5)
 
 
+@pytest.mark.slow
 def test_dynamic_true_with_inductor():
     _dynamic_generations("inductor", (16,), 5)
 
@@ -300,6 +301,7 @@ def test_lora_hotswap_and_unload_through_diffusers(tmp_path):
     generation()
 
 
+@pytest.mark.slow
 def test_inductor_max_autotune_no_cudagraphs_mode():
     """``mode="max-autotune-no-cudagraphs"`` with ScalingCache options (``torch.compile`` takes
     ``mode`` or ``options``, not both: ``sc_compile.compile`` passes both to the backend)."""

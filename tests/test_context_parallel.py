@@ -40,6 +40,8 @@ import torch
 
 from sc_compile.contract import STAT_COLUMNS
 
+pytestmark = pytest.mark.slow
+
 FAMILIES = ("flux", "wan")
 NUM_STEPS = 8
 STEP_SIZE = 0.02

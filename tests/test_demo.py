@@ -81,6 +81,7 @@ def test_shipped_weights_are_trained(model):
     assert margin > margin_floor, output
 
 
+@pytest.mark.slow
 def test_demo_main_job_runs_and_keeps_fidelity(tmp_path):
     command = [
         sys.executable,

@@ -9,6 +9,8 @@ import sc_compile
 
 from tiny_models import BUILDERS, timesteps, with_timestep
 
+pytestmark = pytest.mark.slow
+
 STEPS = 10
 
 

@@ -40,6 +40,7 @@ def test_subpackages_are_the_source_folders_under_the_package_name():
     assert not (ROOT / "sc_compile" / "passes").exists() and not (ROOT / "sc_compile" / "backends").exists()
 
 
+@pytest.mark.packaging
 def test_wheel_holds_the_package_and_the_shipped_data_only(built_wheel):
     with zipfile.ZipFile(built_wheel) as wheel:
         names = set(wheel.namelist())
@@ -114,6 +115,7 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.packaging
 def test_installed_wheel_resolves_the_backend_and_runs_the_demo_with_the_shipped_table(built_wheel, tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])

@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LINTED = ("sc_compile", "passes", "backends", "assets", "examples", "tests", "benchmarks")
 
@@ -26,6 +28,7 @@ def test_ruff_format_is_applied():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.packaging
 def test_mypy_is_clean_on_the_wheel(built_wheel, tmp_path):
     # mypy cannot follow setuptools' editable import finder, so it checks the wheel's own files:
     # the package as installed, not the source tree. Paths in its messages are inside the wheel:
