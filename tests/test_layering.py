@@ -24,7 +24,7 @@ SOURCE_FOLDERS = {"sc_compile": "sc_compile", "passes": "sc_compile.passes", "ba
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         # What every layer may use: the compile/run contract, the options, the errors, the α table
-        # format and its fit, the size of cache state. Nothing here imports torch.compile machinery.
+        # format and its fit, the size of cache state. Nothing here reads a graph or runs a model.
         "foundation",
         (
             "sc_compile.errors",
