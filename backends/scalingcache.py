@@ -50,6 +50,7 @@ from sc_compile.memory import cache_bytes_limit, refusal
 from sc_compile.passes import run_cache_passes
 from sc_compile.passes.find_blocks import NoBlocksFoundError, UnsupportedGraphError
 from sc_compile.passes.layout import CacheLayout
+from sc_compile.reporting.report import describe_alpha
 from sc_compile.resources import assets_dir
 from sc_compile.runtime.dispatch import GraphPieceRuntime, PointLayout, ScalingCacheRuntime, StreamState
 
@@ -170,7 +171,7 @@ def _lower_and_compile(
     examples = step_inputs(example_inputs, state.buffers, coefficients, coefficients.clone(), state.stats)
     full_step = compile_inner(full_spec, examples, config.compiler, config_patches)
     cached_step = compile_inner(cached_spec, examples, config.compiler, config_patches)
-    alpha_source = "ones" if alpha is None else (alpha.command or f"table ({alpha.num_steps} steps)")
+    alpha_source = describe_alpha(config.alpha, alpha, config.coefficients)
     runtime = ScalingCacheRuntime(
         model_class=layout.model_class,
         layout=point_layout,

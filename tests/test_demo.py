@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def test_demo_size_sees_through_torch_compile():
 
 
 @pytest.mark.parametrize("model", ["flux", "wan"])
-def test_shipped_residual_alpha_table_is_picked_for_residual_prediction(model):
+def test_shipped_residual_alpha_table_is_picked_for_residual_prediction(model, caplog):
     """alpha=None finds the table of the compiled layout: the residual one for prediction="residual"."""
     import sc_compile
     from sc_compile.demo.models import random_flux_demo, random_wan_demo
@@ -156,8 +157,10 @@ def test_shipped_residual_alpha_table_is_picked_for_residual_prediction(model):
     pipe.transformer = torch.compile(
         transformer, backend="scalingcache", options={"compiler": "eager", "prediction": "residual"}
     )
-    generate(pipe, emb, [1], num_inference_steps=3)
-    assert "--prediction residual" in sc_compile.report(transformer).alpha_source
+    with caplog.at_level(logging.INFO, logger="sc_compile.calibration.table"):
+        generate(pipe, emb, [1], num_inference_steps=3)
+    assert re.search(rf"using the shipped α table \S*alpha_{model}_\d+steps_residual\.safetensors", caplog.text)
+    assert "the table shipped with sc_compile" in sc_compile.report(transformer).alpha_source
 
 
 def test_demo_picture_says_what_it_shows(tmp_path):
