@@ -188,3 +188,31 @@ def test_shipped_table_at_other_step_counts_on_the_demo_model(capsys):
         mapped, ones = results[(steps, "mapped table")], results[(steps, "alpha = 1")]
         assert mapped[1] == ones[1] == steps // 2  # the budget is met exactly
         assert mapped[0] > ones[0] - 1.0, (steps, mapped, ones)
+
+
+def test_missing_table_warning_names_both_ways_and_prints_above_a_progress_bar(capsys):
+    """The warning (given at the first call, inside the pipeline's progress bar) names the Python
+    API and the CLI, and starts on a line of its own: the bar is cleared for it and redrawn."""
+    from tqdm.auto import tqdm
+
+    from sc_compile.calibration.table import resolve_alpha_source
+
+    logger = logging.getLogger("sc_compile.calibration.table")
+    handler = logging.StreamHandler(sys.stderr)  # a console handler, as a user's logging setup has
+    logger.addHandler(handler)
+    try:
+        bar = tqdm(total=4, file=sys.stderr, desc="denoising")
+        bar.update(1)
+        table = resolve_alpha_source(
+            None, model_class="Tiny", fingerprint="f00", num_points=2, granularity="block", search_dirs=()
+        )
+        bar.close()
+    finally:
+        logger.removeHandler(handler)
+    assert table is None
+    err = capsys.readouterr().err
+    start = err.index("ScalingCache: no α table for Tiny")
+    assert err[start - 1] in "\r\n", repr(err[max(0, start - 80) : start + 20])  # not after the bar's text
+    message = err[start:].splitlines()[0]
+    assert "sc_compile.calibrate(pipe" in message and "sc-compile calibrate MODEL_DIR" in message, message
+    assert "denoising" in err[start + len(message) :], "the bar is drawn again after the warning"
