@@ -213,3 +213,24 @@ def test_missing_table_warning_names_both_ways_and_prints_above_a_progress_bar(c
     message = err[start:].splitlines()[0]
     assert "sc_compile.calibrate(pipe" in message and "sc-compile calibrate MODEL_DIR" in message, message
     assert "denoising" in err[start + len(message) :], "the bar is drawn again after the warning"
+
+
+def test_calibration_shows_one_progress_bar_with_the_thread_count(capsys):
+    """One bar over all steps of all generations (the pipeline's own bars are off meanwhile and
+    its setting is restored after), which says how many CPU threads torch runs on."""
+    from sc_compile.demo.models import random_flux_demo
+
+    pipe, embeddings = random_flux_demo(seed=0)
+    pipe.set_progress_bar_config(disable=False, leave=True)
+    samples = [
+        {**embeddings.pipeline_kwargs([label]), "height": 28, "width": 28, "num_inference_steps": 3, "seed": label}
+        for label in (0, 1)
+    ]
+    sc_compile.calibrate(pipe, samples, compiler="eager")
+    err = capsys.readouterr().err
+    drawn = [piece for piece in err.replace("\r", "\n").splitlines() if "%|" in piece]
+    assert drawn and all(
+        piece.startswith(f"calibrating (torch threads: {torch.get_num_threads()})") for piece in drawn
+    ), err
+    assert "6/6" in drawn[-1], drawn[-1]
+    assert pipe._progress_bar_config == {"disable": False, "leave": True}
