@@ -307,12 +307,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_fitted(table: Any, previous_gap: int) -> None:
+    """The per-gap coefficients the runtime multiplies (format-2 tables), for one previous gap."""
+    fitted = table.fitted
+    limit = fitted.max_gap_limit
+    if not 1 <= previous_gap <= limit + 1:
+        raise SystemExit(f"inspect: --previous-gap must be in 1..{limit + 1} for this table, but got {previous_gap}")
+    print(
+        f"fitted per-gap coefficients (what a cached step multiplies unless coefficients='chained'; K = {limit}):\n"
+        f"a cached step k steps after the full step τ predicts y_τ + c·dy; c is the mean over the {table.num_points} "
+        f"cache points, after a previous gap of {previous_gap} step(s) between full steps (--previous-gap G for "
+        "others); K_τ is the longest gap served after τ; err is the relative squared error of the output's "
+        "prediction"
+    )
+    print("step  K_τ   c at k = 1..K_τ" + " " * max(0, 7 * limit - 15) + "   err at k = 1..K_τ")
+    for step in range(table.num_steps):
+        served = int(fitted.max_gap[step])
+        coefficients = fitted.coef[step, previous_gap - 1, :served].mean(dim=-1).tolist()
+        errors = fitted.error[step, previous_gap - 1, :served].tolist()
+        c_text = " ".join(f"{c:6.3g}" for c in coefficients)
+        print(f"{step:4d}  {served:3d}  {c_text:<{7 * limit}}  " + " ".join(f"{e:.2g}" for e in errors))
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from sc_compile.calibration.table import AlphaTable
 
     table = AlphaTable.load(args.file)
     print(repr(table))
-    print(f"command: {table.command or '(not recorded)'}")
+    print(f"calibrated by: {table.command or '(not recorded)'}")
     mean, std = table.step_statistics()
     print("step  timestep      α mean   α std    α min    α max")
     for step in range(table.num_steps):
@@ -321,6 +343,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(
             f"{step:4d}  {timestep:>10}  {mean[step]:7.4f}  {std[step]:7.4f}  {float(row.min()):7.4f}  {float(row.max()):7.4f}"
         )
+    if table.fitted is not None:
+        print_fitted(table, args.previous_gap)
     if args.plot:
         try:
             import matplotlib
@@ -494,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="summarise an α file")
     inspect.add_argument("file", help="an α table (.safetensors) written by calibrate")
+    inspect.add_argument(
+        "--previous-gap",
+        type=_at_least(1),
+        default=1,
+        help="fitted tables: show the coefficients after this many steps between the last two full steps (default: 1)",
+    )
     inspect.add_argument("--plot", help="write a heat-map PNG of α over steps x points (needs matplotlib)")
     inspect.set_defaults(func=cmd_inspect)
     return parser

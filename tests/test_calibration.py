@@ -134,6 +134,13 @@ def test_cli_calibrates_a_tiny_pipeline_and_inspects_the_table(tmp_path):
         [sys.executable, "-m", "sc_compile", "inspect", str(out)], capture_output=True, text=True, check=True
     )
     assert "steps=6" in inspect.stdout and "α mean" in inspect.stdout
+    # The fitted per-gap coefficients the runtime multiplies, not only the one-step α.
+    assert table.fitted is not None and "fitted per-gap coefficients" in inspect.stdout, inspect.stdout
+    served = int(table.fitted.max_gap[2])
+    expected = " ".join(f"{c:6.3g}" for c in table.fitted.coef[2, 0, :served].mean(dim=-1).tolist())
+    assert any(line.startswith(f"   2  {served:3d}  {expected}") for line in inspect.stdout.splitlines()), (
+        inspect.stdout
+    )
     # The backend accepts the file for the same architecture.
     pipe.transformer = torch.compile(
         pipe.transformer, backend="scalingcache", options={"compiler": "eager", "alpha": str(out), "warmup_steps": 2}
