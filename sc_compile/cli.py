@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sc-compile",
         description="ScalingCache: run the demo, calibrate an α table for a diffusers pipeline, inspect an α table.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="what to run (sc-compile COMMAND --help)")
 
     demo = sub.add_parser(
         "demo",

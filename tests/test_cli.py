@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -431,3 +432,31 @@ def test_demo_models_module_without_transformers_names_the_extra(tmp_path):
         result.stderr
     )
     assert 'pip install "sc-compile[demo]"' in result.stderr
+
+
+def test_threads_default_to_torchs_and_are_said():
+    """The CLI uses torch's thread count unless --threads sets one, and says which (the Python API
+    never sets it)."""
+    from sc_compile.cli import set_threads
+
+    for command in (["demo"], ["calibrate", "DIR", "--out", "alpha.safetensors"]):
+        assert build_parser().parse_args(command).threads is None
+        assert build_parser().parse_args([*command, "--threads", "3"]).threads == 3
+    before = torch.get_num_threads()
+    assert set_threads(None) == f"{before} (torch's default; --threads N to change)"
+    assert torch.get_num_threads() == before
+    try:
+        assert set_threads(before + 1) == f"{before + 1} (--threads)"
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_help_has_no_raw_markup_and_every_option_is_explained():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in [("sc-compile", parser), *subparsers.choices.items()]:
+        text = sub.format_help()
+        assert "`" not in text, (name, text)
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings or action.dest)

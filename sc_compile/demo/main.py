@@ -104,7 +104,7 @@ def describe_times(timed: TimedRuns) -> str:
 STRIP_CELL = 8
 PICTURE_SCALE = 3
 FONT_SIZE = 16
-DIVIDER_VALUE = 128  # the vertical line between the two halves
+DIVIDER_VALUE = 100  # the vertical line between the two halves
 # Images per row of the Flux grids (10 samples: two rows of five).
 MAX_COLUMNS = 5
 
