@@ -190,7 +190,7 @@ def calibrate(
     # shows); its total is known up front where every sample declares its step count. It also says
     # how many CPU threads torch runs on (calibration never sets them).
     declared = [s.get("num_inference_steps") if isinstance(s, Mapping) else None for s in samples]
-    total = sum(declared) if all(isinstance(n, int) for n in declared) else None
+    total = sum(n for n in declared if isinstance(n, int)) if all(isinstance(n, int) for n in declared) else None
     bar = tqdm(
         total=total, unit="step", disable=not progress, desc=f"calibrating (torch threads: {torch.get_num_threads()})"
     )
