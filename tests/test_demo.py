@@ -238,7 +238,10 @@ def test_speedup_above_the_ideal_is_flagged_not_reported():
     assert plausible.plausible and plausible.median == pytest.approx(1.5)  # median 3.0 over median 2.0
     text = plausible.describe()
     assert text.startswith("1.50x wall time (median times; 3 repeats range 1.40-1.50x)"), text
-    assert "ideal 1.75x" in text, text
+    assert "ideal 1.75x" in text and "disagree" not in text, text
+    spread = SpeedUp((3.0, 2.8, 4.0), (2.0, 2.0, 1.6), ideal=1.75)
+    assert spread.plausible and spread.disturbed
+    assert "the repeats disagree by more than 25%" in spread.describe(), spread.describe()
     noisy = SpeedUp((3.4, 2.0, 2.6), (2.0, 2.0, 2.0), ideal=1.25)
     assert not noisy.plausible
     text = noisy.describe()

@@ -25,6 +25,8 @@ import torch
 DEFAULT_STEPS = {"flux": 28, "wan": 20}
 DEFAULT_SAMPLES = {"flux": 10, "wan": 4}
 DEFAULT_REPEATS = 3
+# Per-repeat speed-ups spread wider than this fraction of the speed-up: the timings were disturbed.
+DISAGREEMENT = 0.25
 
 
 @dataclasses.dataclass
@@ -85,12 +87,23 @@ class SpeedUp:
         speed-up cannot exceed the ideal; a measured one above it says the timings were disturbed."""
         return self.median <= self.ideal
 
+    @property
+    def disturbed(self) -> bool:
+        """Whether the repeats' ratios spread wider than ``DISAGREEMENT`` of the speed-up."""
+        return (max(self.ratios) - min(self.ratios)) > DISAGREEMENT * self.median
+
     def describe(self) -> str:
         spread = f"{len(self.ratios)} repeats range {min(self.ratios):.2f}-{max(self.ratios):.2f}x"
         if self.plausible:
-            return (
+            text = (
                 f"{self.median:.2f}x wall time (median times; {spread}); ideal {self.ideal:.2f}x (steps / full steps)"
             )
+            if self.disturbed:
+                text += (
+                    f"; the repeats disagree by more than {DISAGREEMENT:.0%} (other load on the machine): rerun on "
+                    "a quieter machine or with more --repeats before quoting it"
+                )
+            return text
         return (
             f"not measured: the ratio of the median times ({self.median:.2f}x; {spread}) is above the ideal "
             f"{self.ideal:.2f}x (steps / full steps), which skipping steps cannot exceed, so other load on the "
