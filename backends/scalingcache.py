@@ -51,6 +51,7 @@ from sc_compile.errors import NoBlocksFoundError, UnsupportedGraphError
 from sc_compile.memory import cache_bytes_limit, refusal
 from sc_compile.passes import run_cache_passes
 from sc_compile.passes.layout import CacheLayout
+from sc_compile.reporting.report import describe_alpha
 from sc_compile.resources import assets_dir
 from sc_compile.runtime.dispatch import GraphPieceRuntime, PointLayout, ScalingCacheRuntime, StreamState
 
@@ -194,7 +195,7 @@ def _lower_and_compile(
     examples = step_inputs(context.example_inputs, state.buffers, coefficients, coefficients.clone(), state.stats)
     full_step = compile_inner(full_spec, examples, config.compiler, context.config_patches)
     cached_step = compile_inner(cached_spec, examples, config.compiler, context.config_patches)
-    alpha_source = "ones" if alpha is None else (alpha.command or f"table ({alpha.num_steps} steps)")
+    alpha_source = describe_alpha(config.alpha, alpha, config.coefficients)
     runtime = ScalingCacheRuntime(
         model_class=layout.model_class,
         layout=point_layout,

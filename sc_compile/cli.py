@@ -15,6 +15,9 @@ from typing import Any
 
 # The transformer classes whose demo-style directories the CLI builds pipelines for.
 DEMO_CLASSES = ("FluxTransformer2DModel", "WanTransformer3DModel")
+DEMO_EXTRA = 'pip install "sc-compile[demo]"'
+DEFAULT_DEMO_REPEATS = 3
+THREADS_HELP = "CPU threads torch uses (default: torch's default, which OMP_NUM_THREADS sets)"
 PIPELINE_INDEX = "model_index.json"
 DEMO_EMBEDDINGS = "class_embeddings.safetensors"
 # α is fitted from the step-to-step changes of two steps before: steps 0 and 1 hold α = 1.
@@ -284,12 +287,11 @@ def load_saved_pipeline(model_dir: str | Path) -> Any:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     kind, out, prompts, embeddings = check_calibration_inputs(args)
 
-    import torch
-
     import sc_compile
 
-    torch.set_num_threads(args.threads)
+    print(f"threads: {set_threads(args.threads)}", flush=True)
     if kind == "demo":
+        require_demo_extra("calibrate")
         pipe, class_embeddings, class_name = load_demo_style_pipeline(args.model_dir)
         samples = _demo_samples(args, class_embeddings, class_name)
     else:
@@ -320,12 +322,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_fitted(table: Any, previous_gap: int) -> None:
+    """The per-gap coefficients the runtime multiplies (format-2 tables), for one previous gap."""
+    fitted = table.fitted
+    limit = fitted.max_gap_limit
+    if not 1 <= previous_gap <= limit + 1:
+        raise SystemExit(f"inspect: --previous-gap must be in 1..{limit + 1} for this table, but got {previous_gap}")
+    print(
+        f"fitted per-gap coefficients (what a cached step multiplies unless coefficients='chained'; K = {limit}):\n"
+        f"a cached step k steps after the full step τ predicts y_τ + c·dy; c is the mean over the {table.num_points} "
+        f"cache points, after a previous gap of {previous_gap} step(s) between full steps (--previous-gap G for "
+        "others); K_τ is the longest gap served after τ; err is the relative squared error of the output's "
+        "prediction"
+    )
+    print("step  K_τ   c at k = 1..K_τ" + " " * max(0, 7 * limit - 15) + "   err at k = 1..K_τ")
+    for step in range(table.num_steps):
+        served = int(fitted.max_gap[step])
+        coefficients = fitted.coef[step, previous_gap - 1, :served].mean(dim=-1).tolist()
+        errors = fitted.error[step, previous_gap - 1, :served].tolist()
+        c_text = " ".join(f"{c:6.3g}" for c in coefficients)
+        print(f"{step:4d}  {served:3d}  {c_text:<{7 * limit}}  " + " ".join(f"{e:.2g}" for e in errors))
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from sc_compile.calibration.table import AlphaTable
 
     table = AlphaTable.load(args.file)
     print(repr(table))
-    print(f"command: {table.command or '(not recorded)'}")
+    print(f"calibrated by: {table.command or '(not recorded)'}")
     mean, std = table.step_statistics()
     print("step  timestep      α mean   α std    α min    α max")
     for step in range(table.num_steps):
@@ -335,6 +359,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"{step:4d}  {timestep:>10}  {mean[step]:7.4f}  {std[step]:7.4f}  {float(row.min()):7.4f}  "
             f"{float(row.max()):7.4f}"
         )
+    if table.fitted is not None:
+        print_fitted(table, args.previous_gap)
     if args.plot:
         try:
             import matplotlib
@@ -355,25 +381,77 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_demo_extra(command: str) -> None:
+    """Exit with the install line of the ``[demo]`` extra where ``transformers`` is missing."""
+    from sc_compile.demo import require_demo_extra as require
+
+    try:
+        require()
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "transformers":
+            raise
+        raise SystemExit(f"{command}: {error}") from error
+
+
+def set_threads(threads: int | None) -> str:
+    """Set torch's CPU thread count where ``--threads`` gives one; say what it is and why."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+        return f"{torch.get_num_threads()} (--threads)"
+    return f"{torch.get_num_threads()} (torch's default; --threads N to change)"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    require_demo_extra("demo")
     from sc_compile.demo.main import run_demo
 
+    # The thread count is set only when asked (--threads); the demo always says what it is.
+    print(f"threads:        {set_threads(args.threads)}", flush=True)
     return run_demo(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sc-compile", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="sc-compile",
+        description="ScalingCache: run the demo, calibrate an α table for a diffusers pipeline, inspect an α table.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, help="what to run (sc-compile COMMAND --help)")
 
-    demo = sub.add_parser("demo", help="uncached vs ScalingCache on the shipped trained demo model")
-    demo.add_argument("--model", choices=["flux", "wan"], default="flux")
-    demo.add_argument("--steps", type=int, default=None, help="inference steps (default: 28 flux, 20 wan)")
-    demo.add_argument("--samples", type=int, default=None, help="samples (default: 10 flux, 4 wan)")
-    demo.add_argument("--warmup-steps", type=int, default=None, help="S_f (default: scaled from 10 at 50 steps)")
-    demo.add_argument("--guidance-scale", type=float, default=3.0)
-    demo.add_argument("--compiler", choices=COMPILER_CHOICES, default="inductor")
-    demo.add_argument("--out", default="out/demo", help="output directory for the pictures")
-    demo.add_argument("--threads", type=int, default=1)
+    demo = sub.add_parser(
+        "demo",
+        help="uncached vs ScalingCache on the shipped trained demo model",
+        description="Generate one sample per class with a shipped demo model, uncached and with ScalingCache, "
+        "time both (compile excluded; interleaved repeats, median and range), and compare them (PSNR, SSIM, a "
+        "picture). Needs the demo extra: " + DEMO_EXTRA + ".",
+    )
+    demo.add_argument(
+        "--model", choices=["flux", "wan"], default="flux", help="the image (flux) or video (wan) demo model"
+    )
+    demo.add_argument("--steps", type=_at_least(1), default=None, help="inference steps (default: 28 flux, 20 wan)")
+    demo.add_argument("--samples", type=_at_least(1), default=None, help="samples (default: 10 flux, 4 wan)")
+    demo.add_argument(
+        "--warmup-steps",
+        type=_at_least(2),
+        default=None,
+        help="steps that always run in full first (default: 20%% of the steps, at least 2)",
+    )
+    demo.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (default: 3.0)")
+    demo.add_argument(
+        "--compiler",
+        choices=COMPILER_CHOICES,
+        default="inductor",
+        help="the compiler of both runs (default: inductor; eager compiles in seconds but runs slower)",
+    )
+    demo.add_argument(
+        "--repeats",
+        type=_at_least(1),
+        default=DEFAULT_DEMO_REPEATS,
+        help=f"timed generations of each run after the first, interleaved (default: {DEFAULT_DEMO_REPEATS})",
+    )
+    demo.add_argument("--out", default="out/demo", help="output directory for the picture (default: out/demo)")
+    demo.add_argument("--threads", type=_at_least(1), default=None, help=THREADS_HELP)
     demo.set_defaults(func=cmd_demo)
 
     cal = sub.add_parser(
@@ -417,9 +495,24 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--guidance-scale", type=float, default=None, help="default: the pipeline's (3.0 for demo-style directories)"
     )
-    cal.add_argument("--beta", type=float, default=0.97)
-    cal.add_argument("--granularity", choices=GRANULARITY_CHOICES, default="block")
-    cal.add_argument("--prediction", choices=PREDICTION_CHOICES, default="hidden")
+    cal.add_argument(
+        "--beta",
+        type=float,
+        default=0.97,
+        help="the moving-average factor over samples of the one-step α, as in the paper (default: 0.97)",
+    )
+    cal.add_argument(
+        "--granularity",
+        choices=GRANULARITY_CHOICES,
+        default="block",
+        help="cache points at block outputs or at every residual module (the compile option; default: block)",
+    )
+    cal.add_argument(
+        "--prediction",
+        choices=PREDICTION_CHOICES,
+        default="hidden",
+        help="predict the hidden state or the residual (the compile option; default: hidden)",
+    )
     cal.add_argument(
         "--max-gap",
         type=_at_least(1),
@@ -433,12 +526,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="subsample",
         help="what the points no cached step reads keep (the compile option of that name)",
     )
-    cal.add_argument("--compiler", choices=COMPILER_CHOICES, default="eager")
-    cal.add_argument("--threads", type=_at_least(1), default=1)
+    cal.add_argument(
+        "--compiler",
+        choices=COMPILER_CHOICES,
+        default="eager",
+        help="the compiler of the calibration runs (default: eager; the table does not depend on it)",
+    )
+    cal.add_argument("--threads", type=_at_least(1), default=None, help=THREADS_HELP)
     cal.set_defaults(func=cmd_calibrate)
 
     inspect = sub.add_parser("inspect", help="summarise an α file")
-    inspect.add_argument("file")
+    inspect.add_argument("file", help="an α table (.safetensors) written by calibrate")
+    inspect.add_argument(
+        "--previous-gap",
+        type=_at_least(1),
+        default=1,
+        help="fitted tables: show the coefficients after this many steps between the last two full steps (default: 1)",
+    )
     inspect.add_argument("--plot", help="write a heat-map PNG of α over steps x points (needs matplotlib)")
     inspect.set_defaults(func=cmd_inspect)
     return parser

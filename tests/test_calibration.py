@@ -143,6 +143,13 @@ def test_cli_calibrates_a_tiny_pipeline_and_inspects_the_table(tmp_path):
         [sys.executable, "-m", "sc_compile", "inspect", str(out)], capture_output=True, text=True, check=True
     )
     assert "steps=6" in inspect.stdout and "α mean" in inspect.stdout
+    # The fitted per-gap coefficients the runtime multiplies, not only the one-step α.
+    assert table.fitted is not None and "fitted per-gap coefficients" in inspect.stdout, inspect.stdout
+    served = int(table.fitted.max_gap[2])
+    expected = " ".join(f"{c:6.3g}" for c in table.fitted.coef[2, 0, :served].mean(dim=-1).tolist())
+    assert any(line.startswith(f"   2  {served:3d}  {expected}") for line in inspect.stdout.splitlines()), (
+        inspect.stdout
+    )
     # The backend accepts the file for the same architecture.
     pipe.transformer = torch.compile(
         pipe.transformer, backend="scalingcache", options={"compiler": "eager", "alpha": str(out), "warmup_steps": 2}
@@ -150,11 +157,11 @@ def test_cli_calibrates_a_tiny_pipeline_and_inspects_the_table(tmp_path):
     with torch.no_grad():
         pipe(**embeddings.pipeline_kwargs([0]), height=28, width=28, num_inference_steps=6, output_type="pt")
     report = sc_compile.report(pipe.transformer)
-    assert report.num_steps == 6 and "calibrate" in report.alpha_source
+    assert report.num_steps == 6 and report.alpha_source.startswith(f"{out} (")
 
 
 @pytest.mark.slow
-def test_shipped_table_at_other_step_counts_on_the_demo_model(capsys):
+def test_shipped_table_at_other_step_counts_on_the_demo_model():
     """The shipped 28-step table mapped to half and twice its step count, against α = 1 with the
     same budgeted schedule (same full-step count), on seeds the table never saw."""
     from sc_compile.demo.models import load_flux_demo
@@ -189,12 +196,58 @@ def test_shipped_table_at_other_step_counts_on_the_demo_model(capsys):
             )
             results[(steps, name)] = (psnr(generate(steps), reference), sc_compile.report(transformer).num_full_steps)
             pipe.transformer = transformer
-    with capsys.disabled():
-        print(
-            "\nshipped 28-step table at other step counts (PSNR vs uncached, full steps):",
-            {f"{k[0]} steps, {k[1]}": (round(v[0], 2), v[1]) for k, v in results.items()},
-        )
+    # (PSNR against uncached, full steps) per step count and α, shown when an assertion fails.
+    summary = {f"{k[0]} steps, {k[1]}": (round(v[0], 2), v[1]) for k, v in results.items()}
     for steps in (14, 56):
         mapped, ones = results[(steps, "mapped table")], results[(steps, "alpha = 1")]
-        assert mapped[1] == ones[1] == steps // 2  # the budget is met exactly
-        assert mapped[0] > ones[0] - 1.0, (steps, mapped, ones)
+        assert mapped[1] == ones[1] == steps // 2, summary  # the budget is met exactly
+        assert mapped[0] > ones[0] - 1.0, summary
+
+
+def test_missing_table_warning_names_both_ways_and_prints_above_a_progress_bar(capsys):
+    """The warning (given at the first call, inside the pipeline's progress bar) names the Python
+    API and the CLI, and starts on a line of its own: the bar is cleared for it and redrawn."""
+    from tqdm.auto import tqdm
+
+    from sc_compile.calibration.table import resolve_alpha_source
+
+    logger = logging.getLogger("sc_compile.calibration.table")
+    handler = logging.StreamHandler(sys.stderr)  # a console handler, as a user's logging setup has
+    logger.addHandler(handler)
+    try:
+        bar = tqdm(total=4, file=sys.stderr, desc="denoising")
+        bar.update(1)
+        table = resolve_alpha_source(
+            None, model_class="Tiny", fingerprint="f00", num_points=2, granularity="block", search_dirs=()
+        )
+        bar.close()
+    finally:
+        logger.removeHandler(handler)
+    assert table is None
+    err = capsys.readouterr().err
+    start = err.index("ScalingCache: no α table for Tiny")
+    assert err[start - 1] in "\r\n", repr(err[max(0, start - 80) : start + 20])  # not after the bar's text
+    message = err[start:].splitlines()[0]
+    assert "sc_compile.calibrate(pipe" in message and "sc-compile calibrate MODEL_DIR" in message, message
+    assert "denoising" in err[start + len(message) :], "the bar is drawn again after the warning"
+
+
+def test_calibration_shows_one_progress_bar_with_the_thread_count(capsys):
+    """One bar over all steps of all generations (the pipeline's own bars are off meanwhile and
+    its setting is restored after), which says how many CPU threads torch runs on."""
+    from sc_compile.demo.models import random_flux_demo
+
+    pipe, embeddings = random_flux_demo(seed=0)
+    pipe.set_progress_bar_config(disable=False, leave=True)
+    samples = [
+        {**embeddings.pipeline_kwargs([label]), "height": 28, "width": 28, "num_inference_steps": 3, "seed": label}
+        for label in (0, 1)
+    ]
+    sc_compile.calibrate(pipe, samples, compiler="eager")
+    err = capsys.readouterr().err
+    drawn = [piece for piece in err.replace("\r", "\n").splitlines() if "%|" in piece]
+    assert drawn and all(
+        piece.startswith(f"calibrating (torch threads: {torch.get_num_threads()})") for piece in drawn
+    ), err
+    assert "6/6" in drawn[-1], drawn[-1]
+    assert pipe._progress_bar_config == {"disable": False, "leave": True}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -109,6 +110,13 @@ def test_demo_main_job_runs_and_keeps_fidelity(tmp_path):
     assert psnr_db > DEMO_PSNR_FLOOR, output
     assert full_steps < 10, output
     assert (tmp_path / "demo_flux.png").is_file()
+    # Timed in interleaved repeats after a warm first generation: median and range of each, the
+    # paired speed-up (or why none is given) beside the ideal steps / full steps.
+    assert re.search(r"uncached time:\s+[\d.]+ s median of 3 \(range [\d.]+-[\d.]+ s\); compile", output), output
+    assert re.search(r"cached time:\s+[\d.]+ s median of 3 \(range", output), output
+    ideal = 10 / full_steps
+    assert re.search(rf"speed-up:\s+(.*3 repeats range .*ideal {ideal:.2f}x)", output), output
+    assert re.search(r"^threads:\s+\d+ \(torch's default", output, re.M), output
 
 
 @pytest.mark.parametrize("model", ["flux", "wan"])
@@ -146,7 +154,7 @@ def test_demo_size_sees_through_torch_compile():
 
 
 @pytest.mark.parametrize("model", ["flux", "wan"])
-def test_shipped_residual_alpha_table_is_picked_for_residual_prediction(model):
+def test_shipped_residual_alpha_table_is_picked_for_residual_prediction(model, caplog):
     """alpha=None finds the table of the compiled layout: the residual one for prediction="residual"."""
     import sc_compile
     from sc_compile.demo.models import random_flux_demo, random_wan_demo
@@ -157,46 +165,101 @@ def test_shipped_residual_alpha_table_is_picked_for_residual_prediction(model):
     pipe.transformer = torch.compile(
         transformer, backend="scalingcache", options={"compiler": "eager", "prediction": "residual"}
     )
-    generate(pipe, emb, [1], num_inference_steps=3)
-    assert "--prediction residual" in sc_compile.report(transformer).alpha_source
+    with caplog.at_level(logging.INFO, logger="sc_compile.calibration.table"):
+        generate(pipe, emb, [1], num_inference_steps=3)
+    assert re.search(rf"using the shipped α table \S*alpha_{model}_\d+steps_residual\.safetensors", caplog.text)
+    assert "the table shipped with sc_compile" in sc_compile.report(transformer).alpha_source
 
 
 def test_demo_picture_says_what_it_shows(tmp_path):
-    """Labels over both grids, the step strip with one cell per step, its legend and the summary."""
+    """Captions over both grids with a divider between them, a label under every sample, rows of
+    at most five images, the step strip with one cell per step, its legend and the summary."""
     from PIL import Image
 
-    from sc_compile.demo.main import PICTURE_SCALE, STRIP_CELL, PictureCaptions, write_picture
+    from sc_compile.demo.main import (
+        DIVIDER_VALUE,
+        PICTURE_SCALE,
+        STRIP_CELL,
+        PictureCaptions,
+        write_picture,
+    )
 
-    samples = torch.full((2, 1, 28, 28), 0.5)  # uniform grids: every other non-black pixel is text or strip
+    samples = torch.full((10, 1, 28, 28), 0.5)  # uniform grids: every other non-black pixel is text or strip
     captions = PictureCaptions(
         "uncached (eager): every step full",
         "ScalingCache: 3 of 6 steps full",
         "steps 1-6: white = full step, grey = cached step",
-        "speed-up 1.50x, PSNR 30.0 dB",
+        "speed-up 1.50x\nPSNR 30.0 dB",
+        layout="one sample per class",
     )
     path = tmp_path / "demo.png"
-    write_picture(path, samples, samples, 6, (0, 1, 3), captions)
+    labels = [f"class {i}" for i in range(10)]
+    write_picture(path, samples, samples, 6, (0, 1, 3), captions, labels)
     image = np.asarray(Image.open(path)).astype(int)
+    height, width = image.shape
+    assert width / height < 4, (width, height)  # two rows of samples, not one long row
     grid_value = round(0.5 * 255)
-    grid_rows = np.flatnonzero((image == grid_value).sum(axis=1) > 28 * PICTURE_SCALE)
+    tile = 28 * PICTURE_SCALE
+    grid_rows = np.flatnonzero((image == grid_value).sum(axis=1) >= tile)
+    # Two rows of tiles per grid: a break in the grid rows, with the labels of the first row in it.
+    row_breaks = np.flatnonzero(np.diff(grid_rows) > 1)
+    assert len(row_breaks) == 1, grid_rows
+    first_row_bottom, second_row_top = grid_rows[row_breaks[0]], grid_rows[row_breaks[0] + 1]
+    assert (image[first_row_bottom + 1 : second_row_top] > 200).any(), "no labels under the first row"
     top, bottom = grid_rows.min(), grid_rows.max()
+    assert (image[bottom + 1 : bottom + 1 + 3 * 16] > 200).any(), "no labels under the second row"
     grid_columns = np.flatnonzero(image[top] == grid_value)
-    # Two grids side by side: a gap between the left one and the right one.
-    split = grid_columns[np.flatnonzero(np.diff(grid_columns) > 1)[0] + 1]
+    assert len(grid_columns) == 2 * 5 * tile, "five images per row in each grid"
+    # The divider: a vertical line between the two grids, from the captions to under the grids.
+    column_gaps = np.flatnonzero(np.diff(grid_columns) > 1)
+    widest = column_gaps[np.argmax(np.diff(grid_columns)[column_gaps])]
+    left_end, right_start = grid_columns[widest], grid_columns[widest + 1]
+    divider = [x for x in range(left_end + 1, right_start) if (image[top:bottom, x] == DIVIDER_VALUE).all()]
+    assert divider, "no divider between the halves"
     header = image[:top]
-    assert (header[:, :split] > 200).any(), "no label over the uncached grid"
-    assert (header[:, split:] > 200).any(), "no label over the cached grid"
+    assert (header[:, :left_end] > 200).any(), "no caption over the uncached grid"
+    assert (header[:, right_start:] > 200).any(), "no caption over the cached grid"
     # The strip: one cell per step, white where the step ran in full, grey where it was cached.
     cell = STRIP_CELL * PICTURE_SCALE
-    left = grid_columns.min()
+    left = PICTURE_SCALE * 4  # the margin
     centres = [left + step * cell + cell // 2 for step in range(6)]
     expected = [255, 255, round(0.3 * 255), 255, round(0.3 * 255), round(0.3 * 255)]
-    strip_rows = [y for y in range(bottom + 1, image.shape[0]) if list(image[y, centres]) == expected]
+    strip_rows = [y for y in range(bottom + 1, height) if list(image[y, centres]) == expected]
     assert strip_rows, "no step strip with full steps 0, 1, 3"
     below_strip = image[max(strip_rows) + 1 :]
     text_rows = np.flatnonzero((below_strip > 200).any(axis=1))
-    # The legend and the summary: two lines of text under the strip.
-    assert len(text_rows) and (np.diff(text_rows) > 1).sum() >= 1, "expected two lines of text under the strip"
+    # The legend and the two summary lines: three lines of text under the strip.
+    assert len(text_rows) and (np.diff(text_rows) > 1).sum() >= 2, "expected three lines of text under the strip"
+
+
+def test_speedup_above_the_ideal_is_flagged_not_reported():
+    from sc_compile.demo.main import SpeedUp
+
+    plausible = SpeedUp((3.0, 2.8, 3.1), (2.0, 2.0, 2.1), ideal=1.75)
+    assert plausible.plausible and plausible.median == pytest.approx(1.5)  # median 3.0 over median 2.0
+    text = plausible.describe()
+    assert text.startswith("1.50x wall time (median times; 3 repeats range 1.40-1.50x)"), text
+    assert "ideal 1.75x" in text and "disagree" not in text, text
+    spread = SpeedUp((3.0, 2.8, 4.0), (2.0, 2.0, 1.6), ideal=1.75)
+    assert spread.plausible and spread.disturbed
+    assert "the repeats disagree by more than 25%" in spread.describe(), spread.describe()
+    noisy = SpeedUp((3.4, 2.0, 2.6), (2.0, 2.0, 2.0), ideal=1.25)
+    assert not noisy.plausible
+    text = noisy.describe()
+    assert text.startswith("not measured") and "machine noise" in text and "ideal 1.25x" in text, text
+
+
+def test_timed_generations_are_interleaved_in_alternating_order():
+    from sc_compile.demo.main import TimedRuns, time_interleaved
+
+    order = []
+    runs = [
+        (TimedRuns(torch.zeros(1), 1.0, []), lambda: order.append("uncached")),
+        (TimedRuns(torch.zeros(1), 1.0, []), lambda: order.append("cached")),
+    ]
+    time_interleaved(runs, 3)
+    assert order == ["uncached", "cached", "cached", "uncached", "uncached", "cached"]
+    assert all(len(timed.seconds) == 3 for timed, _ in runs)
 
 
 def test_demo_announces_the_inductor_cold_compile_and_its_length():

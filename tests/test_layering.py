@@ -36,6 +36,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "sc_compile.calibration.__init__",
             "sc_compile.calibration.fitting",
             "sc_compile.calibration.table",
+            # Console output beside progress bars (the α table's warning uses it).
+            "sc_compile.reporting.console",
         ),
     ),
     # Graph passes: analyses that annotate an FX graph, and the one rewrite.

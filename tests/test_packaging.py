@@ -167,6 +167,8 @@ def test_installed_wheel_resolves_the_backend_and_runs_the_demo_with_the_shipped
     output = demo.stdout + demo.stderr
     assert "no α table" not in output, output
     assert demo.stderr == "", demo.stderr  # no third-party notices on our CLI's console
-    # The report names the table's source: the shipped 28-step table (resampled to 6 steps).
-    assert "alpha_flux_28steps.safetensors" in demo.stdout, output
+    # The report names the table's source: the shipped 28-step table (resampled to 6 steps), with no
+    # source-tree path (none exists in a wheel install).
+    assert "α:        the table shipped with sc_compile for FluxTransformer2DModel (28 steps" in demo.stdout, output
+    assert "assets/" not in demo.stdout, output
     assert (tmp_path / "out" / "demo_flux.png").is_file()

@@ -85,3 +85,20 @@ def test_generation_context_scales_warmup_and_forces_final_steps(flux_pipeline):
     assert report.finished
     assert report.warmup_steps == 2  # 10 at 50 steps, scaled to 12 steps
     assert {STEPS - 2, STEPS - 1} <= set(report.full_steps)
+
+
+def test_report_names_the_pipeline_streams_and_the_shipped_table():
+    """Under sc_compile.enable the streams carry the pipeline's cache_context names (cond, uncond);
+    the α line says the shipped table was used, without a command or a source-tree path."""
+    pipe, embeddings = random_flux_demo(seed=0)
+    transformer = pipe.transformer
+    pipe.transformer = torch.compile(transformer, backend="scalingcache", options={"compiler": "eager"})
+    sc_compile.enable(pipe)
+    _generate(pipe, embeddings, [1], guidance_scale=3.0, steps=8)
+    report = sc_compile.report(transformer)
+    assert [stream.name for stream in report.streams] == ["cond", "uncond"], report
+    text = str(report)
+    assert "streams:  2 (cond, uncond), one decision per step for all" in text, text
+    assert "ē cond" in text and "ē uncond" in text, text
+    assert "the table shipped with sc_compile for FluxTransformer2DModel (28 steps" in report.alpha_source, text
+    assert "python -m" not in text and "assets/" not in text, text

@@ -134,9 +134,23 @@ def test_report_string_summarises_the_generation():
     model = DummyDiT()
     compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3})
     _run(model, compiled, SEQUENCE)
-    text = str(sc_compile.report(model))
+    report = sc_compile.report(model)
+    text = str(report)
     assert "7 steps, 4 full, 3 cached" in text
     assert "FFF.F.." in text
+    assert "stream(s)" not in text and "streams:  1 (stream 0)" in text, text
+    # One row per step: the rule's ε and δ where it decided, and why the step ran as it did.
+    rows = {int(line.split()[0]): line for line in text.splitlines() if line[:6].strip().isdigit()}
+    assert sorted(rows) == list(range(7)), text
+    assert rows[0].split()[1:2] == ["full"] and rows[0].endswith("warm-up"), text
+    epsilon, delta = report.streams[0].rule[4]
+    assert epsilon > delta, report
+    assert rows[4].split()[1:4] == ["full", f"{epsilon:.3g}", f"{delta:.3g}"] and rows[4].endswith("ε > δ"), text
+    epsilon, delta = report.streams[0].rule[3]
+    assert epsilon <= delta and rows[3].split()[1] == "cached" and rows[3].endswith("ε ≤ δ"), text
+    # Where α came from, as a description (no command to run, no source-tree path).
+    assert "α:        α = 1 (no α table fits this model" in text, text
+    assert "python -m" not in text and "assets/" not in text, text
 
 
 def test_report_before_any_call_is_a_clear_error():

@@ -186,7 +186,15 @@ def calibrate(
     )
     grams: dict[str, TrajectoryGrams] = {}
     sample_index = 0
-    bar = tqdm(total=None, unit="step", disable=not progress, desc="calibrating")
+    # One progress bar over the steps of all generations (the pipeline's own bars are off while it
+    # shows); its total is known up front where every sample declares its step count. It also says
+    # how many CPU threads torch runs on (calibration never sets them).
+    declared = [s.get("num_inference_steps") if isinstance(s, Mapping) else None for s in samples]
+    total = sum(n for n in declared if isinstance(n, int)) if all(isinstance(n, int) for n in declared) else None
+    bar = tqdm(
+        total=total, unit="step", disable=not progress, desc=f"calibrating (torch threads: {torch.get_num_threads()})"
+    )
+    counted: set[tuple[int, int]] = set()
 
     def hook(runtime: ScalingCacheRuntime, step: int, stream: int, state: StreamState) -> None:
         key = runtime.fingerprint
@@ -194,7 +202,9 @@ def calibrate(
             grams[key] = TrajectoryGrams(gram_width(max_gap), list(runtime.layout.feeds_output))
         values = [state.y_full(p) for p in range(runtime.num_points)]  # the values this full step wrote
         grams[key].observe(sample_index, stream, step, values, runtime.process_group)
-        bar.update(1)
+        if (sample_index, step) not in counted:  # a step once, however many streams it runs
+            counted.add((sample_index, step))
+            bar.update(1)
 
     # The runtimes of this calibration: the model's session may also hold runtimes of earlier
     # compilations (another granularity, an earlier calibration), which must not be read here.
@@ -213,8 +223,13 @@ def calibrate(
     timesteps: list[float] = []
     scheduler_name = type(pipeline.scheduler).__name__ if pipeline is not None else ""
     sigmas: list[float] = []
+    missing = object()
+    bar_config = vars(pipeline).get("_progress_bar_config", missing) if pipeline is not None else missing
+    if pipeline is not None and progress and hasattr(pipeline, "set_progress_bar_config"):
+        pipeline.set_progress_bar_config(**{**(bar_config if isinstance(bar_config, dict) else {}), "disable": True})
     try:
-        for index, sample in enumerate(tqdm(samples, desc="samples", disable=not progress)):
+        for index, sample in enumerate(samples):
+            bar.set_postfix_str(f"generation {index + 1}/{len(samples)}")
             with torch.no_grad():
                 if pipeline is not None:
                     if not isinstance(sample, Mapping):
@@ -242,6 +257,9 @@ def calibrate(
             report = runtime.report()
             if num_steps is None:
                 num_steps, timesteps = report.num_steps, runtime.timesteps
+                if bar.total is None:
+                    bar.total = num_steps * len(samples)
+                    bar.refresh()
                 if pipeline is not None and getattr(pipeline.scheduler, "sigmas", None) is not None:
                     sigmas = [float(s) for s in pipeline.scheduler.sigmas.flatten().tolist()]
             elif report.num_steps != num_steps:
@@ -251,6 +269,11 @@ def calibrate(
                 )
     finally:
         bar.close()
+        if pipeline is not None and progress and hasattr(pipeline, "set_progress_bar_config"):
+            if bar_config is missing:
+                vars(pipeline).pop("_progress_bar_config", None)
+            else:
+                pipeline._progress_bar_config = bar_config
     if len(grams) != 1:
         raise RuntimeError(f"expected one traced graph layout, got {len(grams)} (did the shapes change?)")
     ((fingerprint, collected),) = grams.items()

@@ -276,10 +276,17 @@ def resolve_alpha_source(
                     )
                     log.info("using the shipped α table %s for %s", path, model_class)
                     return table
-        log.warning(
-            "ScalingCache: no α table for %s (layout %s, %s granularity); running with α = 1. "
-            "Calibrate one with `python -m sc_compile calibrate MODEL_DIR --out alpha.safetensors` and "
-            "pass options={'alpha': 'alpha.safetensors'}.",
+        from sc_compile.reporting.console import log_above_progress_bars
+
+        # Compiling happens at the first call, inside the pipeline's progress bar: said above it.
+        log_above_progress_bars(
+            log,
+            logging.WARNING,
+            "ScalingCache: no α table for %s (layout %s, %s granularity); running with α = 1. Calibrate one: "
+            "for a pipeline in memory, table = sc_compile.calibrate(pipe, [call kwargs, ...]) and "
+            "table.save('alpha.safetensors'); for a pipeline saved with save_pretrained, "
+            "sc-compile calibrate MODEL_DIR --out alpha.safetensors. Then compile with "
+            "options={'alpha': 'alpha.safetensors'}.",
             model_class,
             fingerprint,
             granularity,

@@ -289,6 +289,12 @@ class Decisions:
             changes.append(per_stream[position] if per_stream and position < len(per_stream) else None)
         return changes
 
+    def stream_rule(self, stream: int, steps: int) -> list[tuple[float, float] | None]:
+        """Per step, the (ε, δ) the rule ε > δ compared for ``stream``'s unit (``None``: the step
+        was decided otherwise)."""
+        unit = self.units.get(self.unit_key(stream))
+        return [unit.rule.get(step) if unit is not None else None for step in range(steps)]
+
     @property
     def nonfinite_steps(self) -> tuple[int, ...]:
         return tuple(sorted({s for u in self.units.values() for s in u.nonfinite_steps}))

@@ -79,6 +79,8 @@ class DecisionUnit:
         self.changes: list[float | None] = []  # ē per step (None where undefined)
         self.stream_changes: dict[int, list[float]] = {}  # step -> ē of each stream
         self.nonfinite_steps: list[int] = []
+        # Per step decided by the rule ε > δ: (ε, δ) as compared (what the report shows).
+        self.rule: dict[int, tuple[float, float]] = {}
         self._force_full = False
         self._planned = None if self.planned_full_steps is None else frozenset(self.planned_full_steps)
         # Whether another unit decides this one's steps (a piece of a split model).
@@ -143,6 +145,13 @@ class DecisionUnit:
         """δ = mean(E)."""
         return sum(self.full_changes) / len(self.full_changes) if self.full_changes else None
 
+    def _exceeds_threshold(self, step: int) -> bool:
+        """The paper's rule at ``step``: ε > δ (recorded for the report)."""
+        threshold = self.threshold
+        assert threshold is not None
+        self.rule[step] = (self.accumulated, threshold)
+        return self.accumulated > threshold
+
     def decide(self, step: int, follow: StepDecision | None = None) -> StepDecision:
         """Decide ``step``. ``follow``: the verdict of the unit that decides the step for a model
         split into several graphs (the graph that feeds the output). A following unit is full when
@@ -178,7 +187,7 @@ class DecisionUnit:
             reason = "interval" if (step - self.warmup_steps) % self.static_interval == 0 else ""
         elif self.threshold is None:
             reason = "no history"
-        elif self.accumulated > self.threshold:
+        elif self._exceeds_threshold(step):
             reason = "threshold"
         self._force_full = False
         if reason:

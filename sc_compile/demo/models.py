@@ -48,8 +48,6 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
-from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
-from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
     FlowMatchEulerDiscreteScheduler,
 )
@@ -57,8 +55,28 @@ from diffusers.utils import BaseOutput
 from safetensors.torch import load_file, save_file
 
 from sc_compile import resources
+from sc_compile.demo import demo_extra_missing
+
+try:  # the pipelines' modules import transformers, which only the [demo] extra installs
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+    from diffusers.pipelines.wan.pipeline_wan import WanPipeline
+except ModuleNotFoundError as error:
+    raise demo_extra_missing(error) from error
 
 NUM_CLASSES = 10
+# The Fashion-MNIST classes the demo models were trained on, by label.
+CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 NULL_CLASS = NUM_CLASSES  # index of the unconditional ("empty prompt") embedding
 
 FLUX_DIRNAME = "demo_flux"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from sc_compile.calibration.table import AlphaTable
     from sc_compile.clock.step_clock import StepClock
     from sc_compile.config import ScalingCacheConfig
     from sc_compile.contract import PointLayout
@@ -24,6 +26,15 @@ class StreamReport:
     # undefined. With shared decisions the step's decision used the mean over streams.
     changes: tuple[float | None, ...]
     reasons: tuple[str, ...]
+    # The pipeline's name of the stream (its cache_context: "cond", "uncond"), "" where unnamed.
+    name: str = ""
+    # Per step decided by the rule ε > δ, the (ε, δ) it compared; None where decided otherwise.
+    rule: tuple[tuple[float, float] | None, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The stream's name where the pipeline named it, else its number."""
+        return self.name or f"stream {self.stream}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +81,11 @@ class GenerationReport:
         marks = "".join("F" if s in self.full_steps else "." for s in range(self.num_steps))
         lines = [
             f"ScalingCache: {self.num_steps} steps, {self.num_full_steps} full, {len(self.cached_steps)} cached "
-            f"({self.speedup:.2f}x fewer full evaluations); warm-up {self.warmup_steps}, "
-            f"{len(self.streams)} stream(s){' sharing decisions' if self.shared_decisions else ''}, "
-            f"{self.num_points} cache points, α: {self.alpha_source}",
-            f"  steps: {marks}  (F full, . cached)",
+            f"({self.speedup:.2f}x fewer full evaluations)",
+            f"  steps:    {marks}  (F full, . cached)",
+            f"  α:        {self.alpha_source or 'none'}",
+            f"  streams:  {self._describe_streams()}",
+            f"  warm-up:  {self.warmup_steps} steps; {self.num_points} cache points",
         ]
         if self.world_size > 1:
             lines.append(
@@ -82,10 +94,78 @@ class GenerationReport:
             )
         if self.nonfinite_steps:
             lines.append(f"  non-finite changes at steps {list(self.nonfinite_steps)}: the next step ran in full")
-        for stream in self.streams:
-            changes = " ".join("-" if c is None else f"{c:.3g}" for c in stream.changes)
-            lines.append(f"  stream {stream.stream} change per step: {changes}")
+        if self.streams:
+            lines += [
+                "  ē: the step's relative change, measured at full steps, predicted at cached steps",
+                "  ε: the change accumulated since the last full step; δ: the threshold, the mean ē of the full "
+                "steps so far;",
+                "  after the warm-up a step runs in full when ε > δ (or for the reason given)",
+            ]
+            groups = [self.streams] if self.shared_decisions else [(stream,) for stream in self.streams]
+            for group in groups:
+                lines.extend(self._step_table(group))
         return "\n".join(lines)
+
+    def _describe_streams(self) -> str:
+        if not self.streams:
+            return "none ran"
+        names = ", ".join(stream.label for stream in self.streams)
+        if len(self.streams) == 1:
+            return f"1 ({names})"
+        together = "one decision per step for all" if self.shared_decisions else "each deciding on its own"
+        return f"{len(self.streams)} ({names}), {together}"
+
+    def _step_table(self, group: tuple[StreamReport, ...]) -> list[str]:
+        """One row per step: full or cached, ε and δ where the rule decided, each stream's ē, why."""
+        width = max(8, *(len(f"ē {stream.label}") for stream in group))
+        header = "  step  run     ε        δ        " + " ".join(f"{'ē ' + s.label:<{width}}" for s in group) + "  why"
+        rows = [header]
+        lead = group[0]
+        for step in range(self.num_steps):
+            full = step in lead.full_steps or (step in self.full_steps and step not in lead.cached_steps)
+            rule = lead.rule[step] if step < len(lead.rule) else None
+            epsilon, delta = ("-", "-") if rule is None else (f"{rule[0]:.3g}", f"{rule[1]:.3g}")
+            changes = " ".join(
+                f"{'-' if step >= len(s.changes) or s.changes[step] is None else f'{s.changes[step]:.3g}':<{width}}"
+                for s in group
+            )
+            reason = lead.reasons[step] if step < len(lead.reasons) else ""
+            rows.append(
+                f"  {step:4d}  {'full' if full else 'cached':<6}  {epsilon:<7}  {delta:<7}  {changes}  "
+                f"{_why(reason, rule)}"
+            )
+        return rows
+
+
+def _why(reason: str, rule: tuple[float, float] | None) -> str:
+    """A step's reason as the report says it."""
+    if reason == "threshold":
+        return "ε > δ"
+    if reason == "cached":
+        return "ε ≤ δ" if rule is not None else "cached"
+    return {"warm-up": "warm-up", "final": "a forced final step", "planned": "planned by the budget"}.get(
+        reason, reason or "-"
+    )
+
+
+def describe_alpha(option: Any, table: AlphaTable | None, coefficients: Any = None) -> str:
+    """Where a compiled model's α came from, for the report: ``option`` is the ``alpha`` option as
+    given, ``table`` the table it resolved to (``None``: α = 1), ``coefficients`` the option of
+    that name (``None``: fitted where the table has them)."""
+    if table is None:
+        if isinstance(option, str) and option == "ones":
+            return "α = 1 (alpha='ones')"
+        return "α = 1 (no α table fits this model; the warning at compile time says how to calibrate one)"
+    what = f"{table.num_steps} steps, {table.num_samples} calibration samples" + (
+        ", fitted per-gap coefficients"
+        if table.fitted is not None and str(getattr(coefficients, "value", coefficients)) != "chained"
+        else ", chained one-step α"
+    )
+    if option is None:
+        return f"the table shipped with sc_compile for {table.model_class or 'this model'} ({what})"
+    if isinstance(option, (str, os.PathLike)):
+        return f"{os.fspath(option)} ({what})"
+    return f"the AlphaTable given as the alpha option ({what})"
 
 
 # What a report reads of a generation, written as protocols so that this module does not import the
@@ -157,6 +237,15 @@ def _stream_changes(
     return tuple(next((row[step] for row in rows if row[step] is not None), None) for step in range(num_steps))
 
 
+def _stream_rule(
+    generation: GenerationRecord, layouts: Sequence[_LayoutRecord], stream: int, num_steps: int
+) -> tuple[tuple[float, float] | None, ...]:
+    """A stream's (ε, δ) per step where the rule ε > δ decided it, from the layout that decided."""
+    sources = [generation.leader] if generation.leader is not None else layouts
+    rows = [ls.decisions.stream_rule(stream, num_steps) for ls in sources]
+    return tuple(next((row[step] for row in rows if row[step] is not None), None) for step in range(num_steps))
+
+
 def build_report(generation: GenerationRecord, finished: bool, collective: bool = True) -> GenerationReport:
     """The record of ``generation``. ``collective=False`` (a report asked for on one rank) folds in
     no statistics that would need an all-reduce the other ranks never join."""
@@ -166,6 +255,7 @@ def build_report(generation: GenerationRecord, finished: bool, collective: bool 
         layout_state.decisions.finish(collective, layout_state.process_group is not None)
     # The layout whose decisions all graphs took (several with a forward split at graph breaks).
     main = generation.leader if generation.leader is not None else (layouts[0] if layouts else None)
+    names = {index: name for name, index in generation.clock.stream_names.items()}
     streams = []
     for stream in sorted(generation.records):
         record = generation.records[stream]
@@ -176,6 +266,8 @@ def build_report(generation: GenerationRecord, finished: bool, collective: bool 
                 cached_steps=tuple(sorted(record.cached_steps)),
                 changes=_stream_changes(generation, layouts, stream, num_steps),
                 reasons=tuple(record.reasons.get(step, "") for step in range(num_steps)),
+                name=names.get(stream, ""),
+                rule=_stream_rule(generation, layouts, stream, num_steps),
             )
         )
     full = sorted({s for r in streams for s in r.full_steps})

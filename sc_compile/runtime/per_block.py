@@ -100,7 +100,7 @@ __all__ = [
 # (regional compilation compiles each block with its own ``torch.compile`` call).
 BLOCK_GRAPHS_TOKEN = ("per-block graphs",)
 
-ALPHA_SOURCE = "ones (per-block graphs: no calibrated table applies)"
+ALPHA_SOURCE = "α = 1 (per-block graphs: no calibrated table applies to them)"
 
 
 class _Thread(threading.local):
