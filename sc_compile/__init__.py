@@ -117,6 +117,9 @@ def generation(
         not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1
     ):
         raise ValueError(f"num_inference_steps must be a positive int, but got {num_inference_steps!r}")
+    from sc_compile.clock.pipeline import end_stale_adoptions
+
+    end_stale_adoptions()  # an adopted pipeline call that was interrupted
     for session in sessions_of(model):  # free a timestep-placed generation this thread left running
         if session.ambient is not None and session.ambient.owner == threading.get_ident():
             session.end_ambient()

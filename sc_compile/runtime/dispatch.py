@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sc_compile.calibration.table import AlphaTable
+from sc_compile.clock.pipeline import scope_for_call
 from sc_compile.clock.step_clock import EXPLICIT_SOURCES, ClockError, NewGeneration
 from sc_compile.config import ScalingCacheConfig, StochasticSampler
 from sc_compile.contract import step_inputs
@@ -45,7 +46,6 @@ from sc_compile.runtime.generations import (
     GenerationScope,
     LayoutState,
     ModuleSession,
-    active_scope,
     is_uncached,
     module_key,
     session_for,
@@ -281,7 +281,10 @@ class ScalingCacheRuntime:
         if is_uncached(key):
             self._start_forward(session, None, None)
             return self._run_uncached(args)
-        scope = active_scope(key)
+        scope, side_call = scope_for_call(key)
+        if side_call:
+            self._start_forward(session, None, None)
+            return self._run_uncached(args)
         if scope is not None:
             generation = session.generation_for(scope)
             if scope.pipeline is not None and generation.clock.stream_names and stream_name(key) is None:
@@ -616,6 +619,9 @@ def runtimes_of(model: torch.nn.Module) -> list[ScalingCacheRuntime]:
 
 def latest_session(model: torch.nn.Module) -> ModuleSession:
     sessions = [s for s in sessions_of(model) if s.last_active]
+    # A session that only ran calls outside any generation (a preview, a graph another compile
+    # built and this one reuses) has nothing to report while another has.
+    sessions = [s for s in sessions if s.last_generation is not None] or sessions
     if not sessions:
         name = type(getattr(model, "_orig_mod", model)).__name__
         raise RuntimeError(

@@ -51,13 +51,17 @@ def module_key(module: torch.nn.Module) -> Any:
 # -- explicit scopes ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class PipelineRun:
-    """One pipeline call under ``sc_compile.enable``: the scheduler steps taken so far."""
+    """One pipeline call under the pipeline clock: the scheduler steps taken so far."""
 
     scheduler: Any
     steps_taken: int = 0
     num_steps: int | None = None
     stochastic: bool = False
     stochastic_checked: bool = False
+    # Model calls (and scheduler steps) per denoising step: the scheduler's ``order``.
+    order: int = 1
+    # The scheduler steps already taken when a running pipeline call was adopted (the one line).
+    adopted_at: int | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -109,6 +113,12 @@ def push_scope(scope: GenerationScope) -> contextvars.Token:
 
 def pop_scope(token: contextvars.Token) -> None:
     _SCOPES.reset(token)
+
+
+def remove_scope(scope: GenerationScope) -> None:
+    """Close ``scope`` wherever it sits (a scope opened inside a call already running, which no
+    ``with`` block closes: the pipeline call adopted by the one line)."""
+    _SCOPES.set(tuple(s for s in _SCOPES.get() if s is not scope))
 
 
 def is_uncached(key: Any) -> bool:
@@ -279,6 +289,8 @@ class Generation:
             )
         self.declared_steps = self.num_steps
         self.clock = StepClock(source, self.num_steps)
+        if scope is not None and scope.pipeline is not None:
+            self.clock.follow_pipeline(scope.pipeline.order, scope.pipeline.adopted_at)
         self.layouts: dict[tuple[object, ...], LayoutState] = {}
         # A forward Dynamo split at breaks: the layout whose decisions every piece follows, the
         # piece layout created last. The pieces first run in forward order, so it is the piece
@@ -338,7 +350,11 @@ class Generation:
     def schedule_sigmas(self) -> list[float] | None:
         """The scheduler's sigmas as host floats (one read), when the pipeline integration knows them."""
         sigmas = self.schedule()[1]
-        return None if sigmas is None else [float(s) for s in sigmas.detach().flatten().cpu().tolist()]
+        if sigmas is None:
+            return None
+        values = [float(s) for s in sigmas.detach().flatten().cpu().tolist()]
+        # A solver of order k evaluates k points per step: the step starts at every k-th sigma.
+        return values[:: self.clock.order]
 
     def schedule(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The scheduler's timesteps and sigmas, when the pipeline integration knows them."""
@@ -424,6 +440,9 @@ class ModuleSession:
         generation.finished = True
         if generation.num_calls:
             ran = generation.clock.step + 1
+            run = generation.scope.pipeline if generation.scope is not None else None
+            if run is not None:  # the pipeline's steps, some perhaps run by another denoiser
+                ran = max(ran, -(-run.steps_taken // run.order))
             if generation.declared_steps is not None and ran < generation.declared_steps and not interrupted:
                 log.warning(
                     "ScalingCache: the generation ran %d of its %d declared steps%s.",
@@ -469,12 +488,29 @@ def _weakrefable(value: Any) -> bool:
 
 
 def pipeline_step_count(scheduler: Any) -> int | None:
+    """The number of steps the pipeline's loop runs (after ``set_timesteps``): its ``scheduler.step``
+    calls, in groups of the scheduler's ``order`` (a second-order solver calls the model and steps
+    twice per step; its last step may be a single call)."""
+    calls = scheduler_calls(scheduler)
+    if calls is None:
+        return None
+    order = scheduler_order(scheduler)
+    return -(-calls // order)
+
+
+def scheduler_calls(scheduler: Any) -> int | None:
     """The number of ``scheduler.step`` calls the pipeline's loop makes (after ``set_timesteps``)."""
     timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is None:
         return None
     begin = getattr(scheduler, "begin_index", None)
     return len(timesteps) - (begin or 0)
+
+
+def scheduler_order(scheduler: Any) -> int:
+    """Model calls per step of ``scheduler`` (diffusers' ``order``: 2 for Heun and KDPM2)."""
+    order = getattr(scheduler, "order", 1)
+    return order if isinstance(order, int) and order > 1 else 1
 
 
 # id(key) -> (weak reference to the key, compile token -> session). Keyed by id, not by the key:

@@ -1,0 +1,243 @@
+"""The one line gets the pipeline clock (issue 21, items 1, 3, 7).
+
+``torch.compile(pipe.transformer, backend="scalingcache")`` and nothing else: a call of the
+compiled model from inside a ``diffusers.DiffusionPipeline``'s ``__call__`` adopts that call as a
+pipeline generation (steps from the scheduler, streams from ``cache_context``, callbacks on scratch
+state, stochastic samplers refused) and enables the pipeline for its next calls. ``LoopDiffusion`` is
+a minimal ``DiffusionPipeline`` around the exact-arithmetic dummy DiT (named guidance streams, a
+step callback, an optional second expert); every one-line run is compared with the same run under
+``sc_compile.enable`` (equal outputs and full steps) or with its uncached value.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from diffusers.models.cache_utils import CacheMixin
+
+import sc_compile
+from sc_compile.runtime.dispatch import StochasticSamplerError
+
+from dummy_dit import DummyDiT, output_scale
+
+EAGER = {"compiler": "eager", "warmup_steps": 3, "alpha": "ones"}
+
+
+class NamedDiT(DummyDiT, CacheMixin):
+    """The dummy DiT with diffusers' ``cache_context`` (streams named by the pipeline)."""
+
+
+class LoopDiffusion(DiffusionPipeline):
+    """A diffusers pipeline: ``set_timesteps``, a loop of named calls and ``scheduler.step``, a step
+    callback, and (with ``transformer_2``) a second expert for the steps after ``boundary``."""
+
+    def __init__(self, transformer, scheduler, transformer_2=None):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, transformer_2=transformer_2)
+
+    @torch.no_grad()
+    def __call__(
+        self, latents, num_inference_steps, guidance=False, callback_on_step_end=None, boundary=None, generator=None
+    ):
+        self.scheduler.set_timesteps(num_inference_steps)
+        outputs = []
+        for i, t in enumerate(self.scheduler.timesteps):
+            model = self.transformer_2 if boundary is not None and i >= boundary else self.transformer
+            timestep = t.expand(latents.shape[0])
+            with model.cache_context("cond"):
+                out = model(latents, timestep)
+            if guidance:
+                with model.cache_context("uncond"):
+                    out = 0.5 * (out + model(latents * 2.0, timestep))
+            outputs.append(out)
+            latents = self.scheduler.step(
+                out / output_scale() - latents, t, latents, generator=generator, return_dict=False
+            )[0]
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, i, t, {"latents": latents})
+        return torch.stack(outputs), latents
+
+
+def _latents(seed=0):
+    return torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(seed)) + 3.0
+
+
+def _compiled(**options):
+    model = NamedDiT()
+    return model, torch.compile(model, backend="scalingcache", options={**EAGER, **options})
+
+
+def _equal(a, b):
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def _enabled_reference(steps=12, **kwargs):
+    model, compiled = _compiled()
+    pipe = sc_compile.enable(LoopDiffusion(compiled, FlowMatchEulerDiscreteScheduler()))
+    result = pipe(_latents(), steps, **kwargs)
+    return result, sc_compile.report(model)
+
+
+@pytest.mark.parametrize("guidance", [False, True], ids=["one_stream", "guidance"])
+def test_one_line_adopts_the_running_pipeline_call_as_enable_would(guidance):
+    reference, expected = _enabled_reference(guidance=guidance)
+    model, compiled = _compiled()
+    pipe = LoopDiffusion(compiled, FlowMatchEulerDiscreteScheduler())
+    first = pipe(_latents(), 12, guidance=guidance)  # the call that compiles is adopted
+    adopted = sc_compile.report(model)
+    second = pipe(_latents(), 12, guidance=guidance)  # now through the enabled pipeline
+    _equal(first, reference)
+    _equal(second, reference)
+    assert adopted.clock == "pipeline" and adopted.finished and adopted.num_steps == 12, str(adopted)
+    assert adopted.full_steps == expected.full_steps and adopted.cached_steps, str(adopted)
+    assert len(adopted.streams) == len(expected.streams) == (2 if guidance else 1)
+    for ours, theirs in zip(adopted.streams, expected.streams, strict=True):
+        assert ours.full_steps == theirs.full_steps and ours.cached_steps == theirs.cached_steps
+    assert sc_compile.report(model).full_steps == expected.full_steps
+
+
+def test_a_hand_written_loop_keeps_the_timestep_clock():
+    model, compiled = _compiled()
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(8)
+    latents = _latents()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            latents = scheduler.step(compiled(latents, t.expand(1)) / output_scale() - latents, t, latents)[0]
+    assert sc_compile.report(model).clock == "timestep"
+
+
+def test_disable_stops_the_adoption_of_that_pipeline():
+    model, compiled = _compiled()
+    pipe = sc_compile.disable(LoopDiffusion(compiled, FlowMatchEulerDiscreteScheduler()))
+    pipe(_latents(), 8)
+    assert sc_compile.report(model).clock == "timestep"
+    assert not getattr(type(pipe), "_sc_compile_enabled", False)
+    sc_compile.enable(pipe)  # enable allows it again
+    pipe(_latents(), 8)
+    assert sc_compile.report(model).clock == "pipeline"
+
+
+def test_a_preview_in_the_step_callback_runs_on_scratch_state():
+    reference, expected = _enabled_reference()
+    model, compiled = _compiled()
+    previews = []
+
+    def preview(pipe, i, t, kwargs):
+        latents = kwargs["latents"].clone()
+        previews.append((latents, pipe.transformer(latents, torch.tensor([500.0]))))
+        return kwargs
+
+    result = LoopDiffusion(compiled, FlowMatchEulerDiscreteScheduler())(_latents(), 12, callback_on_step_end=preview)
+    _equal(result, reference)
+    for latents, out in previews:  # each preview is the model's own (uncached) output
+        torch.testing.assert_close(out, model(latents, torch.tensor([500.0])), rtol=0, atol=0)
+    report = sc_compile.report(model)
+    assert report.full_steps == expected.full_steps and report.num_calls == 12 and len(previews) == 12
+
+
+def test_an_interrupted_adopted_call_ends_and_the_next_call_starts_fresh():
+    reference, _ = _enabled_reference(steps=8)
+
+    def interrupt(pipe, i, t, kwargs):
+        if i == 5:
+            raise KeyboardInterrupt
+        return kwargs
+
+    model, compiled = _compiled()
+    pipe = LoopDiffusion(compiled, FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(KeyboardInterrupt):
+        pipe(_latents(), 12, callback_on_step_end=interrupt)
+    # A hand-written loop after it: the adopted generation does not take its calls.
+    with torch.no_grad():
+        compiled(_latents(), torch.tensor([900.0]))
+    assert sc_compile.report(model).clock == "timestep" and sc_compile.report(model).num_steps == 1
+    _equal(pipe(_latents(), 8), reference)
+    assert sc_compile.report(model).num_steps == 8
+
+
+def test_an_interrupted_adopted_call_then_an_explicit_generation():
+    model, compiled = _compiled()
+
+    def interrupt(pipe, i, t, kwargs):
+        if i == 2:
+            raise KeyboardInterrupt
+        return kwargs
+
+    with pytest.raises(KeyboardInterrupt):
+        LoopDiffusion(compiled, FlowMatchEulerDiscreteScheduler())(_latents(), 12, callback_on_step_end=interrupt)
+    with torch.no_grad(), sc_compile.generation(compiled, num_inference_steps=2):
+        compiled(_latents(), torch.tensor([900.0]))
+        compiled(_latents(), torch.tensor([800.0]))
+    assert sc_compile.report(model).clock == "context"
+
+
+def test_a_call_after_the_last_scheduler_step_runs_in_full_outside_the_generation():
+    class WithRefinement(LoopDiffusion):
+        def __call__(self, latents, num_inference_steps):
+            outputs, latents = super().__call__(latents, num_inference_steps)
+            with torch.no_grad():
+                return outputs, latents, self.transformer(latents, torch.tensor([1.0]))
+
+    reference, expected = _enabled_reference()
+    model, compiled = _compiled()
+    outputs, latents, refined = WithRefinement(compiled, FlowMatchEulerDiscreteScheduler())(_latents(), 12)
+    _equal((outputs, latents), reference)
+    torch.testing.assert_close(refined, model(latents, torch.tensor([1.0])), rtol=0, atol=0)
+    report = sc_compile.report(model)
+    assert report.num_calls == 12 and report.full_steps == expected.full_steps
+
+
+def test_a_stochastic_sampler_under_the_one_line_is_refused_with_the_fix():
+    _, compiled = _compiled()
+    pipe = LoopDiffusion(compiled, FlowMatchEulerDiscreteScheduler(stochastic_sampling=True))
+    with pytest.raises(StochasticSamplerError, match="stochastic_sampling=False"):
+        pipe(_latents(), 12, generator=torch.Generator().manual_seed(0))
+
+
+# -- item 7: two experts ----------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["one_line", "enable"])
+def test_two_experts_each_report_the_steps_they_ran(how, caplog):
+    first, compiled = _compiled()
+    second, compiled_2 = _compiled()
+    second.load_state_dict(first.state_dict())
+    pipe = LoopDiffusion(compiled, FlowMatchEulerDiscreteScheduler(), transformer_2=compiled_2)
+    if how == "enable":
+        sc_compile.enable(pipe)
+    with caplog.at_level(logging.WARNING, logger="sc_compile.runtime"):
+        experts = pipe(_latents(), 16, boundary=6)
+    high, low = sc_compile.report(first), sc_compile.report(second)
+    assert set(high.full_steps) | set(high.cached_steps) == set(range(6)), str(high)
+    assert set(low.full_steps) | set(low.cached_steps) == set(range(6, 16)), str(low)
+    assert low.steps_run == 10 and high.steps_run == 6, (str(high), str(low))
+    assert "      " in str(low).split("\n")[1]  # the steps another expert ran are blank, not cached
+    assert low.speedup == 10 / low.num_full_steps and low.cached_steps
+    assert not [r for r in caplog.records if "declared steps" in r.getMessage()]
+    # The same module as both experts is one generation of all the steps.
+    model, compiled = _compiled()
+    single = LoopDiffusion(compiled, FlowMatchEulerDiscreteScheduler(), transformer_2=compiled)
+    if how == "enable":
+        sc_compile.enable(single)
+    _equal(single(_latents(), 16, boundary=6), _enabled_reference(steps=16)[0])
+    assert sc_compile.report(model).num_steps == 16
+    assert experts[0].shape == (16, 1, 4, 8)
+
+
+# -- item 3: a solver that calls the model twice per step ------------------------------------------
+@pytest.mark.parametrize("guidance", [False, True], ids=["one_stream", "guidance"])
+def test_heun_sub_steps_are_streams_of_their_own(guidance):
+    model, compiled = _compiled(warmup_steps=2)
+    pipe = LoopDiffusion(compiled, FlowMatchHeunDiscreteScheduler())
+    pipe(_latents(), 8, guidance=guidance)
+    report = sc_compile.report(model)
+    # 8 steps: 15 model calls (the last step has no corrector), each sub-step a stream.
+    assert report.clock == "pipeline" and report.num_steps == 8, str(report)
+    assert len(report.streams) == (4 if guidance else 2) and report.num_calls == (30 if guidance else 15)
+    predictor, corrector = report.streams[0], report.streams[-1]
+    assert set(predictor.full_steps) | set(predictor.cached_steps) == set(range(8))
+    assert set(corrector.full_steps) | set(corrector.cached_steps) == set(range(7))
+    assert report.cached_steps, str(report)
