@@ -241,3 +241,96 @@ def test_heun_sub_steps_are_streams_of_their_own(guidance):
     assert set(predictor.full_steps) | set(predictor.cached_steps) == set(range(8))
     assert set(corrector.full_steps) | set(corrector.cached_steps) == set(range(7))
     assert report.cached_steps, str(report)
+
+
+# -- the target: host reads and full steps of a 16-step FluxPipeline call ---------------------------
+def _flux_images(pipe, embeddings, steps=16):
+    return pipe(
+        **embeddings.pipeline_kwargs([1, 7], guidance_scale=3.0),
+        height=28,
+        width=28,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+
+
+def _host_reads(monkeypatch, run) -> int:
+    """Device→host reads during ``run``: every way Python reads a tensor's values (the reads
+    ``tests/test_host_reads.py`` counts; its constructor counting is left out: Dynamo guards on
+    patched torch functions and would recompile the model). Everything is host memory on the CPU, so
+    two kinds of read a GPU run does not sync on are left out: the α table's arithmetic
+    (``sc_compile/decision/coefficients.py``; tables are held on the CPU) and reading the result of
+    ``.cpu()`` (the copy was the read)."""
+    import sys
+    import weakref
+
+    from test_host_reads import READS
+
+    reads = [0]
+    copies: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
+
+    def counting(original, name):
+        def wrapped(tensor, *args, **kwargs):
+            host_table = sys._getframe(1).f_code.co_filename.endswith("decision/coefficients.py")
+            if not host_table and tensor not in copies:
+                reads[0] += 1
+            out = original(tensor, *args, **kwargs)
+            if name == "cpu":
+                copies.add(out)
+            return out
+
+        return wrapped
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name), name))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    run()
+    monkeypatch.undo()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "the count recompiled the model"
+    return reads[0]
+
+
+def test_flux_pipeline_one_line_host_reads_and_full_steps(monkeypatch):
+    """Every host read of a whole FluxPipeline call (the pipeline's own included), counted for plain
+    ``torch.compile``, the one line (the adopted first call of a pipeline, then its next call) and
+    ``enable``; each after a call that compiled. Printed: ``pytest -s -k host_reads tests/test_one_line.py``."""
+    from sc_compile.demo.models import build_flux_pipeline, random_flux_demo
+
+    pipe, embeddings = random_flux_demo(seed=0)
+    model = pipe.transformer
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager"})
+    _flux_images(build_flux_pipeline(compiled), embeddings)  # compiles
+    fresh = build_flux_pipeline(compiled)
+    images: dict[str, torch.Tensor] = {}
+
+    def run(name, target):
+        images[name] = _flux_images(target, embeddings)
+
+    one_line = _host_reads(monkeypatch, lambda: run("one line", fresh))
+    one_line_report = sc_compile.report(model)
+    one_line_next = _host_reads(monkeypatch, lambda: run("one line, next call", fresh))
+    enabled = sc_compile.enable(build_flux_pipeline(compiled))
+    enable_reads = _host_reads(monkeypatch, lambda: run("enable", enabled))
+    enable_report = sc_compile.report(model)
+    full = one_line_report.num_full_steps
+    from sc_compile.runtime.dispatch import latest_runtime
+
+    table = latest_runtime(model).alpha
+    assert table is not None and table.fitted is not None and table.fitted.coef.device.type == "cpu"
+    torch._dynamo.reset()  # Dynamo would run the graphs compiled above for the same forward
+    plain_pipe, _ = random_flux_demo(seed=0)
+    plain_pipe.transformer = torch.compile(plain_pipe.transformer, backend="eager")
+    _flux_images(plain_pipe, embeddings)
+    plain = _host_reads(monkeypatch, lambda: _flux_images(plain_pipe, embeddings))
+    print(
+        f"\n16-step FluxPipeline call, host reads: plain torch.compile {plain}, one line {one_line} "
+        f"(+{one_line - plain}; next call {one_line_next}), enable {enable_reads} (+{enable_reads - plain}); "
+        f"full steps: one line {full} {one_line_report.full_steps}, enable {enable_report.num_full_steps} "
+        f"{enable_report.full_steps}"
+    )
+    assert one_line_report.clock == "pipeline" and one_line_report.num_steps == 16
+    assert one_line - plain <= full and one_line_next - plain <= full
+    assert one_line_report.full_steps == enable_report.full_steps and one_line_report.cached_steps
+    torch.testing.assert_close(images["one line"], images["enable"], rtol=0, atol=0)
+    torch.testing.assert_close(images["one line, next call"], images["enable"], rtol=0, atol=0)

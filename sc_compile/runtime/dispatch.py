@@ -328,8 +328,11 @@ class ScalingCacheRuntime:
             return self._dispatch(generation, forward.placement, args, follows=True)
 
     # -- placement -----------------------------------------------------------------------------
-    def _timestep_values(self, args: tuple[Any, ...]) -> tuple[tuple[float, ...], torch.dtype]:
-        """The timestep input's values: one device→host read."""
+    def _timestep_values(
+        self, args: tuple[Any, ...], generation: Generation | None = None
+    ) -> tuple[tuple[float, ...], torch.dtype]:
+        """The timestep input's values: one device→host read (under the pipeline clock, ``generation``
+        brings the scheduler's sigmas over in the same read)."""
         if self.timestep_index is None:
             where = self.piece.where if self.piece is not None else "a graph break"
             raise ClockError(
@@ -342,7 +345,10 @@ class ScalingCacheRuntime:
         timestep = args[self.timestep_index]
         if not isinstance(timestep, torch.Tensor):
             return (float(timestep),), torch.float64
-        values = tuple(timestep.detach().reshape(-1).tolist())
+        if generation is not None:
+            values = generation.read_timestep(timestep)
+        else:
+            values = tuple(timestep.detach().reshape(-1).tolist())
         self._check_samples(timestep, values)
         return values, timestep.dtype
 
@@ -374,7 +380,7 @@ class ScalingCacheRuntime:
 
             def timestep() -> float | None:
                 if not read:
-                    values, _ = self._timestep_values(args)
+                    values, _ = self._timestep_values(args, generation)
                     read.append(_mean(values))
                     generation.clock.record_timestep(step, read[0])
                 return read[0]

@@ -307,6 +307,7 @@ class Generation:
         self.finished = False
         self.checked_samples = False
         self.report: GenerationReport | None = None  # built when the generation finishes
+        self._read_sigmas: list[float] | None = None  # the scheduler's sigmas, read with a timestep
         if self.session.config.final_full_steps and self.num_steps is None:
             raise ValueError(
                 f"final_full_steps={self.session.config.final_full_steps} needs the generation's step count: set "
@@ -347,12 +348,27 @@ class Generation:
         """The step's timestep where it is known without a device read (see ``StepClock``)."""
         return self.clock.timestep_of(step)
 
+    def read_timestep(self, timestep: torch.Tensor) -> tuple[float, ...]:
+        """A pipeline call's timestep input as host floats. The first read also brings the scheduler's
+        sigmas over (for :meth:`schedule_sigmas`): one device→host read for both."""
+        flat = timestep.detach().reshape(-1)
+        sigmas = self.schedule()[1]
+        if self._read_sigmas is not None or not isinstance(sigmas, torch.Tensor):
+            return tuple(flat.tolist())
+        dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        both = torch.cat([flat.to(dtype), sigmas.detach().reshape(-1).to(flat.device, dtype)]).tolist()
+        self._read_sigmas = both[flat.numel() :]
+        return tuple(both[: flat.numel()])
+
     def schedule_sigmas(self) -> list[float] | None:
         """The scheduler's sigmas as host floats (one read), when the pipeline integration knows them."""
         sigmas = self.schedule()[1]
         if sigmas is None:
             return None
-        values = [float(s) for s in sigmas.detach().flatten().cpu().tolist()]
+        if self._read_sigmas is not None:
+            values = self._read_sigmas
+        else:
+            values = [float(s) for s in sigmas.detach().flatten().cpu().tolist()]
         # A solver of order k evaluates k points per step: the step starts at every k-th sigma.
         return values[:: self.clock.order]
 
