@@ -154,14 +154,16 @@ def uncached(model: torch.nn.Module) -> Iterator[None]:
 def enable(pipe: Any, *, denoisers: Any = None) -> Any:
     """Give a pipeline's ScalingCache-compiled denoisers the pipeline's own step clock: a
     generation per pipeline call, steps from its scheduler, streams from its ``cache_context``;
-    see :mod:`sc_compile.clock.pipeline`. Returns ``pipe``."""
+    see :mod:`sc_compile.clock.pipeline`. Optional for a ``diffusers.DiffusionPipeline``, whose call
+    the compiled model finds on its own. Returns ``pipe``."""
     from sc_compile.clock.pipeline import enable as _enable
 
     return _enable(pipe, denoisers=denoisers)
 
 
 def disable(pipe: Any) -> Any:
-    """Undo :func:`enable`."""
+    """Undo :func:`enable`, and stop the compiled denoisers from finding ``pipe``'s calls (the
+    timestep clock then places them)."""
     from sc_compile.clock.pipeline import disable as _disable
 
     return _disable(pipe)

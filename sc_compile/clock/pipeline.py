@@ -124,7 +124,7 @@ def enable(pipe: Any, *, denoisers: Sequence[str] | None = None) -> Any:
 
 
 def disable(pipe: Any) -> Any:
-    """Undo :func:`enable`."""
+    """Undo :func:`enable`, and stop the adoption of ``pipe``'s calls (the one line)."""
     cls = type(pipe)
     if getattr(cls, "_sc_compile_enabled", False):
         pipe.__class__ = cls.__mro__[1]
