@@ -411,13 +411,9 @@ class ScalingCacheRuntime:
 
     def _place_ambient(self, session: ModuleSession, key: Any, args: tuple[Any, ...]) -> tuple[Generation, Placement]:
         values, dtype = self._timestep_values(args)
-        generation = session.ambient
-        if generation is not None and generation.owner != threading.get_ident():
-            if not generation.clock.starts_new_generation(values):
-                session._other_thread(generation)
-            session.finish(generation, interrupted=True)
-            generation = None
+        generation = session.ambient  # this thread's
         if generation is None:
+            session.refuse_continuing_another_thread(values)
             generation = session.generation_for(None)
             if generation.source == "timestep" and not generation.num_calls:
                 # A caveat, not a detected failure (the README says the same): logged at INFO.
@@ -432,6 +428,7 @@ class ScalingCacheRuntime:
         try:
             step, stream = generation.clock.place_by_timestep(values, stream_name(key), dtype)
         except NewGeneration:
+            session.refuse_continuing_another_thread(values)
             generation = session.restart_ambient(generation)
             step, stream = generation.clock.place_by_timestep(values, stream_name(key), dtype)
         mean = _mean(values)

@@ -11,8 +11,8 @@
 * A :class:`GenerationScope` is an explicit generation (``sc_compile.generation`` or one pipeline
   call under ``sc_compile.enable``). Scopes live in a ``contextvars`` variable, so concurrent
   generations in separate threads (or tasks) each see their own and are isolated. Calls outside
-  any scope share the session's *ambient* generation, placed by the timestep; a call from a second
-  thread while another thread's ambient generation runs is refused.
+  any scope go to the calling thread's *ambient* generation, placed by the timestep; a thread whose
+  new generation's first timestep continues another thread's running one is refused.
 """
 
 from __future__ import annotations
@@ -391,12 +391,45 @@ class ModuleSession:
         self.runtimes: list[weakref.ReferenceType[Any]] = []
         # Held for the whole of an ambient call (placement and dispatch), and to take one over.
         self.lock = threading.RLock()
-        self.ambient: Generation | None = None
+        # Per thread: its ambient (timestep-placed) generation. Threads that share a compiled model
+        # without a context each get their own (``ambient`` is the calling thread's).
+        self._ambient: dict[int, Generation] = {}
         self.last_generation: Generation | None = None
         self.last_report: GenerationReport | None = None
         self.last_active = 0.0
         self.pool = StatePool()
         self._warned: set[str] = set()
+
+    @property
+    def ambient(self) -> Generation | None:
+        """The calling thread's ambient generation."""
+        return self._ambient.get(threading.get_ident())
+
+    @ambient.setter
+    def ambient(self, generation: Generation | None) -> None:
+        if generation is None:
+            self._ambient.pop(threading.get_ident(), None)
+        else:
+            self._ambient[threading.get_ident()] = generation
+
+    def refuse_continuing_another_thread(self, values: tuple[float, ...]) -> None:
+        """Before a thread starts an ambient generation at these timestep values: refuse if they
+        continue another thread's running generation (its next step, as the timestep clock reads
+        it), which would be one generation run across threads; every thread then places its own
+        steps in a generation of its own. Reads the other generations' clocks only (under
+        ``self.lock``, which every ambient call holds), so the refusal touches none of their state.
+        Generations of threads that have ended are finished here."""
+        alive = {thread.ident for thread in threading.enumerate()}
+        for owner, generation in list(self._ambient.items()):
+            if owner == threading.get_ident() or generation.finished:
+                continue
+            if owner not in alive:
+                self.finish(generation, interrupted=True)
+                continue
+            clock = generation.clock
+            current = clock._values[clock.step] if clock.step >= 0 else None
+            if values != current and not clock.starts_new_generation(values):
+                self._other_thread(generation)
 
     def warn_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._warned:
@@ -431,11 +464,12 @@ class ModuleSession:
     def _other_thread(self, generation: Generation) -> Generation:
         """A call from a thread that did not start the running ambient generation."""
         raise ClockError(
-            f"ScalingCache: {self.name} is called from a second thread while a generation started by "
-            "another thread is running, with no generation context: the two generations would share one "
-            "clock and one set of cache buffers. Give each generation its own state: call it inside "
-            "`with sc_compile.generation(transformer):` in its own thread, or use `sc_compile.enable(pipe)` "
-            "on each pipeline."
+            f"ScalingCache: {self.name} is called from a second thread, with no generation context, at a "
+            "timestep that continues the generation another thread is running (its next step): one "
+            "generation whose steps run in several threads cannot be placed by the timestep (each thread "
+            "gets a generation of its own). Give each generation its own state: call it inside "
+            "`with sc_compile.generation(transformer):` in its own thread, or run each pipeline call "
+            "(`sc_compile.enable(pipe)` or found by the compiled model) in one thread."
         )
 
     def restart_ambient(self, old: Generation) -> Generation:
@@ -474,8 +508,8 @@ class ModuleSession:
             generation.report = report
         for layout_state in generation.layouts.values():
             layout_state.release(self.pool)
-        if self.ambient is generation:
-            self.ambient = None
+        if self._ambient.get(generation.owner) is generation:
+            del self._ambient[generation.owner]
 
     def end_ambient(self) -> None:
         with self.lock:
