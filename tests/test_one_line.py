@@ -334,3 +334,61 @@ def test_flux_pipeline_one_line_host_reads_and_full_steps(monkeypatch):
     assert one_line_report.full_steps == enable_report.full_steps and one_line_report.cached_steps
     torch.testing.assert_close(images["one line"], images["enable"], rtol=0, atol=0)
     torch.testing.assert_close(images["one line, next call"], images["enable"], rtol=0, atol=0)
+
+
+def _wan_experts(first, second, enabled: bool, steps: int = 8):
+    from diffusers import WanPipeline
+
+    from sc_compile.demo.models import random_wan_demo
+
+    base, embeddings = random_wan_demo(seed=0)
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=base.vae,
+        scheduler=base.scheduler,
+        transformer=first,
+        transformer_2=second,
+        boundary_ratio=0.5,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if enabled:
+        sc_compile.enable(pipe)
+    return pipe(
+        **embeddings.pipeline_kwargs([1, 7], guidance_scale=3.0),
+        height=32,
+        width=32,
+        num_frames=5,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).frames
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["one_line", "enable"])
+def test_wan_pipeline_with_two_experts(enabled, caplog):
+    from sc_compile.demo.models import random_wan_demo
+
+    options = {"compiler": "eager", "warmup_steps": 2}
+    high = random_wan_demo(seed=0)[0].transformer
+    low = random_wan_demo(seed=1)[0].transformer
+    with caplog.at_level(logging.WARNING, logger="sc_compile.runtime"):
+        frames = _wan_experts(
+            torch.compile(high, backend="scalingcache", options=options),
+            torch.compile(low, backend="scalingcache", options=options),
+            enabled,
+        )
+    first, second = sc_compile.report(high), sc_compile.report(low)
+    ran_first = set(first.full_steps) | set(first.cached_steps)
+    ran_second = set(second.full_steps) | set(second.cached_steps)
+    assert ran_first and ran_second and not ran_first & ran_second, (str(first), str(second))
+    assert ran_first | ran_second == set(range(8)) and first.clock == second.clock == "pipeline"
+    assert second.steps_run == len(ran_second) < second.num_steps and "run by another model" in str(second)
+    assert not [r for r in caplog.records if "declared steps" in r.getMessage()]
+    assert torch.isfinite(frames).all()
+    # One module as both experts: one generation of every step.
+    torch._dynamo.reset()
+    same = torch.compile(high, backend="scalingcache", options=options)
+    _wan_experts(same, same, enabled)
+    report = sc_compile.report(high)
+    assert report.num_steps == report.steps_run == 8 and report.cached_steps, str(report)
