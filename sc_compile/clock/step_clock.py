@@ -77,19 +77,20 @@ class StepClock:
 
     def _stream_of(self, name: str | None) -> int:
         if name is None:
-            stream = len(self._streams_this_step)
+            unnamed = len(self._streams_this_step)
             if self.step == self.adopted_step:
-                self._claimable.add(stream)
-            return stream
+                self._claimable.add(unnamed)
+            return unnamed
         stream = self.stream_names.get(name)
-        if stream is None:
-            free = sorted(self._claimable - self._streams_this_step)
-            if free:
-                stream = free[0]
-                self._claimable.discard(stream)
-            else:
-                stream = max([*self.stream_names.values(), *self._claimable, -1]) + 1
-            self.stream_names[name] = stream
+        if stream is not None:
+            return stream
+        free = sorted(self._claimable - self._streams_this_step)
+        if free:
+            stream = free[0]
+            self._claimable.discard(stream)
+        else:
+            stream = max([*self.stream_names.values(), *self._claimable, -1]) + 1
+        self.stream_names[name] = stream
         return stream
 
     def _begin_step(self, values: tuple[float, ...] | None) -> None:
