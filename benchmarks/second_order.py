@@ -1,7 +1,8 @@
 """A solver that calls the model twice per step (issue 21, item 3), on the shipped trained Wan demo.
 
 ``WanPipeline`` with ``FlowMatchHeunDiscreteScheduler`` (Heun: a predictor and a corrector call per
-step) and, for comparison, the demo's Euler scheduler, through the one line
+step), DPM-Solver++ second order (multistep, and singlestep: one model call per scheduler step) and,
+for comparison, the demo's Euler scheduler, through the one line
 (``torch.compile(pipe.transformer, backend="scalingcache")``, no ``enable``), against the same
 pipeline uncompiled. Prints, per scheduler: steps, model calls, full and cached steps, cached calls and
 the relative error ``‖cached − uncached‖ / ‖uncached‖`` of the frames, over held-out classes and seeds.
@@ -14,7 +15,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+)
 
 import sc_compile
 from sc_compile.demo.models import build_wan_pipeline, load_wan_demo
@@ -45,6 +51,13 @@ def main() -> None:
     schedulers = {
         "Euler": lambda: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
         "Heun": lambda: FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+        # Second order with one model call per scheduler step (order 1 to the clock).
+        "DPM-Solver++ 2M": lambda: DPMSolverMultistepScheduler(
+            solver_order=2, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0
+        ),
+        "DPM-Solver++ 2S": lambda: DPMSolverSinglestepScheduler(
+            solver_order=2, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0
+        ),
     }
     for name, make in schedulers.items():
         torch._dynamo.reset()
