@@ -392,3 +392,40 @@ def test_wan_pipeline_with_two_experts(enabled, caplog):
     _wan_experts(same, same, enabled)
     report = sc_compile.report(high)
     assert report.num_steps == report.steps_run == 8 and report.cached_steps, str(report)
+
+
+# -- what the timestep clock refused, the one line now runs ------------------------------------------
+def test_a_split_forward_whose_blocks_never_see_the_timestep_runs_under_the_one_line():
+    from test_graph_breaks import BreakAfterTimestepEmbedding
+
+    class NamedBreak(BreakAfterTimestepEmbedding, CacheMixin):
+        pass
+
+    results, reports = [], []
+    for enabled in (True, False):
+        torch._dynamo.reset()
+        model = NamedBreak()
+        pipe = LoopDiffusion(
+            torch.compile(model, backend="scalingcache", options=EAGER), FlowMatchEulerDiscreteScheduler()
+        )
+        if enabled:
+            sc_compile.enable(pipe)
+        results.append(pipe(_latents(), 10, guidance=True))
+        reports.append(sc_compile.report(model))
+    _equal(results[0], results[1])
+    assert reports[1].clock == "pipeline" and reports[1].cached_steps
+    assert reports[0].full_steps == reports[1].full_steps
+
+
+def test_bf16_flux_with_a_negative_prompt_runs_under_the_one_line():
+    """Cond and uncond calls share one bfloat16 timestep: the timestep clock cannot tell the next
+    step from the second guidance call and refused; the pipeline clock places both exactly."""
+    from sc_compile.demo.models import random_flux_demo
+
+    pipe, embeddings = random_flux_demo(seed=0, dtype=torch.bfloat16)
+    model = pipe.transformer
+    pipe.transformer = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3})
+    images = _flux_images(pipe, embeddings, steps=10)
+    report = sc_compile.report(model)
+    assert report.clock == "pipeline" and report.num_steps == 10 and len(report.streams) == 2, str(report)
+    assert report.cached_steps and torch.isfinite(images).all()
