@@ -158,6 +158,9 @@ def generation(
 
     if num_inference_steps is not None and not is_int_at_least(num_inference_steps, 1):
         raise ValueError(f"num_inference_steps must be a positive int, but got {num_inference_steps!r}")
+    from sc_compile.clock.pipeline import end_stale_adoptions
+
+    end_stale_adoptions()  # an adopted pipeline call that was interrupted
     for session in sessions_of(model):  # free a timestep-placed generation this thread left running
         if session.ambient is not None and session.ambient.owner == threading.get_ident():
             session.end_ambient()
@@ -192,14 +195,16 @@ def uncached(model: torch.nn.Module) -> Iterator[None]:
 def enable(pipe: Any, *, denoisers: Any = None) -> Any:
     """Give a pipeline's ScalingCache-compiled denoisers the pipeline's own step clock: a
     generation per pipeline call, steps from its scheduler, streams from its ``cache_context``;
-    see :mod:`sc_compile.clock.pipeline`. Returns ``pipe``."""
+    see :mod:`sc_compile.clock.pipeline`. Optional for a ``diffusers.DiffusionPipeline``, whose call
+    the compiled model finds on its own. Returns ``pipe``."""
     from sc_compile.clock.pipeline import enable as _enable
 
     return _enable(pipe, denoisers=denoisers)
 
 
 def disable(pipe: Any) -> Any:
-    """Undo :func:`enable`."""
+    """Undo :func:`enable`, and stop the compiled denoisers from finding ``pipe``'s calls (the
+    timestep clock then places them)."""
     from sc_compile.clock.pipeline import disable as _disable
 
     return _disable(pipe)

@@ -215,7 +215,8 @@ def test_group_offloading_and_regional_compilation_are_cached(family, how):
     assert any(isinstance(r, BlockGraphRuntime) and r.num_cached_calls for r in runtimes_of(model))
 
 
-def test_pipeline_clock_places_per_block_graphs_with_guidance_streams():
+@pytest.mark.parametrize("enabled", [True, False], ids=["enable", "one_line"])
+def test_pipeline_clock_places_per_block_graphs_with_guidance_streams(enabled):
     from sc_compile.demo.models import random_flux_demo
 
     pipe, embeddings = random_flux_demo(seed=0)
@@ -224,7 +225,8 @@ def test_pipeline_clock_places_per_block_graphs_with_guidance_streams():
     cached_pipe.transformer.compile_repeated_blocks(
         backend="scalingcache", options={"compiler": "eager", "warmup_steps": 3}
     )
-    sc_compile.enable(cached_pipe)
+    if enabled:
+        sc_compile.enable(cached_pipe)
 
     def generate(p):
         with torch.no_grad():

@@ -3,7 +3,9 @@
 A generation's clock has one of three sources, the most explicit available:
 
 ``"pipeline"``
-    ``sc_compile.enable(pipe)``: a generation per pipeline call, a step per ``scheduler.step``,
+    a diffusers pipeline call (found by the call itself, or ``sc_compile.enable(pipe)``): a generation
+    per pipeline call, a step per ``scheduler.step`` (per ``scheduler.order`` of them for a solver
+    that calls the model more than once per step: each of those calls is a stream of its own),
     streams named by the pipeline's ``cache_context`` (or, where it uses none, numbered by call
     order within the step), the step count from the scheduler. No tensor is read to place a call.
 ``"context"``
@@ -52,18 +54,41 @@ class StepClock:
         self.num_steps = num_steps
         self.step = -1
         self.stream_names: dict[str, int] = {}
+        # Pipeline clock: model calls per step (the scheduler's ``order``), and the step at which a
+        # pipeline call already running was adopted (its first call ran inside a ``cache_context``
+        # entered before the integration could name it: that unnamed stream is claimed by the
+        # first new name of a later step).
+        self.order = 1
+        self.adopted_step: int | None = None
+        self._claimable: set[int] = set()
         self.calls_per_step: list[int] = []
         self._streams_this_step: set[int] = set()
         # Per step: the timestep values read (flattened), where the clock read them.
         self._values: list[tuple[float, ...] | None] = []
 
     # -- shared --------------------------------------------------------------------------------
+    def follow_pipeline(self, order: int, adopted_at: int | None) -> None:
+        """Place calls by a pipeline whose scheduler runs ``order`` model calls per step; ``adopted_at``:
+        the scheduler steps taken when the pipeline call was adopted (None: placed from its start)."""
+        self.order = max(int(order), 1)
+        self.adopted_step = None if adopted_at is None else adopted_at // self.order
+
     def _stream_of(self, name: str | None) -> int:
         if name is None:
-            return len(self._streams_this_step)
+            unnamed = len(self._streams_this_step)
+            if self.step == self.adopted_step:
+                self._claimable.add(unnamed)
+            return unnamed
         stream = self.stream_names.get(name)
-        if stream is None:
-            stream = self.stream_names[name] = len(self.stream_names)
+        if stream is not None:
+            return stream
+        free = sorted(self._claimable - self._streams_this_step)
+        if free:
+            stream = free[0]
+            self._claimable.discard(stream)
+        else:
+            stream = max([*self.stream_names.values(), *self._claimable, -1]) + 1
+        self.stream_names[name] = stream
         return stream
 
     def _begin_step(self, values: tuple[float, ...] | None) -> None:
@@ -108,8 +133,18 @@ class StepClock:
         if 0 <= step < len(self._values) and self._values[step] is None:
             self._values[step] = (value,)
 
-    def place_in_pipeline_step(self, step: int, name: str | None) -> tuple[int, int]:
-        """Place a call at ``step`` (the scheduler steps taken so far in the pipeline call)."""
+    def place_in_pipeline_step(self, scheduler_steps: int, name: str | None) -> tuple[int, int]:
+        """Place a call after ``scheduler_steps`` calls of ``scheduler.step`` in the pipeline call.
+
+        With a scheduler of order k > 1 (Heun, KDPM2: the pipeline calls the model and
+        ``scheduler.step`` k times per step), the call is in step ``scheduler_steps // k`` and its
+        sub-step ``scheduler_steps % k`` is part of its stream: the model is evaluated at another
+        point of each sub-step (a predictor, then a corrector), so each sub-step's calls form a
+        smooth trajectory of their own, predicted from their own history, never from the other's.
+        """
+        step, substep = divmod(scheduler_steps, self.order)
+        if self.order > 1 and name is not None:
+            name = f"{name}#{substep}"
         if step < self.step:
             raise RuntimeError(
                 f"ScalingCache: the pipeline's step went back from {self.step} to {step}; bug in sc_compile"

@@ -73,16 +73,26 @@ class GenerationReport:
         return len(self.full_steps)
 
     @property
+    def steps_run(self) -> int:
+        """Steps at which this model ran (full or cached): fewer than ``num_steps`` for one expert of a
+        pipeline whose steps are shared between two denoisers (the other expert ran the rest)."""
+        return len(set(self.full_steps) | set(self.cached_steps))
+
+    @property
     def speedup(self) -> float:
-        """Steps per full step: the ideal speed-up in full transformer evaluations."""
-        return self.num_steps / self.num_full_steps if self.full_steps else float("inf")
+        """Steps run per full step: the ideal speed-up in full transformer evaluations."""
+        return self.steps_run / self.num_full_steps if self.full_steps else float("inf")
 
     def __str__(self) -> str:
-        marks = "".join("F" if s in self.full_steps else "." for s in range(self.num_steps))
+        marks = "".join(
+            "F" if s in self.full_steps else "." if s in self.cached_steps else " " for s in range(self.num_steps)
+        )
+        others = self.num_steps - self.steps_run
         lines = [
-            f"ScalingCache: {self.num_steps} steps, {self.num_full_steps} full, {len(self.cached_steps)} cached "
+            f"ScalingCache: {self.num_steps} steps{f' ({others} run by another model)' if others else ''}, "
+            f"{self.num_full_steps} full, {len(self.cached_steps)} cached "
             f"({self.speedup:.2f}x fewer full evaluations)",
-            f"  steps:    {marks}  (F full, . cached)",
+            f"  steps:    {marks}  (F full, . cached{', blank: not run here' if others else ''})",
             f"  α:        {self.alpha_source or 'none'}",
             f"  streams:  {self._describe_streams()}",
             f"  warm-up:  {self.warmup_steps} steps; {self.num_points} cache points",
@@ -122,6 +132,8 @@ class GenerationReport:
         rows = [header]
         lead = group[0]
         for step in range(self.num_steps):
+            if step not in self.full_steps and step not in self.cached_steps:
+                continue  # run by another model (the other expert of a two-transformer pipeline)
             full = step in lead.full_steps or (step in self.full_steps and step not in lead.cached_steps)
             rule = lead.rule[step] if step < len(lead.rule) else None
             epsilon, delta = ("-", "-") if rule is None else (f"{rule[0]:.3g}", f"{rule[1]:.3g}")

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sc_compile.calibration.table import AlphaTable
+from sc_compile.clock.pipeline import scope_for_call
 from sc_compile.clock.step_clock import EXPLICIT_SOURCES, ClockError, NewGeneration
 from sc_compile.config import ScalingCacheConfig, StochasticSampler
 from sc_compile.contract import step_inputs
@@ -46,7 +47,6 @@ from sc_compile.runtime.generations import (
     GenerationScope,
     LayoutState,
     ModuleSession,
-    active_scope,
     is_uncached,
     module_key,
     session_for,
@@ -270,7 +270,10 @@ class ScalingCacheRuntime:
         if is_uncached(key):
             self._start_forward(session, None, None)
             return self._run_uncached(args)
-        scope = active_scope(key)
+        scope, side_call = scope_for_call(key)
+        if side_call:
+            self._start_forward(session, None, None)
+            return self._run_uncached(args)
         if scope is not None:
             generation = session.generation_for(scope)
             if scope.pipeline is not None and generation.clock.stream_names and stream_name(key) is None:
@@ -315,8 +318,11 @@ class ScalingCacheRuntime:
             return self._dispatch(generation, forward.placement, args, follows=True)
 
     # -- placement -----------------------------------------------------------------------------
-    def _timestep_values(self, args: tuple[Any, ...]) -> tuple[tuple[float, ...], torch.dtype]:
-        """The timestep input's values: one device→host read."""
+    def _timestep_values(
+        self, args: tuple[Any, ...], generation: Generation | None = None
+    ) -> tuple[tuple[float, ...], torch.dtype]:
+        """The timestep input's values: one device→host read (under the pipeline clock, ``generation``
+        brings the scheduler's sigmas over in the same read)."""
         if self.timestep_index is None:
             where = self.piece.where if self.piece is not None else "a graph break"
             raise ClockError(
@@ -329,7 +335,10 @@ class ScalingCacheRuntime:
         timestep = args[self.timestep_index]
         if not isinstance(timestep, torch.Tensor):
             return (float(timestep),), torch.float64
-        values = tuple(timestep.detach().reshape(-1).tolist())
+        if generation is not None:
+            values = generation.read_timestep(timestep)
+        else:
+            values = tuple(timestep.detach().reshape(-1).tolist())
         self._check_samples(timestep, values)
         return values, timestep.dtype
 
@@ -361,7 +370,7 @@ class ScalingCacheRuntime:
 
             def timestep() -> float | None:
                 if not read:
-                    values, _ = self._timestep_values(args)
+                    values, _ = self._timestep_values(args, generation)
                     read.append(_mean(values))
                     generation.clock.record_timestep(step, read[0])
                 return read[0]
@@ -392,13 +401,9 @@ class ScalingCacheRuntime:
 
     def _place_ambient(self, session: ModuleSession, key: Any, args: tuple[Any, ...]) -> tuple[Generation, Placement]:
         values, dtype = self._timestep_values(args)
-        generation = session.ambient
-        if generation is not None and generation.owner != threading.get_ident():
-            if not generation.clock.starts_new_generation(values):
-                session._other_thread(generation)
-            session.finish(generation, interrupted=True)
-            generation = None
+        generation = session.ambient  # this thread's
         if generation is None:
+            session.refuse_continuing_another_thread(values)
             generation = session.generation_for(None)
             if generation.source == "timestep" and not generation.num_calls:
                 # A caveat, not a detected failure (the README says the same): logged at INFO.
@@ -413,6 +418,7 @@ class ScalingCacheRuntime:
         try:
             step, stream = generation.clock.place_by_timestep(values, stream_name(key), dtype)
         except NewGeneration:
+            session.refuse_continuing_another_thread(values)
             generation = session.restart_ambient(generation)
             step, stream = generation.clock.place_by_timestep(values, stream_name(key), dtype)
         mean = _mean(values)
@@ -602,6 +608,9 @@ def runtimes_of(model: torch.nn.Module) -> list[ScalingCacheRuntime]:
 
 def latest_session(model: torch.nn.Module) -> ModuleSession:
     sessions = [s for s in sessions_of(model) if s.last_active]
+    # A session that only ran calls outside any generation (a preview, a graph another compile
+    # built and this one reuses) has nothing to report while another has.
+    sessions = [s for s in sessions if s.last_generation is not None] or sessions
     if not sessions:
         name = type(getattr(model, "_orig_mod", model)).__name__
         raise RuntimeError(

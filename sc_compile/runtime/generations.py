@@ -11,8 +11,8 @@
 * A :class:`GenerationScope` is an explicit generation (``sc_compile.generation`` or one pipeline
   call under ``sc_compile.enable``). Scopes live in a ``contextvars`` variable, so concurrent
   generations in separate threads (or tasks) each see their own and are isolated. Calls outside
-  any scope share the session's *ambient* generation, placed by the timestep; a call from a second
-  thread while another thread's ambient generation runs is refused.
+  any scope go to the calling thread's *ambient* generation, placed by the timestep; a thread whose
+  new generation's first timestep continues another thread's running one is refused.
 """
 
 from __future__ import annotations
@@ -51,13 +51,17 @@ def module_key(module: torch.nn.Module) -> Any:
 # -- explicit scopes ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class PipelineRun:
-    """One pipeline call under ``sc_compile.enable``: the scheduler steps taken so far."""
+    """One pipeline call under the pipeline clock: the scheduler steps taken so far."""
 
     scheduler: Any
     steps_taken: int = 0
     num_steps: int | None = None
     stochastic: bool = False
     stochastic_checked: bool = False
+    # Model calls (and scheduler steps) per denoising step: the scheduler's ``order``.
+    order: int = 1
+    # The scheduler steps already taken when a running pipeline call was adopted (the one line).
+    adopted_at: int | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -109,6 +113,12 @@ def push_scope(scope: GenerationScope) -> contextvars.Token:
 
 def pop_scope(token: contextvars.Token) -> None:
     _SCOPES.reset(token)
+
+
+def remove_scope(scope: GenerationScope) -> None:
+    """Close ``scope`` wherever it sits (a scope opened inside a call already running, which no
+    ``with`` block closes: the pipeline call adopted by the one line)."""
+    _SCOPES.set(tuple(s for s in _SCOPES.get() if s is not scope))
 
 
 def is_uncached(key: Any) -> bool:
@@ -279,6 +289,8 @@ class Generation:
             )
         self.declared_steps = self.num_steps
         self.clock = StepClock(source, self.num_steps)
+        if scope is not None and scope.pipeline is not None:
+            self.clock.follow_pipeline(scope.pipeline.order, scope.pipeline.adopted_at)
         self.layouts: dict[tuple[object, ...], LayoutState] = {}
         # A forward Dynamo split at breaks: the layout whose decisions every piece follows, the
         # piece layout created last. The pieces first run in forward order, so it is the piece
@@ -295,6 +307,7 @@ class Generation:
         self.finished = False
         self.checked_samples = False
         self.report: GenerationReport | None = None  # built when the generation finishes
+        self._read_sigmas: list[float] | None = None  # the scheduler's sigmas, read with a timestep
         if self.session.config.final_full_steps and self.num_steps is None:
             raise ValueError(
                 f"final_full_steps={self.session.config.final_full_steps} needs the generation's step count: set "
@@ -335,10 +348,29 @@ class Generation:
         """The step's timestep where it is known without a device read (see ``StepClock``)."""
         return self.clock.timestep_of(step)
 
+    def read_timestep(self, timestep: torch.Tensor) -> tuple[float, ...]:
+        """A pipeline call's timestep input as host floats. The first read also brings the scheduler's
+        sigmas over (for :meth:`schedule_sigmas`): one device→host read for both."""
+        flat = timestep.detach().reshape(-1)
+        sigmas = self.schedule()[1]
+        if self._read_sigmas is not None or not isinstance(sigmas, torch.Tensor):
+            return tuple(flat.tolist())
+        dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        both = torch.cat([flat.to(dtype), sigmas.detach().reshape(-1).to(flat.device, dtype)]).tolist()
+        self._read_sigmas = both[flat.numel() :]
+        return tuple(both[: flat.numel()])
+
     def schedule_sigmas(self) -> list[float] | None:
         """The scheduler's sigmas as host floats (one read), when the pipeline integration knows them."""
         sigmas = self.schedule()[1]
-        return None if sigmas is None else [float(s) for s in sigmas.detach().flatten().cpu().tolist()]
+        if sigmas is None:
+            return None
+        if self._read_sigmas is not None:
+            values = self._read_sigmas
+        else:
+            values = [float(s) for s in sigmas.detach().flatten().cpu().tolist()]
+        # A solver of order k evaluates k points per step: the step starts at every k-th sigma.
+        return values[:: self.clock.order]
 
     def schedule(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The scheduler's timesteps and sigmas, when the pipeline integration knows them."""
@@ -359,12 +391,45 @@ class ModuleSession:
         self.runtimes: list[weakref.ReferenceType[Any]] = []
         # Held for the whole of an ambient call (placement and dispatch), and to take one over.
         self.lock = threading.RLock()
-        self.ambient: Generation | None = None
+        # Per thread: its ambient (timestep-placed) generation. Threads that share a compiled model
+        # without a context each get their own (``ambient`` is the calling thread's).
+        self._ambient: dict[int, Generation] = {}
         self.last_generation: Generation | None = None
         self.last_report: GenerationReport | None = None
         self.last_active = 0.0
         self.pool = StatePool()
         self._warned: set[str] = set()
+
+    @property
+    def ambient(self) -> Generation | None:
+        """The calling thread's ambient generation."""
+        return self._ambient.get(threading.get_ident())
+
+    @ambient.setter
+    def ambient(self, generation: Generation | None) -> None:
+        if generation is None:
+            self._ambient.pop(threading.get_ident(), None)
+        else:
+            self._ambient[threading.get_ident()] = generation
+
+    def refuse_continuing_another_thread(self, values: tuple[float, ...]) -> None:
+        """Before a thread starts an ambient generation at these timestep values: refuse if they
+        continue another thread's running generation (its next step, as the timestep clock reads
+        it), which would be one generation run across threads; every thread then places its own
+        steps in a generation of its own. Reads the other generations' clocks only (under
+        ``self.lock``, which every ambient call holds), so the refusal touches none of their state.
+        Generations of threads that have ended are finished here."""
+        alive = {thread.ident for thread in threading.enumerate()}
+        for owner, generation in list(self._ambient.items()):
+            if owner == threading.get_ident() or generation.finished:
+                continue
+            if owner not in alive:
+                self.finish(generation, interrupted=True)
+                continue
+            clock = generation.clock
+            current = clock._values[clock.step] if clock.step >= 0 else None
+            if values != current and not clock.starts_new_generation(values):
+                self._other_thread(generation)
 
     def warn_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._warned:
@@ -399,11 +464,12 @@ class ModuleSession:
     def _other_thread(self, generation: Generation) -> Generation:
         """A call from a thread that did not start the running ambient generation."""
         raise ClockError(
-            f"ScalingCache: {self.name} is called from a second thread while a generation started by "
-            "another thread is running, with no generation context: the two generations would share one "
-            "clock and one set of cache buffers. Give each generation its own state: call it inside "
-            "`with sc_compile.generation(transformer):` in its own thread, or use `sc_compile.enable(pipe)` "
-            "on each pipeline."
+            f"ScalingCache: {self.name} is called from a second thread, with no generation context, at a "
+            "timestep that continues the generation another thread is running (its next step): one "
+            "generation whose steps run in several threads cannot be placed by the timestep (each thread "
+            "gets a generation of its own). Give each generation its own state: call it inside "
+            "`with sc_compile.generation(transformer):` in its own thread, or run each pipeline call "
+            "(`sc_compile.enable(pipe)` or found by the compiled model) in one thread."
         )
 
     def restart_ambient(self, old: Generation) -> Generation:
@@ -424,6 +490,9 @@ class ModuleSession:
         generation.finished = True
         if generation.num_calls:
             ran = generation.clock.step + 1
+            run = generation.scope.pipeline if generation.scope is not None else None
+            if run is not None:  # the pipeline's steps, some perhaps run by another denoiser
+                ran = max(ran, -(-run.steps_taken // run.order))
             if generation.declared_steps is not None and ran < generation.declared_steps and not interrupted:
                 log.warning(
                     "ScalingCache: the generation ran %d of its %d declared steps%s.",
@@ -439,8 +508,8 @@ class ModuleSession:
             generation.report = report
         for layout_state in generation.layouts.values():
             layout_state.release(self.pool)
-        if self.ambient is generation:
-            self.ambient = None
+        if self._ambient.get(generation.owner) is generation:
+            del self._ambient[generation.owner]
 
     def end_ambient(self) -> None:
         with self.lock:
@@ -469,12 +538,29 @@ def _weakrefable(value: Any) -> bool:
 
 
 def pipeline_step_count(scheduler: Any) -> int | None:
+    """The number of steps the pipeline's loop runs (after ``set_timesteps``): its ``scheduler.step``
+    calls, in groups of the scheduler's ``order`` (a second-order solver calls the model and steps
+    twice per step; its last step may be a single call)."""
+    calls = scheduler_calls(scheduler)
+    if calls is None:
+        return None
+    order = scheduler_order(scheduler)
+    return -(-calls // order)
+
+
+def scheduler_calls(scheduler: Any) -> int | None:
     """The number of ``scheduler.step`` calls the pipeline's loop makes (after ``set_timesteps``)."""
     timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is None:
         return None
     begin = getattr(scheduler, "begin_index", None)
     return len(timesteps) - (begin or 0)
+
+
+def scheduler_order(scheduler: Any) -> int:
+    """Model calls per step of ``scheduler`` (diffusers' ``order``: 2 for Heun and KDPM2)."""
+    order = getattr(scheduler, "order", 1)
+    return order if isinstance(order, int) and order > 1 else 1
 
 
 # id(key) -> (weak reference to the key, compile token -> session). Keyed by id, not by the key:

@@ -59,6 +59,7 @@ from typing import Any
 
 import torch
 
+from sc_compile.clock.pipeline import scope_for_call
 from sc_compile.clock.step_clock import ClockError
 from sc_compile.config import ChangePoints, ScalingCacheConfig
 from sc_compile.contract import (
@@ -77,7 +78,6 @@ from sc_compile.memory import CacheMemoryError, new_stream_limit, refusal
 from sc_compile.runtime.generations import (
     Generation,
     GenerationScope,
-    active_scope,
     is_uncached,
     module_key,
     session_for,
@@ -528,7 +528,9 @@ class BlockGraphRuntime:
         session.last_active = next(_ACTIVITY)
         if is_uncached(key):
             return self.fn(*args)
-        scope = active_scope(key)
+        scope, side_call = scope_for_call(key)
+        if side_call:
+            return self.fn(*args)
         if scope is None:
             raise ClockError(
                 f"ScalingCache: Dynamo compiles the blocks of {type(model).__name__} one by one ({self.where}), and "
