@@ -18,6 +18,7 @@ from test_clock import SEQUENCE, LoopPipeline, _latents
 from torch.utils._pytree import tree_flatten
 
 import sc_compile
+from sc_compile.memory import CacheMemoryError, graph_memory_bytes
 from sc_compile.runtime import cuda_graphs
 from sc_compile.runtime.cuda_graphs import CudaGraphStep, GraphPool
 from sc_compile.runtime.dispatch import latest_runtime
@@ -219,3 +220,23 @@ def test_cuda_capture_equals_uncaptured_and_cached_steps_do_not_sync(dtype):
         torch.testing.assert_close(x, y)
     cached = runtimes["reduce-overhead"].cached_step.fn
     assert isinstance(cached, CudaGraphStep) and cached.num_replays > 0
+
+
+def test_graph_memory_counts_against_a_declared_cache_budget(emulated):
+    """Guidance from step 3: the cond stream's captures exist when the uncond stream is allocated.
+    A budget of exactly two streams' state fits without CUDA graphs, and not with them."""
+
+    def run(max_cache_bytes, cudagraphs):
+        torch._dynamo.reset()
+        model = DummyDiT()
+        options = {**OPTIONS, "triton.cudagraphs": cudagraphs, "max_cache_bytes": max_cache_bytes}
+        compiled = torch.compile(model, backend="scalingcache", options=options)
+        _generations(compiled, model, generations=1, guidance_from=3)
+        return latest_runtime(model)
+
+    runtime = run(None, True)
+    assert graph_memory_bytes([runtime]) > 0
+    two_streams = 2 * runtime.layout.stream_nbytes(None)
+    run(two_streams, False)
+    with pytest.raises(CacheMemoryError, match="held by its CUDA-graph captures"):
+        run(two_streams, True)
