@@ -23,7 +23,7 @@ from sc_compile.runtime import cuda_graphs
 from sc_compile.runtime.cuda_graphs import CudaGraphStep, GraphPool
 from sc_compile.runtime.dispatch import latest_runtime
 
-from dummy_dit import DummyDiT
+from dummy_dit import DummyDiT, output_scale
 
 OPTIONS = {"warmup_steps": 3, "alpha": "ones"}
 
@@ -31,6 +31,8 @@ OPTIONS = {"warmup_steps": 3, "alpha": "ones"}
 class EmulatedGraph:
     """A CUDA graph's semantics on the CPU: the capture executes nothing; a replay runs ``fn`` on
     the static inputs of the capture and writes the outputs into the same storage every time."""
+
+    nbytes = 0  # its outputs are allocated at the first replay, outside any pool
 
     def __init__(self, fn, static_args, pool):
         self.fn = fn
@@ -194,34 +196,6 @@ def test_emulated_capture_through_the_backend_equals_the_default_mode_with_guida
     assert full.pool is cached.pool and full.pool.nbytes > 0
 
 
-# -- on a CUDA device ---------------------------------------------------------------------------------
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-
-
-@cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_capture_equals_uncaptured_and_cached_steps_do_not_sync(dtype):
-    results, runtimes = {}, {}
-    for how in ("default", "reduce-overhead"):
-        torch._dynamo.reset()
-        model = DummyDiT().to("cuda", dtype)
-        mode = None if how == "default" else how
-        compiled = sc_compile.compile(model, sc_compile.ScalingCacheConfig(**OPTIONS), mode=mode)
-        pipe = LoopPipeline(compiled)
-        sc_compile.enable(pipe)
-        outs = []
-        with torch.no_grad():
-            for seed in range(3):
-                out, _ = pipe(_latents(seed).to("cuda", dtype), num_inference_steps=len(SEQUENCE), guidance_from=0)
-                outs.append(out)
-        results[how] = outs
-        runtimes[how] = latest_runtime(model)
-    for x, y in zip(results["default"], results["reduce-overhead"], strict=True):
-        torch.testing.assert_close(x, y)
-    cached = runtimes["reduce-overhead"].cached_step.fn
-    assert isinstance(cached, CudaGraphStep) and cached.num_replays > 0
-
-
 def test_graph_memory_counts_against_a_declared_cache_budget(emulated):
     """Guidance from step 3: the cond stream's captures exist when the uncond stream is allocated.
     A budget of exactly two streams' state fits without CUDA graphs, and not with them."""
@@ -240,3 +214,48 @@ def test_graph_memory_counts_against_a_declared_cache_budget(emulated):
     run(two_streams, False)
     with pytest.raises(CacheMemoryError, match="held by its CUDA-graph captures"):
         run(two_streams, True)
+
+
+# -- on a CUDA device ---------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+class DevicePipeline(LoopPipeline):
+    """LoopPipeline with the scheduler's timesteps on the latents' device."""
+
+    def __call__(self, latents, num_inference_steps, guidance_from=None):
+        self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        outputs = []
+        for i, t in enumerate(self.scheduler.timesteps):
+            timestep = t.expand(latents.shape[0]).float()
+            out = self.transformer(latents, timestep)
+            if guidance_from is not None and i >= guidance_from:
+                out = 0.5 * (out + self.transformer(latents * 2.0, timestep))
+            outputs.append(out)
+            latents = self.scheduler.step(out / output_scale() - latents, t, latents, return_dict=False)[0]
+        return torch.stack(outputs), latents
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_capture_equals_the_default_mode(dtype):
+    results, runtimes = {}, {}
+    for how in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        model = DummyDiT().to("cuda", dtype)
+        mode = None if how == "default" else how
+        compiled = sc_compile.compile(model, sc_compile.ScalingCacheConfig(**OPTIONS), mode=mode)
+        pipe = DevicePipeline(compiled)
+        sc_compile.enable(pipe)
+        outs = []
+        with torch.no_grad():
+            for seed in range(3):
+                out, _ = pipe(_latents(seed).to("cuda", dtype), num_inference_steps=len(SEQUENCE), guidance_from=3)
+                outs.append(out)
+        results[how] = outs
+        runtimes[how] = latest_runtime(model)
+    for x, y in zip(results["default"], results["reduce-overhead"], strict=True):
+        torch.testing.assert_close(x, y)
+    full, cached = runtimes["reduce-overhead"].full_step.fn, runtimes["reduce-overhead"].cached_step.fn
+    assert isinstance(cached, CudaGraphStep) and cached.num_replays > 0 and full.num_replays > 0
+    assert full.num_captures == 2 and full.pool.nbytes > 0

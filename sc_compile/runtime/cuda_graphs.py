@@ -38,6 +38,7 @@ The memory a capture holds (its pool, its static inputs) is measured at capture
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -65,9 +66,11 @@ def cudagraphs_requested(config_patches: dict[str, Any]) -> bool:
 
 class Captured(Protocol):
     """A captured graph: ``replay()`` runs it on its static inputs and writes ``outputs`` (the
-    graph's output structure, whose tensors live in memory every replay overwrites)."""
+    graph's output structure, whose tensors live in memory every replay overwrites); ``nbytes``:
+    the memory the capture added to its pool."""
 
     outputs: Any
+    nbytes: int
 
     def replay(self) -> None: ...
 
@@ -80,12 +83,16 @@ class GraphPool:
         self.handle: Any = None
         self.nbytes = 0  # measured at each capture: pool segments and static inputs
         self.num_captures = 0
+        # Captures in one pool share memory for their intermediates: one replay at a time, each
+        # followed by the copies of its outputs (generations in threads of their own included).
+        self.lock = threading.Lock()
 
 
 class _CudaCaptured:
-    def __init__(self, graph: torch.cuda.CUDAGraph, outputs: Any):
+    def __init__(self, graph: torch.cuda.CUDAGraph, outputs: Any, nbytes: int):
         self.graph = graph
         self.outputs = outputs
+        self.nbytes = nbytes  # the segments the capture added to the pool
 
     def replay(self) -> None:
         self.graph.replay()
@@ -97,12 +104,10 @@ def capture_cuda(fn: Callable[..., Any], static_args: Sequence[Any], pool: Graph
         pool.handle = torch.cuda.graph_pool_handle()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool.handle):
+        # Read after the context's empty_cache(): what the capture reserves is what it adds.
+        before = torch.cuda.memory_reserved(pool.device)
         outputs = fn(*static_args)
-    return _CudaCaptured(graph, outputs)
-
-
-def _memory_reserved(device: torch.device) -> int:
-    return torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+    return _CudaCaptured(graph, outputs, max(torch.cuda.memory_reserved(pool.device) - before, 0))
 
 
 # Capture function per device type. Tests add one for "cpu" that emulates a CUDA graph's
@@ -190,24 +195,25 @@ class CudaGraphStep:
             self._entries[key] = None  # warm-up: Triton autotuning and lazy initialisation, uncaptured
             self.num_uncaptured += 1
             return self.fn(*args)
-        entry = self._entries[key]
-        if entry is None:
-            try:
-                entry = self._entries[key] = self._new_entry(args)
-            except Exception as error:  # noqa: BLE001 - reported, and the call runs uncaptured
-                self.max_captures = 0
-                return self._uncaptured(args, f"its capture failed ({type(error).__name__}: {error})")
-        for position in entry.copied:
-            entry.static_args[position].copy_(args[position])
-        entry.captured.replay()
-        self.num_replays += 1
-        outputs, spec = tree_flatten(entry.captured.outputs)
-        # The outputs live in the graph's memory, which its next replay overwrites: the caller gets copies.
-        return tree_unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in outputs], spec)
+        with self.pool.lock:
+            entry = self._entries[key]
+            if entry is None:
+                try:
+                    entry = self._entries[key] = self._new_entry(args)
+                except Exception as error:  # noqa: BLE001 - reported, and the call runs uncaptured
+                    self.max_captures = 0
+                    return self._uncaptured(args, f"its capture failed ({type(error).__name__}: {error})")
+            for position in entry.copied:
+                entry.static_args[position].copy_(args[position])
+            entry.captured.replay()
+            self.num_replays += 1
+            outputs, spec = tree_flatten(entry.captured.outputs)
+            # The outputs live in the graph's memory, which the next replay in this pool may
+            # overwrite: the caller gets copies.
+            return tree_unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in outputs], spec)
 
     def _new_entry(self, args: Sequence[Any]) -> _Entry:
         assert self._capture is not None
-        before = _memory_reserved(self.pool.device)
         static_args: list[Any] = []
         copied: list[int] = []
         static_input_bytes = 0
@@ -221,10 +227,7 @@ class CudaGraphStep:
             else:
                 static_args.append(arg)
         captured = self._capture(self.fn, static_args, self.pool)
-        # On CUDA the reserved bytes grew by the pool's new segments and the static inputs; an
-        # emulated capture (tests) counts its static inputs.
-        grown = _memory_reserved(self.pool.device) - before if self.pool.device.type == "cuda" else static_input_bytes
-        self.pool.nbytes += max(grown, 0)
+        self.pool.nbytes += captured.nbytes + static_input_bytes
         self.pool.num_captures += 1
         log.info(
             "ScalingCache: captured the %s graph as a CUDA graph (capture %d of this graph, %d copied inputs)",
