@@ -438,7 +438,10 @@ class Check:
             "block_parameters_measured": block_parameters(model, case.block_prefixes),
             "block_parameters_model": block_parameters(full_geometry, case.block_prefixes),
         }
-        out["explain"] = self.part(case.name, "explain", 5, lambda: self.explain(case, full_geometry))
+        out["explain"] = {"streams": 1 if case.uncond is None else 2}
+        out["explain"]["measured_blocks"] = self.part(
+            case.name, "explain", 5, lambda: self.explain(case, case.build("meta"))
+        )
         return case, model, out
 
     def core(self, case: Case, model: torch.nn.Module, out: dict[str, Any]) -> None:
@@ -447,24 +450,24 @@ class Check:
         self.part(case.name, "correctness", 40, lambda: self.correctness(case, model, out))
         self.part(case.name, "step times", 20, lambda: self.step_times(case, model, out))
 
-    def explain(self, case: Case, full_geometry: torch.nn.Module) -> dict[str, Any]:
-        reduced = case.build("meta").to(self.dtype)
+    def explain(self, case: Case, module: torch.nn.Module) -> dict[str, Any]:
+        """``sc_compile.explain``'s figures for ``module`` (on the meta device: nothing is allocated)."""
         meta = case.to(torch.device("meta"), self.dtype)
-        figures: dict[str, Any] = {}
-        modules = [("measured_blocks", reduced)]
-        if sum(1 for _ in full_geometry.modules()) != sum(1 for _ in reduced.modules()):
-            modules.append(("whole_model", full_geometry.to(self.dtype)))
-        for label, module in modules:
-            latents = torch.empty(case.latents_shape, device="meta", dtype=self.dtype)
-            timestep = torch.ones(1, device="meta", dtype=self.dtype)
-            explanation = sc_compile.explain(module, hidden_states=latents, timestep=timestep, **meta.cond)
-            figures[label] = {
-                "cache_points": len(explanation.cache_points),
-                "buffer_bytes_per_stream": explanation.buffer_bytes_per_stream,
-                "cached_step_buffer_bytes": explanation.cached_step_buffer_bytes,
-            }
-        figures["streams"] = 1 if case.uncond is None else 2
-        return figures
+        latents = torch.empty(case.latents_shape, device="meta", dtype=self.dtype)
+        timestep = torch.ones(1, device="meta", dtype=self.dtype)
+        explanation = sc_compile.explain(module.to(self.dtype), hidden_states=latents, timestep=timestep, **meta.cond)
+        return {
+            "cache_points": len(explanation.cache_points),
+            "buffer_bytes_per_stream": explanation.buffer_bytes_per_stream,
+            "cached_step_buffer_bytes": explanation.cached_step_buffer_bytes,
+        }
+
+    def explain_whole(self, case: Case, out: dict[str, Any]) -> None:
+        """The whole model's figures (a longer trace: after the measurements)."""
+        if out["blocks"]["measured"] == out["blocks"]["model"]:
+            out["explain"]["whole_model"] = out["explain"].get("measured_blocks")
+            return
+        out["explain"]["whole_model"] = self.explain(case, case.build_full("meta"))
 
     def correctness(self, case: Case, model: torch.nn.Module, out: dict[str, Any]) -> None:
         plain, ours = self.plain(model), self.ours(model)
@@ -623,8 +626,8 @@ class Check:
                     torch.cuda.synchronize()
             peaks[label] = torch.cuda.max_memory_allocated()
         graphs = graph_memory_bytes([latest_runtime(model)])
-        explain = out.get("explain") or {}
-        expected = explain.get("measured_blocks", {}).get("buffer_bytes_per_stream", 0) * explain.get("streams", 1)
+        explain = out["explain"]
+        expected = (explain.get("measured_blocks") or {}).get("buffer_bytes_per_stream", 0) * explain["streams"]
         extra = peaks["ours"] - peaks["plain"]
         out["memory"] = {
             "peak_plain_bytes": peaks["plain"],
@@ -715,6 +718,8 @@ class Check:
             for phase in (self.core, self.generations):
                 for case, model, out in models:
                     phase(case, model, out)
+            for case, _, out in models:
+                self.part(case.name, "explain (whole model)", 30, lambda c=case, o=out: self.explain_whole(c, o))
             for case, model, out in models:
                 self.part(case.name, "generations: peers", 60, lambda c=case, m=model, o=out: self.peers(c, m, o))
         finally:

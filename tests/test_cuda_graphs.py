@@ -223,16 +223,20 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 class DevicePipeline(LoopPipeline):
     """LoopPipeline with the scheduler's timesteps on the latents' device."""
 
-    def __call__(self, latents, num_inference_steps, guidance_from=None):
+    def __call__(self, latents, num_inference_steps, guidance_from=None, sync_error_from=None):
         self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        self.scheduler.set_begin_index(0)  # else its first step looks its index up (a read)
         outputs = []
         for i, t in enumerate(self.scheduler.timesteps):
+            if i == sync_error_from:
+                torch.cuda.set_sync_debug_mode("error")
             timestep = t.expand(latents.shape[0]).float()
             out = self.transformer(latents, timestep)
             if guidance_from is not None and i >= guidance_from:
                 out = 0.5 * (out + self.transformer(latents * 2.0, timestep))
             outputs.append(out)
             latents = self.scheduler.step(out / output_scale() - latents, t, latents, return_dict=False)[0]
+        torch.cuda.set_sync_debug_mode("default")
         return torch.stack(outputs), latents
 
 
@@ -259,3 +263,21 @@ def test_cuda_capture_equals_the_default_mode(dtype):
     full, cached = runtimes["reduce-overhead"].full_step.fn, runtimes["reduce-overhead"].cached_step.fn
     assert isinstance(cached, CudaGraphStep) and cached.num_replays > 0 and full.num_replays > 0
     assert full.num_captures == 2 and full.pool.nbytes > 0
+
+
+@cuda
+def test_cuda_a_warm_generation_under_a_planned_schedule_never_syncs():
+    """After the first step (the batch check reads the timestep once), a warm generation with the
+    planned schedule (which reads no statistics) runs every full and cached step without a sync."""
+    model = DummyDiT().to("cuda", torch.bfloat16)
+    config = sc_compile.ScalingCacheConfig(alpha="ones", speedup=2.0)
+    pipe = DevicePipeline(sc_compile.compile(model, config, mode="reduce-overhead"))
+    sc_compile.enable(pipe)
+    with torch.no_grad():
+        pipe(_latents(0).to("cuda", torch.bfloat16), num_inference_steps=12, guidance_from=3)  # captures
+        try:
+            pipe(_latents(1).to("cuda", torch.bfloat16), num_inference_steps=12, guidance_from=3, sync_error_from=1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    report = sc_compile.report(model)
+    assert report.cached_steps and latest_runtime(model).cached_step.fn.num_replays > 0

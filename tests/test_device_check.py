@@ -50,6 +50,9 @@ def test_cpu_smoke_fills_every_cpu_part_and_skips_the_cuda_ones(tmp_path):
     for name, model in result["models"].items():
         assert model["explain"]["measured_blocks"]["buffer_bytes_per_stream"] > 0
         assert model["explain"]["streams"] == (1 if name == "flux" else 2)
+        whole, measured = model["explain"]["whole_model"], model["explain"]["measured_blocks"]
+        assert whole["cache_points"] >= measured["cache_points"]
+        assert (whole == measured) == (model["blocks"]["measured"] == model["blocks"]["model"])
         checks = model["correctness"]
         assert checks["full_vs_plain_ok"] is True and checks["full_vs_plain_max_rel_error"] < 1e-4
         assert checks["captured_vs_uncaptured_max_abs_diff"] == 0.0
