@@ -158,21 +158,25 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_reduce_overhead_and_the_cudagraphs_option_equal_the_default_mode(dtype):
     results = {}
-    for how in ("default", "mode", "option"):
+    for how in ("default", "mode", "option", "torch.compile", "torch.compile mode"):
         torch._dynamo.reset()
         model = DummyDiT().to(dtype)
         if how == "default":
             compiled = sc_compile.compile(model, sc_compile.ScalingCacheConfig(**OPTIONS))
         elif how == "mode":
             compiled = sc_compile.compile(model, sc_compile.ScalingCacheConfig(**OPTIONS), mode="reduce-overhead")
-        else:
+        elif how == "option":
             compiled = torch.compile(model, backend="scalingcache", options={**OPTIONS, "triton.cudagraphs": True})
+        else:  # torch.compile takes mode or options: ScalingCache's options at their defaults
+            mode = "reduce-overhead" if how.endswith("mode") else None
+            compiled = torch.compile(model, backend="scalingcache", mode=mode)
         results[how] = _generations(compiled, model)
-        if how != "default":
+        if how not in ("default", "torch.compile"):
             # On the CPU nothing is captured: the step graphs are Inductor's, as in the default mode.
             assert not isinstance(latest_runtime(model).cached_step.fn, CudaGraphStep)
     _assert_same(results["default"], results["mode"])
     _assert_same(results["default"], results["option"])
+    _assert_same(results["torch.compile"], results["torch.compile mode"])
 
 
 def test_emulated_capture_through_the_backend_equals_the_default_mode_with_guidance(emulated):
