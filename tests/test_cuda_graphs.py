@@ -118,7 +118,10 @@ def test_new_state_addresses_and_layouts_capture_their_own_graph_up_to_the_bound
 
 
 def test_a_failed_capture_runs_uncaptured_with_one_warning(monkeypatch, caplog):
+    attempts = []
+
     def failing(fn, static_args, pool):
+        attempts.append(1)
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setitem(cuda_graphs.CAPTURES, "cpu", failing)
@@ -126,7 +129,7 @@ def test_a_failed_capture_runs_uncaptured_with_one_warning(monkeypatch, caplog):
     state, coef = _static(torch.zeros(3)), _static(torch.ones(3))
     with caplog.at_level(logging.WARNING, logger="sc_compile.runtime.cuda_graphs"):
         outs = [step(torch.ones(3), state, coef)[0][0].item() for _ in range(4)]
-    assert outs == [2.0, 3.0, 4.0, 5.0] and len(calls) == 4
+    assert outs == [2.0, 3.0, 4.0, 5.0] and len(calls) == 4 and len(attempts) == 1
     assert [r.getMessage() for r in caplog.records] == [
         "ScalingCache: the test graph runs without CUDA graphs from now on: its capture failed "
         "(RuntimeError: operation not permitted when stream is capturing)"

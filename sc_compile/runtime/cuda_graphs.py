@@ -150,6 +150,7 @@ class CudaGraphStep:
         self.max_captures = max_captures
         self._capture = CAPTURES.get(pool.device.type)
         self._entries: dict[tuple[Any, ...], _Entry | None] = {}  # None: warmed up, not captured yet
+        self._failed: set[tuple[Any, ...]] = set()
         self._warned = False
         self.num_replays = 0
         self.num_uncaptured = 0
@@ -195,13 +196,17 @@ class CudaGraphStep:
             self._entries[key] = None  # warm-up: Triton autotuning and lazy initialisation, uncaptured
             self.num_uncaptured += 1
             return self.fn(*args)
+        if key in self._failed:
+            return self._uncaptured(args, "its capture failed")
         with self.pool.lock:
             entry = self._entries[key]
             if entry is None:
                 try:
                     entry = self._entries[key] = self._new_entry(args)
                 except Exception as error:  # noqa: BLE001 - reported, and the call runs uncaptured
+                    # Never tried again: no further captures of this graph, this key runs uncaptured.
                     self.max_captures = 0
+                    self._failed.add(key)
                     return self._uncaptured(args, f"its capture failed ({type(error).__name__}: {error})")
             for position in entry.copied:
                 entry.static_args[position].copy_(args[position])
