@@ -696,6 +696,16 @@ class Check:
             finally:
                 model.disable_cache()
 
+    def plain_cudagraphs(self, case: Case, model: torch.nn.Module, out: dict[str, Any]) -> None:
+        """Uncached, with Inductor's own CUDA graphs (cudagraph trees): the fastest uncached
+        reference there is, where the trees run the loop (guidance as two calls reads the first
+        call's output after the second call replayed)."""
+        if not self.cuda_only(f"{case.name}: generations: torch.compile reduce-overhead"):
+            return
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="inductor", mode="reduce-overhead")
+        self.run_generations(case, "torch.compile (reduce-overhead)", lambda: compiled, False, out)
+
     # -- all ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cases = [
@@ -722,6 +732,13 @@ class Check:
                 self.part(case.name, "explain (whole model)", 30, lambda c=case, o=out: self.explain_whole(c, o))
             for case, model, out in models:
                 self.part(case.name, "generations: peers", 60, lambda c=case, m=model, o=out: self.peers(c, m, o))
+            for case, model, out in models:
+                self.part(
+                    case.name,
+                    "generations: torch.compile reduce-overhead",
+                    40,
+                    lambda c=case, m=model, o=out: self.plain_cudagraphs(c, m, o),
+                )
         finally:
             signal.alarm(0)
         self.result["elapsed_s"] = round(time.monotonic() - self.start, 1)
