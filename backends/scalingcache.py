@@ -45,7 +45,7 @@ from sc_compile.backends.integration import (
 from sc_compile.backends.lowering import specialize_cache_conds
 from sc_compile.backends.shape_specialization import ShapeSpecializingRuntime, has_symbolic_shapes
 from sc_compile.calibration.table import AlphaTable, resolve_alpha_source
-from sc_compile.config import Fallback, ScalingCacheConfig, split_options
+from sc_compile.config import Fallback, InnerCompiler, ScalingCacheConfig, split_options
 from sc_compile.contract import step_inputs
 from sc_compile.errors import NoBlocksFoundError, UnsupportedGraphError
 from sc_compile.memory import cache_bytes_limit, refusal
@@ -53,7 +53,14 @@ from sc_compile.passes import run_cache_passes
 from sc_compile.passes.layout import CacheLayout
 from sc_compile.reporting.report import describe_alpha
 from sc_compile.resources import assets_dir
-from sc_compile.runtime.dispatch import GraphPieceRuntime, PointLayout, ScalingCacheRuntime, StreamState
+from sc_compile.runtime.cuda_graphs import CAPTURES, CUDAGRAPHS_OPTION, CudaGraphStep, GraphPool, cudagraphs_requested
+from sc_compile.runtime.dispatch import (
+    CompiledStep,
+    GraphPieceRuntime,
+    PointLayout,
+    ScalingCacheRuntime,
+    StreamState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +200,18 @@ def _lower_and_compile(
     state = StreamState(point_layout, config.cache_dtype)
     coefficients = torch.zeros(len(points), device=device)
     examples = step_inputs(context.example_inputs, state.buffers, coefficients, coefficients.clone(), state.stats)
-    full_step = compile_inner(full_spec, examples, config.compiler, context.config_patches)
-    cached_step = compile_inner(cached_spec, examples, config.compiler, context.config_patches)
+    config_patches = context.config_patches
+    cudagraphs = config.compiler is InnerCompiler.INDUCTOR and cudagraphs_requested(dict(config_patches))
+    if cudagraphs:
+        # Our capture replaces Inductor's cudagraph trees for the two step graphs
+        # (sc_compile/runtime/cuda_graphs.py says why).
+        config_patches = {**config_patches, CUDAGRAPHS_OPTION: False}
+    full_step = compile_inner(full_spec, examples, config.compiler, config_patches)
+    cached_step = compile_inner(cached_spec, examples, config.compiler, config_patches)
+    if cudagraphs:
+        full_step, cached_step = _with_cuda_graphs(
+            full_step, cached_step, device, len(context.example_inputs) + len(state.buffers)
+        )
     alpha_source = describe_alpha(config.alpha, alpha, config.coefficients)
     runtime = ScalingCacheRuntime(
         model_class=layout.model_class,
@@ -225,6 +242,27 @@ def _lower_and_compile(
         cached_step.compile_seconds,
     )
     return runtime
+
+
+def _with_cuda_graphs(
+    full_step: CompiledStep, cached_step: CompiledStep, device: torch.device, coefficient_index: int
+) -> tuple[CompiledStep, CompiledStep]:
+    """Both step graphs replayed as CUDA graphs, in one memory pool; as they are off CUDA."""
+    if device.type not in CAPTURES:
+        log.info(
+            "ScalingCache: CUDA graphs were requested, but the graph runs on %s: the step graphs run uncaptured", device
+        )
+        return full_step, cached_step
+    pool = GraphPool(device)
+    # The step's coefficient and refresh vectors (step_inputs: after the model inputs and the
+    # buffers) are copied into the captures' static inputs, not read in place.
+    coefficients = {coefficient_index, coefficient_index + 1}
+    wrapped = []
+    for name, step in (("full-step", full_step), ("cached-step", cached_step)):
+        copied = frozenset(p for p, index in enumerate(step.input_indices) if index in coefficients)
+        fn = CudaGraphStep(step.fn, name=name, pool=pool, copied=copied)
+        wrapped.append(dataclasses.replace(step, fn=fn))
+    return wrapped[0], wrapped[1]
 
 
 def scalingcache(

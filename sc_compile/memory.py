@@ -6,7 +6,9 @@ when given, else on a CUDA device its free memory when the graph is compiled, el
 * When a graph is compiled: one stream's state must fit (the number of streams is not known yet).
 * When a generation allocates a stream: the state of all its streams (every graph of the
   module) must fit; the stream that would exceed the limit is refused before it is allocated, at
-  the generation's first step.
+  the generation's first step. With CUDA graphs, the memory the module's captures hold
+  (:func:`graph_memory_bytes`, measured when each was captured) counts against a declared
+  ``max_cache_bytes`` too; the device's free memory already excludes it.
 
 Both errors give the bytes and the options that would fit (computed from the layout).
 """
@@ -14,6 +16,8 @@ Both errors give the bytes and the options that would fit (computed from the lay
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -48,6 +52,17 @@ def new_stream_limit(max_cache_bytes: int | None, device: torch.device, held: in
         return max_cache_bytes, f"options={{'max_cache_bytes': {max_cache_bytes}}}", held
     limit, _ = cache_bytes_limit(None, device)
     return limit, f"the free memory of {device} now", 0
+
+
+def graph_memory_bytes(runtimes: Iterable[Any]) -> int:
+    """Bytes the CUDA-graph captures of these runtimes' step graphs hold (each memory pool once)."""
+    pools: dict[int, Any] = {}
+    for runtime in runtimes:
+        for step in (getattr(runtime, "full_step", None), getattr(runtime, "cached_step", None)):
+            pool = getattr(getattr(step, "fn", None), "pool", None)
+            if pool is not None:
+                pools[id(pool)] = pool
+    return sum(pool.nbytes for pool in pools.values())
 
 
 def _sketched(point: CachePointSpec) -> CachePointSpec:

@@ -30,7 +30,7 @@ import torch
 from sc_compile.clock.step_clock import ClockError, StepClock
 from sc_compile.config import ScalingCacheConfig
 from sc_compile.decision.decisions import Decisions
-from sc_compile.memory import format_bytes, new_stream_limit, refusal
+from sc_compile.memory import format_bytes, graph_memory_bytes, new_stream_limit, refusal
 from sc_compile.runtime.state import PointLayout, StatePool, StepCoefficients, StreamState, state_zeros
 
 if TYPE_CHECKING:
@@ -212,12 +212,15 @@ class LayoutState:
         config = self.generation.session.config
         new = self.layout.stream_nbytes(self.cache_dtype)
         held = sum(state.nbytes for state in self.generation.layouts.values())
-        limit, source, counted = new_stream_limit(config.max_cache_bytes, self.layout.device, held)
+        graphs = graph_memory_bytes(r for ref in self.generation.session.runtimes if (r := ref()) is not None)
+        limit, source, counted = new_stream_limit(config.max_cache_bytes, self.layout.device, held + graphs)
         needed = counted + new
         if limit is not None and needed > limit:
             streams = sum(1 for s in self.streams if s is not None) + 1
+            captures = f", with {format_bytes(graphs)} held by its CUDA-graph captures" if graphs else ""
             raise refusal(
-                f"stream {index} of this generation ({streams} stream(s) of this layout, {format_bytes(new)} each)",
+                f"stream {index} of this generation ({streams} stream(s) of this layout, {format_bytes(new)} each"
+                f"{captures})",
                 needed,
                 limit,
                 source,

@@ -92,20 +92,25 @@ class StepCoefficients:
 
     def __init__(self, num_points: int, device: torch.device):
         self.values = _static(state_zeros(2, num_points, dtype=torch.float32, device=device))  # [2, P]
-        # Host staging for devices other than the CPU (a host→device copy, never a read back).
-        self._staging = None if self.values.device.type == "cpu" else state_zeros(2, num_points, dtype=torch.float32)
         self.written: object = None
 
     def write(self, coef: Sequence[float], refresh: Sequence[float], token: object) -> None:
         """Write ``coef`` and ``refresh`` unless ``token`` (the decision) is already written."""
         if token is self.written and token is not None:
             return
-        target = self.values if self._staging is None else self._staging
+        if self.values.device.type == "cpu":
+            target = self.values
+        else:
+            # Host staging (a host→device copy, never a read back). On CUDA it is pinned and copied
+            # without blocking: a copy from pageable memory waits for the stream (a sync per step).
+            # The caching host allocator reuses a pinned block only after its copy has run.
+            pinned = self.values.device.type == "cuda"
+            target = torch.empty(self.values.shape, dtype=torch.float32, pin_memory=pinned)
         array = target.numpy()  # a view of host memory
         array[0, :] = coef
         array[1, :] = refresh
-        if self._staging is not None:
-            self.values.copy_(self._staging)
+        if target is not self.values:
+            self.values.copy_(target, non_blocking=target.is_pinned())
         self.written = token
 
     @property
