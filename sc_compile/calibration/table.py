@@ -10,9 +10,12 @@ produced it) and these float32 tensors:
 * format 2 adds the per-gap least-squares coefficients of :mod:`sc_compile.calibration.fitting`: ``coef``
   [N, K+1, K, P], ``refresh`` [N, K+1, P], ``error`` [N, K+1, K] and ``max_gap`` [N] (int64), with
   K in the metadata. ``alpha`` is still there, so the paper's chained variant stays available.
+* format 3 adds the two-difference coefficients (:func:`sc_compile.calibration.fitting.fit_second_order`):
+  ``coef2`` [N, K+1, K+1, K, P, 2] and ``error2`` [N, K+1, K+1, K]. Its first-order tensors are
+  format 2's, so a format-3 file read for its first order means what a format-2 file means.
 
-Format-1 files still load and mean what they meant (chained α). Loading against a traced model
-refuses a file whose fingerprint, P or granularity differ, with what differs and the command to
+Format-1 and format-2 files still load and mean what they meant (chained α; first-order per-gap
+coefficients). Loading against a traced model refuses a file whose fingerprint, P or granularity differ, with what differs and the command to
 recalibrate.
 """
 
@@ -28,13 +31,14 @@ from typing import Any
 
 import torch
 
-from sc_compile.calibration.fitting import FittedCoefficients
+from sc_compile.calibration.fitting import FittedCoefficients, SecondOrderCoefficients
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = ("1", "2")
+FORMAT_VERSION = 3
+READABLE_VERSIONS = ("1", "2", "3")
 FITTED_TENSORS = ("coef", "refresh", "error", "max_gap")
+SECOND_ORDER_TENSORS = ("coef2", "error2")
 RECALIBRATE_HINT = (
     "Recalibrate for this model with `python -m sc_compile calibrate MODEL_DIR --out alpha.safetensors` "
     "(or sc_compile.calibrate(...)), or pass options={'alpha': 'ones'}."
@@ -137,6 +141,10 @@ class AlphaTable:
         if self.fitted is not None:
             metadata["max_gap_limit"] = str(self.fitted.max_gap_limit)
             tensors.update({name: getattr(self.fitted, name).contiguous() for name in FITTED_TENSORS})
+            if self.fitted.second is None:
+                metadata["format_version"] = "2"  # nothing a format-2 reader would miss
+            else:
+                tensors.update({"coef2": self.fitted.second.coef.contiguous(), "error2": self.fitted.second.error})
         else:
             metadata["format_version"] = "1"  # nothing a format-1 reader would miss
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -156,8 +164,14 @@ class AlphaTable:
                     raise AlphaTableError(
                         f"{path}: format_version {version!r}; this sc_compile reads {list(READABLE_VERSIONS)}"
                     )
-                expected = sorted(["alpha", *FITTED_TENSORS]) if "coef" in keys else ["alpha"]
-                if keys != expected or (version == "1" and keys != ["alpha"]):
+                expected = {
+                    "1": ["alpha"],
+                    "2": sorted(["alpha", *FITTED_TENSORS]),
+                    "3": sorted(["alpha", *FITTED_TENSORS, *SECOND_ORDER_TENSORS]),
+                }[version]
+                if version == "2" and keys == ["alpha"]:
+                    expected = keys  # a format-2 writer that had no fitted coefficients
+                if keys != expected:
                     raise AlphaTableError(f"{path}: expected the tensors {expected} of format {version}, found {keys}")
                 tensors = {key: handle.get_tensor(key) for key in keys}
         except AlphaTableError:
@@ -170,7 +184,12 @@ class AlphaTable:
         fitted = None
         if "coef" in tensors:
             try:
-                fitted = FittedCoefficients(**{name: tensors[name] for name in FITTED_TENSORS})
+                second = (
+                    SecondOrderCoefficients(coef=tensors["coef2"], error=tensors["error2"])
+                    if "coef2" in tensors
+                    else None
+                )
+                fitted = FittedCoefficients(**{name: tensors[name] for name in FITTED_TENSORS}, second=second)
             except ValueError as error:
                 raise AlphaTableError(f"{path}: {error}. {RECALIBRATE_HINT}") from None
         try:
