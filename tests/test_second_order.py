@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
+import sc_compile
 from sc_compile.calibration.fitting import (
     BandedGram,
     fit_gap_coefficients,
@@ -15,7 +17,10 @@ from sc_compile.calibration.fitting import (
     gram_width,
 )
 from sc_compile.calibration.table import AlphaTable, AlphaTableError
+from sc_compile.decision.budget import plan_full_steps, schedule_error
 from sc_compile.decision.coefficients import make_predictor
+
+from dummy_dit import DummyDiT, output_scale
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MAX_GAP = 3
@@ -158,3 +163,118 @@ def test_a_format_1_table_still_loads_as_chained_alpha(tmp_path):
     assert table.fitted is None
     predictor = make_predictor(table, num_points=2, num_steps=6, timestep_of=lambda s: None, fitted=False)
     assert predictor.cached_coef(2, 1, 2) == pytest.approx((0.5 + 0.25, 0.5 + 0.25))
+
+
+# -- end-to-end schedule search (issue 22 item 2) -------------------------------------------------
+
+
+def _exhaustive(num_steps, budget, cost, allows_gap, weights, propagation, forced=()):
+    best = (math.inf, None)
+    for rest in itertools.combinations(range(2, num_steps), budget - 2):
+        full = (0, 1, *rest)
+        if not set(forced) <= set(full):
+            continue
+        gaps_ok = all(
+            allows_gap(last, step - last)
+            for step in range(2, num_steps)
+            if step not in full
+            for last in [max(f for f in full if f < step)]
+        )
+        if not gaps_ok:
+            continue
+        total = schedule_error(num_steps, full, cost, weights=weights, propagation=propagation)
+        if total < best[0]:
+            best = (total, full)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("propagation", [0.0, 0.7, 3.0])
+def test_end_to_end_search_equals_exhaustive_search_with_error_propagation(seed, propagation):
+    generator = torch.Generator().manual_seed(seed)
+    num_steps, budget = 12, 5
+    table = torch.rand(num_steps, num_steps, num_steps, generator=generator, dtype=torch.float64)
+    weights = (0.5 + torch.rand(num_steps, generator=generator, dtype=torch.float64)).tolist()
+
+    def cost(tau, g, k):
+        return float(table[tau, g, k]) * k
+
+    def allows_gap(tau, k):
+        return k <= 4
+
+    planned = plan_full_steps(num_steps, budget, cost, allows_gap, weights=weights, propagation=propagation)
+    expected_error, expected = _exhaustive(num_steps, budget, cost, allows_gap, weights, propagation)
+    assert len(planned) == budget
+    got = schedule_error(num_steps, planned, cost, weights=weights, propagation=propagation)
+    assert got == pytest.approx(expected_error, rel=1e-12)
+    assert planned == expected
+
+
+def test_propagation_changes_the_optimum_where_a_sum_of_one_step_errors_cannot_see_it():
+    # Uniform one-step errors: a sum of them is indifferent to where long gaps sit next to each
+    # other, the propagated model is not: it separates the long gaps by short ones.
+    num_steps, budget = 14, 6
+
+    def cost(tau, g, k):
+        return 0.01 * k * k
+
+    plain = plan_full_steps(num_steps, budget, cost, lambda tau, k: k <= 4)
+    propagated = plan_full_steps(num_steps, budget, cost, lambda tau, k: k <= 4, propagation=5.0)
+    e = {
+        rho: {
+            name: schedule_error(num_steps, plan, cost, propagation=rho)
+            for name, plan in (("plain", plain), ("propagated", propagated))
+        }
+        for rho in (0.0, 5.0)
+    }
+    assert e[5.0]["propagated"] < e[5.0]["plain"]
+    assert e[0.0]["plain"] <= e[0.0]["propagated"]
+    assert plain != propagated
+
+
+def test_a_budget_plan_runs_exactly_its_full_steps_under_propagation():
+    for budget in range(5, 13):
+        planned = plan_full_steps(
+            24, budget, lambda tau, g, k: 0.1 * k, lambda tau, k: k <= 8, propagation=1.0, forced=(23,)
+        )
+        assert len(planned) == budget and planned[:2] == (0, 1) and planned[-1] == 23
+
+
+def _run(compiled, values, timesteps):
+    with torch.no_grad():
+        for value, t in zip(values, timesteps, strict=True):
+            compiled(torch.ones(1, 4, 8) * value, torch.tensor([t]))[0, 0, 0].item() / output_scale()
+
+
+def test_the_propagation_option_reaches_the_plan_the_generation_runs():
+    steps, budget = 16, 6
+    values = [10.0 - u for u in range(steps)]
+    timesteps = [1000.0 - 60.0 * u for u in range(steps)]
+    ran = {}
+    for rho in (0.0, 1.0):
+        torch._dynamo.reset()
+        model = DummyDiT()
+        compiled = torch.compile(
+            model,
+            backend="scalingcache",
+            options={
+                "compiler": "eager",
+                "alpha": "ones",
+                "full_steps": budget,
+                "warmup_steps": 2,
+                "propagation": rho,
+                "num_inference_steps": steps,
+            },
+        )
+        _run(compiled, values, timesteps)
+        ran[rho] = tuple(sc_compile.report(model).full_steps)
+        # α = 1 serves gaps up to max(3, ⌈0.2 · 16⌉) = 4 steps and has no error table.
+        expected = plan_full_steps(steps, budget, lambda t, g, k: None, lambda t, k: k <= 4, propagation=rho)
+        assert ran[rho] == expected
+    assert ran[0.0] != ran[1.0]
+
+
+@pytest.mark.parametrize("value", [-0.5, float("inf"), float("nan"), True, "1"])
+def test_propagation_is_validated(value):
+    with pytest.raises(ValueError, match="propagation must be a finite number >= 0"):
+        sc_compile.ScalingCacheConfig(propagation=value)

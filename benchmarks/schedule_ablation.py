@@ -1,0 +1,184 @@
+"""Schedule selection and the two-difference fit: held-out evidence on the trained demo models (issue 22).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/schedule_ablation.py --model demo-flux --steps 50
+
+1. Calibrates one table with the two-difference coefficients (classes 0-4 × seeds 1000-1001).
+2. **Open loop, held out**: the relative squared error of the output point's prediction, first
+   order against two differences, on the trajectories of held-out samples (calibrated like the
+   table, never fitted on), for uniform gaps G (g = h = G, k = 1 … G − 1), summed over τ. The runtime
+   does not predict with two differences yet: this is the fit's held-out value, not a PSNR.
+3. **ρ chosen on the calibration samples** by closed-loop rollouts: the budget plans with
+   propagation ρ ∈ --rhos at N/3 and N/5, PSNR against the uncached output of calibration samples.
+4. **Held out** (classes 5-9, seeds 3000+): budgets N/2 … N/5 planned with ρ = 0 (today's planner)
+   and the chosen ρ, α = 1's budget and both default dynamic schedules. Writes
+   ``benchmarks/results/schedule_<model>_<steps>.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from cachebench.samples import generate, generate_cached, sample_call
+from cachebench.workloads import load
+
+import sc_compile
+import sc_compile.calibration.collect as collect
+from sc_compile.calibration.fitting import BandedGram, FittedCoefficients
+from sc_compile.demo.sampling import demo_size
+from sc_compile.metrics import psnr
+
+GUIDANCE = 3.0
+CALIBRATION = [(c, 1000 + s) for s in range(2) for c in range(5)]
+
+
+def open_loop_errors(fitted: FittedCoefficients, grams: list[BandedGram], gap: int, feeds_output: list[bool]):
+    """Σ over τ, k of ‖y_{τ+k} − prediction‖² / Σ ‖y_{τ+k}‖² on the output points, first order and
+    two differences, for the uniform schedule of gap ``gap`` (previous gaps ``gap`` too)."""
+    assert fitted.second is not None
+    out = torch.tensor(feeds_output)
+    n = fitted.num_steps
+    num, num2, den = 0.0, 0.0, 0.0
+    for gram in grams:
+        e = gram.entry
+
+        def inner(a, b, c, d, e=e):
+            return e(a, c) - e(a, d) - e(b, c) + e(b, d)
+
+        for tau in range(2 * gap, n - 1):
+            for k in range(1, gap):
+                if tau + k >= n or 2 * gap + k > gram.width - 1:
+                    continue
+                r = fitted.refresh[tau, gap - 1].double()
+                r_before = fitted.refresh[tau - gap, gap - 1].double()
+                c1 = fitted.coef[tau, gap - 1, k - 1].double()
+                a = c1 * r
+                b = fitted.second.coef[tau, gap - 1, gap - 1, k - 1].double()
+                a1, a2 = b[:, 0] * r, b[:, 1] * r_before
+                t0, t1, t2, t3 = tau + k, tau, tau - gap, tau - 2 * gap
+                xx, dg, dh = inner(t0, t1, t0, t1), inner(t0, t1, t1, t2), inner(t0, t1, t2, t3)
+                gg, gh, hh = inner(t1, t2, t1, t2), inner(t1, t2, t2, t3), inner(t2, t3, t2, t3)
+                first = xx - 2 * a * dg + a * a * gg
+                second = xx - 2 * a1 * dg - 2 * a2 * dh + a1 * a1 * gg + 2 * a1 * a2 * gh + a2 * a2 * hh
+                num += float(first[out].sum())
+                num2 += float(second[out].sum())
+                den += float(e(t0, t0)[out].sum())
+    return num / den, num2 / den
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["demo-flux", "demo-wan"], default="demo-flux")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--per-set", type=int, default=2, help="held-out samples (classes 5.., seeds 3000..)")
+    parser.add_argument("--rhos", default="0,1,3", help="propagation gains tried on the calibration samples")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    workload, embeddings = load(args.model)
+    pipe = workload.build_pipeline(workload.transformer)
+    size = demo_size(type(workload.transformer).__name__)
+    n = args.steps
+
+    def call(label: int, seed: int) -> dict[str, Any]:
+        return sample_call(embeddings, size, label, seed, n, GUIDANCE)
+
+    captured: list[tuple[list[BandedGram], list[bool]]] = []
+    original_fit = collect.fit_gap_coefficients
+
+    def capturing_fit(trajectories, max_gap, feeds_output, *rest, **kwargs):
+        captured.append((trajectories, list(feeds_output)))
+        return original_fit(trajectories, max_gap, feeds_output, *rest, **kwargs)
+
+    collect.fit_gap_coefficients = capturing_fit  # type: ignore[assignment]
+    print(f"calibrating on {len(CALIBRATION)} samples, {n} steps, with two differences", flush=True)
+    table = sc_compile.calibrate(pipe, [call(c, s) for c, s in CALIBRATION], progress=False, second_order=True)
+    held_out = [(5 + c, 3000 + c) for c in range(args.per_set)]
+    sc_compile.calibrate(pipe, [call(c, s) for c, s in held_out], progress=False)  # held-out trajectories
+    collect.fit_gap_coefficients = original_fit  # type: ignore[assignment]
+    fitted = table.fitted
+    assert fitted is not None and fitted.second is not None
+    print(f"  {table!r}", flush=True)
+    used = fitted.second.uses_second_difference()
+    print(f"  two differences taken at {float(used.double().mean()) * 100:.1f}% of (τ, g, h, k, point)", flush=True)
+    results: dict[str, Any] = {"model": args.model, "steps": n, "open_loop": [], "rho_selection": [], "held_out": []}
+    out_points = captured[0][1]
+    for gap in (2, 3, 4, 5):
+        first, second = open_loop_errors(fitted, captured[1][0], gap, out_points)
+        calib_first, calib_second = open_loop_errors(fitted, captured[0][0], gap, out_points)
+        results["open_loop"].append(
+            {"gap": gap, "held_out": [first, second], "calibration": [calib_first, calib_second]}
+        )
+        print(
+            f"  open loop, uniform gap {gap}: held-out rel. sq. error first {first:.3e}  two differences "
+            f"{second:.3e}  (calibration samples {calib_first:.3e} / {calib_second:.3e})",
+            flush=True,
+        )
+
+    references: dict[tuple[int, int], torch.Tensor] = {}
+
+    def measure(samples: list[tuple[int, int]], options: dict[str, Any]) -> dict[str, Any]:
+        psnrs, fulls = [], []
+        for label, seed in samples:
+            if (label, seed) not in references:
+                references[(label, seed)] = generate(pipe, call(label, seed))
+            try:
+                images, report = generate_cached(pipe, call(label, seed), options)
+            except ValueError as error:
+                return {"error": str(error)}
+            psnrs.append(psnr(images, references[(label, seed)]))
+            fulls.append(report.num_full_steps)
+        return {"psnr": statistics.mean(psnrs), "full_steps": statistics.mean(fulls), "each": psnrs}
+
+    def show(kind: str, name: str, row: dict[str, Any]) -> None:
+        cell = f"{row['psnr']:6.2f} dB @ {row['full_steps']:5.2f} full" if "psnr" in row else row["error"][:80]
+        print(f"{kind:>12} | {name:<36} | {cell}", flush=True)
+
+    rhos = [float(r) for r in args.rhos.split(",")]
+    selection_samples = CALIBRATION[:2]
+    scores: dict[float, float] = {}
+    for rho in rhos:
+        total = []
+        for budget in (round(n / 3), round(n / 5)):
+            row = measure(selection_samples, {"alpha": table, "full_steps": budget, "propagation": rho})
+            row.update(rho=rho, budget=budget)
+            results["rho_selection"].append(row)
+            show("calibration", f"ρ={rho:g}, full_steps={budget}", row)
+            total.append(row.get("psnr", float("-inf")))
+        scores[rho] = statistics.mean(total)
+    chosen = max(scores, key=lambda r: scores[r])
+    results["chosen_rho"] = chosen
+    print(f"  chosen on the calibration samples: ρ = {chosen:g}", flush=True)
+
+    def held(name: str, options: dict[str, Any]) -> None:
+        row = measure(held_out, options)
+        row["config"] = name
+        results["held_out"].append(row)
+        show("held out", name, row)
+
+    held("fitted, default dynamic", {"alpha": table})
+    held("α = 1, default dynamic", {"alpha": "ones"})
+    for budget in (round(n / 2), round(n / 3), round(n / 4), round(n / 5)):
+        held(f"fitted ρ=0 (today), full_steps={budget}", {"alpha": table, "full_steps": budget})
+        if chosen != 0.0:
+            held(
+                f"fitted ρ={chosen:g}, full_steps={budget}",
+                {"alpha": table, "full_steps": budget, "propagation": chosen},
+            )
+        held(f"α = 1, full_steps={budget}", {"alpha": "ones", "full_steps": budget})
+    elapsed = time.perf_counter() - started
+    results["seconds"] = elapsed
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"schedule_{args.model.replace('-', '_')}_{n}"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    print(f"done in {elapsed:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
