@@ -10,13 +10,15 @@
 3. **ρ chosen on the calibration samples** by closed-loop rollouts: the budget plans with
    propagation ρ ∈ --rhos at N/3 and N/5, PSNR against the uncached output of calibration samples.
 4. **Held out** (classes 5-9, seeds 3000+): budgets N/2 … N/5 planned with ρ = 0 (today's planner)
-   and the chosen ρ, α = 1's budget and both default dynamic schedules. Writes
+   and the chosen ρ, the same coefficients with a leave-one-sample-out error table, α = 1's budget
+   and both default dynamic schedules. Writes
    ``benchmarks/results/schedule_<model>_<steps>.{md,json}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -77,6 +79,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--per-set", type=int, default=2, help="held-out samples (classes 5.., seeds 3000..)")
     parser.add_argument("--rhos", default="0,1,3", help="propagation gains tried on the calibration samples")
+    parser.add_argument("--budgets", default="", help="held-out budgets (default N/2, N/3, N/4, N/5)")
+    parser.add_argument("--no-dynamic", action="store_true", help="skip the default dynamic rows")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -143,7 +147,7 @@ def main() -> None:
     rhos = [float(r) for r in args.rhos.split(",")]
     selection_samples = CALIBRATION[:2]
     scores: dict[float, float] = {}
-    for rho in rhos:
+    for rho in rhos if len(rhos) > 1 else ():
         total = []
         for budget in (round(n / 3), round(n / 5)):
             row = measure(selection_samples, {"alpha": table, "full_steps": budget, "propagation": rho})
@@ -152,7 +156,7 @@ def main() -> None:
             show("calibration", f"ρ={rho:g}, full_steps={budget}", row)
             total.append(row.get("psnr", float("-inf")))
         scores[rho] = statistics.mean(total)
-    chosen = max(scores, key=lambda r: scores[r])
+    chosen = max(scores, key=lambda r: scores[r]) if scores else rhos[0]
     results["chosen_rho"] = chosen
     print(f"  chosen on the calibration samples: ρ = {chosen:g}", flush=True)
 
@@ -162,15 +166,22 @@ def main() -> None:
         results["held_out"].append(row)
         show("held out", name, row)
 
-    held("fitted, default dynamic", {"alpha": table})
-    held("α = 1, default dynamic", {"alpha": "ones"})
-    for budget in (round(n / 2), round(n / 3), round(n / 4), round(n / 5)):
+    # The same coefficients with the error table measured leave-one-sample-out.
+    trajectories, feeds = captured[0]
+    loo = original_fit(trajectories, fitted.max_gap_limit, feeds, held_out_error=True)
+    loo_table = dataclasses.replace(table, fitted=dataclasses.replace(fitted, error=loo.error, max_gap=loo.max_gap))
+    torch.testing.assert_close(loo.coef, fitted.coef)
+    if not args.no_dynamic:
+        held("fitted, default dynamic", {"alpha": table})
+        held("α = 1, default dynamic", {"alpha": "ones"})
+    for budget in [int(b) for b in args.budgets.split(",")] if args.budgets else (n // 2, n // 3, n // 4, n // 5):
         held(f"fitted ρ=0 (today), full_steps={budget}", {"alpha": table, "full_steps": budget})
         if chosen != 0.0:
             held(
                 f"fitted ρ={chosen:g}, full_steps={budget}",
                 {"alpha": table, "full_steps": budget, "propagation": chosen},
             )
+        held(f"fitted, held-out errors, full_steps={budget}", {"alpha": loo_table, "full_steps": budget})
         held(f"α = 1, full_steps={budget}", {"alpha": "ones", "full_steps": budget})
     elapsed = time.perf_counter() - started
     results["seconds"] = elapsed

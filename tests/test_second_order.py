@@ -278,3 +278,20 @@ def test_the_propagation_option_reaches_the_plan_the_generation_runs():
 def test_propagation_is_validated(value):
     with pytest.raises(ValueError, match="propagation must be a finite number >= 0"):
         sc_compile.ScalingCacheConfig(propagation=value)
+
+
+def test_the_held_out_error_table_keeps_the_coefficients_and_does_not_flatter_the_fit():
+    # Lines with per-sample noise at the predicted step: the leave-one-out error is the error on a
+    # sample the coefficient did not see, at least the in-sample one summed over the table.
+    trajectories = [_noise_trajectory(s, noise=0.5, curvature=0.0) for s in range(4)]
+    grams = [_gram(t, gram_width(MAX_GAP)) for t in trajectories]
+    in_sample = fit_gap_coefficients(grams, MAX_GAP, [True])
+    held_out = fit_gap_coefficients(grams, MAX_GAP, [True], held_out_error=True)
+    torch.testing.assert_close(held_out.coef, in_sample.coef)
+    torch.testing.assert_close(held_out.refresh, in_sample.refresh)
+    finite = torch.isfinite(in_sample.error)
+    assert float(held_out.error[finite].sum()) > float(in_sample.error[finite].sum())
+    # Noise-free lines: every sample agrees, both errors vanish.
+    lines = [[torch.full((1, 4), float(s)) + t * torch.arange(4.0)[None] for t in range(8)] for s in range(3)]
+    exact = fit_gap_coefficients([_gram(t, gram_width(MAX_GAP)) for t in lines], MAX_GAP, [True], held_out_error=True)
+    assert float(exact.error[2:7].nan_to_num(posinf=0.0).abs().max()) < 1e-9

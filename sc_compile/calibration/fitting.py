@@ -200,9 +200,18 @@ def _ratio(numerator: torch.Tensor, denominator: torch.Tensor, fallback: torch.T
 
 
 def fit_gap_coefficients(
-    grams: list[BandedGram], max_gap: int, feeds_output: list[bool], shrink: bool = True
+    grams: list[BandedGram],
+    max_gap: int,
+    feeds_output: list[bool],
+    shrink: bool = True,
+    held_out_error: bool = False,
 ) -> FittedCoefficients:
-    """Fit ``r``, ``c`` and the error table from the banded Grams of S trajectories (S ≥ 1)."""
+    """Fit ``r``, ``c`` and the error table from the banded Grams of S trajectories (S ≥ 1).
+
+    ``held_out_error``: the error table holds each sample's error under the coefficient fitted
+    without it (leave one sample out, same shrinkage factor), instead of the in-sample error: the
+    schedule search then ranks gaps by what generalises, not by where the fit was luckiest.
+    """
     if not grams:
         raise ValueError("fitting needs at least one trajectory")
     num_steps, num_points = grams[0].num_steps, grams[0].gram.shape[1]
@@ -245,6 +254,7 @@ def fit_gap_coefficients(
                 cross, dd, _, xx, yy = _inner_products(stacked, tau, g, k)
                 pooled = _ratio(cross.sum(0), dd.sum(0), ones_a)
                 chosen = pooled
+                held_out_chosen: torch.Tensor | None = None
                 if shrink and num_samples >= 2:
                     # Leave-one-sample-out error of each shrinkage factor, per point.
                     held_out = torch.stack(
@@ -254,14 +264,17 @@ def fit_gap_coefficients(
                     for lam in SHRINKAGE_GRID:
                         err = _squared_error(ones_a + lam * (held_out - ones_a), cross, dd, xx).sum(0)  # [P]
                         candidate = ones_a + lam * (pooled - ones_a)
-                        if best_error is None:
-                            best_error, chosen = err, candidate
+                        held_candidate = ones_a + lam * (held_out - ones_a)  # [S, P]
+                        if best_error is None or held_out_chosen is None:
+                            best_error, chosen, held_out_chosen = err, candidate, held_candidate
                         else:
                             better = err < best_error
                             best_error = torch.where(better, err, best_error)
                             chosen = torch.where(better, candidate, chosen)
+                            held_out_chosen = torch.where(better[None], held_candidate, held_out_chosen)
                 coef[tau, g - 1, k - 1] = chosen / r
-                err = _squared_error(chosen.expand_as(cross), cross, dd, xx)  # [S, P]
+                measured = held_out_chosen if held_out_error and held_out_chosen is not None else chosen
+                err = _squared_error(measured.expand_as(cross), cross, dd, xx)  # [S, P]
                 norm = yy[:, out].sum()
                 error[tau, g - 1, k - 1] = err[:, out].sum() / norm if norm > 0 else math.inf
                 if g == 1:
