@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--per-set", type=int, default=2, help="held-out samples (classes 5.., seeds 3000..)")
     parser.add_argument("--rhos", default="0,1,3", help="propagation gains tried on the calibration samples")
     parser.add_argument("--budgets", default="", help="held-out budgets (default N/2, N/3, N/4, N/5)")
+    parser.add_argument("--transfer", default="", help="other step counts to run the table at, e.g. 25,100")
     parser.add_argument("--no-dynamic", action="store_true", help="skip the default dynamic rows")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
@@ -126,7 +127,7 @@ def main() -> None:
             flush=True,
         )
 
-    references: dict[tuple[int, int], torch.Tensor] = {}
+    references: dict[tuple[int, ...], torch.Tensor] = {}
 
     def measure(samples: list[tuple[int, int]], options: dict[str, Any]) -> dict[str, Any]:
         psnrs, fulls = [], []
@@ -190,6 +191,31 @@ def main() -> None:
         held(f"fitted, held-out errors, full_steps={budget}", {"alpha": loo_table, "full_steps": budget})
         held(f"fitted, placed without errors, full_steps={budget}", {"alpha": even_table, "full_steps": budget})
         held(f"α = 1, full_steps={budget}", {"alpha": "ones", "full_steps": budget})
+    for steps in [int(x) for x in args.transfer.split(",")] if args.transfer else ():
+        # The table at another step count: the dynamic default against a budget at its count.
+        def at(name: str, options: dict[str, Any], steps: int = steps) -> dict[str, Any]:
+            rows = []
+            for label, seed in held_out:
+                key = (label, seed, steps)
+                sample = sample_call(embeddings, size, label, seed, steps, GUIDANCE)
+                if key not in references:
+                    references[key] = generate(pipe, sample)
+                images, report = generate_cached(pipe, sample, options)
+                rows.append((psnr(images, references[key]), report.num_full_steps))
+            row = {
+                "config": f"{name} at {steps} steps",
+                "psnr": statistics.mean(r[0] for r in rows),
+                "full_steps": statistics.mean(r[1] for r in rows),
+            }
+            results["held_out"].append(row)
+            show("transfer", row["config"], row)
+            return row
+
+        dynamic = at("fitted, default dynamic", {"alpha": table})
+        count = round(dynamic["full_steps"])
+        at(f"fitted, full_steps={count}", {"alpha": table, "full_steps": count})
+        ones = at("α = 1, default dynamic", {"alpha": "ones"})
+        at(f"α = 1, full_steps={round(ones['full_steps'])}", {"alpha": "ones", "full_steps": round(ones["full_steps"])})
     elapsed = time.perf_counter() - started
     results["seconds"] = elapsed
     args.out.mkdir(parents=True, exist_ok=True)
