@@ -295,3 +295,50 @@ def test_the_held_out_error_table_keeps_the_coefficients_and_does_not_flatter_th
     lines = [[torch.full((1, 4), float(s)) + t * torch.arange(4.0)[None] for t in range(8)] for s in range(3)]
     exact = fit_gap_coefficients([_gram(t, gram_width(MAX_GAP)) for t in lines], MAX_GAP, [True], held_out_error=True)
     assert float(exact.error[2:7].nan_to_num(posinf=0.0).abs().max()) < 1e-9
+
+
+def _quadratic_generation(curvature: float, steps: int):
+    """The dummy's input scale s_t = 10 − t + curvature · t², one full generation."""
+
+    def run(compiled):
+        for t in range(steps):
+            compiled(torch.ones(1, 4, 8) * (10.0 - t + curvature * t * t), torch.tensor([1000.0 - 50.0 * t]))
+
+    return run
+
+
+def test_calibrate_writes_a_format_3_table_that_generations_use_for_its_first_order(tmp_path):
+    model = DummyDiT()
+    samples = [_quadratic_generation(c, 12) for c in (0.02, 0.05, 0.08)]
+    table = sc_compile.calibrate(model, samples, progress=False, max_gap=3, second_order=True)
+    assert table.fitted is not None and table.fitted.second is not None
+    assert tuple(table.fitted.second.coef.shape) == (12, 4, 4, 3, table.num_points, 2)
+    table.save(tmp_path / "alpha.safetensors")
+    loaded = AlphaTable.load(tmp_path / "alpha.safetensors")
+    assert loaded.fitted is not None and loaded.fitted.second is not None
+    first_only = AlphaTable(
+        loaded.alpha,
+        loaded.model_class,
+        loaded.fingerprint,
+        loaded.granularity,
+        timesteps=loaded.timesteps,
+        fitted=dataclass_replace(loaded.fitted, None),
+    )
+    outputs = []
+    for alpha in (loaded, first_only):
+        torch._dynamo.reset()
+        compiled = torch.compile(
+            model,
+            backend="scalingcache",
+            options={"compiler": "eager", "alpha": alpha, "full_steps": 6, "num_inference_steps": 12},
+        )
+        with torch.no_grad():
+            outputs.append(
+                [
+                    compiled(torch.ones(1, 4, 8) * (10.0 - t + 0.05 * t * t), torch.tensor([1000.0 - 50.0 * t]))
+                    for t in range(12)
+                ]
+            )
+        assert sc_compile.report(model).num_full_steps == 6
+    for a, b in zip(*outputs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -239,6 +239,7 @@ class AlphaTable:
             f"samples={self.num_samples}, beta={self.beta}, alpha mean={mean:.3f} "
             f"range=[{float(self.alpha.min()):.3f}, {float(self.alpha.max()):.3f}]"
             + ("" if self.fitted is None else f", fitted per-gap coefficients K={self.fitted.max_gap_limit}")
+            + ("" if self.fitted is None or self.fitted.second is None else " with two differences")
             + ")"
         )
 
