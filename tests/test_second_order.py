@@ -168,7 +168,7 @@ def test_a_format_1_table_still_loads_as_chained_alpha(tmp_path):
 # -- end-to-end schedule search (issue 22 item 2) -------------------------------------------------
 
 
-def _exhaustive(num_steps, budget, cost, allows_gap, weights, propagation, forced=()):
+def _exhaustive(num_steps, budget, cost, allows_gap, weights, propagation, forced=(), amplification=None):
     best = (math.inf, None)
     for rest in itertools.combinations(range(2, num_steps), budget - 2):
         full = (0, 1, *rest)
@@ -182,7 +182,9 @@ def _exhaustive(num_steps, budget, cost, allows_gap, weights, propagation, force
         )
         if not gaps_ok:
             continue
-        total = schedule_error(num_steps, full, cost, weights=weights, propagation=propagation)
+        total = schedule_error(
+            num_steps, full, cost, weights=weights, propagation=propagation, amplification=amplification
+        )
         if total < best[0]:
             best = (total, full)
     return best
@@ -208,6 +210,33 @@ def test_end_to_end_search_equals_exhaustive_search_with_error_propagation(seed,
     got = schedule_error(num_steps, planned, cost, weights=weights, propagation=propagation)
     assert got == pytest.approx(expected_error, rel=1e-12)
     assert planned == expected
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_end_to_end_search_is_exact_with_forced_steps_and_any_amplification(seed):
+    generator = torch.Generator().manual_seed(100 + seed)
+    num_steps, budget, forced = 13, 6, (7, 12)
+    table = torch.rand(num_steps, num_steps, num_steps, generator=generator, dtype=torch.float64)
+    gain = 2 * torch.rand(num_steps, num_steps, num_steps, generator=generator, dtype=torch.float64)
+
+    def cost(tau, g, k):
+        return float(table[tau, g, k])
+
+    def amplification(tau, g, k):
+        return float(gain[tau, g, k])
+
+    def allows_gap(tau, k):
+        return k <= 5
+
+    planned = plan_full_steps(
+        num_steps, budget, cost, allows_gap, forced=forced, propagation=1.5, amplification=amplification
+    )
+    expected_error, expected = _exhaustive(
+        num_steps, budget, cost, allows_gap, None, 1.5, forced=forced, amplification=amplification
+    )
+    got = schedule_error(num_steps, planned, cost, propagation=1.5, amplification=amplification)
+    assert got == pytest.approx(expected_error, rel=1e-12)
+    assert planned == expected and set(forced) <= set(planned)
 
 
 def test_propagation_changes_the_optimum_where_a_sum_of_one_step_errors_cannot_see_it():
