@@ -181,6 +181,12 @@ class ScalingCacheConfig:
     speedup: float | None = None
     """Budget as a target ratio of steps to full steps: ``full_steps = round(steps / speedup)``."""
 
+    propagation: float = 0.0
+    """How a budget's plan weighs inherited errors: the gain ρ of the error model in
+    :mod:`sc_compile.decision.budget` (a cached step extrapolates from full steps that the cached
+    steps before them perturbed). ``0``: the error of the generation is the sum of its one-step
+    errors."""
+
     coefficients: Coefficients | None = None
     """The α table's per-gap fitted coefficients or the paper's chained α's. ``None``: fitted when
     the table has them (format 2), else chained."""
@@ -215,6 +221,12 @@ class ScalingCacheConfig:
             isinstance(self.speedup, bool) or not isinstance(self.speedup, int | float) or not self.speedup >= 1.0
         ):
             raise ValueError(f"speedup must be a number >= 1 or None, but got {self.speedup!r}")
+        if (
+            isinstance(self.propagation, bool)
+            or not isinstance(self.propagation, int | float)
+            or not (0.0 <= self.propagation < float("inf"))
+        ):
+            raise ValueError(f"propagation must be a finite number >= 0, but got {self.propagation!r}")
         schedules = [name for name in ("full_steps", "speedup", "static_interval") if getattr(self, name) is not None]
         if len(schedules) > 1:
             raise ValueError(f"{' and '.join(schedules)} each choose the schedule: give at most one of them")

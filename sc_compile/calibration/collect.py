@@ -20,13 +20,20 @@ the subsample bounds the window's memory.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from sc_compile.calibration.fitting import BandedGram, fit_gap_coefficients, gram_width, one_step_alpha
+from sc_compile.calibration.fitting import (
+    BandedGram,
+    fit_gap_coefficients,
+    fit_second_order,
+    gram_width,
+    one_step_alpha,
+)
 from sc_compile.calibration.table import AlphaTable
 from sc_compile.config import Granularity, InnerCompiler, Prediction, ScalingCacheConfig, is_int_at_least
 from sc_compile.contract import Statistic
@@ -148,6 +155,7 @@ def calibrate(
     progress: bool = True,
     max_gap: int = DEFAULT_MAX_GAP,
     statistic: str = "subsample",
+    second_order: bool = False,
 ) -> AlphaTable:
     """Calibrate an α table by running ``samples`` generations with every step full.
 
@@ -155,6 +163,8 @@ def calibrate(
     limit K_τ ≤ K comes from the data (:mod:`sc_compile.calibration.fitting`). Keeps 2K + 2 values of every
     cache point while calibrating. ``statistic``: what the points no cached step reads keep (the
     compile option of that name): their coefficients are fitted on what the runtime measures ē on.
+    ``second_order``: also fit the two-difference coefficients (a format-3 table, about 2(K + 1)
+    times the first-order tensors); the runtime does not read them yet (it predicts with first order).
 
     ``target`` is a diffusers pipeline (anything with a ``.transformer``) and ``samples`` a list of
     keyword-argument dicts for ``target(**kwargs)`` (a ``"seed"`` key becomes a CPU generator); or
@@ -286,6 +296,9 @@ def calibrate(
             accumulator.observe(step, row)
     limit = min(max_gap, max(1, num_steps - 2))
     fitted = fit_gap_coefficients(trajectories, limit, collected.feeds_output) if num_steps >= 3 else None
+    if fitted is not None and second_order:
+        second = fit_second_order(trajectories, fitted, collected.feeds_output)
+        fitted = dataclasses.replace(fitted, second=second)
     return AlphaTable(
         alpha=accumulator.table(num_steps),
         model_class=runtime.model_class,

@@ -26,6 +26,18 @@ to ``1 / g``. ``K_τ``, the longest gap the table serves after τ, is the
 largest k for which every gap up to k predicts the output points better than reusing ``y_τ``.
 Gaps past the calibrated grid's last step (reached only by a finer grid's last steps) have no data:
 they carry the last calibrated gap's error and do not limit K_τ.
+
+**Two differences** (:func:`fit_second_order`). Where a trajectory curves, the difference before
+last carries what one difference cannot: ``y_{τ+k} ≈ y_τ + a₁ · D_g + a₂ · D'_h`` with
+``D'_h = y_{τ−g} − y_{τ−g−h}`` (``h`` the gap before ``g``). At run time ``D'_h`` is the ``dy`` the
+full step τ − g wrote (``r[τ − g, h] · D'_h``), kept in a third buffer, so the multipliers are
+``c₁ = a₁ / r[τ, g]`` and ``c₂ = a₂ / r[τ − g, h]``. The pair is fitted per (τ, g, h, k, p) by the
+same pooled least squares (a 2 × 2 system from the same banded Gram: lags up to ``k + g + h``) and
+shrunk toward the first-order coefficient ``(a, 0)`` by the factor with the lowest
+leave-one-sample-out error, ties to first order: where the second difference does not predict a
+sample it did not see, the second coefficient is exactly 0 and the first is the first-order one.
+Where the band lacks a lag, the system is singular or there is no earlier full step, first order
+is the answer.
 """
 
 from __future__ import annotations
@@ -93,9 +105,16 @@ class FittedCoefficients:
     refresh: torch.Tensor  # [N, K + 1, P] r, the runtime's refresh of dy at a full step after gap g
     error: torch.Tensor  # [N, K + 1, K] relative squared error of the output points' prediction
     max_gap: torch.Tensor  # [N] int64, K_τ: the longest gap served after a full step τ
+    # Format 3: the two-difference coefficients fitted beside these (None: first order only).
+    second: SecondOrderCoefficients | None = None
 
     def __post_init__(self) -> None:
         n, g, k, p = self.coef.shape
+        if self.second is not None and tuple(self.second.coef.shape) != (n, g, g, k, p, 2):
+            raise ValueError(
+                f"second-order coef {tuple(self.second.coef.shape)} does not match the first-order coef "
+                f"{tuple(self.coef.shape)} (expected {(n, g, g, k, p, 2)})"
+            )
         if g != k + 1 or self.refresh.shape != (n, g, p) or self.error.shape != (n, g, k) or self.max_gap.shape != (n,):
             raise ValueError(
                 f"inconsistent fitted coefficient shapes: coef {tuple(self.coef.shape)}, refresh "
@@ -209,9 +228,18 @@ def _ratio(numerator: torch.Tensor, denominator: torch.Tensor, fallback: torch.T
 
 
 def fit_gap_coefficients(
-    grams: list[BandedGram], max_gap: int, feeds_output: list[bool], shrink: bool = True
+    grams: list[BandedGram],
+    max_gap: int,
+    feeds_output: list[bool],
+    shrink: bool = True,
+    held_out_error: bool = False,
 ) -> FittedCoefficients:
-    """Fit ``r``, ``c`` and the error table from the banded Grams of S trajectories (S ≥ 1)."""
+    """Fit ``r``, ``c`` and the error table from the banded Grams of S trajectories (S ≥ 1).
+
+    ``held_out_error``: the error table holds each sample's error under the coefficient fitted
+    without it (leave one sample out, same shrinkage factor), instead of the in-sample error: the
+    schedule search then ranks gaps by what generalises, not by where the fit was luckiest.
+    """
     if not grams:
         raise ValueError("fitting needs at least one trajectory")
     num_steps, num_points = grams[0].num_steps, grams[0].gram.shape[1]
@@ -254,6 +282,7 @@ def fit_gap_coefficients(
                 cross, dd, _, xx, yy = _inner_products(stacked, tau, g, k)
                 pooled = _ratio(cross.sum(0), dd.sum(0), ones_a)
                 chosen = pooled
+                held_out_chosen: torch.Tensor | None = None
                 if shrink and num_samples >= 2:
                     # Leave-one-sample-out error of each shrinkage factor, per point.
                     held_out = torch.stack(
@@ -263,14 +292,17 @@ def fit_gap_coefficients(
                     for lam in SHRINKAGE_GRID:
                         err = _squared_error(ones_a + lam * (held_out - ones_a), cross, dd, xx).sum(0)  # [P]
                         candidate = ones_a + lam * (pooled - ones_a)
-                        if best_error is None:
-                            best_error, chosen = err, candidate
+                        held_candidate = ones_a + lam * (held_out - ones_a)  # [S, P]
+                        if best_error is None or held_out_chosen is None:
+                            best_error, chosen, held_out_chosen = err, candidate, held_candidate
                         else:
                             better = err < best_error
                             best_error = torch.where(better, err, best_error)
                             chosen = torch.where(better, candidate, chosen)
+                            held_out_chosen = torch.where(better[None], held_candidate, held_out_chosen)
                 coef[tau, g - 1, k - 1] = chosen / r
-                err = _squared_error(chosen.expand_as(cross), cross, dd, xx)  # [S, P]
+                measured = held_out_chosen if held_out_error and held_out_chosen is not None else chosen
+                err = _squared_error(measured.expand_as(cross), cross, dd, xx)  # [S, P]
                 norm = yy[:, out].sum()
                 error[tau, g - 1, k - 1] = err[:, out].sum() / norm if norm > 0 else math.inf
                 if g == 1:
@@ -300,6 +332,132 @@ def fit_gap_coefficients(
             k += 1
         max_gaps[tau] = k
     return FittedCoefficients(coef=coef.float(), refresh=refresh.float(), error=error.float(), max_gap=max_gaps)
+
+
+@dataclasses.dataclass(frozen=True)
+class SecondOrderCoefficients:
+    """Two-difference coefficients of one calibration, indexed [τ, g − 1, h − 1, k − 1, (p, term)].
+
+    ``coef[..., 0]`` multiplies ``dy`` (written at τ), ``coef[..., 1]`` the ``dy`` written at the full
+    step τ − g before it; where second order does not pay, ``coef[..., 1] == 0`` and ``coef[..., 0]``
+    is the first-order coefficient.
+    """
+
+    coef: torch.Tensor  # [N, K + 1, K + 1, K, P, 2]
+    error: torch.Tensor  # [N, K + 1, K + 1, K] relative squared error of the output points' prediction
+
+    def __post_init__(self) -> None:
+        if self.coef.ndim != 6 or self.coef.shape[-1] != 2 or self.coef.shape[1] != self.coef.shape[3] + 1:
+            raise ValueError(f"second-order coef must be [N, K + 1, K + 1, K, P, 2], but got {tuple(self.coef.shape)}")
+        if self.coef.shape[1] != self.coef.shape[2] or self.error.shape != self.coef.shape[:4]:
+            raise ValueError(
+                f"inconsistent second-order shapes: coef {tuple(self.coef.shape)}, error {tuple(self.error.shape)}"
+            )
+        if not torch.isfinite(self.coef).all():
+            raise ValueError("second-order coef has non-finite values")
+        if self.error.isnan().any() or (self.error < 0).any():
+            raise ValueError("second-order error must be >= 0 (or inf), without NaN")
+
+    def uses_second_difference(self) -> torch.Tensor:
+        """Where the second coefficient is used, [N, K + 1, K + 1, K, P] bool."""
+        return self.coef[..., 1] != 0
+
+
+def fit_second_order(
+    grams: list[BandedGram], first: FittedCoefficients, feeds_output: list[bool], shrink: bool = True
+) -> SecondOrderCoefficients:
+    """Fit the two-difference coefficients (module docstring) beside the first-order ``first``,
+    fitted on the same trajectories. Per τ, vectorised over every (g, h, k)."""
+    if not grams:
+        raise ValueError("fitting needs at least one trajectory")
+    stacked = torch.stack([g.gram for g in grams])  # [S, N, P, W]
+    num_samples, num_steps, num_points, width = stacked.shape
+    if num_steps != first.num_steps or num_points != first.num_points:
+        raise ValueError("the first-order coefficients must come from the same trajectories")
+    if len(feeds_output) != num_points or not any(feeds_output):
+        raise ValueError("feeds_output must mark the cache points the output reads")
+    big_k = first.max_gap_limit
+    out = torch.tensor(feeds_output)
+    refresh = first.refresh.double()  # [N, K + 1, P]
+    first_coef = first.coef.double()
+    first_error = first.error.double()
+    shape = (big_k + 1, big_k + 1, big_k)
+    coef = torch.zeros(num_steps, *shape, num_points, 2, dtype=torch.float64)
+    error = torch.zeros(num_steps, *shape, dtype=torch.float64)
+    g, h, k = torch.cartesian_prod(
+        torch.arange(1, big_k + 2), torch.arange(1, big_k + 2), torch.arange(1, big_k + 1)
+    ).unbind(1)  # [C] each, C = (K + 1)² K
+    for tau in range(num_steps):
+        # y₀ … y₃ = y_{τ+k}, y_τ, y_{τ−g}, y_{τ−g−h}: Δ = y₀ − y₁, D = y₁ − y₂, D' = y₂ − y₃.
+        steps = (tau + k, torch.full_like(k, tau), tau - g, tau - g - h)
+        valid = (steps[3] >= 0) & (steps[0] <= num_steps - 1) & (steps[0] - steps[3] <= width - 1)  # [C]
+        at = [s.clamp(0, num_steps - 1) for s in steps]
+
+        def e(i: int, j: int, at: list[torch.Tensor] = at) -> torch.Tensor:
+            """⟨y_i, y_j⟩ per (sample, combination, point): [S, C, P]."""
+            hi, lo = torch.maximum(at[i], at[j]), torch.minimum(at[i], at[j])
+            return stacked[:, hi, :, (hi - lo).clamp_max(width - 1)].permute(1, 0, 2)
+
+        def inner(a: int, b: int, c: int, d: int, valid: torch.Tensor = valid) -> torch.Tensor:
+            """⟨y_a − y_b, y_c − y_d⟩, zero where the combination has no data."""
+            value = e(a, c) - e(a, d) - e(b, c) + e(b, d)
+            return torch.where(valid[None, :, None], value, torch.zeros_like(value))
+
+        dg, dh = inner(0, 1, 1, 2), inner(0, 1, 2, 3)  # ⟨Δ, D⟩, ⟨Δ, D'⟩
+        gg, gh, hh = inner(1, 2, 1, 2), inner(1, 2, 2, 3), inner(2, 3, 2, 3)
+        xx = inner(0, 1, 0, 1)
+        yy = torch.where(valid[None, :, None], e(0, 0), torch.zeros_like(xx))
+
+        def squared_error(a1: torch.Tensor, a2: torch.Tensor, dg=dg, dh=dh, gg=gg, gh=gh, hh=hh, xx=xx) -> torch.Tensor:
+            """``‖Δ − a₁ D − a₂ D'‖²`` per sample: [S, C, P]."""
+            value = xx - 2 * a1 * dg - 2 * a2 * dh + a1 * a1 * gg + 2 * a1 * a2 * gh + a2 * a2 * hh
+            return value.clamp_min(0.0)
+
+        sums = [v.sum(0) for v in (dg, dh, gg, gh, hh)]  # [C, P]
+        pooled1, pooled2, solvable = _solve_pair(*sums)
+        r_now = refresh[tau, g - 1]  # [C, P]
+        r_before = refresh[(tau - g).clamp_min(0), h - 1]
+        first_a = first_coef[tau, g - 1, k - 1] * r_now  # the first-order a, [C, P]
+        chosen1, chosen2 = pooled1, pooled2
+        if shrink and num_samples >= 2:
+            held1, held2, held_ok = _solve_pair(
+                *(total[None] - v for total, v in zip(sums, (dg, dh, gg, gh, hh), strict=True))
+            )  # [S, C, P]: fitted without sample s
+            solvable = solvable & held_ok.all(0)
+            held1, held2 = torch.where(held_ok, held1, first_a), torch.where(held_ok, held2, torch.zeros_like(held2))
+            best = squared_error(first_a, torch.zeros_like(first_a)).sum(0)  # factor 0: first order
+            chosen1, chosen2 = first_a.clone(), torch.zeros_like(first_a)
+            for lam in SHRINKAGE_GRID[1:]:
+                err = squared_error(first_a + lam * (held1 - first_a), lam * held2).sum(0)
+                better = err < best
+                best = torch.where(better, err, best)
+                chosen1 = torch.where(better, first_a + lam * (pooled1 - first_a), chosen1)
+                chosen2 = torch.where(better, lam * pooled2, chosen2)
+        use = valid[:, None] & solvable & torch.isfinite(chosen1) & torch.isfinite(chosen2)
+        chosen1 = torch.where(use, chosen1, first_a)
+        chosen2 = torch.where(use, chosen2, torch.zeros_like(chosen2))
+        coef[tau] = torch.stack([chosen1 / r_now, chosen2 / r_before], dim=-1).reshape(*shape, num_points, 2)
+        norm = yy[:, :, out].sum((0, 2))  # [C]
+        err = squared_error(chosen1, chosen2)[:, :, out].sum((0, 2))
+        own = valid & (norm > 0)
+        # No data (gaps past the grid, no full step before τ − g): first order's error, which
+        # already carries its fill-ins for those gaps.
+        error[tau] = torch.where(
+            own, err / torch.where(own, norm, torch.ones_like(norm)), first_error[tau, g - 1, k - 1]
+        ).reshape(shape)
+    return SecondOrderCoefficients(coef=coef.float(), error=error.float())
+
+
+def _solve_pair(
+    dg: torch.Tensor, dh: torch.Tensor, gg: torch.Tensor, gh: torch.Tensor, hh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The least-squares pair of the 2 × 2 normal equations, and where the system is well posed."""
+    det = gg * hh - gh * gh
+    ok = (gg > 0) & (hh > 0) & (det > 1e-9 * gg * hh)
+    safe = torch.where(ok, det, torch.ones_like(det))
+    a1 = torch.where(ok, (hh * dg - gh * dh) / safe, torch.zeros_like(det))
+    a2 = torch.where(ok, (gg * dh - gh * dg) / safe, torch.zeros_like(det))
+    return a1, a2, ok
 
 
 def one_step_alpha(gram: BandedGram) -> torch.Tensor:

@@ -13,10 +13,13 @@ with (``config``: the JSON of ``ScalingCacheConfig.to_dict()``, versioned).
 * format 2 adds the per-gap least-squares coefficients of :mod:`sc_compile.calibration.fitting`: ``coef``
   [N, K+1, K, P], ``refresh`` [N, K+1, P], ``error`` [N, K+1, K] and ``max_gap`` [N] (int64), with
   K in the metadata. ``alpha`` is still there, so the paper's chained variant stays available.
+* format 3 adds the two-difference coefficients (:func:`sc_compile.calibration.fitting.fit_second_order`):
+  ``coef2`` [N, K+1, K+1, K, P, 2] and ``error2`` [N, K+1, K+1, K]. Its first-order tensors are
+  format 2's, so a format-3 file read for its first order means what a format-2 file means.
 
-Format-1 files still load and mean what they meant (chained α). Loading against a traced model
-refuses a file whose fingerprint, P or granularity differ, with what differs and the command to
-recalibrate.
+Format-1 and format-2 files still load and mean what they meant (chained α; first-order per-gap
+coefficients). Loading against a traced model refuses a file whose fingerprint, P or granularity
+differ, with what differs and the command to recalibrate.
 """
 
 from __future__ import annotations
@@ -31,14 +34,15 @@ from typing import Any
 
 import torch
 
-from sc_compile.calibration.fitting import ALPHA_LIMIT, FittedCoefficients
+from sc_compile.calibration.fitting import ALPHA_LIMIT, FittedCoefficients, SecondOrderCoefficients
 from sc_compile.errors import AlphaTableError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = ("1", "2")
+FORMAT_VERSION = 3
+READABLE_VERSIONS = ("1", "2", "3")
 FITTED_TENSORS = ("coef", "refresh", "error", "max_gap")
+SECOND_ORDER_TENSORS = ("coef2", "error2")
 RECALIBRATE_HINT = (
     "Recalibrate for this model with `python -m sc_compile calibrate MODEL_DIR --out alpha.safetensors` "
     "(or sc_compile.calibrate(...)), or pass options={'alpha': 'ones'}."
@@ -151,6 +155,10 @@ class AlphaTable:
         if self.fitted is not None:
             metadata["max_gap_limit"] = str(self.fitted.max_gap_limit)
             tensors.update({name: getattr(self.fitted, name).contiguous() for name in FITTED_TENSORS})
+            if self.fitted.second is None:
+                metadata["format_version"] = "2"  # nothing a format-2 reader would miss
+            else:
+                tensors.update({"coef2": self.fitted.second.coef.contiguous(), "error2": self.fitted.second.error})
         else:
             metadata["format_version"] = "1"  # nothing a format-1 reader would miss
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -170,8 +178,14 @@ class AlphaTable:
                     raise AlphaTableError(
                         f"{path}: format_version {version!r}; this sc_compile reads {list(READABLE_VERSIONS)}"
                     )
-                expected = sorted(["alpha", *FITTED_TENSORS]) if "coef" in keys else ["alpha"]
-                if keys != expected or (version == "1" and keys != ["alpha"]):
+                expected = {
+                    "1": ["alpha"],
+                    "2": sorted(["alpha", *FITTED_TENSORS]),
+                    "3": sorted(["alpha", *FITTED_TENSORS, *SECOND_ORDER_TENSORS]),
+                }[version]
+                if version == "2" and keys == ["alpha"]:
+                    expected = keys  # a format-2 writer that had no fitted coefficients
+                if keys != expected:
                     raise AlphaTableError(f"{path}: expected the tensors {expected} of format {version}, found {keys}")
                 tensors = {key: handle.get_tensor(key) for key in keys}
         except AlphaTableError:
@@ -184,7 +198,12 @@ class AlphaTable:
         fitted = None
         if "coef" in tensors:
             try:
-                fitted = FittedCoefficients(**{name: tensors[name] for name in FITTED_TENSORS})
+                second = (
+                    SecondOrderCoefficients(coef=tensors["coef2"], error=tensors["error2"])
+                    if "coef2" in tensors
+                    else None
+                )
+                fitted = FittedCoefficients(**{name: tensors[name] for name in FITTED_TENSORS}, second=second)
             except ValueError as error:
                 raise AlphaTableError(f"{path}: {error}. {RECALIBRATE_HINT}") from None
         try:
@@ -237,6 +256,7 @@ class AlphaTable:
             f"samples={self.num_samples}, beta={self.beta}, alpha mean={mean:.3f} "
             f"range=[{float(self.alpha.min()):.3f}, {float(self.alpha.max()):.3f}]"
             + ("" if self.fitted is None else f", fitted per-gap coefficients K={self.fitted.max_gap_limit}")
+            + ("" if self.fitted is None or self.fitted.second is None else " with two differences")
             + ")"
         )
 

@@ -150,7 +150,13 @@ class Decisions:
             forced = set(range(min(warmup, num_steps))) | final
             try:
                 planned = plan_full_steps(
-                    num_steps, budget, predictor.segment_cost, predictor.allows_gap, forced=forced, weights=weights
+                    num_steps,
+                    budget,
+                    predictor.segment_cost,
+                    predictor.allows_gap,
+                    forced=forced,
+                    weights=weights,
+                    propagation=self.config.propagation,
                 )
             except BudgetError as failure:
                 error = failure
