@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 
 import pytest
@@ -253,17 +254,24 @@ def test_other_step_counts_keep_the_gap_meaning_in_normalised_time(factor):
     assert _run(chained, fine_geometric, fine_times) == pytest.approx(fine_geometric, abs=1e-4)
 
 
-def test_a_table_that_cannot_serve_a_step_count_is_refused():
+def test_a_table_that_cannot_serve_a_step_count_runs_full_with_a_warning(caplog):
     steps = 12
     model = DummyDiT()
     values = [10.0 - u for u in range(steps)]
     table = _table_from(model, [values], [1000.0 - 80.0 * u for u in range(steps)], max_gap=2)
-    # 2 steps: each spans 6 calibrated steps, beyond the longest gap the table serves (2).
+    # 3 steps: each spans 4 calibrated steps, beyond the longest gap the table serves (2). The
+    # predictor refuses the step count; a generation uses the table for what it serves (nothing).
+    with pytest.raises(AlphaTableError, match="Calibrate at 3 steps"):
+        make_predictor(table, num_points=table.num_points, num_steps=3, timestep_of=lambda s: None, fitted=True)
     compiled = torch.compile(
-        model, backend="scalingcache", options={"compiler": "eager", "alpha": table, "num_inference_steps": 2}
+        model, backend="scalingcache", options={"compiler": "eager", "alpha": table, "num_inference_steps": 3}
     )
-    with pytest.raises(AlphaTableError, match="calibrate at 2 steps|Calibrate at 2 steps"), torch.no_grad():
-        compiled(torch.ones(1, 4, 8), torch.tensor([1000.0]))
+    with caplog.at_level(logging.WARNING, logger="sc_compile.runtime"), torch.no_grad():
+        for step in range(3):
+            compiled(torch.ones(1, 4, 8), torch.tensor([1000.0 - 300.0 * step]))
+    report = sc_compile.report(model)
+    assert report.full_steps == (0, 1, 2) and report.streams[0].reasons[2] == "α table serves no gap", str(report)
+    assert sum("so no step could be cached" in r.message for r in caplog.records) == 1
     # Fitted coefficients asked of a format-1 table.
     old = AlphaTable(table.alpha, table.model_class, table.fingerprint, "block")
     with pytest.raises(AlphaTableError, match="format-2"):

@@ -45,6 +45,13 @@ from sc_compile.errors import AlphaTableError
 SAFEGUARD_GAP_FRACTION = 0.2
 MIN_SAFEGUARD_GAP = 3
 SAFEGUARD_GAP_UNKNOWN_STEPS = 8
+# A generation of at most this many steps caches nothing under the default (dynamic) schedule
+# unless its α table was calibrated at exactly its step count (whose fitted gaps then say what is
+# safe). Measured under the pipeline clock (issue 21): 4 / 5 / 6-step Flux demo generations cached
+# by the dynamic rule differ from uncached ones by rel. 0.034 / 0.054 / 0.021 against 0.0036 at 28
+# steps, and Wan at 4 steps by 0.15 (α = 1: 0.25): at a few steps every step moves the sample far.
+# A static interval or a budget (full_steps / speedup) still caches: the user chose it.
+SHORT_SCHEDULE_STEPS = 8
 
 
 class Predictor(Protocol):
@@ -335,18 +342,47 @@ def make_predictor(
             "paper's chained α's. Recalibrate with sc_compile.calibrate(...) or use coefficients='chained'."
         )
     predictor = FittedPredictor(table.fitted, None if same_grid else position)
-    if num_steps is not None and not same_grid:
-        # Every step must be servable: a step longer than every gap the table serves would make
-        # every step full without a word.
-        step_length = table.num_steps / num_steps
-        longest = int(table.fitted.max_gap.max())
-        if step_length > longest + 1e-6:
-            raise AlphaTableError(
-                f"the α table was calibrated at {table.num_steps} steps and serves gaps up to {longest} of its "
-                f"steps; one step of this {num_steps}-step generation spans {step_length:.2f} of them, so no "
-                f"step could be cached. Calibrate at {num_steps} steps (sc_compile.calibrate) or use alpha='ones'."
-            )
+    why = unservable_step_count(table, num_steps)
+    if why is not None:
+        # A step longer than every gap the table serves would make every step full without a word.
+        raise AlphaTableError(f"{why}. Calibrate at {num_steps} steps (sc_compile.calibrate) or use alpha='ones'.")
     return predictor
+
+
+def unservable_step_count(table: AlphaTable | None, num_steps: int | None) -> str | None:
+    """Why a fitted ``table`` can cache no step of a ``num_steps``-step generation (``None``: it can):
+    one step of the generation spans more calibrated steps than the longest gap the table serves."""
+    if table is None or table.fitted is None or num_steps is None or num_steps == table.num_steps:
+        return None
+    step_length = table.num_steps / num_steps
+    longest = int(table.fitted.max_gap.max())
+    if step_length <= longest + 1e-6:
+        return None
+    return (
+        f"the α table was calibrated at {table.num_steps} steps and serves gaps up to {longest} of its steps; one "
+        f"step of this {num_steps}-step generation spans {step_length:.2f} of them, so no step could be cached"
+    )
+
+
+class NoCachePredictor:
+    """The predictor of a generation that caches no step (every step after the warm-up is full for
+    the reason :class:`~sc_compile.decision.schedule.DecisionUnit` is given): full steps refresh
+    ``dy`` with the plain difference, and no gap is served."""
+
+    def __init__(self, num_points: int):
+        self.num_points = num_points
+
+    def cached_coef(self, last_full: int, previous_gap: int, gap: int) -> tuple[float, ...]:
+        raise RuntimeError("ScalingCache: a generation that caches no step asked for a cached step; this is a bug")
+
+    def refresh(self, step: int, gap: int) -> tuple[float, ...]:
+        return (1.0 / gap,) * self.num_points
+
+    def allows_gap(self, last_full: int, gap: int) -> bool:
+        return False
+
+    def segment_cost(self, last_full: int, previous_gap: int, gap: int) -> float | None:
+        return None
 
 
 def step_weights(table: AlphaTable, num_steps: int) -> list[float] | None:

@@ -24,7 +24,14 @@ from collections.abc import Callable, Sequence
 from sc_compile.calibration.table import AlphaTable
 from sc_compile.config import ChangePoints, Coefficients, ScalingCacheConfig
 from sc_compile.decision.budget import plan_full_steps
-from sc_compile.decision.coefficients import Predictor, make_predictor, step_weights
+from sc_compile.decision.coefficients import (
+    SHORT_SCHEDULE_STEPS,
+    NoCachePredictor,
+    Predictor,
+    make_predictor,
+    step_weights,
+    unservable_step_count,
+)
 from sc_compile.decision.schedule import DecisionUnit, StepDecision
 from sc_compile.errors import BudgetError
 from sc_compile.runtime.state import StepCoefficients
@@ -86,6 +93,8 @@ class Decisions:
         self._schedule_sigmas = schedule_sigmas
         self._warn = warn
         self._predictor: Predictor | None = None
+        # Why the generation caches no step (short schedule, a table that serves no gap), if so.
+        self.cache_off: str | None = None
         self.planned_full_steps: tuple[int, ...] | None = None
         self.units: dict[int, DecisionUnit] = {}
         self._first_step: dict[int, int] = {}
@@ -111,6 +120,10 @@ class Decisions:
                     "coefficients='fitted' needs a calibrated α table (format 2), but this model runs with "
                     "α = 1: pass options={'alpha': 'alpha.safetensors'} or drop coefficients."
                 )
+            self.cache_off = self._cache_off_reason()
+            if self.cache_off is not None:
+                self._predictor = NoCachePredictor(self.num_points)
+                return self._predictor
             sigmas = self._schedule_sigmas() if self.alpha is not None else None
             self._predictor = make_predictor(
                 self.alpha,
@@ -130,6 +143,44 @@ class Decisions:
             if self.config.budgeted:
                 self.planned_full_steps = self._plan(self._predictor)
         return self._predictor
+
+    def _cache_off_reason(self) -> str | None:
+        """Why this generation caches no step, with one warning saying so (``None``: it may cache).
+
+        A table that cannot serve the step count is used for what it serves (nothing) rather than
+        refused in the middle of a pipeline call; a short schedule under the default rule is run
+        in full unless the table was calibrated at its step count (SHORT_SCHEDULE_STEPS)."""
+        why = unservable_step_count(self.alpha, self.num_steps) if self.uses_fitted_coefficients else None
+        if why is not None:
+            self._warn(
+                "unservable",
+                "ScalingCache: %s: every step of this generation runs in full. Calibrate at %d steps "
+                "(sc_compile.calibrate) or pass options={'alpha': 'ones'}.",
+                why,
+                self.num_steps,
+            )
+            return "α table serves no gap"
+        config = self.config
+        calibrated_here = self.alpha is not None and self.alpha.num_steps == self.num_steps
+        if (
+            self.num_steps is not None
+            and self.num_steps <= SHORT_SCHEDULE_STEPS
+            and not config.budgeted
+            and config.static_interval is None
+            and not calibrated_here
+        ):
+            self._warn(
+                "short-schedule",
+                "ScalingCache: a %d-step generation runs every step in full: the default schedule caches "
+                "nothing at %d steps or fewer unless the α table was calibrated at that step count (a cached step "
+                "of a short schedule moves the sample far). To cache anyway, pass options={'full_steps': B} or "
+                "{'static_interval': k}, or calibrate at %d steps.",
+                self.num_steps,
+                SHORT_SCHEDULE_STEPS,
+                self.num_steps,
+            )
+            return "short schedule"
+        return None
 
     def _plan(self, predictor: Predictor) -> tuple[int, ...]:
         if self.num_steps is None:
@@ -180,6 +231,7 @@ class Decisions:
                 num_steps=self.num_steps,
                 static_interval=self.config.static_interval,
                 change_points=self.change_points,
+                cache_off=self.cache_off,
             )
             self.units[key] = unit
             self._first_step[key] = step

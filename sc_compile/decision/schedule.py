@@ -66,6 +66,8 @@ class DecisionUnit:
     planned_full_steps: Collection[int] | None = None
     # Points ē averages over (``None``: all).
     change_points: Sequence[int] | None = None
+    # Why no step after the warm-up is cached (a short schedule, a table that serves no gap), if so.
+    cache_off: str | None = None
 
     def __post_init__(self) -> None:
         self.accumulated = 0.0  # ε
@@ -165,6 +167,8 @@ class DecisionUnit:
             reason = "warm-up"
         elif self.num_steps is not None and step >= self.num_steps - self.final_full_steps:
             reason = "final"
+        elif self.cache_off is not None:
+            reason = self.cache_off
         elif self._force_full:
             reason = "non-finite change"
         elif self.last_full is None or self.previous_gap == 0:
