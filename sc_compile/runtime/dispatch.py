@@ -53,7 +53,7 @@ from sc_compile.runtime.generations import (
     stream_name,
 )
 from sc_compile.runtime.protocol import Placement, StepCall, StepState
-from sc_compile.runtime.registry import REGISTRY
+from sc_compile.runtime.registry import REGISTRY, held_weakly
 from sc_compile.runtime.state import PointLayout, StepCoefficients, StreamState
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ class ScalingCacheRuntime(Dispatcher):
         calibration_hook: Callable[[ScalingCacheRuntime, int, int, StreamState], None] | None = None,
         piece: GraphPiece | None = None,
     ):
-        super().__init__(model_class, config)
+        super().__init__(model_class, config, compile_token)
         self.fingerprint = fingerprint
         self.granularity = granularity
         # Context parallelism: the group whose ranks each hold a sequence shard of every hidden
@@ -173,7 +173,6 @@ class ScalingCacheRuntime(Dispatcher):
         self.timestep_index = timestep_index
         # The graph input that is the module's first parameter: it names the module a call runs.
         self.identity_index = identity_index
-        self.compile_token = compile_token
         self.num_points = layout.num_points
         self.calibration_hook = calibration_hook
         # A piece of a forward Dynamo split at a graph break (None: the whole forward).
@@ -448,14 +447,15 @@ class GraphPieceRuntime:
         self.piece = piece
         # What to say when nothing of the compile holds blocks (default: the split forward's break).
         self.refusal = refusal
-        self.compile_token = compile_token
+        # The torch.compile call that built it, held weakly (see registry.py).
+        self._compile_token = held_weakly(compile_token)
         self.num_calls = 0
 
     def __call__(self, *args: Any) -> Any:
         self.num_calls += 1
         if not self.piece.resumes:
-            open_forward(self.compile_token, self.piece)
-        if self.num_calls > 1 and not REGISTRY.compile_caches(self.compile_token):
+            open_forward(self._compile_token(), self.piece)
+        if self.num_calls > 1 and not REGISTRY.compile_caches(self._compile_token()):
             raise UncacheableSplitError(
                 self.refusal
                 or f"ScalingCache: Dynamo split {type(self.piece.module).__name__}'s forward at a {self.piece.where}, "

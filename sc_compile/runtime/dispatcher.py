@@ -36,7 +36,7 @@ from sc_compile.runtime.generations import (
     session_for,
 )
 from sc_compile.runtime.protocol import Placement, StepCall, StepKind, StepState
-from sc_compile.runtime.registry import REGISTRY, IdentityMap
+from sc_compile.runtime.registry import REGISTRY, IdentityMap, held_weakly
 from sc_compile.runtime.state import StreamState
 
 log = logging.getLogger("sc_compile.runtime.dispatch")
@@ -152,14 +152,14 @@ class Dispatcher:
     # What a record's reason calls the buffers of one unit in one stream.
     NOUN = "stream"
 
-    def __init__(self, model_class: str, config: ScalingCacheConfig):
+    def __init__(self, model_class: str, config: ScalingCacheConfig, compile_token: Any):
+        self.compile_token = compile_token
+        self._sessions: IdentityMap[Any, ModuleSession] = IdentityMap()
         self.model_class = model_class
         self.config = config
         self.num_calls = 0
         self.num_full_calls = 0
         self.num_cached_calls = 0
-        # The sessions this graph served, by module (the runtime keeps them alive; see registry.py).
-        self._sessions: IdentityMap[Any, ModuleSession] = IdentityMap()
         self._warned_scopes: weakref.WeakSet[GenerationScope] = weakref.WeakSet()
 
     # -- what subclasses say -------------------------------------------------------------------
@@ -170,6 +170,15 @@ class Dispatcher:
     def session_token(self) -> Any:
         """The session token: what the sessions of this graph's modules are per."""
         raise NotImplementedError
+
+    @property
+    def compile_token(self) -> Any:
+        """The ``torch.compile`` call that built this graph (held weakly; see registry.py)."""
+        return self._compile_token()
+
+    @compile_token.setter
+    def compile_token(self, token: Any) -> None:
+        self._compile_token = held_weakly(token)
 
     def new_session(self, session: ModuleSession, target: Target) -> None:
         """This graph serves ``session`` for the first time."""
@@ -206,8 +215,10 @@ class Dispatcher:
 
     # -- sessions ------------------------------------------------------------------------------
     def session_of(self, target: Target) -> ModuleSession:
-        session = session_for(target.key, self.session_token(), self.config, target.name)
-        if self._sessions.get(target.key) is not session:
+        token = self.compile_token
+        session = session_for(target.key, self.session_token(), self.config, target.name, token)
+        if token is None and self._sessions.get(target.key) is not session:
+            # A graph built outside a torch.compile call: its sessions live as long as it does.
             self._sessions.set(target.key, session)
         if session.add_runtime(self):
             self.new_session(session, target)

@@ -523,10 +523,11 @@ def pipeline_step_count(scheduler: Any) -> int | None:
     return len(timesteps) - (begin or 0)
 
 
-def session_for(key: Any, token: Any, config: ScalingCacheConfig, name: str) -> ModuleSession:
-    """The live session of module ``key`` under the ``torch.compile`` call ``token`` (a new one
-    where none lives). The registry holds it weakly: its runtimes and generations keep it."""
-    return REGISTRY.session(key, token, lambda: ModuleSession(key, config, name))
+def session_for(key: Any, token: Any, config: ScalingCacheConfig, name: str, holder: Any) -> ModuleSession:
+    """The live session of module ``key`` under session ``token`` (a new one where none lives),
+    held by the ``torch.compile`` call ``holder`` (``None``: the caller holds it) and by its
+    generations."""
+    return REGISTRY.session(key, token, lambda: ModuleSession(key, config, name), holder)
 
 
 def sessions_of(module: torch.nn.Module) -> list[ModuleSession]:

@@ -413,7 +413,7 @@ class BlockGraphRuntime(Dispatcher):
         config: ScalingCacheConfig,
         compile_token: Any,
     ):
-        super().__init__(type(model).__name__, config)
+        super().__init__(type(model).__name__, config, compile_token)
         self.fn = fn
         self.label = label
         self.where = where
@@ -421,7 +421,6 @@ class BlockGraphRuntime(Dispatcher):
         self._code = code  # keeps the id unique
         self.identity_index = identity_index
         self.outputs = outputs
-        self.compile_token = compile_token
         REGISTRY.register_model(model)
 
     # -- what the call is ----------------------------------------------------------------------

@@ -5,12 +5,15 @@ One object, :data:`REGISTRY`, owns what the runtime keeps across calls; nothing 
 object it describes, so an entry goes when that object goes (nothing is keyed by a bare ``id()``
 that could outlive it and be reused):
 
-* ``sessions``: per module (its first parameter, held weakly), per ``torch.compile`` (compile
-  token), the :class:`~sc_compile.runtime.generations.ModuleSession` — held *weakly*. A session is
-  held by the runtimes that serve it (each runtime holds the sessions of the modules it ran, weakly
-  keyed by the module) and by the generations running in it, so it dies, with its pool of buffers,
-  when the compiled graphs of its ``torch.compile`` are freed (``del compiled``,
-  ``torch._dynamo.reset()``) or its module is.
+* ``sessions``: per module (its first parameter, held weakly), per session token (the
+  ``torch.compile`` call; one token for all per-block graphs of a model), the
+  :class:`~sc_compile.runtime.generations.ModuleSession`, held *weakly*.
+* ``holders``: per ``torch.compile`` call (its compile token, held weakly), the sessions its graphs
+  served, held strongly. A session therefore lives while a ``torch.compile`` that ran it lives (or a
+  generation of it runs), and dies with its pool of buffers when the compiled module is freed
+  (``del compiled`` and ``torch._dynamo.reset()``, which drops Dynamo's references) or its module
+  is. Runtimes hold their compile token weakly: Dynamo may keep a compiled graph (a graph
+  break's resume function) after its compiled module is gone.
 * ``model_of_parameter``: the model each block parameter belongs to (per-block graphs find their
   model from a parameter); both weak.
 * ``cached_compiles``: the compile tokens of the ``torch.compile`` calls that built a graph that
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
     from sc_compile.runtime.generations import ModuleSession
     from sc_compile.runtime.state import StreamState
 
-__all__ = ["LIVE_STREAM_STATES", "REGISTRY", "IdentityMap", "Registry", "reset"]
+__all__ = ["LIVE_STREAM_STATES", "REGISTRY", "IdentityMap", "Registry", "held_weakly", "reset"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -120,6 +123,14 @@ class IdentityMap(Generic[K, V]):
         self._entries.clear()
 
 
+def held_weakly(value: Any) -> Callable[[], Any]:
+    """A weak reference to ``value``, or a strong one where it cannot be weakly referenced."""
+    try:
+        return weakref.ref(value)
+    except TypeError:
+        return _Strong(value)
+
+
 class _Strong:
     """A strong reference that reads like a weak one (for keys that cannot be weakly referenced)."""
 
@@ -160,8 +171,10 @@ class Registry:
         self._reset()
 
     def _reset(self) -> None:
-        # module key -> compile token -> weak reference to the session.
-        self.sessions: IdentityMap[Any, dict[Any, weakref.ReferenceType[ModuleSession]]] = IdentityMap()
+        # module key -> (session token, session) pairs, both held weakly.
+        self.sessions: IdentityMap[Any, list[tuple[Callable[[], Any], Callable[[], Any]]]] = IdentityMap()
+        # compile token -> the sessions its graphs served (they live as long as it does).
+        self.holders: IdentityMap[Any, list[ModuleSession]] = IdentityMap()
         # parameter -> weak reference to the model holding it.
         self.model_of_parameter: IdentityMap[Any, weakref.ReferenceType[Any]] = IdentityMap()
         self.cached_compiles: IdentityMap[Any, bool] = IdentityMap()
@@ -171,26 +184,38 @@ class Registry:
         self.enabled_classes: dict[type, type] = {}
 
     def reset(self) -> None:
-        """Forget every session, model, compile, thread record and activity count (for tests)."""
+        """Forget every session, model, compile, thread record and activity count (for tests).
+        The sessions' pools are emptied: a runtime still alive starts a new session."""
         with self.lock:
+            for _, entries in self.sessions.items():
+                for _, ref in entries:
+                    session = ref()
+                    if session is not None:
+                        session.pool.clear()
             self._reset()
 
     # -- sessions ------------------------------------------------------------------------------
-    def session(self, key: Any, token: Any, make: Callable[[], ModuleSession]) -> ModuleSession:
-        """The live session of module ``key`` under compile ``token`` (``make`` one where none lives)."""
+    def session(self, key: Any, token: Any, make: Callable[[], ModuleSession], holder: Any) -> ModuleSession:
+        """The live session of module ``key`` under session ``token`` (``make`` one where none
+        lives), held by the ``torch.compile`` call ``holder`` (its compile token)."""
         with self.lock:
-            by_token = self.sessions.setdefault(key, dict)
-            ref = by_token.get(token)
-            session = ref() if ref is not None else None
-            if session is None:
-                session = make()
-                by_token[token] = weakref.ref(session, _drop_session(by_token, token))
+            entries = self.sessions.setdefault(key, list)
+            session, same = _find(entries, token)
+            if session is None or not same:
+                # Neither the token nor the session is held here. Equal tokens share a session
+                # (torch.compile's wrappers of one backend and options compare equal): each is noted.
+                session = session or make()
+                entries[:] = [(t, s) for t, s in entries if s() is not None and t() is not None]
+                entries.append((held_weakly(token), weakref.ref(session)))
+            if holder is not None:  # None: the caller holds it (a graph built outside a torch.compile call)
+                held = self.holders.setdefault(holder, list)
+                if not any(s is session for s in held):
+                    held.append(session)
             return session
 
     def sessions_of(self, key: Any) -> list[ModuleSession]:
         with self.lock:
-            by_token = self.sessions.get(key) or {}
-            return [s for ref in list(by_token.values()) if (s := ref()) is not None]
+            return [s for _, ref in list(self.sessions.get(key) or []) if (s := ref()) is not None]
 
     def activity(self) -> int:
         """The next activity count (a session's last call)."""
@@ -228,12 +253,18 @@ class Registry:
         return sum(state.nbytes for state in list(self.live_states))
 
 
-def _drop_session(by_token: dict[Any, Any], token: Any) -> Callable[[Any], None]:
-    def drop(ref: Any) -> None:
-        if by_token.get(token) is ref:
-            by_token.pop(token, None)
-
-    return drop
+def _find(entries: list[tuple[Callable[[], Any], Callable[[], Any]]], token: Any) -> tuple[ModuleSession | None, bool]:
+    """The live session of ``token`` among ``entries``, and whether it was noted for this very token."""
+    equal = None
+    for token_ref, session_ref in entries:
+        known, session = token_ref(), session_ref()
+        if session is None:
+            continue
+        if known is token:
+            return session, True
+        if equal is None and known is not None and known == token:
+            equal = session
+    return equal, False
 
 
 REGISTRY = Registry()
