@@ -47,6 +47,7 @@ from sc_compile.runtime.dispatcher import (
 from sc_compile.runtime.generations import (
     Generation,
     GenerationScope,
+    LayoutState,
     ModuleSession,
     module_key,
     sessions_of,
@@ -409,7 +410,9 @@ class ScalingCacheRuntime(Dispatcher):
         if generation is None:
             return []
         layout_state = generation.layouts.get(self.layout.key(self.config.cache_dtype))
-        return [s for s in layout_state.streams if s is not None] if layout_state is not None else []
+        if not isinstance(layout_state, LayoutState):
+            return []
+        return [s for s in layout_state.streams if s is not None]
 
     def report(self) -> GenerationReport:
         """The session's current generation's record (or its last finished one)."""
