@@ -32,7 +32,7 @@ from sc_compile.config import ScalingCacheConfig
 from sc_compile.decision.decisions import Decisions
 from sc_compile.memory import CacheMemoryError, format_bytes, new_stream_limit, refusal
 from sc_compile.runtime.protocol import StepKind, StepState
-from sc_compile.runtime.registry import REGISTRY
+from sc_compile.runtime.registry import REGISTRY, held_weakly
 from sc_compile.runtime.state import PointLayout, StatePool, StepCoefficients, StreamState, state_zeros
 
 if TYPE_CHECKING:
@@ -392,7 +392,7 @@ class ModuleSession:
     """One module under one compile: its runtimes, its generations, its report."""
 
     def __init__(self, key: Any, config: ScalingCacheConfig, name: str):
-        self.key_ref = weakref.ref(key) if _weakrefable(key) else (lambda: key)
+        self.key_ref = held_weakly(key)
         self.config = config
         self.name = name
         self.runtimes: list[weakref.ReferenceType[Any]] = []
@@ -504,14 +504,6 @@ class ModuleSession:
         if self.last_report is None:
             raise RuntimeError(f"no generation has run on this compiled {self.name} yet")
         return self.last_report
-
-
-def _weakrefable(value: Any) -> bool:
-    try:
-        weakref.ref(value)
-    except TypeError:
-        return False
-    return True
 
 
 def pipeline_step_count(scheduler: Any) -> int | None:

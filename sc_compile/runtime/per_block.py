@@ -182,7 +182,6 @@ class BlockGraphsState:
         self.process_group = None
         self.world_size = 1
         self.num_allreduces = 0
-        self.streams: list[StreamState | None] = []  # none of the layout kind; units hold theirs
         self._layout = _CountedLayout(self)
         self.decisions = Decisions(
             config=config,
