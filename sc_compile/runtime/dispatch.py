@@ -1,4 +1,9 @@
-"""The ScalingCache runtime: dispatch of each call of a compiled graph.
+"""The ScalingCache runtime of whole-model graphs: dispatch of each call of a compiled graph.
+
+The dispatch itself is the one dispatcher of every graph kind (``dispatcher.py``); this module
+says what is particular to whole-model graphs (and the pieces of a split forward): how a call is
+placed by its timestep or joins its forward, and that a step runs the compiled full-step or
+cached-step graph.
 
 Dynamo calls the runtime with the traced graph's inputs. Per call the runtime finds the module's
 session (by the module's first parameter, an input of the graph) and the generation the call
