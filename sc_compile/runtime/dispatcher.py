@@ -35,7 +35,7 @@ from sc_compile.runtime.generations import (
     is_uncached,
     session_for,
 )
-from sc_compile.runtime.protocol import Placement, StepCall, StepKind, StepState
+from sc_compile.runtime.protocol import Placement, StepCall, StepKind, StepRunner, StepState
 from sc_compile.runtime.registry import REGISTRY, IdentityMap, held_weakly
 from sc_compile.runtime.state import StreamState
 
@@ -291,10 +291,11 @@ class Dispatcher:
         if full and buffers is not None and buffers.last_full_step is None:
             buffers.zero_()  # the unit's first step: nothing its buffers hold is read as history
         call = StepCall(state, step, stream, unit, buffers, lambda device: state.coefficients(stream, kind, device))
+        runner: StepRunner = self  # how the step runs: the one thing the graph kinds differ in
         if full:
-            out, buffers = self.run_full(call, args)
+            out, buffers = runner.run_full(call, args)
         else:
-            out = self.run_cached(call, args)
+            out = runner.run_cached(call, args)
         assert buffers is not None
         self.num_calls += 1
         if placement.counts_call:
