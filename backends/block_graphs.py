@@ -23,8 +23,8 @@ from sc_compile.backends.capture_check import BlockGraph, OutsideBlocksGraph, ho
 from sc_compile.config import Granularity, Prediction, ScalingCacheConfig
 from sc_compile.errors import BlockGraphError, GraphBreakError
 from sc_compile.passes.dead_code import mutated_inputs
-from sc_compile.runtime.dispatch import note_cached_graph
 from sc_compile.runtime.per_block import BlockGraphRuntime, OutputPlan, OutsideBlocksRuntime
+from sc_compile.runtime.registry import REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def build_block_graph_runtime(
         graph.where,
         len(plan.predicted),
     )
-    note_cached_graph(token)
+    REGISTRY.note_cached_compile(token)
     return BlockGraphRuntime(
         fn,
         model=graph.model,

@@ -83,15 +83,32 @@ def current_translator() -> Any:
     return getattr(symbolic_convert.tls, "current_tx", None)
 
 
+def running_frames(*skip: str) -> Iterator[FrameType]:
+    """The Python frames running above the caller, innermost first, less PyTorch's own (such as
+    ``Module._call_impl``), this module's and those of files under the ``skip`` paths."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename != __file__ and not filename.startswith((_TORCH_DIR, *skip)):
+            yield frame
+        frame = frame.f_back
+
+
 def running_module_frames() -> Iterator[tuple[torch.nn.Module, FrameType]]:
     """Module methods running in Python above the backend call, innermost first (user code
     only: PyTorch's own frames, such as ``Module._call_impl``, are left out)."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
+    for frame in running_frames():
         owner = frame.f_locals.get("self")
-        if isinstance(owner, torch.nn.Module) and not frame.f_code.co_filename.startswith(_TORCH_DIR):
+        if isinstance(owner, torch.nn.Module):
             yield owner, frame
-        frame = frame.f_back
+
+
+def calling_module(*skip: str) -> torch.nn.Module | None:
+    """``self`` of the innermost frame running above the caller outside PyTorch and ``skip``
+    (the code that called a compiled graph), where that frame is a module method."""
+    frame = next(running_frames(*skip), None)
+    owner = frame.f_locals.get("self") if frame is not None else None
+    return owner if isinstance(owner, torch.nn.Module) else None
 
 
 def place(filename: str, line: int | None) -> str:

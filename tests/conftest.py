@@ -61,10 +61,15 @@ def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Each test compiles from scratch: no cache entry of one test serves another."""
+    """Each test compiles from scratch and starts with no session state: no cache entry, session
+    or pooled buffer of one test serves another (``sc_compile.runtime.registry``)."""
+    from sc_compile.runtime import registry
+
     torch._dynamo.reset()
+    registry.reset()
     yield
     torch._dynamo.reset()
+    registry.reset()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

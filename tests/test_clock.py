@@ -20,7 +20,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 import sc_compile
 from sc_compile.clock.step_clock import MAX_STREAMS_PER_STEP, ClockError
 from sc_compile.runtime.dispatch import BatchTimestepError, GradEnabledError, StochasticSamplerError
-from sc_compile.runtime.state import LIVE_STREAM_STATES
+from sc_compile.runtime.registry import LIVE_STREAM_STATES
 
 from dummy_dit import DummyDiT, output_scale
 

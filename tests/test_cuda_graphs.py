@@ -25,7 +25,8 @@ from sc_compile.runtime.dispatch import latest_runtime
 
 from dummy_dit import DummyDiT, output_scale
 
-OPTIONS = {"warmup_steps": 3, "alpha": "ones"}
+# A static interval: the generations here are short (the short-schedule rule would cache nothing).
+OPTIONS = {"warmup_steps": 3, "alpha": "ones", "static_interval": 2}
 
 
 class EmulatedGraph:
@@ -150,10 +151,11 @@ def _generations(compiled, model, generations=2, guidance_from=None):
     return outputs, steps
 
 
-def _assert_same(a, b):
+def _assert_same(a, b, cached=True):
     (outs_a, steps_a), (outs_b, steps_b) = a, b
     assert steps_a == steps_b
-    assert any(cached for generation in steps_a for _, cached in generation), "no cached step was tested"
+    if cached:
+        assert any(cached for generation in steps_a for _, cached in generation), "no cached step was tested"
     for x, y in zip(outs_a, outs_b, strict=True):
         assert torch.equal(x, y)
 
@@ -179,7 +181,9 @@ def test_cpu_reduce_overhead_and_the_cudagraphs_option_equal_the_default_mode(dt
             assert not isinstance(latest_runtime(model).cached_step.fn, CudaGraphStep)
     _assert_same(results["default"], results["mode"])
     _assert_same(results["default"], results["option"])
-    _assert_same(results["torch.compile"], results["torch.compile mode"])
+    # ScalingCache's default options on this 7-step generation: the short-schedule rule runs every
+    # step in full (the mode must change nothing all the same; the pairs above test cached steps).
+    _assert_same(results["torch.compile"], results["torch.compile mode"], cached=False)
 
 
 def test_emulated_capture_through_the_backend_equals_the_default_mode_with_guidance(emulated):

@@ -79,14 +79,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # Imports that break the rules today, each with the reason it stays. Keys: (importer, imported).
 ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
 ALLOWED_CYCLES: dict[frozenset[str], str] = {}
-ALLOWED_PRIVATE: dict[tuple[str, str, str], str] = {
-    ("sc_compile.runtime.per_block", "sc_compile.runtime.dispatch", "_ACTIVITY"): "removed by the runtime refactor",
-    (
-        "sc_compile.runtime.per_block",
-        "sc_compile.runtime.dispatch",
-        "_scheduler_sigma",
-    ): "removed by the runtime refactor",
-}
+ALLOWED_PRIVATE: dict[tuple[str, str, str], str] = {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -234,7 +234,7 @@ def test_a_layout_over_the_declared_budget_is_refused_at_compile_time_with_the_f
 
 def test_a_second_stream_over_the_declared_budget_is_refused_before_it_is_allocated():
     from sc_compile.memory import CacheMemoryError
-    from sc_compile.runtime.state import LIVE_STREAM_STATES
+    from sc_compile.runtime.registry import LIVE_STREAM_STATES
 
     model, inputs = BUILDERS["wan"](seed=0)
     per_stream = sc_compile.explain(model, **inputs).buffer_bytes_per_stream

@@ -230,7 +230,7 @@ def test_two_experts_each_report_the_steps_they_ran(how, caplog):
 # -- item 3: a solver that calls the model twice per step ------------------------------------------
 @pytest.mark.parametrize("guidance", [False, True], ids=["one_stream", "guidance"])
 def test_heun_sub_steps_are_streams_of_their_own(guidance):
-    model, compiled = _compiled(warmup_steps=2)
+    model, compiled = _compiled(warmup_steps=2, static_interval=2)  # 8 steps: a short schedule
     pipe = LoopDiffusion(compiled, FlowMatchHeunDiscreteScheduler())
     pipe(_latents(), 8, guidance=guidance)
     report = sc_compile.report(model)
@@ -369,7 +369,7 @@ def _wan_experts(first, second, enabled: bool, steps: int = 8):
 def test_wan_pipeline_with_two_experts(enabled, caplog):
     from sc_compile.demo.models import random_wan_demo
 
-    options = {"compiler": "eager", "warmup_steps": 2}
+    options = {"compiler": "eager", "warmup_steps": 2, "static_interval": 2}  # 8 steps: a short schedule
     high = random_wan_demo(seed=0)[0].transformer
     low = random_wan_demo(seed=1)[0].transformer
     with caplog.at_level(logging.WARNING, logger="sc_compile.runtime"):

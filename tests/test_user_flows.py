@@ -18,7 +18,8 @@ import sc_compile
 from sc_compile.demo.models import random_flux_demo, random_wan_demo
 
 STEPS = 6
-OPTIONS = {"compiler": "eager", "warmup_steps": 2}
+# A static interval: the short-schedule rule would cache nothing of a 6-step default schedule.
+OPTIONS = {"compiler": "eager", "warmup_steps": 2, "static_interval": 2}
 MODES = {
     "inference_mode": [torch.inference_mode],
     "no_grad": [torch.no_grad],

@@ -63,10 +63,10 @@ from sc_compile.runtime.generations import (
     scheduler_order,
     sessions_of,
 )
+from sc_compile.runtime.registry import REGISTRY
 
 _MARK = "_sc_compile_wrapper"
 _RUNS: contextvars.ContextVar[tuple[PipelineRun, ...]] = contextvars.ContextVar("sc_compile_runs", default=())
-_ENABLED_CLASSES: dict[type, type] = {}
 
 
 def _found_denoisers(pipe: Any) -> tuple[str, ...]:
@@ -105,9 +105,9 @@ def enable(pipe: Any, *, denoisers: Sequence[str] | None = None) -> Any:
     names = _denoiser_names(pipe, denoisers)
     cls = type(pipe)
     if not getattr(cls, "_sc_compile_enabled", False):
-        enabled = _ENABLED_CLASSES.get(cls)
+        enabled = REGISTRY.enabled_classes.get(cls)
         if enabled is None:
-            enabled = _ENABLED_CLASSES[cls] = type(
+            enabled = REGISTRY.enabled_classes[cls] = type(
                 cls.__name__,
                 (cls,),
                 {

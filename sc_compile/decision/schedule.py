@@ -45,7 +45,8 @@ def _mean(values: Sequence[float], indices: Sequence[int] | None) -> float:
     return sum(chosen) / len(chosen)
 
 
-def _relative(numerator: float, denominator: float) -> float:
+def relative_change(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, the relative change of SPEC §1 (0 for 0/0, ∞ for x/0)."""
     if denominator == 0.0:
         return 0.0 if numerator == 0.0 else math.inf
     return numerator / denominator
@@ -104,7 +105,7 @@ class DecisionUnit:
             self._record(step, None)
             return None
         per_stream = [
-            _mean([_relative(row[CHANGE_L1], row[PREV_L1]) for row in table], self.change_points)
+            _mean([relative_change(row[CHANGE_L1], row[PREV_L1]) for row in table], self.change_points)
             for table in stats_per_stream
         ]
         change = sum(per_stream) / len(per_stream)
@@ -120,7 +121,7 @@ class DecisionUnit:
         none were read)."""
         delta = [abs(c - p) for c, p in zip(self.coef, self.previous_coef, strict=True)]
         per_stream = [
-            _mean([_relative(d * dy, y) for d, dy, y in zip(delta, dy_l1, y_l1, strict=True)], self.change_points)
+            _mean([relative_change(d * dy, y) for d, dy, y in zip(delta, dy_l1, y_l1, strict=True)], self.change_points)
             for dy_l1, y_l1 in self.norms
         ]
         if not per_stream:

@@ -1,4 +1,9 @@
-"""The ScalingCache runtime: dispatch of each call of a compiled graph.
+"""The ScalingCache runtime of whole-model graphs: dispatch of each call of a compiled graph.
+
+The dispatch itself is the one dispatcher of every graph kind (``dispatcher.py``); this module
+says what is particular to whole-model graphs (and the pieces of a split forward): how a call is
+placed by its timestep or joins its forward, and that a step runs the compiled full-step or
+cached-step graph.
 
 Dynamo calls the runtime with the traced graph's inputs. Per call the runtime finds the module's
 session (by the module's first parameter, an input of the graph) and the generation the call
@@ -25,34 +30,35 @@ preallocated buffers).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import threading
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sc_compile.calibration.table import AlphaTable
-from sc_compile.clock.pipeline import scope_for_call
 from sc_compile.clock.step_clock import EXPLICIT_SOURCES, ClockError, NewGeneration
-from sc_compile.config import ScalingCacheConfig, StochasticSampler
+from sc_compile.config import ScalingCacheConfig
 from sc_compile.contract import step_inputs
-from sc_compile.decision.decisions import StepInfo
 from sc_compile.errors import BatchTimestepError, GradEnabledError, StochasticSamplerError, UncacheableSplitError
 from sc_compile.reporting.report import GenerationReport
+from sc_compile.runtime.dispatcher import (
+    Dispatcher,
+    Target,
+    scheduler_sigma,
+)
 from sc_compile.runtime.generations import (
     Generation,
     GenerationScope,
     LayoutState,
     ModuleSession,
-    is_uncached,
     module_key,
-    session_for,
     sessions_of,
     stream_name,
 )
+from sc_compile.runtime.protocol import Placement, StepCall, StepState
+from sc_compile.runtime.registry import REGISTRY, held_weakly
 from sc_compile.runtime.state import PointLayout, StepCoefficients, StreamState
 
 if TYPE_CHECKING:
@@ -66,6 +72,7 @@ __all__ = [
     "CompiledStep",
     "GradEnabledError",
     "GraphPieceRuntime",
+    "Placement",
     "PointLayout",
     "ScalingCacheRuntime",
     "StochasticSamplerError",
@@ -73,8 +80,6 @@ __all__ = [
     "latest_runtime",
     "runtimes_of",
 ]
-
-_ACTIVITY = itertools.count(1)
 
 
 @dataclasses.dataclass
@@ -98,16 +103,16 @@ def piece_key(piece: GraphPiece) -> tuple[bool, str]:
 def open_forward(token: object, piece: GraphPiece) -> None:
     """A piece that starts the forward and holds no block ran: the forward's pieces after it
     are placed by the first of them that holds blocks (never by an earlier forward's placement)."""
-    _FORWARDS.by_token[_token_id(token)] = _Forward(None, None, None, {piece_key(piece)})
+    REGISTRY.threads.forwards.set(token, _Forward(None, None, None, {piece_key(piece)}))
 
 
-class _Forwards(threading.local):
-    def __init__(self) -> None:
-        self.by_token: dict[int, _Forward] = {}
+def _forward_of(token: object) -> _Forward | None:
+    """The forward of a split model running in this thread under the ``torch.compile`` call ``token``."""
+    return REGISTRY.threads.forwards.get(token)
 
 
-# Per thread, per torch.compile (compile token): the forward its pieces run in.
-_FORWARDS = _Forwards()
+class _NoModule:
+    """The key of a graph compiled without a module (a graph rebuilt outside Dynamo)."""
 
 
 @dataclasses.dataclass
@@ -121,29 +126,6 @@ class CompiledStep:
 
 
 @dataclasses.dataclass
-class Placement:
-    """Where a call sits, and how to learn its step's timestep and sigma (each may read once)."""
-
-    step: int
-    stream: int
-    timestep: Callable[[], float | None]
-    sigma: Callable[[], float | None] = lambda: None
-
-
-def _scheduler_sigma(scheduler: Any, step: int) -> Callable[[], float | None]:
-    """The scheduler's sigma of the pipeline's ``step`` (read only when asked)."""
-
-    def sigma() -> float | None:
-        sigmas = getattr(scheduler, "sigmas", None)
-        index = (getattr(scheduler, "begin_index", None) or 0) + step
-        if not isinstance(sigmas, torch.Tensor) or index >= len(sigmas):
-            return None
-        return float(sigmas[index])
-
-    return sigma
-
-
-@dataclasses.dataclass
 class _Uncached:
     """Scratch state for calls outside any generation (``sc_compile.uncached``)."""
 
@@ -151,35 +133,10 @@ class _Uncached:
     coefficients: StepCoefficients
 
 
-def refuse_stochastic(config: ScalingCacheConfig, scope: GenerationScope, warned: set[str]) -> None:
-    """Refuse a generation with a stochastic sampler, or warn once per scope where the config says so."""
-    how = (
-        "declared with stochastic_sampler=True"
-        if scope.stochastic_sampler
-        else "its scheduler drew random numbers in a step"
-    )
-    what = (
-        f"ScalingCache: this generation uses a stochastic sampler ({how}): it injects fresh noise into the "
-        "latents every step, and a cached step, predicted from past full steps, never sees it, so the result "
-        "drifts from the uncached one"
-    )
-    if config.stochastic_sampler is StochasticSampler.WARN:
-        generation_key = f"stochastic-{id(scope)}"
-        if generation_key not in warned:
-            warned.add(generation_key)
-            log.warning("%s (caching anyway, as options={'stochastic_sampler': 'warn'} asks).", what)
-        return
-    raise StochasticSamplerError(
-        f"{what}. To keep fidelity use the scheduler's deterministic (ODE) mode, e.g. "
-        "FlowMatchEulerDiscreteScheduler(stochastic_sampling=False), or run this pipeline uncompiled by "
-        "ScalingCache; options={'stochastic_sampler': 'warn'} caches anyway with a warning "
-        "(prediction='residual' adds the prediction to the current input, which carries the noise, "
-        "and drifts less)."
-    )
-
-
-class ScalingCacheRuntime:
-    """Dispatches each call of one compiled graph to its full-step or cached-step graph."""
+class ScalingCacheRuntime(Dispatcher):
+    """Dispatches each call of one compiled graph to its full-step or cached-step graph (the
+    :class:`~sc_compile.runtime.protocol.StepRunner` of whole-model graphs and the pieces of a
+    split forward)."""
 
     def __init__(
         self,
@@ -201,7 +158,7 @@ class ScalingCacheRuntime:
         calibration_hook: Callable[[ScalingCacheRuntime, int, int, StreamState], None] | None = None,
         piece: GraphPiece | None = None,
     ):
-        self.model_class = model_class
+        super().__init__(model_class, config, compile_token)
         self.fingerprint = fingerprint
         self.granularity = granularity
         # Context parallelism: the group whose ranks each hold a sequence shard of every hidden
@@ -212,91 +169,87 @@ class ScalingCacheRuntime:
         self.layout = layout
         self.full_step = full_step
         self.cached_step = cached_step
-        self.config = config
         self.alpha = alpha
         self.alpha_source = alpha_source
         self.timestep_index = timestep_index
         # The graph input that is the module's first parameter: it names the module a call runs.
         self.identity_index = identity_index
-        self.compile_token = compile_token
         self.num_points = layout.num_points
         self.calibration_hook = calibration_hook
         # A piece of a forward Dynamo split at a graph break (None: the whole forward).
         self.piece = piece
-        self.num_calls = 0
-        self.num_full_calls = 0
-        self.num_cached_calls = 0
-        self._fixed_key = module_key(module) if module is not None else object()
+        self._fixed_key = module_key(module) if module is not None else _NoModule()
         self._last_session: ModuleSession | None = None
         self._uncached: _Uncached | None = None
         self._uncached_lock = threading.Lock()
-        self._warned_scopes: set[str] = set()
         if module is not None:
-            self._session_of_key(self._fixed_key)
+            self.session_of(Target(self._fixed_key, self.model_class))
         if piece is not None:
-            _BLOCK_PIECES.add(_token_id(compile_token))
+            REGISTRY.note_cached_compile(compile_token)
 
-    # -- sessions ------------------------------------------------------------------------------
-    def _session_of_key(self, key: Any) -> ModuleSession:
-        session = session_for(key, self.compile_token, self.config, self.model_class)
-        if not any(ref() is self for ref in session.runtimes):
-            session.runtimes.append(weakref.ref(self))
+    # -- what the call is ----------------------------------------------------------------------
+    def target(self, args: tuple[Any, ...]) -> Target:
+        key = args[self.identity_index] if self.identity_index is not None else self._fixed_key
+        return Target(key, self.model_class)
+
+    def session_token(self) -> Any:
+        return self.compile_token
+
+    def session_of(self, target: Target) -> ModuleSession:
+        session = super().session_of(target)
+        self._last_session = session
         return session
-
-    def _key(self, args: tuple[Any, ...]) -> Any:
-        return args[self.identity_index] if self.identity_index is not None else self._fixed_key
 
     @property
     def session(self) -> ModuleSession:
-        return self._last_session or self._session_of_key(self._fixed_key)
+        return self._last_session or self.session_of(Target(self._fixed_key, self.model_class))
 
-    # -- the call ------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
-        if torch.is_grad_enabled():
-            raise GradEnabledError(
-                f"ScalingCache: {self.model_class} was called with autograd enabled. The cache updates its "
-                "buffers in place inside the graph, which autograd cannot differentiate, and a denoising loop "
-                "needs no gradients: run it under `torch.no_grad()` or `torch.inference_mode()` (diffusers "
-                "pipelines do)."
-            )
+        self.refuse_grad()
         if self.piece is not None and self.piece.resumes:
-            forward = _FORWARDS.by_token.get(_token_id(self.compile_token))
+            forward = _forward_of(self.compile_token)
             if forward is not None and forward.session is not None and piece_key(self.piece) not in forward.ran:
                 return self._follow(forward, args)
-        key = self._key(args)
-        session = self._session_of_key(key)
-        self._last_session = session
-        session.last_active = next(_ACTIVITY)
-        if is_uncached(key):
-            self._start_forward(session, None, None)
-            return self._run_uncached(args)
-        scope, side_call = scope_for_call(key)
-        if side_call:
-            self._start_forward(session, None, None)
-            return self._run_uncached(args)
-        if scope is not None:
-            generation = session.generation_for(scope)
-            if scope.pipeline is not None and generation.clock.stream_names and stream_name(key) is None:
-                # The pipeline names its denoising calls; one outside any cache_context is not one.
-                self._start_forward(session, None, None)
-                return self._run_uncached(args)
-            with generation.lock:
-                placement = self._place_in_scope(generation, scope, key, args)
-                return self._dispatch(generation, placement, args)
-        with session.lock:
-            generation, placement = self._place_ambient(session, key, args)
-            return self._dispatch(generation, placement, args)
+        return self.dispatch(args)
+
+    def step_state(self, generation: Generation) -> StepState:
+        return generation.layout_state(self)
+
+    def leader(self, generation: Generation, state: StepState) -> StepState:
+        # Only the pieces of a split forward follow another graph's verdict; graphs of a whole
+        # forward (several sizes or guard variants in one generation) each decide for themselves.
+        leader = generation.leader if self.piece is not None else None
+        return state if leader is None else leader
+
+    def after_synced_full(self, step: int, stream: int, buffers: StreamState) -> None:
+        if self.calibration_hook is not None:
+            self.calibration_hook(self, step, stream, buffers)
+
+    # -- how a step runs -----------------------------------------------------------------------
+    def run_full(self, call: StepCall, args: tuple[Any, ...]) -> tuple[Any, StreamState]:
+        assert call.buffers is not None
+        return self._run(self.full_step, call, args), call.buffers
+
+    def run_cached(self, call: StepCall, args: tuple[Any, ...]) -> Any:
+        return self._run(self.cached_step, call, args)
+
+    def _run(self, compiled: CompiledStep, call: StepCall, args: tuple[Any, ...]) -> Any:
+        state = call.buffers
+        assert state is not None
+        coefficients = call.coefficients(self.layout.device)
+        inputs = step_inputs(args, state.buffers, coefficients.coef, coefficients.refresh, state.stats)
+        return compiled.fn(*[inputs[i] for i in compiled.input_indices])
 
     # -- pieces of a split forward -------------------------------------------------------------
     def _start_forward(
         self, session: ModuleSession, generation: Generation | None, placement: Placement | None
     ) -> None:
         if self.piece is not None:
-            forward = _FORWARDS.by_token.get(_token_id(self.compile_token))
+            forward = _forward_of(self.compile_token)
             # Pieces without blocks that started this forward stay in it (they ran in this call).
             before = forward.ran if forward is not None and forward.session is None else set()
-            _FORWARDS.by_token[_token_id(self.compile_token)] = _Forward(
-                session, generation, placement, before | {piece_key(self.piece)}
+            REGISTRY.threads.forwards.set(
+                self.compile_token, _Forward(session, generation, placement, before | {piece_key(self.piece)})
             )
 
     def _follow(self, forward: _Forward, args: tuple[Any, ...]) -> Any:
@@ -304,9 +257,9 @@ class ScalingCacheRuntime:
         assert self.piece is not None and forward.session is not None
         forward.ran.add(piece_key(self.piece))
         self._last_session = forward.session
-        self._session_of_key(forward.session.key_ref())
+        self.session_of(Target(forward.session.key_ref(), self.model_class))
         if forward.generation is None or forward.placement is None:
-            return self._run_uncached(args)
+            return self._scratch(args)
         generation = forward.generation
         if generation.finished:
             raise ClockError(
@@ -315,7 +268,7 @@ class ScalingCacheRuntime:
                 "ran after its generation ended; run the whole forward inside one generation."
             )
         with generation.lock:
-            return self._dispatch(generation, forward.placement, args, follows=True)
+            return self.run_step(generation, generation.layout_state(self), forward.placement, (), args)
 
     # -- placement -----------------------------------------------------------------------------
     def _timestep_values(
@@ -358,12 +311,17 @@ class ScalingCacheRuntime:
                     "batch only samples at the same step, or run each schedule in its own call."
                 )
 
+    def place(
+        self, state: StepState, generation: Generation, scope: GenerationScope, target: Target, args: tuple[Any, ...]
+    ) -> Placement:
+        placement = self._place_in_scope(generation, scope, target.key, args)
+        self._start_forward(generation.session, generation, placement)
+        return placement
+
     def _place_in_scope(
         self, generation: Generation, scope: GenerationScope, key: Any, args: tuple[Any, ...]
     ) -> Placement:
         if scope.pipeline is not None:
-            if scope.pipeline.stochastic or scope.stochastic_sampler:
-                self._refuse_stochastic(scope)
             read: list[float] = []
 
             step, stream = generation.clock.place_in_pipeline_step(scope.pipeline.steps_taken, stream_name(key))
@@ -377,15 +335,13 @@ class ScalingCacheRuntime:
 
             if self.timestep_index is None:
                 # A piece without the timestep (split forward): the pipeline places it; nothing to read.
-                return Placement(step, stream, lambda: None, _scheduler_sigma(scope.pipeline.scheduler, step))
+                return Placement(step, stream, lambda: None, scheduler_sigma(scope.pipeline.scheduler, step))
             if not generation.checked_samples or self.calibration_hook is not None:
                 # The one read of the generation's first (full) step: the batch check. Calibration
                 # (every step full, not a hot path) records every step's timestep.
                 generation.checked_samples = True
                 timestep()
-            return Placement(step, stream, timestep, _scheduler_sigma(scope.pipeline.scheduler, step))
-        if scope.stochastic_sampler:
-            self._refuse_stochastic(scope)
+            return Placement(step, stream, timestep, scheduler_sigma(scope.pipeline.scheduler, step))
         values, dtype = self._timestep_values(args)
         try:
             step, stream = generation.clock.place_by_timestep(values, stream_name(key), dtype)
@@ -398,6 +354,12 @@ class ScalingCacheRuntime:
             ) from None
         mean = _mean(values)
         return Placement(step, stream, lambda: mean)
+
+    def run_ambient(self, session: ModuleSession, target: Target, args: tuple[Any, ...]) -> Any:
+        with session.lock:
+            generation, placement = self._place_ambient(session, target.key, args)
+            self._start_forward(session, generation, placement)
+            return self.run_step(generation, generation.layout_state(self), placement, (), args)
 
     def _place_ambient(self, session: ModuleSession, key: Any, args: tuple[Any, ...]) -> tuple[Generation, Placement]:
         values, dtype = self._timestep_values(args)
@@ -424,88 +386,13 @@ class ScalingCacheRuntime:
         mean = _mean(values)
         return generation, Placement(step, stream, lambda: mean)
 
-    def _refuse_stochastic(self, scope: GenerationScope) -> None:
-        refuse_stochastic(self.config, scope, self._warned_scopes)
-
-    # -- dispatch ------------------------------------------------------------------------------
-    def _dispatch(
-        self, generation: Generation, placement: Placement, args: tuple[Any, ...], follows: bool = False
-    ) -> Any:
-        if not follows:
-            self._start_forward(generation.session, generation, placement)
-        step, stream = placement.step, placement.stream
-        layout_state = generation.layout_state(self)
-        state = layout_state.stream(stream, generation.session.pool)
-        decisions = layout_state.decisions
-        info = StepInfo(step, generation.num_steps, placement.timestep, placement.sigma)
-
-        def step_info(s: int) -> StepInfo:
-            return StepInfo(s, generation.num_steps, lambda: generation.timestep_of(s))
-
-        # Only the pieces of a split forward follow another graph's verdict; graphs of a whole
-        # forward (several sizes or guard variants in one generation) each decide for themselves.
-        leader = generation.leader if self.piece is not None else layout_state
-        if leader is None or leader is layout_state:
-            decision = decisions.decide(stream, info, step_info)
-        else:
-            # Another graph of the split forward feeds the model output: its verdict is the step's.
-            leader.decisions.decide(stream, info, step_info)
-            decision = decisions.decide(
-                stream, info, step_info, follow=lambda s: leader.decisions.decision_of(stream, s)
-            )
-        record = generation.record(stream)
-        synced = False
-        # The unit's last full step before this one: the step a stream's buffers must hold.
-        previous = decisions.unit_last_full(stream, before=step)
-        in_sync = state.last_full_step == previous and (decision.full or state.has_difference)
-        if in_sync:
-            full, synced = decision.full, decision.full
-            coefficients, reason = decisions.coefficients(stream, decision, self.layout.device), decision.reason
-        else:
-            full = True
-            coefficients, reason = self._outside_schedule(layout_state, state, step)
-        if full and state.last_full_step is None:
-            state.zero_()  # a stream's first step: nothing it holds is read as history
-        inputs = step_inputs(args, state.buffers, coefficients.coef, coefficients.refresh, state.stats)
-        compiled = self.full_step if full else self.cached_step
-        out = compiled.fn(*[inputs[i] for i in compiled.input_indices])
-        self.num_calls += 1
-        generation.num_calls += 1
-        if full:
-            self.num_full_calls += 1
-            state.has_difference = state.last_full_step is not None
-            state.last_full_step = step
-            # The pieces of a split forward record a step once; full if any of them ran full.
-            if step in record.cached_steps[-1:]:
-                record.cached_steps.pop()
-            if step not in record.full_steps[-1:]:
-                record.full_steps.append(step)
-            if synced:
-                decisions.synced_full(stream)
-                if self.calibration_hook is not None:
-                    self.calibration_hook(self, step, stream, state)
-        else:
-            self.num_cached_calls += 1
-            if step not in record.cached_steps[-1:] and step not in record.full_steps[-1:]:
-                record.cached_steps.append(step)
-        record.reasons[step] = reason
-        return out
-
-    def _outside_schedule(
-        self, layout_state: LayoutState, state: StreamState, step: int
-    ) -> tuple[StepCoefficients, str]:
-        """A full step for a stream whose buffers do not hold its unit's last full step.
-
-        Right after the stream's own full step the refresh is the plain difference (factor 1);
-        otherwise the stream starts over (its buffers hold nothing this step can use).
-        """
-        if state.last_full_step is not None and state.last_full_step == step - 1:
-            return layout_state.next_step, "stream catching up (its buffers missed the last full step)"
-        state.forget()
-        return layout_state.first_step, "stream's first step (nothing written to predict from)"
-
     # -- calls outside any generation ----------------------------------------------------------
-    def _run_uncached(self, args: tuple[Any, ...]) -> Any:
+    def run_uncached(self, args: tuple[Any, ...]) -> Any:
+        if self._last_session is not None:
+            self._start_forward(self._last_session, None, None)
+        return self._scratch(args)
+
+    def _scratch(self, args: tuple[Any, ...]) -> Any:
         with self._uncached_lock:
             if self._uncached is None:
                 coefficients = StepCoefficients(self.num_points, self.layout.device)
@@ -527,7 +414,9 @@ class ScalingCacheRuntime:
         if generation is None:
             return []
         layout_state = generation.layouts.get(self.layout.key(self.config.cache_dtype))
-        return [s for s in layout_state.streams if s is not None] if layout_state is not None else []
+        if not isinstance(layout_state, LayoutState):
+            return []
+        return [s for s in layout_state.streams if s is not None]
 
     def report(self) -> GenerationReport:
         """The session's current generation's record (or its last finished one)."""
@@ -555,20 +444,6 @@ class ScalingCacheRuntime:
         self.session.end_ambient()
 
 
-# Compile tokens (id) of the torch.compile calls that built a cached piece of a split forward
-# (or a per-block graph, ``sc_compile/runtime/per_block.py``).
-_BLOCK_PIECES: set[int] = set()
-
-
-def note_cached_graph(token: object) -> None:
-    """A graph that caches blocks was built under the ``torch.compile`` call ``token``."""
-    _BLOCK_PIECES.add(_token_id(token))
-
-
-def _token_id(token: object) -> int:
-    return id(token)
-
-
 class GraphPieceRuntime:
     """A piece of a split forward that holds no block (the output head after a break): it runs
     as compiled at every step. It refuses to run a second time when no piece of its
@@ -579,14 +454,15 @@ class GraphPieceRuntime:
         self.piece = piece
         # What to say when nothing of the compile holds blocks (default: the split forward's break).
         self.refusal = refusal
-        self.compile_token = compile_token
+        # The torch.compile call that built it, held weakly (see registry.py).
+        self._compile_token = held_weakly(compile_token)
         self.num_calls = 0
 
     def __call__(self, *args: Any) -> Any:
         self.num_calls += 1
         if not self.piece.resumes:
-            open_forward(self.compile_token, self.piece)
-        if self.num_calls > 1 and _token_id(self.compile_token) not in _BLOCK_PIECES:
+            open_forward(self._compile_token(), self.piece)
+        if self.num_calls > 1 and not REGISTRY.compile_caches(self._compile_token()):
             raise UncacheableSplitError(
                 self.refusal
                 or f"ScalingCache: Dynamo split {type(self.piece.module).__name__}'s forward at a {self.piece.where}, "

@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,7 +30,9 @@ import torch
 from sc_compile.clock.step_clock import ClockError, StepClock
 from sc_compile.config import ScalingCacheConfig
 from sc_compile.decision.decisions import Decisions
-from sc_compile.memory import format_bytes, graph_memory_bytes, new_stream_limit, refusal
+from sc_compile.memory import CacheMemoryError, format_bytes, graph_memory_bytes, new_stream_limit, refusal
+from sc_compile.runtime.protocol import StepKind, StepState
+from sc_compile.runtime.registry import REGISTRY, held_weakly
 from sc_compile.runtime.state import PointLayout, StatePool, StepCoefficients, StreamState, state_zeros
 
 if TYPE_CHECKING:
@@ -80,6 +82,8 @@ class GenerationScope:
         self.generations.clear()
 
 
+# Context variables: per thread and per asyncio task by design (``registry.py`` lists them with the
+# cross-call state it owns). The open generation scopes:
 _SCOPES: contextvars.ContextVar[tuple[GenerationScope, ...]] = contextvars.ContextVar("sc_compile_scopes", default=())
 # Modules whose calls in this context run outside any generation (``sc_compile.uncached``).
 _UNCACHED: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("sc_compile_uncached", default=())
@@ -159,7 +163,8 @@ class StreamRecord:
 
 
 class LayoutState:
-    """A generation's state for one cache layout: stream buffers, decisions, fixed coefficients."""
+    """A generation's state for one cache layout: stream buffers, decisions, fixed coefficients
+    (the :class:`~sc_compile.runtime.protocol.StepState` of whole-graph runtimes)."""
 
     def __init__(
         self,
@@ -203,34 +208,31 @@ class LayoutState:
         state = self.streams[index]
         if state is None:
             if not pool.has(self.key):
-                self._check_fits(index)
+                streams = sum(1 for s in self.streams if s is not None) + 1
+                new = self.layout.stream_nbytes(self.cache_dtype)
+                self.generation.check_fits(
+                    self.layout,
+                    f"stream {index} of this generation ({streams} stream(s) of this layout, {format_bytes(new)} each)",
+                    streams=streams,
+                    own_bytes=self.nbytes,
+                )
             state = self.streams[index] = pool.take(self.key, self.layout, self.cache_dtype)
         return state
 
-    def _check_fits(self, index: int) -> None:
-        """Refuse a stream whose state would not fit (``sc_compile.memory``), before allocating it."""
-        config = self.generation.session.config
-        new = self.layout.stream_nbytes(self.cache_dtype)
-        held = sum(state.nbytes for state in self.generation.layouts.values())
-        graphs = graph_memory_bytes(r for ref in self.generation.session.runtimes if (r := ref()) is not None)
-        limit, source, counted = new_stream_limit(config.max_cache_bytes, self.layout.device, held + graphs)
-        needed = counted + new
-        if limit is not None and needed > limit:
-            streams = sum(1 for s in self.streams if s is not None) + 1
-            captures = f", with {format_bytes(graphs)} held by its CUDA-graph captures" if graphs else ""
-            raise refusal(
-                f"stream {index} of this generation ({streams} stream(s) of this layout, {format_bytes(new)} each"
-                f"{captures})",
-                needed,
-                limit,
-                source,
-                self.layout,
-                self.cache_dtype,
-                config.granularity,
-                # For this layout's streams: the limit less what the other layouts count against it.
-                streams=streams,
-                available=limit - max(counted - self.nbytes, 0),
-            )
+    # -- the StepState protocol ----------------------------------------------------------------
+    def buffers(self, stream: int, unit: Hashable) -> StreamState:
+        return self.stream(stream, self.generation.session.pool)
+
+    def coefficients(self, stream: int, kind: StepKind, device: torch.device) -> StepCoefficients:
+        if kind == "first":
+            return self.first_step
+        if kind == "next":
+            return self.next_step
+        assert not isinstance(kind, str)
+        return self.decisions.coefficients(stream, kind, self.layout.device)
+
+    def synced_full(self, stream: int, step: int, unit: Hashable) -> None:
+        self.decisions.synced_full(stream)
 
     def global_stats(self, stats: torch.Tensor) -> torch.Tensor:
         """The statistics summed over the context-parallel group (one all-reduce)."""
@@ -255,10 +257,11 @@ class LayoutState:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.streams if s is not None)
 
-    def release(self, pool: StatePool) -> None:
-        """Hand the stream states back to the session's pool (the generation has finished)."""
-        pool.give_back(self.key, [s for s in self.streams if s is not None])
+    def release(self) -> list[tuple[tuple[object, ...], StreamState]]:
+        """Give up the stream states (the generation has finished): they go to the session's pool."""
+        returned = [(self.key, s) for s in self.streams if s is not None]
         self.streams.clear()
+        return returned
 
 
 class Generation:
@@ -294,7 +297,9 @@ class Generation:
         self.clock = StepClock(source, self.num_steps)
         if scope is not None and scope.pipeline is not None:
             self.clock.follow_pipeline(scope.pipeline.order, scope.pipeline.adopted_at)
-        self.layouts: dict[tuple[object, ...], LayoutState] = {}
+        # The state of each kind of graph that ran: a LayoutState per compiled layout, or the one
+        # BlockGraphsState of per-block graphs.
+        self.layouts: dict[tuple[object, ...], StepState] = {}
         # A forward Dynamo split at breaks: the layout whose decisions every piece follows, the
         # piece layout created last. The pieces first run in forward order, so it is the piece
         # whose blocks feed the model output (ē comes from its cache points, the prediction the
@@ -302,7 +307,7 @@ class Generation:
         # later (a guard variant) becomes the leader with no history: it runs full until it has
         # one, and the others follow it to full steps (fewer cached steps, never a wrong one).
         # Graphs of a whole forward never follow another layout.
-        self.leader: LayoutState | None = None
+        self.leader: StepState | None = None
         self.records: dict[int, StreamRecord] = {}
         self.owner = threading.get_ident()
         self.lock = threading.Lock()
@@ -334,12 +339,47 @@ class Generation:
         key = runtime.layout.key(self.session.config.cache_dtype)
         state = self.layouts.get(key)
         if state is None:
-            state = self.layouts[key] = LayoutState(
-                self, runtime.layout, runtime.alpha, runtime.alpha_source, runtime.process_group
-            )
+            state = LayoutState(self, runtime.layout, runtime.alpha, runtime.alpha_source, runtime.process_group)
+            self.layouts[key] = state
             if getattr(runtime, "piece", None) is not None:
                 self.leader = state
+        assert isinstance(state, LayoutState)
         return state
+
+    def check_fits(self, layout: PointLayout, what: str, *, streams: int, own_bytes: int, note: str = "") -> None:
+        """Refuse a stream state of ``layout`` that would not fit (``sc_compile.memory``), before
+        it is allocated. ``streams`` states of the layout are counted in the advice, of which
+        ``own_bytes`` are held already; ``note`` is added to the message.
+
+        Against a declared ``max_cache_bytes`` the generation's states count, and so do the free
+        states the session's pool holds: they are dropped where the new state would otherwise
+        take the total over the limit (they are only kept for reuse)."""
+        config = self.session.config
+        new = layout.stream_nbytes(config.cache_dtype)
+        held = sum(state.nbytes for state in self.layouts.values())
+        # CUDA-graph captures of this session's graphs hold memory too (sc_compile.runtime.cuda_graphs).
+        graphs = graph_memory_bytes(r for ref in self.session.runtimes if (r := ref()) is not None)
+        if graphs:
+            what = f"{what}, with {format_bytes(graphs)} held by its CUDA-graph captures"
+        limit, source, counted = new_stream_limit(config.max_cache_bytes, layout.device, held + graphs)
+        pool = self.session.pool
+        if config.max_cache_bytes is not None and limit is not None and counted + pool.nbytes + new > limit:
+            pool.clear()
+        needed = counted + new
+        if limit is not None and needed > limit:
+            error = refusal(
+                what,
+                needed,
+                limit,
+                source,
+                layout,
+                config.cache_dtype,
+                config.granularity,
+                # For these streams: the limit less what the other states count against it.
+                streams=streams,
+                available=limit - max(counted - own_bytes, 0),
+            )
+            raise CacheMemoryError(f"{error} {note}") if note else error
 
     def record(self, stream: int) -> StreamRecord:
         record = self.records.get(stream)
@@ -388,7 +428,7 @@ class ModuleSession:
     """One module under one compile: its runtimes, its generations, its report."""
 
     def __init__(self, key: Any, config: ScalingCacheConfig, name: str):
-        self.key_ref = weakref.ref(key) if _weakrefable(key) else (lambda: key)
+        self.key_ref = held_weakly(key)
         self.config = config
         self.name = name
         self.runtimes: list[weakref.ReferenceType[Any]] = []
@@ -433,6 +473,14 @@ class ModuleSession:
             current = clock._values[clock.step] if clock.step >= 0 else None
             if values != current and not clock.starts_new_generation(values):
                 self._other_thread(generation)
+
+    def add_runtime(self, runtime: Any) -> bool:
+        """Note a runtime that serves this session (held weakly); whether it is new here."""
+        if any(ref() is runtime for ref in self.runtimes):
+            return False
+        self.runtimes = [ref for ref in self.runtimes if ref() is not None]
+        self.runtimes.append(weakref.ref(runtime))
+        return True
 
     def warn_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._warned:
@@ -509,8 +557,7 @@ class ModuleSession:
             if self.last_generation is generation or self.last_report is None:
                 self.last_report = report
             generation.report = report
-        for layout_state in generation.layouts.values():
-            layout_state.release(self.pool)
+        self.pool.keep([returned for state in generation.layouts.values() for returned in state.release()])
         if self._ambient.get(generation.owner) is generation:
             del self._ambient[generation.owner]
 
@@ -530,14 +577,6 @@ class ModuleSession:
         if self.last_report is None:
             raise RuntimeError(f"no generation has run on this compiled {self.name} yet")
         return self.last_report
-
-
-def _weakrefable(value: Any) -> bool:
-    try:
-        weakref.ref(value)
-    except TypeError:
-        return False
-    return True
 
 
 def pipeline_step_count(scheduler: Any) -> int | None:
@@ -566,46 +605,23 @@ def scheduler_order(scheduler: Any) -> int:
     return order if isinstance(order, int) and order > 1 else 1
 
 
-# id(key) -> (weak reference to the key, compile token -> session). Keyed by id, not by the key:
-# a weak dictionary compares keys with ``==``, which on tensors is element-wise.
-_SESSIONS: dict[int, tuple[Callable[[], Any], dict[Any, ModuleSession]]] = {}
-_SESSIONS_LOCK = threading.Lock()
-
-
-def _forget_key(key_id: int) -> None:
-    with _SESSIONS_LOCK:
-        _SESSIONS.pop(key_id, None)
-
-
-def _sessions_by_token(key: Any, create: bool) -> dict[Any, ModuleSession] | None:
-    entry = _SESSIONS.get(id(key))
-    if entry is not None and entry[0]() is key:
-        return entry[1]
-    if not create:
-        return None
-    by_token: dict[Any, ModuleSession] = {}
-    if _weakrefable(key):
-        _SESSIONS[id(key)] = (weakref.ref(key), by_token)
-        weakref.finalize(key, _forget_key, id(key))
-    else:
-        _SESSIONS[id(key)] = (lambda: key, by_token)
-    return by_token
-
-
-def session_for(key: Any, token: Any, config: ScalingCacheConfig, name: str) -> ModuleSession:
-    with _SESSIONS_LOCK:
-        by_token = _sessions_by_token(key, create=True)
-        assert by_token is not None
-        session = by_token.get(token)
-        if session is None:
-            session = by_token[token] = ModuleSession(key, config, name)
-        return session
+def session_for(key: Any, token: Any, config: ScalingCacheConfig, name: str, holder: Any) -> ModuleSession:
+    """The live session of module ``key`` under session ``token`` (a new one where none lives),
+    held by the ``torch.compile`` call ``holder`` (``None``: the caller holds it) and by its
+    generations."""
+    session: ModuleSession = REGISTRY.session(key, token, lambda: ModuleSession(key, config, name), holder)
+    return session
 
 
 def sessions_of(module: torch.nn.Module) -> list[ModuleSession]:
-    key = module_key(module)
-    with _SESSIONS_LOCK:
-        return list((_sessions_by_token(key, create=False) or {}).values())
+    sessions: list[ModuleSession] = REGISTRY.sessions_of(module_key(module))
+    return sessions
+
+
+def is_side_call(scope: GenerationScope, generation: Generation, key: Any) -> bool:
+    """A call the pipeline makes outside any ``cache_context`` while it names its denoising calls:
+    not one of them (it runs in full on scratch state and leaves the generation alone)."""
+    return scope.pipeline is not None and bool(generation.clock.stream_names) and stream_name(key) is None
 
 
 __all__ = [

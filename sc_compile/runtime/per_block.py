@@ -50,16 +50,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
-import threading
-import weakref
-from collections.abc import Callable, Sequence
-from types import FrameType
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 
-from sc_compile.clock.pipeline import scope_for_call
+from sc_compile.backends.integration import calling_module
 from sc_compile.clock.step_clock import ClockError
 from sc_compile.config import ChangePoints, ScalingCacheConfig
 from sc_compile.contract import (
@@ -72,18 +68,19 @@ from sc_compile.contract import (
     PointLayout,
     stats_row,
 )
-from sc_compile.decision.decisions import Decisions, StepInfo
-from sc_compile.decision.schedule import StepDecision
-from sc_compile.memory import CacheMemoryError, new_stream_limit, refusal
+from sc_compile.decision.decisions import Decisions
+from sc_compile.decision.schedule import relative_change
+from sc_compile.runtime.dispatcher import Dispatcher, Target, scheduler_sigma
 from sc_compile.runtime.generations import (
     Generation,
     GenerationScope,
-    is_uncached,
+    ModuleSession,
     module_key,
-    session_for,
     stream_name,
 )
-from sc_compile.runtime.state import StatePool, StepCoefficients, StreamState
+from sc_compile.runtime.protocol import Placement, StepCall, StepKind, StepState
+from sc_compile.runtime.registry import REGISTRY
+from sc_compile.runtime.state import StepCoefficients, StreamState
 
 log = logging.getLogger("sc_compile.runtime")
 
@@ -93,7 +90,7 @@ __all__ = [
     "BlockGraphsState",
     "OutputPlan",
     "OutsideBlocksRuntime",
-    "register_model",
+    "eager_update",
 ]
 
 # The session token of per-block graphs: every graph of one model's blocks shares one session
@@ -103,37 +100,16 @@ BLOCK_GRAPHS_TOKEN = ("per-block graphs",)
 ALPHA_SOURCE = "α = 1 (per-block graphs: no calibrated table applies to them)"
 
 
-class _Thread(threading.local):
-    def __init__(self) -> None:
-        # The parameter that identified the last unit that ran in this thread.
-        self.anchor: torch.Tensor | None = None
-
-
-_THREAD = _Thread()
-
-# id(parameter) -> (weak parameter, weak model): the model each block parameter belongs to.
-_MODEL_OF_PARAMETER: dict[int, tuple[weakref.ReferenceType[Any], weakref.ReferenceType[Any]]] = {}
-_REGISTRY_LOCK = threading.Lock()
-
-
-def register_model(model: torch.nn.Module) -> None:
-    """Remember which model each of ``model``'s parameters belongs to (a call's anchor names it)."""
-    model_ref = weakref.ref(model)
-    with _REGISTRY_LOCK:
-        for parameter in model.parameters():
-            _MODEL_OF_PARAMETER[id(parameter)] = (weakref.ref(parameter), model_ref)
-
-
 def _model_of(anchor: torch.Tensor) -> torch.nn.Module | None:
-    entry = _MODEL_OF_PARAMETER.get(id(anchor))
-    if entry is not None and entry[0]() is anchor:
-        return entry[1]()
+    model = REGISTRY.model_of(anchor)
+    if model is not None:
+        return model
     # A model the graph was not compiled for (a copy of it): find it among the modules whose
     # forward runs in Python above this call.
     from sc_compile.backends.capture_check import running_models_holding
 
     for model in running_models_holding(anchor):
-        register_model(model)
+        REGISTRY.register_model(model)
         return model
     return None
 
@@ -157,7 +133,7 @@ class _Forward:
     stream: int
     name: str | None
     pipeline_step: int | None
-    units: set[tuple[int, int]]
+    units: set[Hashable]
 
 
 class _UnitState:
@@ -184,8 +160,9 @@ class BlockGraphsState:
     """A generation's state for the per-block graphs of its model: the forward being run, each
     unit's buffers per stream, and the one decision per step that all units take.
 
-    It stands in the generation's ``layouts`` (and is its ``leader``), so the report and the
-    end of the generation treat it as any layout."""
+    The :class:`~sc_compile.runtime.protocol.StepState` of per-block graphs: it stands in the
+    generation's ``layouts`` (and is its ``leader``), so the dispatcher, the report and the end
+    of the generation treat it as any layout."""
 
     KEY: tuple[object, ...] = ("per-block graphs",)
 
@@ -205,8 +182,7 @@ class BlockGraphsState:
         self.process_group = None
         self.world_size = 1
         self.num_allreduces = 0
-        self.streams: list[StreamState | None] = []  # none of the layout kind; units hold theirs
-        self.layout = _CountedLayout(self)
+        self._layout = _CountedLayout(self)
         self.decisions = Decisions(
             config=config,
             num_points=1,  # α = 1: one coefficient serves every output (see read_stats)
@@ -218,12 +194,16 @@ class BlockGraphsState:
             schedule_sigmas=generation.schedule_sigmas,
         )
         self.forward: _Forward | None = None
-        self.units: dict[tuple[tuple[int, int], int], _UnitState] = {}
-        self.unit_points: dict[tuple[int, int], int] = {}
+        # (unit, stream) -> the unit's buffers in the stream; a unit is (block parameter id, code id).
+        self.units: dict[tuple[Hashable, int], _UnitState] = {}
+        self.unit_points: dict[Hashable, int] = {}
         # stream -> (full step, the units that ran it in sync, in call order)
         self._synced: dict[int, tuple[int, list[_UnitState]]] = {}
-        self._coefficients: dict[str, StepCoefficients] = {}
-        self._outside: dict[tuple[str, str], StepCoefficients] = {}
+        self._coefficients: dict[tuple[str, str], StepCoefficients] = {}
+
+    @property
+    def layout(self) -> _CountedLayout:
+        return self._layout
 
     @classmethod
     def of(cls, generation: Generation, config: ScalingCacheConfig, where: str) -> BlockGraphsState:
@@ -237,13 +217,12 @@ class BlockGraphsState:
                 "one generation; compile it one way."
             )
         state = cls(generation, config, where)
-        # It stands in for a layout: the report and the end of the generation read the same names.
-        generation.layouts[cls.KEY] = state  # type: ignore[assignment]
-        generation.leader = state  # type: ignore[assignment]
+        generation.layouts[cls.KEY] = state
+        generation.leader = state
         return state
 
     # -- placement -----------------------------------------------------------------------------
-    def place(self, unit: tuple[int, int], scope: GenerationScope, key: Any) -> _Forward:
+    def place(self, unit: Hashable, scope: GenerationScope, key: Any) -> _Forward:
         """The forward this call of ``unit`` belongs to (a new one where it starts one)."""
         name = stream_name(key)
         forward = self.forward
@@ -266,48 +245,32 @@ class BlockGraphsState:
         forward.units.add(unit)
         return forward
 
-    # -- decisions -----------------------------------------------------------------------------
-    def decide(self, forward: _Forward, sigma: Callable[[], float | None]) -> StepDecision:
-        generation = self.generation
+    # -- the StepState protocol ----------------------------------------------------------------
+    def buffers(self, stream: int, unit: Hashable) -> StreamState | None:
+        unit_state = self.units.get((unit, stream))
+        return unit_state.state if unit_state is not None else None
 
-        def step_info(s: int) -> StepInfo:
-            return StepInfo(s, generation.num_steps, lambda: None)
-
-        info = StepInfo(forward.step, generation.num_steps, lambda: None, sigma)
-        return self.decisions.decide(forward.stream, info, step_info)
-
-    def coefficients(self, device: torch.device, decision: StepDecision) -> StepCoefficients:
-        """The step's coefficient c and refresh on ``device`` (written once per decision)."""
-        buffers = self._coefficients.get(str(device))
+    def coefficients(self, stream: int, kind: StepKind, device: torch.device) -> StepCoefficients:
+        """The step's coefficient c and refresh on ``device``: the decision's (written once per
+        decision), or those of a full step outside the schedule (refresh 1 right after the unit's
+        own last full step, 0 at its first)."""
+        name = kind if isinstance(kind, str) else "decision"
+        buffers = self._coefficients.get((str(device), name))
         if buffers is None:
-            buffers = self._coefficients[str(device)] = StepCoefficients(1, device)
-        buffers.write(decision.coef, decision.refresh, decision)
+            buffers = self._coefficients[(str(device), name)] = StepCoefficients(1, device)
+            if isinstance(kind, str):
+                buffers.write([0.0], [1.0 if kind == "next" else 0.0], kind)
+        if not isinstance(kind, str):
+            buffers.write(kind.coef, kind.refresh, kind)
         return buffers
 
-    def outside_schedule(self, unit: _UnitState, step: int) -> tuple[StepCoefficients, str]:
-        """A full step for a unit whose buffers do not hold the last full step (as the whole-model
-        runtime's ``_outside_schedule``): right after its own full step the refresh is the plain
-        difference; otherwise it starts over."""
-        state = unit.state
-        if state.last_full_step is not None and state.last_full_step == step - 1:
-            kind, refresh, reason = "next", 1.0, "unit catching up (its buffers missed the last full step)"
-        else:
-            state.forget()
-            kind, refresh, reason = "first", 0.0, "unit's first step (nothing written to predict from)"
-        device = unit.layout.device
-        buffers = self._outside.get((str(device), kind))
-        if buffers is None:
-            buffers = self._outside[(str(device), kind)] = StepCoefficients(1, device)
-            buffers.write([0.0], [refresh], kind)
-        return buffers, reason
-
-    def synced_full(self, stream: int, step: int, unit: _UnitState) -> None:
+    def synced_full(self, stream: int, step: int, unit: Hashable) -> None:
         """``unit`` ran the unit's full ``step`` with the step's coefficients: its statistics count."""
         entry = self._synced.get(stream)
         if entry is None or entry[0] != step:
             entry = self._synced[stream] = (step, [])
             self.decisions.synced_full(stream)
-        entry[1].append(unit)
+        entry[1].append(self.units[(unit, stream)])
 
     def read_stats(self, streams: Sequence[int]) -> list[list[list[float]]]:
         """The statistics of the last full step of ``streams`` as one row per stream (the decision
@@ -336,8 +299,8 @@ class BlockGraphsState:
             if not rows:
                 result.append([[0.0] * len(STAT_COLUMNS)])
                 continue
-            change = sum(_relative(r[CHANGE_L1], r[PREV_L1]) for r in rows) / len(rows)
-            following = sum(_relative(r[NEXT_CHANGE_L1], r[VALUE_L1]) for r in rows) / len(rows)
+            change = sum(relative_change(r[CHANGE_L1], r[PREV_L1]) for r in rows) / len(rows)
+            following = sum(relative_change(r[NEXT_CHANGE_L1], r[VALUE_L1]) for r in rows) / len(rows)
             virtual = [0.0] * len(STAT_COLUMNS)
             virtual[CHANGE_L1], virtual[PREV_L1], virtual[NEXT_CHANGE_L1], virtual[VALUE_L1] = (
                 change,
@@ -349,13 +312,8 @@ class BlockGraphsState:
         return result
 
     # -- buffers -------------------------------------------------------------------------------
-    def unit_state(self, unit: tuple[int, int], stream: int) -> _UnitState | None:
-        return self.units.get((unit, stream))
-
-    def new_unit_state(
-        self, unit: tuple[int, int], stream: int, label: str, outputs: Sequence[torch.Tensor]
-    ) -> _UnitState:
-        """Buffers for ``unit`` in ``stream``, shaped after its outputs at its first full step."""
+    def new_unit_state(self, unit: Hashable, stream: int, label: str, outputs: Sequence[torch.Tensor]) -> StreamState:
+        """Zeroed buffers for ``unit`` in ``stream``, shaped after its outputs at its first full step."""
         cache_dtype = self.config.cache_dtype
         points = [
             CachePointSpec(
@@ -368,61 +326,36 @@ class BlockGraphsState:
         key = layout.key(cache_dtype)
         pool = self.generation.session.pool
         if not pool.has(key):
-            new = layout.stream_nbytes(cache_dtype)
-            limit, source, counted = new_stream_limit(self.config.max_cache_bytes, device, self.nbytes)
-            needed = counted + new
-            if limit is not None and needed > limit:
-                error = refusal(
-                    f"{label} (stream {stream}) of this generation",
-                    needed,
-                    limit,
-                    source,
-                    layout,
-                    cache_dtype,
-                    self.config.granularity,
-                    streams=1,
-                    available=limit - self.nbytes,
-                )
-                raise CacheMemoryError(
-                    f"{error} With per-block graphs every output of every block graph keeps two full buffers "
-                    "per stream; compiling the whole model as one graph keeps them only for the last block's output."
-                )
-        state = self.units[(unit, stream)] = _UnitState(key, layout, pool.take(key, layout, cache_dtype))
+            self.generation.check_fits(
+                layout,
+                f"{label} (stream {stream}) of this generation",
+                streams=1,
+                own_bytes=0,
+                note="With per-block graphs every output of every block graph keeps two full buffers per stream; "
+                "compiling the whole model as one graph keeps them only for the last block's output.",
+            )
+        state = pool.take(key, layout, cache_dtype)
+        state.zero_()  # the unit's first step: nothing it holds is read as history
+        self.units[(unit, stream)] = _UnitState(key, layout, state)
         self.unit_points[unit] = len(points)
         return state
+
+    def unit_layout(self, unit: Hashable, stream: int) -> PointLayout:
+        return self.units[(unit, stream)].layout
 
     @property
     def nbytes(self) -> int:
         return sum(u.state.nbytes for u in self.units.values())
 
-    def release(self, pool: StatePool) -> None:
-        """Hand every unit's buffers back to the session's pool (the generation has finished)."""
-        by_key: dict[tuple[object, ...], list[StreamState]] = {}
-        for unit in self.units.values():
-            by_key.setdefault(unit.key, []).append(unit.state)
-        for key, states in by_key.items():
-            pool.give_back(key, states)
+    def release(self) -> list[tuple[tuple[object, ...], StreamState]]:
+        """Give up every unit's buffers (the generation has finished): they go to the session's pool."""
+        returned = [(unit.key, unit.state) for unit in self.units.values()]
         self.units.clear()
         self._synced.clear()
+        return returned
 
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-
-
-def _caller_anchor() -> torch.Tensor | None:
-    """The first parameter of ``self`` of the frame that runs the graph (the first frame above
-    this call outside PyTorch), for a graph that takes no parameter: a module method compiled
-    whole (its parameters are in submodules called in Python). ``None`` for a resume function,
-    which has no ``self``."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None and (
-        frame.f_code.co_filename == __file__ or frame.f_code.co_filename.startswith(_TORCH_DIR)
-    ):
-        frame = frame.f_back
-    owner = frame.f_locals.get("self") if frame is not None else None
-    if isinstance(owner, torch.nn.Module):
-        return next(owner.parameters(), None)
-    return None
+_RUNTIME_DIR = os.path.dirname(__file__)
 
 
 def _dense(value: torch.Tensor) -> torch.Tensor:
@@ -434,14 +367,37 @@ def _dense(value: torch.Tensor) -> torch.Tensor:
     return value.clone(memory_format=torch.contiguous_format)
 
 
-def _relative(numerator: float, denominator: float) -> float:
-    if denominator == 0.0:
-        return 0.0 if numerator == 0.0 else float("inf")
-    return numerator / denominator
+def eager_update(
+    y_full: torch.Tensor,
+    dy: torch.Tensor,
+    stats: torch.Tensor,
+    value: torch.Tensor,
+    coef: torch.Tensor,
+    refresh: torch.Tensor,
+) -> None:
+    """The full step's cache update of one output, eagerly (the full branch of the pass's cache
+    update, ``passes/insert_cache_conds.py``; SPEC §1): the statistics row of the change,
+    ``dy ← (y − y_full)·refresh``, ``y_full ← y``."""
+    value32, y_full32 = value.float(), y_full.float()
+    previous = y_full32 + dy.float() * coef
+    new_dy = (value32 - y_full32) * refresh
+    row = stats_row(
+        change_l1=(value32 - previous).abs().sum(),
+        prev_l1=previous.abs().sum(),
+        next_change_l1=new_dy.abs().sum(),
+        value_l1=value32.abs().sum(),
+    )
+    torch.stack(row, out=stats)  # type: ignore[arg-type]
+    dy.copy_(new_dy)
+    y_full.copy_(value)
 
 
-class BlockGraphRuntime:
-    """Runs one per-block graph: in full (with the cache update) or as the prediction of its outputs."""
+class BlockGraphRuntime(Dispatcher):
+    """Runs one per-block graph: in full (with the eager cache update) or as the eager prediction
+    of its outputs (the :class:`~sc_compile.runtime.protocol.StepRunner` of per-block graphs)."""
+
+    UPDATES = "in place"
+    NOUN = "unit"
 
     def __init__(
         self,
@@ -456,55 +412,41 @@ class BlockGraphRuntime:
         config: ScalingCacheConfig,
         compile_token: Any,
     ):
+        super().__init__(type(model).__name__, config, compile_token)
         self.fn = fn
-        self.model_class = type(model).__name__
         self.label = label
         self.where = where
         self.code_id = id(code)
         self._code = code  # keeps the id unique
         self.identity_index = identity_index
         self.outputs = outputs
-        self.config = config
-        self.compile_token = compile_token
-        self.num_calls = 0
-        self.num_full_calls = 0
-        self.num_cached_calls = 0
-        self._warned_scopes: set[str] = set()
-        register_model(model)
+        REGISTRY.register_model(model)
 
     # -- what the call is ----------------------------------------------------------------------
     def _anchor(self, args: tuple[Any, ...]) -> torch.Tensor:
+        threads = REGISTRY.threads
         if self.identity_index is not None:
             anchor = args[self.identity_index]
-            _THREAD.anchor = anchor
+            threads.anchor = anchor
             return anchor
-        anchor = _caller_anchor()
-        if anchor is not None:
-            _THREAD.anchor = anchor
-            return anchor
-        anchor = _THREAD.anchor
-        if anchor is None:
+        # A graph that takes no parameter: a module method compiled whole (its parameters are in
+        # submodules called in Python) runs in a frame whose ``self`` is the module; a resume
+        # function has no ``self`` (the part of a block after a break inside it).
+        owner = calling_module(_RUNTIME_DIR)
+        found = next(owner.parameters(), None) if owner is not None else None
+        if found is not None:
+            threads.anchor = found
+            return found
+        last = threads.anchor
+        if last is None:
             raise ClockError(
                 f"ScalingCache: the graph of {self.label} ({self.where}) takes no parameter of its block and no "
                 "block ran before it in this thread, so the block it belongs to is unknown. Run it inside the "
                 f"forward of {self.model_class}, or remove the graph break inside the block."
             )
-        return anchor
+        return last
 
-    def __call__(self, *args: Any) -> Any:
-        from sc_compile.runtime.dispatch import (
-            _ACTIVITY,
-            GradEnabledError,
-            _scheduler_sigma,
-            refuse_stochastic,
-        )
-
-        if torch.is_grad_enabled():
-            raise GradEnabledError(
-                f"ScalingCache: {self.model_class} was called with autograd enabled. The cache updates its "
-                "buffers in place, which autograd cannot differentiate, and a denoising loop needs no gradients: "
-                "run it under `torch.no_grad()` or `torch.inference_mode()` (diffusers pipelines do)."
-            )
+    def target(self, args: tuple[Any, ...]) -> Target:
         anchor = self._anchor(args)
         model = _model_of(anchor)
         if model is None:
@@ -513,143 +455,87 @@ class BlockGraphRuntime:
                 "it, so no generation can place it. Call the model, or compile the whole model with "
                 "torch.compile(model, backend='scalingcache')."
             )
-        key = module_key(model)
-        session = session_for(key, BLOCK_GRAPHS_TOKEN, self.config, type(model).__name__)
-        if not any(ref() is self for ref in session.runtimes):
-            session.runtimes.append(weakref.ref(self))
-            session.warn_once(
-                "per-block-alpha",
-                "ScalingCache: Dynamo compiles the blocks of %s one by one (%s); they are cached with α = 1 (no "
-                "calibrated table applies to per-block graphs) and every block output keeps two full buffers per "
-                "stream.",
-                type(model).__name__,
-                self.where,
-            )
-        session.last_active = next(_ACTIVITY)
-        if is_uncached(key):
-            return self.fn(*args)
-        scope, side_call = scope_for_call(key)
-        if side_call:
-            return self.fn(*args)
-        if scope is None:
-            raise ClockError(
-                f"ScalingCache: Dynamo compiles the blocks of {type(model).__name__} one by one ({self.where}), and "
-                "these graphs see no timestep, so the steps of a generation cannot be told apart from the calls. "
-                "Place them explicitly: `sc_compile.enable(pipe)` (steps from the pipeline's scheduler) or "
-                "`with sc_compile.generation(transformer, num_inference_steps=N):` around each generation (one "
-                "forward per step). Or remove the graph break so that Dynamo compiles the whole forward."
-            )
-        generation = session.generation_for(scope)
-        if scope.pipeline is not None and generation.clock.stream_names and stream_name(key) is None:
-            # The pipeline names its denoising calls; one outside any cache_context is not one.
-            return self.fn(*args)
-        if scope.pipeline is not None and (scope.pipeline.stochastic or scope.stochastic_sampler):
-            refuse_stochastic(self.config, scope, self._warned_scopes)
-        elif scope.stochastic_sampler:
-            refuse_stochastic(self.config, scope, self._warned_scopes)
-        unit = (id(anchor), self.code_id)
-        with generation.lock:
-            state = BlockGraphsState.of(generation, session.config, self.where)
-            forward = state.place(unit, scope, key)
-            sigma = (
-                _scheduler_sigma(scope.pipeline.scheduler, forward.step) if scope.pipeline is not None else lambda: None
-            )
-            return self._dispatch(state, unit, forward, sigma, args)
+        return Target(module_key(model), type(model).__name__, (id(anchor), self.code_id))
 
-    # -- running -------------------------------------------------------------------------------
-    def _dispatch(
-        self,
-        state: BlockGraphsState,
-        unit: tuple[int, int],
-        forward: _Forward,
-        sigma: Callable[[], float | None],
-        args: tuple[Any, ...],
-    ) -> Any:
-        step, stream = forward.step, forward.stream
-        decision = state.decide(forward, sigma)
-        previous = state.decisions.unit_last_full(stream, before=step)
-        unit_state = state.unit_state(unit, stream)
-        in_sync = (
-            unit_state is not None
-            and unit_state.state.last_full_step == previous
-            and (decision.full or unit_state.state.has_difference)
+    def session_token(self) -> Any:
+        return BLOCK_GRAPHS_TOKEN
+
+    def new_session(self, session: ModuleSession, target: Target) -> None:
+        session.warn_once(
+            "per-block-alpha",
+            "ScalingCache: Dynamo compiles the blocks of %s one by one (%s); they are cached with α = 1 (no "
+            "calibrated table applies to per-block graphs) and every block output keeps two full buffers per "
+            "stream.",
+            target.name,
+            self.where,
         )
-        record = state.generation.record(stream)
-        self.num_calls += 1
-        if in_sync and not decision.full:
-            assert unit_state is not None
-            coefficients = state.coefficients(unit_state.layout.device, decision)
-            out = self._predict(unit_state, coefficients, args)
-            self.num_cached_calls += 1
-            if step not in record.cached_steps[-1:]:
-                record.cached_steps.append(step)
-            record.reasons.setdefault(step, decision.reason)
-            return out
+
+    def run_ambient(self, session: ModuleSession, target: Target, args: tuple[Any, ...]) -> Any:
+        raise ClockError(
+            f"ScalingCache: Dynamo compiles the blocks of {target.name} one by one ({self.where}), and "
+            "these graphs see no timestep, so the steps of a generation cannot be told apart from the calls. "
+            "Place them explicitly: `sc_compile.enable(pipe)` (steps from the pipeline's scheduler) or "
+            "`with sc_compile.generation(transformer, num_inference_steps=N):` around each generation (one "
+            "forward per step). Or remove the graph break so that Dynamo compiles the whole forward."
+        )
+
+    def run_uncached(self, args: tuple[Any, ...]) -> Any:
+        return self.fn(*args)
+
+    def step_state(self, generation: Generation) -> StepState:
+        return BlockGraphsState.of(generation, generation.session.config, self.where)
+
+    def place(
+        self, state: StepState, generation: Generation, scope: GenerationScope, target: Target, args: tuple[Any, ...]
+    ) -> Placement:
+        assert isinstance(state, BlockGraphsState)
+        forward = state.place(target.unit, scope, target.key)
+        sigma = scheduler_sigma(scope.pipeline.scheduler, forward.step) if scope.pipeline is not None else lambda: None
+        # The forward counted the model's call when it started.
+        return Placement(forward.step, forward.stream, lambda: None, sigma, counts_call=False)
+
+    # -- how a step runs -----------------------------------------------------------------------
+    def run_full(self, call: StepCall, args: tuple[Any, ...]) -> tuple[Any, StreamState]:
+        """The graph, then the eager cache update of each predicted output."""
         outputs = list(self.fn(*args))
         values = [_dense(outputs[i]) for i in self.outputs.predicted]
         for i, value in zip(self.outputs.predicted, values, strict=True):
             outputs[i] = value
-        if unit_state is None:
-            unit_state = state.new_unit_state(unit, stream, self.label, values)
-        if in_sync:
-            coefficients, reason = state.coefficients(unit_state.layout.device, decision), decision.reason
-        else:
-            coefficients, reason = state.outside_schedule(unit_state, step)
-        buffers = unit_state.state
-        if buffers.last_full_step is None:
-            buffers.zero_()  # a unit's first step: nothing it holds is read as history
-        self._update(unit_state, values, coefficients)
-        buffers.has_difference = buffers.last_full_step is not None
-        buffers.last_full_step = step
-        if in_sync:
-            state.synced_full(stream, step, unit_state)
-        self.num_full_calls += 1
-        if step not in record.full_steps[-1:]:
-            record.full_steps.append(step)
-        record.reasons[step] = reason
+        state = call.state
+        assert isinstance(state, BlockGraphsState)
+        buffers = call.buffers
+        if buffers is None:
+            buffers = state.new_unit_state(call.unit, call.stream, self.label, values)
+        layout = state.unit_layout(call.unit, call.stream)
+        self._check_shapes(layout, values)
+        coefficients = call.coefficients(layout.device)
+        coef, refresh = coefficients.values[0, 0], coefficients.values[1, 0]
+        for index, value in enumerate(values):
+            eager_update(buffers.y_full(index), buffers.dy(index), buffers.stats[index], value, coef, refresh)
+        return outputs, buffers
+
+    def run_cached(self, call: StepCall, args: tuple[Any, ...]) -> list[Any]:
+        """Every output as ``y_full + c·dy`` (inputs passed through as they are); the graph does not run."""
+        state, buffers = call.state, call.buffers
+        assert isinstance(state, BlockGraphsState) and buffers is not None
+        layout = state.unit_layout(call.unit, call.stream)
+        coef = call.coefficients(layout.device).values[0, 0]
+        outputs: list[Any] = [None] * self.outputs.num_outputs
+        for index, (position, point) in enumerate(zip(self.outputs.predicted, layout.points, strict=True)):
+            predicted = torch.addcmul(buffers.y_full(index), buffers.dy(index), coef)
+            outputs[position] = predicted if predicted.dtype == point.dtype else predicted.to(point.dtype)
+        for position, input_index in self.outputs.passthrough:
+            outputs[position] = args[input_index]
         return outputs
 
-    def _check_shapes(self, unit: _UnitState, values: Sequence[torch.Tensor]) -> None:
-        expected = [(p.shape, p.dtype) for p in unit.layout.points]
+    def _check_shapes(self, layout: PointLayout, values: Sequence[torch.Tensor]) -> None:
+        expected = [(p.shape, p.dtype) for p in layout.points]
         got = [(tuple(v.shape), v.dtype) for v in values]
         if expected != got:
             raise RuntimeError(
                 f"ScalingCache: the outputs of {self.label} changed from {expected} to {got} within one generation; "
                 "one generation runs at one size."
             )
-
-    def _update(self, unit: _UnitState, values: Sequence[torch.Tensor], coefficients: StepCoefficients) -> None:
-        """The full step's cache update of every output (the whole-model full branch, SPEC §1):
-        statistics of the change, ``dy ← (y − y_full)·refresh``, ``y_full ← y``."""
-        self._check_shapes(unit, values)
-        state = unit.state
-        coef, refresh = coefficients.values[0, 0], coefficients.values[1, 0]
-        for index, value in enumerate(values):
-            y_full, dy = state.y_full(index), state.dy(index)
-            value32, y_full32 = value.float(), y_full.float()
-            previous = y_full32 + dy.float() * coef
-            new_dy = (value32 - y_full32) * refresh
-            row = stats_row(
-                change_l1=(value32 - previous).abs().sum(),
-                prev_l1=previous.abs().sum(),
-                next_change_l1=new_dy.abs().sum(),
-                value_l1=value32.abs().sum(),
-            )
-            torch.stack(row, out=state.stats[index])  # type: ignore[arg-type]
-            dy.copy_(new_dy)
-            y_full.copy_(value)
-
-    def _predict(self, unit: _UnitState, coefficients: StepCoefficients, args: tuple[Any, ...]) -> list[Any]:
-        """Every output as ``y_full + c·dy`` (inputs passed through as they are); the graph does not run."""
-        state = unit.state
-        coef = coefficients.values[0, 0]
-        outputs: list[Any] = [None] * self.outputs.num_outputs
-        for index, (position, point) in enumerate(zip(self.outputs.predicted, unit.layout.points, strict=True)):
-            predicted = torch.addcmul(state.y_full(index), state.dy(index), coef)
-            outputs[position] = predicted if predicted.dtype == point.dtype else predicted.to(point.dtype)
-        for position, input_index in self.outputs.passthrough:
-            outputs[position] = args[input_index]
-        return outputs
 
 
 class OutsideBlocksRuntime:

@@ -15,17 +15,14 @@ from.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 
 import torch
 
 from sc_compile.contract import STAT_COLUMNS, PointLayout, y_full_index
+from sc_compile.runtime.registry import REGISTRY
 
-__all__ = ["LIVE_STREAM_STATES", "PointLayout", "StatePool", "StepCoefficients", "StreamState", "state_zeros"]
-
-# Every live StreamState, so tests can check that finished generations free their buffers.
-LIVE_STREAM_STATES: weakref.WeakSet[StreamState] = weakref.WeakSet()
+__all__ = ["PointLayout", "StatePool", "StepCoefficients", "StreamState", "state_zeros"]
 
 
 def state_zeros(*shape: int, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
@@ -60,7 +57,7 @@ class StreamState:
             state_zeros(layout.num_points, len(STAT_COLUMNS), dtype=torch.float32, device=layout.device)
         )
         self.forget()
-        LIVE_STREAM_STATES.add(self)
+        REGISTRY.add_state(self)  # the live-state accounting tests read
 
     def y_full(self, point: int) -> torch.Tensor:
         return self.buffers[y_full_index(point)]
@@ -125,8 +122,11 @@ class StepCoefficients:
 class StatePool:
     """Stream states a finished generation handed back, reused by the next one (same layout).
 
-    The pool keeps at most as many states per layout as the largest generation that returned
-    them used, so sequential generations reuse one set of buffers and nothing accumulates.
+    A pool belongs to one session (one module under one ``torch.compile``) and dies with it. It
+    keeps only the states the last finished generation handed back (the layouts of one size), so
+    sequential generations reuse one set of buffers and a change of size does not keep the old
+    set. A stream about to be allocated counts the pool's states against ``max_cache_bytes``; they
+    are dropped rather than let the total exceed it (``Generation.check_fits``).
     """
 
     def __init__(self) -> None:
@@ -142,12 +142,20 @@ class StatePool:
         state.forget()
         return state
 
-    def give_back(self, key: tuple[object, ...], states: list[StreamState]) -> None:
-        free = self._free.setdefault(key, [])
-        for state in states:
+    def keep(self, returned: Sequence[tuple[tuple[object, ...], StreamState]]) -> None:
+        """Keep the states a finished generation handed back, in place of what the pool held."""
+        if not returned:
+            return
+        free: dict[tuple[object, ...], list[StreamState]] = {}
+        for key, state in returned:
             state.forget()
-        free.extend(states)
-        del free[max(len(states), 1) :]
+            free.setdefault(key, []).append(state)
+        self._free = free
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the free states the pool holds."""
+        return sum(state.nbytes for states in self._free.values() for state in states)
 
     def clear(self) -> None:
         self._free.clear()
