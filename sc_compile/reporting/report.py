@@ -11,7 +11,6 @@ if TYPE_CHECKING:
     from sc_compile.calibration.table import AlphaTable
     from sc_compile.clock.step_clock import StepClock
     from sc_compile.config import ScalingCacheConfig
-    from sc_compile.contract import PointLayout
     from sc_compile.decision.decisions import Decisions
 
 
@@ -193,11 +192,16 @@ class _StreamRecord(Protocol):
     def reasons(self) -> Mapping[int, str]: ...
 
 
+class _PointCount(Protocol):
+    @property
+    def num_points(self) -> int: ...
+
+
 class _LayoutRecord(Protocol):
     @property
     def decisions(self) -> Decisions: ...
     @property
-    def layout(self) -> PointLayout: ...
+    def layout(self) -> _PointCount: ...
     @property
     def alpha_source(self) -> str: ...
     @property
