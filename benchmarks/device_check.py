@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from memory_model import FLUX_DEV_CONFIG, wan_config  # benchmarks/ is the script's folder
 
 import sc_compile
 from sc_compile.memory import graph_memory_bytes
@@ -119,18 +120,7 @@ def flux_case(smoke: bool, blocks: tuple[int, int]) -> Case:
         )
         tokens, text, geometry = 16, 8, "tiny Flux (smoke), 16 image + 8 text tokens"
     else:  # FLUX.1-dev
-        config = dict(
-            patch_size=1,
-            in_channels=64,
-            num_layers=19,
-            num_single_layers=38,
-            attention_head_dim=128,
-            num_attention_heads=24,
-            joint_attention_dim=4096,
-            pooled_projection_dim=768,
-            guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56),
-        )
+        config = FLUX_DEV_CONFIG
         tokens, text, geometry = 64 * 64, 512, "FLUX.1-dev, 1024x1024 (4096 image + 512 text tokens)"
     reduced = dict(config, num_layers=min(blocks[0], config["num_layers"]))
     reduced["num_single_layers"] = min(blocks[1], config["num_single_layers"])
@@ -183,21 +173,7 @@ def wan_case(smoke: bool, blocks: int) -> Case:
         )
         latents, text, geometry = (1, 4, 3, 8, 8), 8, "tiny Wan (smoke), 3x8x8 latents"
     else:  # Wan2.1-T2V-1.3B
-        config = dict(
-            patch_size=(1, 2, 2),
-            num_attention_heads=12,
-            attention_head_dim=128,
-            in_channels=16,
-            out_channels=16,
-            text_dim=4096,
-            freq_dim=256,
-            ffn_dim=8960,
-            num_layers=30,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
-            rope_max_seq_len=1024,
-        )
+        config = dict(wan_config(heads=12, ffn=8960, layers=30), rope_max_seq_len=1024)
         latents, text = (1, 16, 21, 60, 104), 512
         geometry = "Wan2.1-1.3B, 480x832, 81 frames (21x60x104 latents, 32760 tokens), guidance as two calls"
     reduced = dict(config, num_layers=min(blocks, config["num_layers"]))

@@ -27,21 +27,43 @@ def _meta(*shape: int, dtype: torch.dtype = BF16) -> torch.Tensor:
     return torch.empty(*shape, device="meta", dtype=dtype)
 
 
+# FLUX.1-dev's transformer (diffusers' FluxTransformer2DModel config); device_check.py builds it too.
+FLUX_DEV_CONFIG: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+
+def wan_config(heads: int, ffn: int, layers: int) -> dict[str, Any]:
+    """A Wan2.1 transformer's config (1.3B: 12 heads, ffn 8960, 30 layers; 14B: 40, 13824, 40)."""
+    return dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=128,
+        in_channels=16,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=ffn,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+    )
+
+
 def flux_dev() -> tuple[str, Any, dict[str, Any], str]:
     from diffusers import FluxTransformer2DModel
 
-    config = dict(
-        patch_size=1,
-        in_channels=64,
-        num_layers=19,
-        num_single_layers=38,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    )
+    config = FLUX_DEV_CONFIG
     with torch.device("meta"):
         model = FluxTransformer2DModel(**config).to(BF16)
     image, text = 4096, 512  # 1024 x 1024: 128 x 128 latent, packed 2 x 2
@@ -61,20 +83,7 @@ def flux_dev() -> tuple[str, Any, dict[str, Any], str]:
 def _wan(name: str, heads: int, ffn: int, layers: int, frames: int, height: int, width: int):
     from diffusers import WanTransformer3DModel
 
-    config = dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=heads,
-        attention_head_dim=128,
-        in_channels=16,
-        out_channels=16,
-        text_dim=4096,
-        freq_dim=256,
-        ffn_dim=ffn,
-        num_layers=layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=1e-6,
-    )
+    config = wan_config(heads, ffn, layers)
     with torch.device("meta"):
         model = WanTransformer3DModel(**config).to(BF16)
     latent_frames, latent_h, latent_w = (frames - 1) // 4 + 1, height // 8, width // 8
