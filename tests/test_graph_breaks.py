@@ -171,6 +171,32 @@ def test_a_blocks_piece_that_cannot_see_the_timestep_names_the_explicit_clock():
         compiled(torch.ones(1, 4, 8), torch.tensor([1000.0]))
 
 
+def test_a_blocks_piece_without_the_timestep_is_placed_by_the_declared_step_count():
+    """Inside ``sc_compile.generation(..., num_inference_steps=N)`` each forward is the next step."""
+    model = BreakAfterTimestepEmbedding()
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    with sc_compile.generation(compiled, num_inference_steps=STEPS):
+        outputs = _generation(model, compiled)
+    report = sc_compile.report(model)
+    assert report.num_steps == STEPS and report.full_steps == EXPECTED_FULL, str(report)
+    for step, ours, eager in outputs:
+        if step in EXPECTED_FULL:
+            torch.testing.assert_close(ours, eager, rtol=0, atol=0)
+        else:  # linear in the step: the α = 1 prediction is exact
+            torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-5)
+
+
+def test_a_blocks_piece_without_the_timestep_needs_the_step_count_in_a_context():
+    model = BreakAfterTimestepEmbedding()
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    with (
+        pytest.raises(ClockError, match=r"does not receive the timestep.*num_inference_steps=N"),
+        torch.no_grad(),
+        sc_compile.generation(compiled),
+    ):
+        compiled(torch.ones(1, 4, 8), torch.tensor([1000.0]))
+
+
 def test_a_split_model_without_blocks_is_refused_not_silently_uncached():
     model = SplitWithoutBlocks()
     compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)

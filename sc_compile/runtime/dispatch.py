@@ -281,9 +281,10 @@ class ScalingCacheRuntime(Dispatcher):
             raise ClockError(
                 f"ScalingCache: Dynamo split {self.model_class} at a {where}, and the first graph of the forward "
                 "that holds blocks does not receive the timestep, so this call cannot be placed in a step by it. "
-                f"Place the steps explicitly with `sc_compile.enable(pipe)` (steps from the pipeline's scheduler), "
-                "or move the break after the first block (the timestep embedding then runs in the same graph as "
-                "the blocks)."
+                f"Place the steps explicitly with `sc_compile.enable(pipe)` (steps from the pipeline's scheduler) "
+                "or `with sc_compile.generation(transformer, num_inference_steps=N):` around each generation (one "
+                "forward per step), or move the break after the first block (the timestep embedding then runs in "
+                "the same graph as the blocks)."
             )
         timestep = args[self.timestep_index]
         if not isinstance(timestep, torch.Tensor):
@@ -342,6 +343,12 @@ class ScalingCacheRuntime(Dispatcher):
                 generation.checked_samples = True
                 timestep()
             return Placement(step, stream, timestep, scheduler_sigma(scope.pipeline.scheduler, step))
+        if self.timestep_index is None and generation.num_steps is not None:
+            # A piece without the timestep (split forward) in a context that declared its step
+            # count: each forward is the next step, as for per-block graphs (guidance run as
+            # separate calls is refused once the forwards outnumber the declared steps).
+            step, stream = generation.clock.place_next_forward(stream_name(key))
+            return Placement(step, stream, lambda: None)
         values, dtype = self._timestep_values(args)
         try:
             step, stream = generation.clock.place_by_timestep(values, stream_name(key), dtype)
