@@ -98,6 +98,39 @@ def test_a_break_inside_a_block_full_steps_equal_eager_and_cached_steps_are_the_
         assert runtime.num_cached_calls == calls_per_step * (STEPS - len(EXPECTED_FULL))
 
 
+class LateBlock(DummyDiT):
+    """Data-dependent control flow: the last block runs only once ``late`` is set (mid-generation)."""
+
+    late = False
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        temb = timestep.reshape(-1, 1, 1)
+        for block in self.blocks[:-1]:
+            hidden_states = block(hidden_states, temb)
+        if self.late:
+            hidden_states = self.blocks[-1](hidden_states, temb)
+        return hidden_states * 2.0
+
+
+def test_a_step_where_some_blocks_predict_and_a_new_one_runs_full_is_reported_cached():
+    """A block first run at a cached step runs in full (nothing to predict from) on predicted
+    inputs: the step's output is a prediction, so the step is reported cached, and every step
+    reported full equals eager exactly."""
+    model = _with_break_in_block(LateBlock())
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    outputs = []
+    with torch.no_grad(), sc_compile.generation(compiled, num_inference_steps=STEPS):
+        for step in range(STEPS):
+            model.late = step >= 3  # step 3 is cached by the schedule
+            hidden, timestep = torch.ones(1, 4, 8) * _scale(step), torch.tensor([1000.0 - 100.0 * step])
+            outputs.append((compiled(hidden, timestep), model(hidden, timestep)))
+    report = sc_compile.report(model)
+    assert 3 in report.cached_steps and report.full_steps == EXPECTED_FULL, str(report)
+    for step in report.full_steps:
+        torch.testing.assert_close(*outputs[step], rtol=0, atol=0)
+    assert not torch.equal(*outputs[3])
+
+
 def test_dynamic_rule_reads_the_change_of_all_blocks_and_caches():
     model = _with_break_in_block(DummyDiT())
     compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 2})
@@ -213,6 +246,39 @@ def test_group_offloading_and_regional_compilation_are_cached(family, how):
             assert not torch.equal(ours, eager)
             assert torch.isfinite(ours).all()
     assert any(isinstance(r, BlockGraphRuntime) and r.num_cached_calls for r in runtimes_of(model))
+
+
+def _break_in_attention(model, index: int) -> None:
+    """A graph break inside the attention processor of one double block (a custom processor)."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    class BreakingProcessor(FluxAttnProcessor):
+        def __call__(self, *args, **kwargs):
+            torch._dynamo.graph_break()  # BREAK IN ATTENTION
+            return super().__call__(*args, **kwargs)
+
+    model.transformer_blocks[index].attn.set_processor(BreakingProcessor())
+
+
+@pytest.mark.parametrize("index", [0, -1], ids=["first_block", "last_block"])
+def test_a_break_in_the_attention_of_one_block_is_cached_and_full_steps_equal_eager(index):
+    """Dynamo's graph of a block's forward cut at the attention call does not guard on the
+    processor, so from the second step on it also runs the blocks compiled whole at the first: a
+    block's forward then runs another graph, with other outputs (a unit is the block, its code and
+    the graph)."""
+    model, _ = BUILDERS["flux"](seed=0)
+    reference, _ = BUILDERS["flux"](seed=0)
+    for m in (model, reference):
+        _break_in_attention(m, index)
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 2})
+    pairs = _family_generation("flux", compiled, reference, steps=12)
+    report = sc_compile.report(model)
+    assert report.cached_steps and report.num_steps == 12, str(report)
+    for step, (ours, eager) in enumerate(pairs):
+        if step in report.full_steps:
+            torch.testing.assert_close(ours, eager, rtol=0, atol=0)
+        else:
+            assert not torch.equal(ours, eager) and torch.isfinite(ours).all()
 
 
 @pytest.mark.parametrize("enabled", [True, False], ids=["enable", "one_line"])

@@ -109,18 +109,21 @@ def outside_schedule(buffers: StreamState | None, step: int, noun: str) -> tuple
 
 def record_step(record: StreamRecord, step: int, full: bool, reason: str) -> None:
     """Write one call's step into its stream's record. The graphs of one step (the pieces of a
-    split forward, the blocks of a per-block model) record it once: full if any of them ran full,
-    with that call's reason."""
+    split forward, the blocks of a per-block model) record it once: full only if every one of them
+    ran full (one prediction among them makes the step's output a prediction, not the model's),
+    else cached with the reason of a call that predicted."""
     if full:
         if step in record.cached_steps[-1:]:
-            record.cached_steps.pop()
+            return  # another graph of this step predicted: the step stays cached
         if step not in record.full_steps[-1:]:
             record.full_steps.append(step)
         record.reasons[step] = reason
-    elif step not in record.full_steps[-1:]:
-        if step not in record.cached_steps[-1:]:
-            record.cached_steps.append(step)
-        record.reasons[step] = reason
+        return
+    if step in record.full_steps[-1:]:
+        record.full_steps.pop()
+    if step not in record.cached_steps[-1:]:
+        record.cached_steps.append(step)
+    record.reasons[step] = reason
 
 
 @dataclasses.dataclass(frozen=True)

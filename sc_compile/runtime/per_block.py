@@ -14,7 +14,10 @@ Each such graph gets a :class:`BlockGraphRuntime`. A call is tied to
   after a break inside it, a resume function without ``self``) the last unit that ran in this
   thread; together with the code
   the graph runs (a block's forward, or the part after its break), so the two graphs of a block
-  split at a break are two units;
+  split at a break are two units; and with the graph itself: Dynamo may run one block's code with
+  another graph at a later step (a graph cut at a call whose callee breaks does not guard on the
+  callee, so it also serves the blocks compiled whole before it), and a graph's buffers hold
+  exactly its own outputs (the block's new graph starts its buffers with a full step);
 * its **model**: the module that holds the block and whose forward runs in Python above it;
 * a **forward** of that model: the calls of the blocks between two calls of the same unit. A call
   of a unit that already ran in the current forward (or, under the pipeline clock, after a
@@ -194,7 +197,7 @@ class BlockGraphsState:
             schedule_sigmas=generation.schedule_sigmas,
         )
         self.forward: _Forward | None = None
-        # (unit, stream) -> the unit's buffers in the stream; a unit is (block parameter id, code id).
+        # (unit, stream) -> the unit's buffers in the stream; a unit is (block parameter id, code id, graph id).
         self.units: dict[tuple[Hashable, int], _UnitState] = {}
         self.unit_points: dict[Hashable, int] = {}
         # stream -> (full step, the units that ran it in sync, in call order)
@@ -223,8 +226,10 @@ class BlockGraphsState:
 
     # -- placement -----------------------------------------------------------------------------
     def place(self, unit: Hashable, scope: GenerationScope, key: Any) -> _Forward:
-        """The forward this call of ``unit`` belongs to (a new one where it starts one)."""
+        """The forward this call of ``unit`` belongs to (a new one where it starts one). A forward is
+        told by the blocks and code that ran in it, whichever graph ran them."""
         name = stream_name(key)
+        unit = _block_call(unit)
         forward = self.forward
         pipeline = scope.pipeline
         starts = (
@@ -337,7 +342,7 @@ class BlockGraphsState:
         state = pool.take(key, layout, cache_dtype)
         state.zero_()  # the unit's first step: nothing it holds is read as history
         self.units[(unit, stream)] = _UnitState(key, layout, state)
-        self.unit_points[unit] = len(points)
+        self.unit_points[_block_call(unit)] = len(points)  # the block's graph that ran last
         return state
 
     def unit_layout(self, unit: Hashable, stream: int) -> PointLayout:
@@ -356,6 +361,12 @@ class BlockGraphsState:
 
 
 _RUNTIME_DIR = os.path.dirname(__file__)
+
+
+def _block_call(unit: Hashable) -> Hashable:
+    """The block and code of a unit (block parameter id, code id, graph id), without the graph."""
+    assert isinstance(unit, tuple)
+    return unit[:2]
 
 
 def _dense(value: torch.Tensor) -> torch.Tensor:
@@ -455,7 +466,7 @@ class BlockGraphRuntime(Dispatcher):
                 "it, so no generation can place it. Call the model, or compile the whole model with "
                 "torch.compile(model, backend='scalingcache')."
             )
-        return Target(module_key(model), type(model).__name__, (id(anchor), self.code_id))
+        return Target(module_key(model), type(model).__name__, (id(anchor), self.code_id, id(self)))
 
     def session_token(self) -> Any:
         return BLOCK_GRAPHS_TOKEN
