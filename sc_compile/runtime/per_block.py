@@ -51,6 +51,7 @@ predictions are, so the graph that consumes them sees one layout (no recompile f
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 from collections.abc import Callable, Hashable, Sequence
@@ -197,7 +198,7 @@ class BlockGraphsState:
             schedule_sigmas=generation.schedule_sigmas,
         )
         self.forward: _Forward | None = None
-        # (unit, stream) -> the unit's buffers in the stream; a unit is (block parameter id, code id, graph id).
+        # (unit, stream) -> the unit's buffers in the stream; a unit is (block parameter id, code id, graph serial).
         self.units: dict[tuple[Hashable, int], _UnitState] = {}
         self.unit_points: dict[Hashable, int] = {}
         # stream -> (full step, the units that ran it in sync, in call order)
@@ -361,10 +362,12 @@ class BlockGraphsState:
 
 
 _RUNTIME_DIR = os.path.dirname(__file__)
+# A serial number per per-block graph (never reused, unlike an object's id): the graph in a unit.
+_GRAPH_SERIAL = itertools.count()
 
 
 def _block_call(unit: Hashable) -> Hashable:
-    """The block and code of a unit (block parameter id, code id, graph id), without the graph."""
+    """The block and code of a unit (block parameter id, code id, graph serial), without the graph."""
     assert isinstance(unit, tuple)
     return unit[:2]
 
@@ -430,6 +433,7 @@ class BlockGraphRuntime(Dispatcher):
         self.code_id = id(code)
         self._code = code  # keeps the id unique
         self.identity_index = identity_index
+        self.graph_serial = next(_GRAPH_SERIAL)
         self.outputs = outputs
         REGISTRY.register_model(model)
 
@@ -466,7 +470,7 @@ class BlockGraphRuntime(Dispatcher):
                 "it, so no generation can place it. Call the model, or compile the whole model with "
                 "torch.compile(model, backend='scalingcache')."
             )
-        return Target(module_key(model), type(model).__name__, (id(anchor), self.code_id, id(self)))
+        return Target(module_key(model), type(model).__name__, (id(anchor), self.code_id, self.graph_serial))
 
     def session_token(self) -> Any:
         return BLOCK_GRAPHS_TOKEN
