@@ -127,24 +127,30 @@ def test_a_planned_schedule_reads_nothing_after_the_first_call(monkeypatch):
     assert all(allocations == 0 for full, _, allocations, _ in calls if not full)
 
 
-def test_timestep_clock_reads_the_timestep_once_per_call(monkeypatch):
+def test_timestep_clock_reads_the_timestep_once_per_call_until_the_loop_repeats(monkeypatch):
+    """A hand-written loop: its first generation (here the second run: the compile run had another
+    schedule) reads every call's timestep; the next, which repeats it, reads only its first call's
+    (its other calls are placed by count, their timesteps copied and compared after full steps)."""
     model = DummyDiT()
     compiled = torch.compile(model, backend="scalingcache", options=EAGER)
     values = [16.0, 12.0, 10.0, 9.0, 8.5, 8.0, 4.0]
 
-    def run():
+    def run(first=1000.0):
         with torch.no_grad():
             for i, value in enumerate(values):
-                compiled(torch.ones(1, 4, 8) * value, torch.tensor([1000.0 - 100.0 * i]))
+                compiled(torch.ones(1, 4, 8) * value, torch.tensor([first - 100.0 * i]))
 
-    run()  # compile
-    calls = _per_call(monkeypatch, run)
-    print("timestep clock, per call (full, reads, allocations):", [(f, r, a) for f, r, a, _ in calls])
-    for index, (full, reads, allocations, _) in enumerate(calls):
-        after_full = index > 1 and calls[index - 1][0]
-        assert reads == 1 + (1 if after_full else 0), (index, calls)  # the timestep, the statistics
-        if not full:
-            assert allocations == 0, (index, calls)
+    run(first=999.0)  # compile
+    for counted in (False, True):
+        calls = _per_call(monkeypatch, run)
+        print(f"timestep clock, counted={counted}, per call (full, reads, allocations):", [c[:3] for c in calls])
+        for index, (full, reads, allocations, _) in enumerate(calls):
+            after_full = index > 1 and calls[index - 1][0]
+            timestep_read = not counted or index == 0
+            assert reads == timestep_read + after_full, (index, calls)  # the timestep, the statistics
+            if not full:
+                assert allocations == 0, (index, calls)
+        assert sc_compile.report(model).clock_note.startswith("calls after the first placed by count") == counted
 
 
 def test_outputs_never_alias_the_cache_state():

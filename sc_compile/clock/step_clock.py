@@ -21,7 +21,9 @@ A generation's clock has one of three sources, the most explicit available:
     What the timestep cannot tell, the clock refuses with an error that names the explicit source
     that can: more than ``MAX_STREAMS_PER_STEP`` calls at one timestep (repeated one-step
     generations), a repeated 16-bit timestep (neighbouring steps of a long schedule collide in
-    bfloat16), more steps than declared.
+    bfloat16), more steps than declared. Once a generation has finished and the next one starts
+    at the same timestep, the next one's calls are placed by their position in the finished one's
+    pattern and their timesteps are checked afterwards, without a read per call (``loop.py``).
 """
 
 from __future__ import annotations
@@ -180,6 +182,16 @@ class StepClock:
                 "pipeline's cache_context), or batch the guidance into one call."
             )
         self._begin_step(None)
+        return self.step, self._add_call(self._stream_of(name))
+
+    # -- by count (a hand-written loop whose pattern is known, ``loop.py``) ----------------------
+    def place_counted(self, step: int, name: str | None, values: tuple[float, ...]) -> tuple[int, int]:
+        """Place a call at ``step`` of a generation that repeats a known pattern: the step its position
+        in the pattern says, with the timestep values the pattern had there (checked afterwards)."""
+        if step < self.step:
+            raise RuntimeError(f"ScalingCache: a counted step went back from {self.step} to {step}; bug in sc_compile")
+        while self.step < step:
+            self._begin_step(values)
         return self.step, self._add_call(self._stream_of(name))
 
     # -- timestep ------------------------------------------------------------------------------

@@ -59,6 +59,9 @@ class GenerationReport:
     # Where the step clock came from: "pipeline" (sc_compile.enable), "context"
     # (sc_compile.generation) or "timestep" (the timestep input, no context).
     clock: str = "timestep"
+    # How the clock placed the calls where that is not the source alone (a loop's calls placed by
+    # count, or why that ended), else "".
+    clock_note: str = ""
     # The step count the generation was declared or scheduled with, if any.
     declared_steps: int | None = None
     # Calls of the compiled model in the generation (all streams).
@@ -101,6 +104,8 @@ class GenerationReport:
                 f"  context parallel: {self.world_size} ranks, decisions synchronised "
                 f"({self.num_allreduces} all-reduces of the statistics so far)"
             )
+        if self.clock_note:
+            lines.append(f"  clock:    {self.clock_note}")
         if self.nonfinite_steps:
             lines.append(f"  non-finite changes at steps {list(self.nonfinite_steps)}: the next step ran in full")
         if self.streams:
@@ -239,6 +244,8 @@ class GenerationRecord(Protocol):
     @property
     def declared_steps(self) -> int | None: ...
     @property
+    def clock_note(self) -> str: ...
+    @property
     def num_calls(self) -> int: ...
 
 
@@ -303,6 +310,7 @@ def build_report(generation: GenerationRecord, finished: bool, collective: bool 
         world_size=main.world_size if main is not None else 1,
         num_allreduces=sum(ls.num_allreduces for ls in layouts),
         clock=generation.source,
+        clock_note=generation.clock_note,
         declared_steps=generation.declared_steps,
         num_calls=generation.num_calls,
         config=generation.session.config.to_dict(),

@@ -21,7 +21,9 @@ full-or-cached verdict of one *leader* (``Generation.leader``): the piece with b
 in the forward, whose block outputs feed the model output. Pieces without blocks run as they are
 (:class:`GraphPieceRuntime`).
 
-Host reads: the pipeline clock reads nothing; the timestep clock reads the timestep once per call;
+Host reads: the pipeline clock reads nothing; the timestep clock reads the timestep once per call
+until a loop's pattern is known, then once per generation (its first call), its other calls' timesteps
+copied without a wait and compared after each full step (``clock/loop.py``);
 the decision after a full step reads that step's statistics once. A cached step placed by the
 pipeline clock reads nothing and allocates nothing (its coefficients are written into
 preallocated buffers).
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sc_compile.calibration.table import AlphaTable
+from sc_compile.clock.loop import LoopPattern
 from sc_compile.clock.step_clock import EXPLICIT_SOURCES, ClockError, NewGeneration
 from sc_compile.config import ScalingCacheConfig
 from sc_compile.contract import step_inputs
@@ -366,11 +369,49 @@ class ScalingCacheRuntime(Dispatcher):
         with session.lock:
             generation, placement = self._place_ambient(session, target.key, args)
             self._start_forward(session, generation, placement)
-            return self.run_step(generation, generation.layout_state(self), placement, (), args)
+            full_calls = self.num_full_calls
+            out = self.run_step(generation, generation.layout_state(self), placement, (), args)
+            if generation.loop is not None:
+                generation.loop.ran(self.num_full_calls > full_calls)
+            return out
+
+    def _place_counted(
+        self, session: ModuleSession, generation: Generation, key: Any, args: tuple[Any, ...]
+    ) -> Placement | None:
+        """A call of a generation that repeats its loop's pattern (``clock/loop.py``): placed by its
+        position, its timestep copied without a wait; after a full step, the copies so far compared
+        with the pattern. None: the generation ended (the call is not the pattern's)."""
+        check = generation.loop
+        assert check is not None and self.timestep_index is not None
+        if check.due and not session.check_loop(generation):
+            return None
+        step, name, values = check.expected()
+        found = stream_name(key)
+        differs = (
+            f"its stream is {found!r}, where the pattern's is {name!r}"
+            if found != name
+            else check.copy(args[self.timestep_index])
+        )
+        if differs is not None:
+            # Not the pattern's call: what ran before it is compared first (a difference there is the
+            # earlier one), then the generation ends.
+            if session.check_loop(generation):
+                session.end_loop(generation, check.mismatch(check.position, differs))
+            return None
+        step, stream = generation.clock.place_counted(step, name, values)
+        mean = _mean(values)
+        return Placement(step, stream, lambda: mean)
 
     def _place_ambient(self, session: ModuleSession, key: Any, args: tuple[Any, ...]) -> tuple[Generation, Placement]:
-        values, dtype = self._timestep_values(args)
         generation = session.ambient  # this thread's
+        if generation is not None and generation.loop is not None and not generation.loop.complete:
+            placement = self._place_counted(session, generation, key, args)
+            if placement is not None:
+                return generation, placement
+        values, dtype = self._timestep_values(args)
+        generation = session.ambient
+        if generation is not None and generation.loop is not None and not session.check_loop(generation):
+            generation = None  # the counted generation's last calls were not its pattern's: it ended
         if generation is None:
             session.refuse_continuing_another_thread(values)
             generation = session.generation_for(None)
@@ -384,12 +425,33 @@ class ScalingCacheRuntime(Dispatcher):
                     self.model_class,
                     EXPLICIT_SOURCES,
                 )
+        name = stream_name(key)
+        timestep = args[self.timestep_index]  # type: ignore[index]
+        if generation.loop is not None:
+            # The counted generation placed all its pattern's calls: this one starts the next.
+            pattern = generation.loop.pattern
+            session.refuse_continuing_another_thread(values)
+            if pattern.starts(name, values, dtype) and timestep.device == generation.loop.device:
+                generation = session.restart_ambient(generation, pattern, timestep.device)
+                step, stream = generation.clock.place_counted(0, name, values)
+                mean = _mean(values)
+                return generation, Placement(step, stream, lambda: mean)
+            generation = session.restart_ambient(generation)
         try:
-            step, stream = generation.clock.place_by_timestep(values, stream_name(key), dtype)
+            step, stream = generation.clock.place_by_timestep(values, name, dtype)
         except NewGeneration:
             session.refuse_continuing_another_thread(values)
-            generation = session.restart_ambient(generation)
-            step, stream = generation.clock.place_by_timestep(values, stream_name(key), dtype)
+            # A loop repeats itself: where the new generation starts as the one that ended did, its
+            # calls are placed by count (``clock/loop.py``).
+            pattern = LoopPattern.learn(generation.placed_calls, dtype) if isinstance(timestep, torch.Tensor) else None
+            if pattern is not None and pattern.starts(name, values, dtype):
+                generation = session.restart_ambient(generation, pattern, timestep.device)
+                step, stream = generation.clock.place_counted(0, name, values)
+            else:
+                generation = session.restart_ambient(generation)
+                step, stream = generation.clock.place_by_timestep(values, name, dtype)
+        if generation.loop is None:
+            generation.placed_calls.append((step, name, values))
         mean = _mean(values)
         return generation, Placement(step, stream, lambda: mean)
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sc_compile.clock.loop import LoopCheck, LoopPattern, Mismatch, PlacedCall
 from sc_compile.clock.step_clock import ClockError, StepClock
 from sc_compile.config import ScalingCacheConfig
 from sc_compile.decision.decisions import Decisions
@@ -315,6 +316,11 @@ class Generation:
         self.finished = False
         self.checked_samples = False
         self.report: GenerationReport | None = None  # built when the generation finishes
+        # A timestep-placed generation: its calls as placed by their timestep (the pattern the next
+        # generation repeats), or, placed by count, the check of its calls (``clock/loop.py``).
+        self.placed_calls: list[PlacedCall] = []
+        self.loop: LoopCheck | None = None
+        self.clock_note = ""
         self._read_sigmas: list[float] | None = None  # the scheduler's sigmas, read with a timestep
         if self.session.config.final_full_steps and self.num_steps is None:
             raise ValueError(
@@ -523,14 +529,44 @@ class ModuleSession:
             "(`sc_compile.enable(pipe)` or found by the compiled model) in one thread."
         )
 
-    def restart_ambient(self, old: Generation) -> Generation:
-        """The ambient generation ``old`` ended (the timestep went back): a fresh one."""
+    def restart_ambient(
+        self, old: Generation, pattern: LoopPattern | None = None, device: torch.device | None = None
+    ) -> Generation:
+        """The ambient generation ``old`` ended (the timestep went back): a fresh one, whose calls after
+        the first are placed by count where it starts the ``pattern`` the loop repeats (on ``device``)."""
         with self.lock:
             if self.ambient is old:
                 self.finish(old, interrupted=False)
-                self.ambient = Generation(self, "timestep", None)
-                self.last_generation = self.ambient
+                generation = self.ambient = Generation(self, "timestep", None)
+                self.last_generation = generation
+                if pattern is not None:
+                    assert device is not None
+                    generation.loop = LoopCheck(pattern, device, old.loop)
+                    generation.clock_note = (
+                        f"calls after the first placed by count: the loop's pattern of {len(pattern)} calls"
+                    )
             return self.ambient  # type: ignore[return-value]
+
+    def check_loop(self, generation: Generation) -> bool:
+        """Compare a counted generation's timestep copies with its pattern (a wait for the last
+        copy); on a difference end it with the warning. Whether it still runs."""
+        if generation.loop is None or generation.finished:
+            return not generation.finished
+        mismatch = generation.loop.check()
+        if mismatch is not None:
+            self.end_loop(generation, mismatch)
+        return not generation.finished
+
+    def end_loop(self, generation: Generation, mismatch: Mismatch) -> None:
+        """End a counted generation whose call was not its pattern's: a warning where a cached call
+        ran at a wrong step (its output may be wrong), else a note (nothing was affected)."""
+        note = mismatch.describe(self.name)
+        generation.clock_note = note
+        if mismatch.cached_calls:
+            log.warning(note)
+        else:
+            log.info(note)
+        self.finish(generation, interrupted=True)
 
     def finish(self, generation: Generation, interrupted: bool) -> None:
         """Build the generation's report and free its state."""
@@ -563,13 +599,16 @@ class ModuleSession:
 
     def end_ambient(self) -> None:
         with self.lock:
-            if self.ambient is not None:
+            if self.ambient is not None and self.check_loop(self.ambient):
                 self.finish(self.ambient, interrupted=False)
 
     def report(self) -> GenerationReport:
         from sc_compile.reporting.report import build_report
 
         generation = self.last_generation
+        if generation is not None and generation.loop is not None:
+            with self.lock:
+                self.check_loop(generation)  # the calls placed by count so far, before they are reported
         if generation is not None and not generation.finished and generation.num_calls:
             # Under context parallelism the last full step's change is folded in by the next call
             # (on every rank), not here: the report may be asked for on one rank only.

@@ -1,0 +1,131 @@
+"""A hand-written loop (no pipeline, no context) stops reading the timestep once it repeats (issue 21, item 1).
+
+The first generation is placed by its timesteps (``step_clock.py``); the next one that starts at the
+same timestep is placed by count, its timesteps copied to the host without a wait and compared after
+each full step (``clock/loop.py``). These tests pin: outputs equal to timestep placement, a loop that
+changes its schedule ends the counted generation before anything is cached (no output affected), an
+interrupted generation followed by a new one is reported with a warning naming the calls that may be
+wrong (never silent), a report compares what is pending.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import sc_compile
+from sc_compile.clock.loop import LoopCheck
+
+from dummy_dit import DummyDiT, output_scale
+
+OPTIONS = {"compiler": "eager", "warmup_steps": 3, "alpha": "ones", "static_interval": 2}
+
+
+def _schedule(steps: int) -> list[tuple[float, float]]:
+    """(latent scale, timestep) per step: a smooth trajectory, so the dynamic rule caches."""
+    return [(16.0 - 10.0 * (i / steps) ** 1.2, 1000.0 * (1.0 - i / steps)) for i in range(steps)]
+
+
+def _generation(compiled, steps: int, guidance: bool = True, stop: int | None = None, device="cpu") -> list[float]:
+    """One generation of a hand-written loop: per step a conditional and (with guidance) an
+    unconditional call at the same timestep; ``stop``: break out of the loop before that step."""
+    outputs = []
+    with torch.no_grad():
+        for step, (scale, t) in enumerate(_schedule(steps)):
+            if stop is not None and step == stop:
+                break
+            timestep = torch.tensor([t], device=device)
+            for latent in (scale, scale * 0.5) if guidance else (scale,):
+                out = compiled(torch.ones(1, 4, 8, device=device) * latent, timestep)
+                outputs.append(out.reshape(-1)[0].item() / output_scale())
+    return outputs
+
+
+def _fresh(steps: int, **kwargs) -> list[float]:
+    """The same generation placed by its timesteps: the first generation of a new compile."""
+    return _generation(torch.compile(DummyDiT(), backend="scalingcache", options=OPTIONS), steps, **kwargs)
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_a_repeated_loop_is_placed_by_count_with_the_outputs_of_timestep_placement(guidance):
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    reference = _fresh(12, guidance=guidance)
+    first = _generation(compiled, 12, guidance)
+    assert sc_compile.report(model).clock_note == ""  # placed by its timesteps
+    for _ in range(2):
+        again = _generation(compiled, 12, guidance)
+        report = sc_compile.report(model)
+        assert report.clock_note.startswith("calls after the first placed by count"), report.clock_note
+        assert again == first == reference
+        assert report.cached_steps, report  # something was cached, so the placement mattered
+        assert report.num_steps == 12 and report.num_calls == 12 * (2 if guidance else 1)
+    assert "clock:    calls after the first placed by count" in str(report)
+
+
+def test_a_loop_that_changes_its_schedule_ends_the_counted_generation_before_anything_is_cached(caplog):
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    _generation(compiled, 12)
+    with caplog.at_level(logging.INFO, logger="sc_compile.runtime"):
+        shorter = _generation(compiled, 6)  # the same first timestep, then another schedule
+    notes = [r for r in caplog.records if "were placed by count" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.INFO, [r.getMessage() for r in caplog.records]
+    assert "no output is affected" in notes[0].getMessage()
+    # Found at step 1 (the warm-up runs in full): the rest is placed by its timesteps, a new generation.
+    report = sc_compile.report(model)
+    assert report.clock_note == "" and report.num_steps == 5, report
+    assert len(shorter) == 12
+    # Every output is exact or what a generation started at step 1 gives: compare with that run.
+    tail = _generation(torch.compile(DummyDiT(), backend="scalingcache", options=OPTIONS), 6)
+    assert shorter[:4] == tail[:4]  # full steps: exact
+
+
+def test_an_interrupted_generation_followed_by_a_new_one_is_warned_never_silent(caplog):
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    _generation(compiled, 12, guidance=False)
+    steps = sc_compile.report(model)
+    cached = [s for s in range(12) if s in steps.cached_steps]
+    stop = cached[0]  # interrupted just before a cached step: the next generation's first call lands there
+    with caplog.at_level(logging.WARNING, logger="sc_compile.runtime"):
+        _generation(compiled, 12, guidance=False, stop=stop)
+        _generation(compiled, 12, guidance=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"call {stop} (step {stop}) was not the pattern's" in warnings[0], warnings[0]
+    assert "may be wrong" in warnings[0] and "sc_compile.generation" in warnings[0]
+    # The next generation is placed by its timesteps again and gives the reference outputs.
+    assert _generation(compiled, 12, guidance=False) == _fresh(12, guidance=False)
+
+
+def test_a_report_compares_the_pending_copies(monkeypatch):
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    _generation(compiled, 12, guidance=False)
+    checks = []
+    original = LoopCheck.check
+
+    def counting(self):
+        checks.append((self.verified, self.position))
+        return original(self)
+
+    monkeypatch.setattr(LoopCheck, "check", counting)
+    _generation(compiled, 12, guidance=False)
+    full = sc_compile.report(model).num_full_steps
+    # Compared after each full step (the first call is read, not copied), and once by the report.
+    pending = [c for c in checks if c[0] < c[1]]
+    assert 1 <= len(pending) <= full, (checks, full)
+    assert checks[-1][1] == 12 and checks[-1][0] < 12  # the report compared the last calls
+
+
+@pytest.mark.cuda
+def test_a_repeated_loop_on_cuda_copies_timesteps_without_a_sync_per_call():
+    model = DummyDiT().cuda()
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    first = _generation(compiled, 12, device="cuda")
+    again = _generation(compiled, 12, device="cuda")
+    assert again == first
+    assert sc_compile.report(model).clock_note.startswith("calls after the first placed by count")
