@@ -3,9 +3,10 @@
 The first generation is placed by its timesteps (``step_clock.py``); the next one that starts at the
 same timestep is placed by count, its timesteps copied to the host without a wait and compared after
 each full step (``clock/loop.py``). These tests pin: outputs equal to timestep placement, a loop that
-changes its schedule ends the counted generation before anything is cached (no output affected), an
-interrupted generation followed by a new one is reported with a warning naming the calls that may be
-wrong (never silent), a report compares what is pending.
+changes its schedule goes on placed by its timesteps (the outputs of a fresh run), an interrupted
+generation followed by a new one from a new call of the loop is found before anything is placed, one
+that starts in the same frame is reported with a warning naming the calls that may be wrong (never
+silent), a report compares what is pending.
 """
 
 from __future__ import annotations
@@ -65,34 +66,55 @@ def test_a_repeated_loop_is_placed_by_count_with_the_outputs_of_timestep_placeme
     assert "clock:    calls after the first placed by count" in str(report)
 
 
-def test_a_loop_that_changes_its_schedule_ends_the_counted_generation_before_anything_is_cached(caplog):
+def test_a_loop_that_changes_its_schedule_goes_on_placed_by_its_timesteps(caplog):
+    """Another step count, the same first timestep: the steps the count gave are the timestep's, so the
+    generation goes on placed by its timesteps, with the outputs of a fresh run."""
     model = DummyDiT()
     compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
     _generation(compiled, 12)
     with caplog.at_level(logging.INFO, logger="sc_compile.runtime"):
-        shorter = _generation(compiled, 6)  # the same first timestep, then another schedule
-    notes = [r for r in caplog.records if "were placed by count" in r.getMessage()]
+        shorter = _generation(compiled, 6)
+    assert shorter == _fresh(6)
+    notes = [r for r in caplog.records if "then by the timestep" in r.getMessage()]
     assert len(notes) == 1 and notes[0].levelno == logging.INFO, [r.getMessage() for r in caplog.records]
-    assert "no output is affected" in notes[0].getMessage()
-    # Found at step 1 (the warm-up runs in full): the rest is placed by its timesteps, a new generation.
+    assert "nothing cached was affected" in notes[0].getMessage()
     report = sc_compile.report(model)
-    assert report.clock_note == "" and report.num_steps == 5, report
-    assert len(shorter) == 12
-    # Every output is exact or what a generation started at step 1 gives: compare with that run.
-    tail = _generation(torch.compile(DummyDiT(), backend="scalingcache", options=OPTIONS), 6)
-    assert shorter[:4] == tail[:4]  # full steps: exact
+    assert report.num_steps == 6 and "then by the timestep" in report.clock_note, report
+    # The next 6-step generation repeats this one: placed by count again.
+    assert _generation(compiled, 6) == shorter
+    assert sc_compile.report(model).clock_note.startswith("calls after the first placed by count")
 
 
-def test_an_interrupted_generation_followed_by_a_new_one_is_warned_never_silent(caplog):
+def test_an_interrupted_generation_then_a_new_one_from_a_new_call_of_the_loop_is_exact(caplog):
+    """The new generation's first call comes from another frame than the interrupted one's loop: it is
+    found before it is placed (no read), and placed by its timestep as a new generation."""
     model = DummyDiT()
     compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
     _generation(compiled, 12, guidance=False)
-    steps = sc_compile.report(model)
-    cached = [s for s in range(12) if s in steps.cached_steps]
-    stop = cached[0]  # interrupted just before a cached step: the next generation's first call lands there
-    with caplog.at_level(logging.WARNING, logger="sc_compile.runtime"):
+    cached = sc_compile.report(model).cached_steps
+    stop = cached[0]  # interrupted just before a cached step: the next call would land there by count
+    with caplog.at_level(logging.INFO, logger="sc_compile.runtime"):
         _generation(compiled, 12, guidance=False, stop=stop)
-        _generation(compiled, 12, guidance=False)
+        again = _generation(compiled, 12, guidance=False)
+    assert again == _fresh(12, guidance=False)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("called from outside the loop" in r.getMessage() for r in caplog.records)
+
+
+def test_an_interrupted_generation_then_a_new_one_in_the_same_frame_is_warned_never_silent(caplog):
+    """A loop that breaks out of a generation and starts the next in the same frame: the count places
+    the new generation's first call at the old position; where that ran cached, the warning at the
+    next full step names it (the limit of placing by count; explicit boundaries have none)."""
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    _generation(compiled, 12, guidance=False)
+    stop = sc_compile.report(model).cached_steps[0]
+    with caplog.at_level(logging.WARNING, logger="sc_compile.runtime"), torch.no_grad():
+        for generation in range(2):
+            for step, (scale, t) in enumerate(_schedule(12)):
+                if generation == 0 and step == stop:
+                    break
+                compiled(torch.ones(1, 4, 8) * scale, torch.tensor([t]))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert f"call {stop} (step {stop}) was not the pattern's" in warnings[0], warnings[0]
@@ -106,13 +128,13 @@ def test_a_report_compares_the_pending_copies(monkeypatch):
     compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
     _generation(compiled, 12, guidance=False)
     checks = []
-    original = LoopCheck.check
+    original = LoopCheck.differing
 
     def counting(self):
         checks.append((self.verified, self.position))
         return original(self)
 
-    monkeypatch.setattr(LoopCheck, "check", counting)
+    monkeypatch.setattr(LoopCheck, "differing", counting)
     _generation(compiled, 12, guidance=False)
     full = sc_compile.report(model).num_full_steps
     # Compared after each full step (the first call is read, not copied), and once by the report.

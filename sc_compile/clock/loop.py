@@ -26,9 +26,13 @@ says so, after the next full step; explicit boundaries (``sc_compile.generation`
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
+from types import CodeType, FrameType
 
 import torch
+
+from sc_compile.clock.step_clock import ClockError, NewGeneration, StepClock
 
 # A call of a timestep-placed generation as the loop pattern keeps it: step, stream name, timestep values.
 PlacedCall = tuple[int, str | None, tuple[float, ...]]
@@ -95,22 +99,37 @@ class Mismatch:
 
 
 class LoopCheck:
-    """The calls of one counted generation after its first: their placement by position, the
-    asynchronous copies of their timesteps, and the comparison with the pattern."""
+    """The calls of one counted generation: their placement by position, the asynchronous copies of
+    their timesteps, the frame the loop runs in, and the comparison with the pattern."""
 
-    def __init__(self, pattern: LoopPattern, device: torch.device, previous: LoopCheck | None = None):
+    def __init__(
+        self,
+        pattern: LoopPattern,
+        device: torch.device,
+        first: PlacedCall,
+        stack: list[FrameType],
+        previous: LoopCheck | None = None,
+    ):
         self.pattern = pattern
         self.device = device
         pinned = device.type == "cuda"
+        self.copies: torch.Tensor  # [calls, width]: each call's timestep, copied without a wait
         if previous is not None and previous.pattern is pattern and previous.device == device:
             self.copies = previous.copies  # every copy into it was waited for before this generation
         else:
             self.copies = torch.empty((len(pattern), pattern.width), dtype=pattern.dtype, pin_memory=pinned)
         self._event: torch.cuda.Event | None = None
+        self.first = first  # the first call as read
+        self.placed: list[tuple[int, int]] = []  # (step, stream) of each call placed
         self.position = 1  # the next call; the first was read
         self.verified = 1  # calls before this one matched the pattern
         self.full = [True] + [False] * (len(pattern) - 1)
         self.due = False  # a full step ran since the last comparison
+        # The loop's frame: the innermost frame the first two calls share (strong references, dropped
+        # when the pattern's last call is placed or the generation ends).
+        self._first_stack: list[FrameType] | None = stack
+        self.frame: FrameType | None = None
+        self._callee: CodeType | None = None
 
     @property
     def complete(self) -> bool:
@@ -124,6 +143,38 @@ class LoopCheck:
     def expected(self) -> PlacedCall:
         return self.pattern.calls[self.position]
 
+    # -- the frame -------------------------------------------------------------------------------
+    def in_loop(self, stack: list[FrameType]) -> bool:
+        """Whether a call with this Python stack (innermost first) runs in the generation's loop: the
+        innermost frame the first two calls share is on it, calling the code they called from it. A
+        generation interrupted and followed by a new one from a new call of the loop's function, a
+        new notebook cell, or a function the loop's frame calls is found here, before its first call
+        is placed."""
+        if self._first_stack is None and self.frame is None:
+            return True  # released: the pattern's calls were all placed
+        if self.frame is None:
+            first = self._first_stack or []
+            index = {id(frame): i for i, frame in enumerate(first)}
+            self._first_stack = None
+            for i, frame in enumerate(stack):
+                if id(frame) in index:
+                    j = index[id(frame)]
+                    self.frame = frame
+                    # The code the loop's frame called (the same in both calls, else not checked).
+                    below = [s[k - 1].f_code for s, k in ((stack, i), (first, j)) if k > 0]
+                    self._callee = below[0] if len(below) == 2 and below[0] is below[1] else None
+                    break
+            return True
+        for i, frame in enumerate(stack):
+            if frame is self.frame:
+                return self._callee is None or (i > 0 and stack[i - 1].f_code is self._callee)
+        return False
+
+    def release(self) -> None:
+        self._first_stack = None
+        self.frame = None
+
+    # -- the timesteps ---------------------------------------------------------------------------
     def copy(self, timestep: object) -> str | None:
         """Copy the next call's timestep to the host without waiting; what differs from the pattern
         where that is known without its values (then nothing is copied)."""
@@ -142,6 +193,8 @@ class LoopCheck:
                 self._event = torch.cuda.Event()
             self._event.record(torch.cuda.current_stream(self.device))
         self.position += 1
+        if self.complete:
+            self.release()
         return None
 
     def ran(self, full: bool) -> None:
@@ -149,8 +202,9 @@ class LoopCheck:
         self.full[self.position - 1] = full
         self.due = self.due or full
 
-    def check(self) -> Mismatch | None:
-        """Compare the copies not compared yet with the pattern (waits for the last copy)."""
+    def differing(self) -> int | None:
+        """Compare the copies not compared yet with the pattern (waits for the last copy): the first
+        call whose timestep differs, else None."""
         self.due = False
         if not self.pending:
             return None
@@ -162,14 +216,48 @@ class LoopCheck:
         if torch.equal(found, want):
             self.verified = stop
             return None
-        rows = (found != want).any(dim=1)
-        first = start + next(i for i, differs in enumerate(rows.tolist()) if differs)
-        got, had = found[first - start].tolist(), want[first - start].tolist()
-        return self.mismatch(first, f"its timestep was {_show(got)}, where the pattern had {_show(had)}")
+        rows = (found != want).any(dim=1).tolist()
+        return start + rows.index(True)
+
+    def actual(self) -> list[PlacedCall]:
+        """The calls placed so far with their actual timesteps (after :meth:`differing` waited)."""
+        rows = self.copies[1 : self.position].tolist()
+        calls = [self.first]
+        for index, row in enumerate(rows, start=1):
+            step, name, _ = self.pattern.calls[index]
+            calls.append((step, name, tuple(row)))
+        return calls
 
     def mismatch(self, call: int, what: str) -> Mismatch:
         cached = tuple(c for c in range(call, self.position) if not self.full[c])
         return Mismatch(call, self.pattern.calls[min(call, len(self.pattern) - 1)][0], what, cached)
+
+    def describe_values(self, call: int) -> str:
+        found = self.copies[call].to(torch.float64).tolist()
+        return f"its timestep was {_show(found)}, where the pattern had {_show(self.pattern.calls[call][2])}"
+
+
+def replay(calls: Sequence[PlacedCall], dtype: torch.dtype) -> list[tuple[int, int]] | None:
+    """The steps and streams the timestep clock gives these calls, None where it would not place
+    them all in one generation."""
+    clock = StepClock("timestep", None)
+    placed = []
+    try:
+        for _, name, values in calls:
+            placed.append(clock.place_by_timestep(values, name, dtype))
+    except (NewGeneration, ClockError):
+        return None
+    return placed
+
+
+def caller_frames() -> list[FrameType]:
+    """The Python stack of the caller, innermost first."""
+    frames = []
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    return frames
 
 
 def _show(values: Sequence[float]) -> str:

@@ -194,6 +194,12 @@ class StepClock:
             self._begin_step(values)
         return self.step, self._add_call(self._stream_of(name))
 
+    def correct_values(self, calls: Sequence[tuple[int, str | None, tuple[float, ...]]]) -> None:
+        """The timestep values of the steps placed by count, as they were (read afterwards)."""
+        for step, _, values in reversed(calls):
+            if 0 <= step < len(self._values):
+                self._values[step] = values
+
     # -- timestep ------------------------------------------------------------------------------
     def starts_new_generation(self, values: tuple[float, ...]) -> bool:
         """Whether a call with these timestep values starts a new generation: the values go back to

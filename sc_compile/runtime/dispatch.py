@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sc_compile.calibration.table import AlphaTable
-from sc_compile.clock.loop import LoopPattern
+from sc_compile.clock.loop import LoopCheck, LoopPattern, caller_frames
 from sc_compile.clock.step_clock import EXPLICIT_SOURCES, ClockError, NewGeneration
 from sc_compile.config import ScalingCacheConfig
 from sc_compile.contract import step_inputs
@@ -385,13 +385,19 @@ class ScalingCacheRuntime(Dispatcher):
         assert check is not None and self.timestep_index is not None
         if check.due and not session.check_loop(generation):
             return None
+        if generation.loop is None:
+            return None  # the generation goes on placed by the timestep
         step, name, values = check.expected()
         found = stream_name(key)
-        differs = (
-            f"its stream is {found!r}, where the pattern's is {name!r}"
-            if found != name
-            else check.copy(args[self.timestep_index])
-        )
+        if found != name:
+            differs: str | None = f"its stream is {found!r}, where the pattern's is {name!r}"
+        elif not check.in_loop(caller_frames()):
+            differs = (
+                "it was called from outside the loop that made the generation's first calls (a new generation: "
+                "the previous one was interrupted)"
+            )
+        else:
+            differs = check.copy(args[self.timestep_index])
         if differs is not None:
             # Not the pattern's call: what ran before it is compared first (a difference there is the
             # earlier one), then the generation ends.
@@ -399,8 +405,27 @@ class ScalingCacheRuntime(Dispatcher):
                 session.end_loop(generation, check.mismatch(check.position, differs))
             return None
         step, stream = generation.clock.place_counted(step, name, values)
+        check.placed.append((step, stream))
         mean = _mean(values)
         return Placement(step, stream, lambda: mean)
+
+    def _start_counted(
+        self,
+        session: ModuleSession,
+        old: Generation,
+        pattern: LoopPattern,
+        name: str | None,
+        values: tuple[float, ...],
+        device: torch.device,
+    ) -> tuple[Generation, Placement]:
+        """The first call of a generation that starts its loop's pattern again (read): the generation
+        whose other calls are placed by count."""
+        loop = LoopCheck(pattern, device, (0, name, values), caller_frames(), old.loop)
+        generation = session.restart_ambient(old, loop)
+        step, stream = generation.clock.place_counted(0, name, values)
+        loop.placed.append((step, stream))
+        mean = _mean(values)
+        return generation, Placement(step, stream, lambda: mean)
 
     def _place_ambient(self, session: ModuleSession, key: Any, args: tuple[Any, ...]) -> tuple[Generation, Placement]:
         generation = session.ambient  # this thread's
@@ -410,8 +435,9 @@ class ScalingCacheRuntime(Dispatcher):
                 return generation, placement
         values, dtype = self._timestep_values(args)
         generation = session.ambient
-        if generation is not None and generation.loop is not None and not session.check_loop(generation):
-            generation = None  # the counted generation's last calls were not its pattern's: it ended
+        if generation is not None and generation.loop is not None:
+            session.check_loop(generation)  # the counted calls not compared yet
+            generation = session.ambient  # None where that ended it
         if generation is None:
             session.refuse_continuing_another_thread(values)
             generation = session.generation_for(None)
@@ -429,13 +455,10 @@ class ScalingCacheRuntime(Dispatcher):
         timestep = args[self.timestep_index]  # type: ignore[index]
         if generation.loop is not None:
             # The counted generation placed all its pattern's calls: this one starts the next.
-            pattern = generation.loop.pattern
+            repeated = generation.loop.pattern
             session.refuse_continuing_another_thread(values)
-            if pattern.starts(name, values, dtype) and timestep.device == generation.loop.device:
-                generation = session.restart_ambient(generation, pattern, timestep.device)
-                step, stream = generation.clock.place_counted(0, name, values)
-                mean = _mean(values)
-                return generation, Placement(step, stream, lambda: mean)
+            if repeated.starts(name, values, dtype) and timestep.device == generation.loop.device:
+                return self._start_counted(session, generation, repeated, name, values, timestep.device)
             generation = session.restart_ambient(generation)
         try:
             step, stream = generation.clock.place_by_timestep(values, name, dtype)
@@ -445,8 +468,7 @@ class ScalingCacheRuntime(Dispatcher):
             # calls are placed by count (``clock/loop.py``).
             pattern = LoopPattern.learn(generation.placed_calls, dtype) if isinstance(timestep, torch.Tensor) else None
             if pattern is not None and pattern.starts(name, values, dtype):
-                generation = session.restart_ambient(generation, pattern, timestep.device)
-                step, stream = generation.clock.place_counted(0, name, values)
+                return self._start_counted(session, generation, pattern, name, values, timestep.device)
             else:
                 generation = session.restart_ambient(generation)
                 step, stream = generation.clock.place_by_timestep(values, name, dtype)

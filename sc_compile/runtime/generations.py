@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sc_compile.clock.loop import LoopCheck, LoopPattern, Mismatch, PlacedCall
+from sc_compile.clock.loop import LoopCheck, Mismatch, PlacedCall, replay
 from sc_compile.clock.step_clock import ClockError, StepClock
 from sc_compile.config import ScalingCacheConfig
 from sc_compile.decision.decisions import Decisions
@@ -529,33 +529,61 @@ class ModuleSession:
             "(`sc_compile.enable(pipe)` or found by the compiled model) in one thread."
         )
 
-    def restart_ambient(
-        self, old: Generation, pattern: LoopPattern | None = None, device: torch.device | None = None
-    ) -> Generation:
+    def restart_ambient(self, old: Generation, loop: LoopCheck | None = None) -> Generation:
         """The ambient generation ``old`` ended (the timestep went back): a fresh one, whose calls after
-        the first are placed by count where it starts the ``pattern`` the loop repeats (on ``device``)."""
+        the first are placed by count by ``loop`` where given (``clock/loop.py``)."""
         with self.lock:
             if self.ambient is old:
                 self.finish(old, interrupted=False)
                 generation = self.ambient = Generation(self, "timestep", None)
                 self.last_generation = generation
-                if pattern is not None:
-                    assert device is not None
-                    generation.loop = LoopCheck(pattern, device, old.loop)
+                if loop is not None:
+                    generation.loop = loop
                     generation.clock_note = (
-                        f"calls after the first placed by count: the loop's pattern of {len(pattern)} calls"
+                        f"calls after the first placed by count: the loop's pattern of {len(loop.pattern)} calls"
                     )
             return self.ambient  # type: ignore[return-value]
 
     def check_loop(self, generation: Generation) -> bool:
-        """Compare a counted generation's timestep copies with its pattern (a wait for the last
-        copy); on a difference end it with the warning. Whether it still runs."""
-        if generation.loop is None or generation.finished:
+        """Compare a counted generation's timestep copies with its pattern (a wait for the last copy).
+        Where a timestep differs but the timestep clock places every call so far where the count did
+        (the loop changed its schedule, not its steps), the generation goes on placed by its timesteps;
+        otherwise it ends. Whether it still runs."""
+        loop = generation.loop
+        if loop is None or generation.finished:
             return not generation.finished
-        mismatch = generation.loop.check()
-        if mismatch is not None:
-            self.end_loop(generation, mismatch)
-        return not generation.finished
+        first = loop.differing()
+        if first is None:
+            return True
+        what = loop.describe_values(first)
+        actual = loop.actual()
+        if replay(actual, loop.pattern.dtype) != loop.placed:
+            self.end_loop(generation, loop.mismatch(first, what))
+            return False
+        # The same steps and streams: the values were the pattern's where they were not the call's.
+        misvalued = [c for c in range(first, loop.position) if actual[c][2] != loop.pattern.calls[c][2]]
+        cached = [c for c in misvalued if not loop.full[c]]
+        generation.clock.correct_values(actual)
+        generation.placed_calls = actual
+        generation.loop = None
+        loop.release()
+        note = (
+            f"placed by count up to call {loop.position - 1}, then by the timestep: call {first} (step "
+            f"{actual[first][0]}) was at the step the count said, but {what}"
+        )
+        generation.clock_note = note
+        if cached:
+            log.warning(
+                "ScalingCache: %s: %s. Calls %s ran cached with the pattern's timestep in place of theirs (an α "
+                "table is looked up by it): their outputs may differ slightly. The rest of the generation is "
+                "placed by the timestep.",
+                self.name,
+                note,
+                cached,
+            )
+        else:
+            log.info("ScalingCache: %s: %s; nothing cached was affected.", self.name, note)
+        return True
 
     def end_loop(self, generation: Generation, mismatch: Mismatch) -> None:
         """End a counted generation whose call was not its pattern's: a warning where a cached call
@@ -575,6 +603,8 @@ class ModuleSession:
         from sc_compile.reporting.report import build_report
 
         generation.finished = True
+        if generation.loop is not None:
+            generation.loop.release()
         if generation.num_calls:
             ran = generation.clock.step + 1
             run = generation.scope.pipeline if generation.scope is not None else None
