@@ -116,7 +116,7 @@ def test_an_interrupted_generation_then_a_new_one_in_the_same_frame_is_warned_ne
                     break
                 compiled(torch.ones(1, 4, 8) * scale, torch.tensor([t]))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1, warnings
+    assert len(warnings) == 1, "\n".join(warnings)
     assert f"call {stop} (step {stop}) was not the pattern's" in warnings[0], warnings[0]
     assert "may be wrong" in warnings[0] and "sc_compile.generation" in warnings[0]
     # The next generation is placed by its timesteps again and gives the reference outputs.
@@ -151,3 +151,35 @@ def test_a_repeated_loop_on_cuda_copies_timesteps_without_a_sync_per_call():
     again = _generation(compiled, 12, device="cuda")
     assert again == first
     assert sc_compile.report(model).clock_note.startswith("calls after the first placed by count")
+
+
+def _in_context(compiled, steps: int, **kwargs) -> list[float]:
+    with sc_compile.generation(compiled):
+        return _generation(compiled, steps, **kwargs)
+
+
+def test_generation_contexts_that_repeat_are_placed_by_count_with_the_outputs_of_timestep_placement(caplog):
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    reference = _fresh(12)
+    assert _in_context(compiled, 12) == reference
+    assert sc_compile.report(model).clock_note == ""
+    with caplog.at_level(logging.INFO, logger="sc_compile.runtime"):
+        for _ in range(2):
+            assert _in_context(compiled, 12) == reference
+            report = sc_compile.report(model)
+            assert report.clock == "context" and report.clock_note.startswith("calls after the first placed by count")
+        # Another schedule in the next context: the steps the count gave are the timestep's.
+        assert _in_context(compiled, 6) == _fresh(6)
+    assert "then by the timestep" in sc_compile.report(model).clock_note
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_two_generations_in_one_context_placed_by_count_are_refused_as_by_the_timestep():
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    _in_context(compiled, 12, guidance=False)
+    with pytest.raises(sc_compile.ClockError, match="one context per generation"):
+        with sc_compile.generation(compiled):
+            _generation(compiled, 12, guidance=False, stop=5)
+            _generation(compiled, 12, guidance=False)

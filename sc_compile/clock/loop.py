@@ -121,6 +121,7 @@ class LoopCheck:
         self._event: torch.cuda.Event | None = None
         self.first = first  # the first call as read
         self.placed: list[tuple[int, int]] = []  # (step, stream) of each call placed
+        self.current: object = None  # the placement of the call placed last (the runtime's)
         self.position = 1  # the next call; the first was read
         self.verified = 1  # calls before this one matched the pattern
         self.full = [True] + [False] * (len(pattern) - 1)

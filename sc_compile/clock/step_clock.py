@@ -67,6 +67,7 @@ class StepClock:
         self._streams_this_step: set[int] = set()
         # Per step: the timestep values read (flattened), where the clock read them.
         self._values: list[tuple[float, ...] | None] = []
+        self.dtype: torch.dtype | None = None  # of the timesteps placed by their values
 
     # -- shared --------------------------------------------------------------------------------
     def follow_pipeline(self, order: int, adopted_at: int | None) -> None:
@@ -221,6 +222,7 @@ class StepClock:
 
     def place_by_timestep(self, values: tuple[float, ...], name: str | None, dtype: torch.dtype) -> tuple[int, int]:
         """Place a call by its timestep values; raises :class:`NewGeneration` or :class:`ClockError`."""
+        self.dtype = dtype
         if self.step < 0:
             self._begin_step(values)
             return self.step, self._add_call(self._stream_of(name))

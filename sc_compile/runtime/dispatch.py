@@ -352,9 +352,30 @@ class ScalingCacheRuntime(Dispatcher):
             # separate calls is refused once the forwards outnumber the declared steps).
             step, stream = generation.clock.place_next_forward(stream_name(key))
             return Placement(step, stream, lambda: None)
+        session = generation.session
+        if generation.loop is not None:
+            placement = self._place_counted(session, generation, key, args, frames=False)
+            if placement is not None:
+                return placement
         values, dtype = self._timestep_values(args)
+        name = stream_name(key)
+        pattern = session.context_pattern
+        timestep = args[self.timestep_index]  # type: ignore[index]
+        if (
+            generation.clock.step < 0
+            and pattern is not None
+            and isinstance(timestep, torch.Tensor)
+            and pattern.starts(name, values, dtype)
+            and generation.num_steps in (None, pattern.calls[-1][0] + 1)
+        ):
+            # The context's generations repeat a pattern: its calls after the first are placed by count.
+            loop = LoopCheck(pattern, timestep.device, (0, name, values), [])
+            generation.loop = loop
+            generation.clock_note = f"calls after the first placed by count: the pattern of {len(pattern)} calls"
+            step, stream = generation.clock.place_counted(0, name, values)
+            return _counted(loop, step, stream, _mean(values))
         try:
-            step, stream = generation.clock.place_by_timestep(values, stream_name(key), dtype)
+            step, stream = generation.clock.place_by_timestep(values, name, dtype)
         except NewGeneration:
             raise ClockError(
                 f"ScalingCache: inside one `sc_compile.generation`, the timestep went back to an earlier step's "
@@ -362,6 +383,7 @@ class ScalingCacheRuntime(Dispatcher):
                 "loop). Open one context per generation; run side calls such as previews inside "
                 "`with sc_compile.uncached(transformer):`."
             ) from None
+        generation.placed_calls.append((step, name, values))
         mean = _mean(values)
         return Placement(step, stream, lambda: mean)
 
@@ -369,45 +391,63 @@ class ScalingCacheRuntime(Dispatcher):
         with session.lock:
             generation, placement = self._place_ambient(session, target.key, args)
             self._start_forward(session, generation, placement)
-            full_calls = self.num_full_calls
-            out = self.run_step(generation, generation.layout_state(self), placement, (), args)
-            if generation.loop is not None:
-                generation.loop.ran(self.num_full_calls > full_calls)
-            return out
+            return self.run_step(generation, generation.layout_state(self), placement, (), args)
+
+    def run_step(
+        self, generation: Generation, state: StepState, placement: Placement, unit: Any, args: tuple[Any, ...]
+    ) -> Any:
+        full_calls = self.num_full_calls
+        out = super().run_step(generation, state, placement, unit, args)
+        loop = generation.loop
+        if loop is not None and placement is loop.current:
+            loop.ran(self.num_full_calls > full_calls)  # the call the count placed (not a later piece of it)
+        return out
 
     def _place_counted(
-        self, session: ModuleSession, generation: Generation, key: Any, args: tuple[Any, ...]
+        self, session: ModuleSession, generation: Generation, key: Any, args: tuple[Any, ...], frames: bool = True
     ) -> Placement | None:
         """A call of a generation that repeats its loop's pattern (``clock/loop.py``): placed by its
         position, its timestep copied without a wait; after a full step, the copies so far compared
         with the pattern. None: the generation ended (the call is not the pattern's)."""
         check = generation.loop
         assert check is not None and self.timestep_index is not None
-        if check.due and not session.check_loop(generation):
+        if check.due and not session.check_loop(generation, placing=True):
             return None
         if generation.loop is None:
             return None  # the generation goes on placed by the timestep
-        step, name, values = check.expected()
         found = stream_name(key)
+        differs = self._not_the_patterns(check, found, args, frames)
+        if differs is not None:
+            # Not the pattern's call: what ran before it is compared first (a difference there is the
+            # earlier one); where that matched, the generation goes on placed by the timestep, which
+            # places this call (a new generation where its timestep says so).
+            if session.check_loop(generation, placing=True) and generation.loop is not None:
+                session.leave_loop(
+                    generation,
+                    f"placed by count up to call {check.position - 1}, then by the timestep: call {check.position} "
+                    f"was not the pattern's: {differs}",
+                )
+                log.info("ScalingCache: %s: %s.", self.model_class, generation.clock_note)
+            return None
+        step, name, values = check.pattern.calls[check.position - 1]
+        step, stream = generation.clock.place_counted(step, name, values)
+        return _counted(check, step, stream, _mean(values))
+
+    def _not_the_patterns(self, check: LoopCheck, found: str | None, args: tuple[Any, ...], frames: bool) -> str | None:
+        """What makes a call not the next of the pattern (known without its timestep's values), else
+        None, and its timestep is copied."""
+        if check.complete:
+            return f"the pattern has {len(check.pattern)} calls"
+        _, name, _ = check.expected()
         if found != name:
-            differs: str | None = f"its stream is {found!r}, where the pattern's is {name!r}"
-        elif not check.in_loop(caller_frames()):
-            differs = (
+            return f"its stream is {found!r}, where the pattern's is {name!r}"
+        if frames and not check.in_loop(caller_frames()):
+            return (
                 "it was called from outside the loop that made the generation's first calls (a new generation: "
                 "the previous one was interrupted)"
             )
-        else:
-            differs = check.copy(args[self.timestep_index])
-        if differs is not None:
-            # Not the pattern's call: what ran before it is compared first (a difference there is the
-            # earlier one), then the generation ends.
-            if session.check_loop(generation):
-                session.end_loop(generation, check.mismatch(check.position, differs))
-            return None
-        step, stream = generation.clock.place_counted(step, name, values)
-        check.placed.append((step, stream))
-        mean = _mean(values)
-        return Placement(step, stream, lambda: mean)
+        assert self.timestep_index is not None
+        return check.copy(args[self.timestep_index])
 
     def _start_counted(
         self,
@@ -423,9 +463,7 @@ class ScalingCacheRuntime(Dispatcher):
         loop = LoopCheck(pattern, device, (0, name, values), caller_frames(), old.loop)
         generation = session.restart_ambient(old, loop)
         step, stream = generation.clock.place_counted(0, name, values)
-        loop.placed.append((step, stream))
-        mean = _mean(values)
-        return generation, Placement(step, stream, lambda: mean)
+        return generation, _counted(loop, step, stream, _mean(values))
 
     def _place_ambient(self, session: ModuleSession, key: Any, args: tuple[Any, ...]) -> tuple[Generation, Placement]:
         generation = session.ambient  # this thread's
@@ -454,12 +492,15 @@ class ScalingCacheRuntime(Dispatcher):
         name = stream_name(key)
         timestep = args[self.timestep_index]  # type: ignore[index]
         if generation.loop is not None:
-            # The counted generation placed all its pattern's calls: this one starts the next.
+            # The counted generation placed all its pattern's calls: a call that starts the pattern
+            # again starts the next generation; any other is placed by the timestep from here on.
             repeated = generation.loop.pattern
-            session.refuse_continuing_another_thread(values)
             if repeated.starts(name, values, dtype) and timestep.device == generation.loop.device:
+                session.refuse_continuing_another_thread(values)
                 return self._start_counted(session, generation, repeated, name, values, timestep.device)
-            generation = session.restart_ambient(generation)
+            session.leave_loop(
+                generation, f"placed by count for the pattern's {len(repeated)} calls, then by the timestep"
+            )
         try:
             step, stream = generation.clock.place_by_timestep(values, name, dtype)
         except NewGeneration:
@@ -562,6 +603,13 @@ class GraphPieceRuntime:
                 "break at its source), or pass options={'fallback': 'inductor'} to compile the model uncached."
             )
         return self.fn(*args)
+
+
+def _counted(loop: LoopCheck, step: int, stream: int, timestep: float) -> Placement:
+    """The placement of a call the count placed (at the pattern's timestep), noted in its check."""
+    loop.placed.append((step, stream))
+    loop.current = Placement(step, stream, lambda: timestep)
+    return loop.current
 
 
 def _mean(values: tuple[float, ...]) -> float:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sc_compile.clock.loop import LoopCheck, Mismatch, PlacedCall, replay
+from sc_compile.clock.loop import LoopCheck, LoopPattern, Mismatch, PlacedCall, replay
 from sc_compile.clock.step_clock import ClockError, StepClock
 from sc_compile.config import ScalingCacheConfig
 from sc_compile.decision.decisions import Decisions
@@ -321,6 +321,7 @@ class Generation:
         self.placed_calls: list[PlacedCall] = []
         self.loop: LoopCheck | None = None
         self.clock_note = ""
+        self.finishing = False
         self._read_sigmas: list[float] | None = None  # the scheduler's sigmas, read with a timestep
         if self.session.config.final_full_steps and self.num_steps is None:
             raise ValueError(
@@ -447,6 +448,9 @@ class ModuleSession:
         self.last_report: GenerationReport | None = None
         self.last_active = 0.0
         self.pool = StatePool()
+        # The calls of the last generation a ``generation()`` context ran, placed by their timesteps:
+        # the next context's generation that starts as it did is placed by count (``clock/loop.py``).
+        self.context_pattern: LoopPattern | None = None
         self._warned: set[str] = set()
 
     @property
@@ -544,11 +548,12 @@ class ModuleSession:
                     )
             return self.ambient  # type: ignore[return-value]
 
-    def check_loop(self, generation: Generation) -> bool:
+    def check_loop(self, generation: Generation, placing: bool = False) -> bool:
         """Compare a counted generation's timestep copies with its pattern (a wait for the last copy).
         Where a timestep differs but the timestep clock places every call so far where the count did
         (the loop changed its schedule, not its steps), the generation goes on placed by its timesteps;
-        otherwise it ends. Whether it still runs."""
+        otherwise it ends (a ``generation()`` context's cannot end: ``placing`` raises the ClockError the
+        timestep clock would have raised). Whether it still runs."""
         loop = generation.loop
         if loop is None or generation.finished:
             return not generation.finished
@@ -558,20 +563,28 @@ class ModuleSession:
         what = loop.describe_values(first)
         actual = loop.actual()
         if replay(actual, loop.pattern.dtype) != loop.placed:
-            self.end_loop(generation, loop.mismatch(first, what))
-            return False
+            mismatch = loop.mismatch(first, what)
+            if generation.source != "context":
+                self.end_loop(generation, mismatch)
+                return False
+            generation.loop = None
+            loop.release()
+            generation.clock_note = mismatch.describe(self.name)
+            log.warning(generation.clock_note)
+            if placing:
+                raise ClockError(
+                    f"{generation.clock_note} Inside one `sc_compile.generation`, the calls' timesteps are not one "
+                    "generation's: open one context per generation."
+                )
+            return True
         # The same steps and streams: the values were the pattern's where they were not the call's.
         misvalued = [c for c in range(first, loop.position) if actual[c][2] != loop.pattern.calls[c][2]]
         cached = [c for c in misvalued if not loop.full[c]]
-        generation.clock.correct_values(actual)
-        generation.placed_calls = actual
-        generation.loop = None
-        loop.release()
         note = (
             f"placed by count up to call {loop.position - 1}, then by the timestep: call {first} (step "
             f"{actual[first][0]}) was at the step the count said, but {what}"
         )
-        generation.clock_note = note
+        self.leave_loop(generation, note)
         if cached:
             log.warning(
                 "ScalingCache: %s: %s. Calls %s ran cached with the pattern's timestep in place of theirs (an α "
@@ -585,6 +598,18 @@ class ModuleSession:
             log.info("ScalingCache: %s: %s; nothing cached was affected.", self.name, note)
         return True
 
+    def leave_loop(self, generation: Generation, note: str) -> None:
+        """A counted generation whose calls so far the timestep clock places as the count did goes on
+        placed by the timestep (after :meth:`check_loop` compared them)."""
+        loop = generation.loop
+        assert loop is not None
+        actual = loop.actual()
+        generation.clock.correct_values(actual)
+        generation.placed_calls = actual
+        generation.loop = None
+        loop.release()
+        generation.clock_note = note
+
     def end_loop(self, generation: Generation, mismatch: Mismatch) -> None:
         """End a counted generation whose call was not its pattern's: a warning where a cached call
         ran at a wrong step (its output may be wrong), else a note (nothing was affected)."""
@@ -594,17 +619,31 @@ class ModuleSession:
             log.warning(note)
         else:
             log.info(note)
+        generation.finishing = True  # compared already
         self.finish(generation, interrupted=True)
 
     def finish(self, generation: Generation, interrupted: bool) -> None:
         """Build the generation's report and free its state."""
         if generation.finished:
             return
+        if generation.loop is not None and generation.loop.pending and not generation.finishing:
+            generation.finishing = True  # what check_loop may end it with finishes it
+            self.check_loop(generation)  # the calls placed by count not compared yet
+            if generation.finished:
+                return
         from sc_compile.reporting.report import build_report
 
         generation.finished = True
         if generation.loop is not None:
             generation.loop.release()
+        elif (
+            generation.source == "context"
+            and not interrupted
+            and generation.placed_calls
+            and generation.clock.dtype is not None
+        ):
+            # What the next context's generation is expected to repeat (``clock/loop.py``).
+            self.context_pattern = LoopPattern.learn(generation.placed_calls, generation.clock.dtype)
         if generation.num_calls:
             ran = generation.clock.step + 1
             run = generation.scope.pipeline if generation.scope is not None else None
