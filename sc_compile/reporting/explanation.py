@@ -117,7 +117,8 @@ def explain_graph(
         )
         for b in blocks_of(analysis)
     )
-    second_order, second_term_points = False, ()
+    second_order = False
+    second_term_points: tuple[int, ...] = ()
     if alpha is not None:
         from sc_compile.calibration.table import AlphaTable
         from sc_compile.config import ScalingCacheConfig
