@@ -303,7 +303,12 @@ def _full_branch(
         b.fn(torch.ops.aten.copy_.default, b.fn(torch.ops.aten.select.int, b.env[stats], 0, index), row)
         buffer_dtype = torch.float32 if sketch is not None else required_tensor_meta(point).dtype
         if dy_prev is not None:
-            writes.append((dy_prev, dy))  # the difference before last: the dy this step replaces
+            # The difference before last: the dy this step replaces, as a computed value. Inductor
+            # (torch 2.13) writes a mutated input whose new value is another input, or a clone of
+            # one, from that input after its own update: dy_prev would get the new dy. -(-dy) is dy
+            # exactly (negation is exact) and is a kernel's value (tests/test_second_order_predictor.py
+            # checks the shift under Inductor).
+            writes.append((dy_prev, b.fn(operator.neg, b.fn(operator.neg, dy))))
         writes.append((dy, b.method("to", new_dy, buffer_dtype)))
         writes.append((y_full, stored))
     # Every read of the old buffers above happens before the first write below.

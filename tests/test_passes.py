@@ -443,8 +443,10 @@ class GraphModule(torch.nn.Module):
         stack = torch.stack([sum_1, sum_2, sum_3, sum_4]);  sum_1 = sum_2 = sum_3 = sum_4 = None
         select_int = torch.ops.aten.select.int(sc_stats, 0, 0)
         copy__default = torch.ops.aten.copy_.default(select_int, stack);  select_int = stack = copy__default = None
+        neg = -sc_dy_0
+        neg_1 = -neg;  neg = None
         to = mul_5.to(torch.float32);  mul_5 = None
-        copy__default_1 = torch.ops.aten.copy_.default(sc_dy_prev_0, sc_dy_0);  sc_dy_prev_0 = copy__default_1 = None
+        copy__default_1 = torch.ops.aten.copy_.default(sc_dy_prev_0, neg_1);  sc_dy_prev_0 = neg_1 = copy__default_1 = None
         copy__default_2 = torch.ops.aten.copy_.default(sc_dy_0, to);  sc_dy_0 = to = copy__default_2 = None
         copy__default_3 = torch.ops.aten.copy_.default(sc_y_full_0, hidden_states);  sc_y_full_0 = copy__default_3 = None
 
@@ -478,8 +480,10 @@ class GraphModule(torch.nn.Module):
         stack_1 = torch.stack([sum_5, sum_6, sum_7, sum_8]);  sum_5 = sum_6 = sum_7 = sum_8 = None
         select_int_1 = torch.ops.aten.select.int(sc_stats, 0, 1);  sc_stats = None
         copy__default_4 = torch.ops.aten.copy_.default(select_int_1, stack_1);  select_int_1 = stack_1 = copy__default_4 = None
+        neg_2 = -sc_dy_1
+        neg_3 = -neg_2;  neg_2 = None
         to_1 = mul_10.to(torch.float32);  mul_10 = None
-        copy__default_5 = torch.ops.aten.copy_.default(sc_dy_prev_1, sc_dy_1);  sc_dy_prev_1 = copy__default_5 = None
+        copy__default_5 = torch.ops.aten.copy_.default(sc_dy_prev_1, neg_3);  sc_dy_prev_1 = neg_3 = copy__default_5 = None
         copy__default_6 = torch.ops.aten.copy_.default(sc_dy_1, to_1);  sc_dy_1 = to_1 = copy__default_6 = None
         copy__default_7 = torch.ops.aten.copy_.default(sc_y_full_1, hidden_states_1);  sc_y_full_1 = copy__default_7 = None
 
