@@ -84,6 +84,9 @@ def test_a_quadratic_trajectory_is_predicted_exactly_with_two_differences_and_no
     assert runtime2.layout.second_order and not runtime1.layout.second_order
     assert report1.full_steps == report2.full_steps and len(report2.full_steps) == 6
     assert report2.second_difference_steps and not report1.second_difference_steps
+    # The cached steps right after the warm-up (full steps 0, 1) have one difference only.
+    first_cached = [s for s in report2.cached_steps if s < report2.full_steps[2]]
+    assert first_cached and not set(first_cached) & set(report2.second_difference_steps)
     assert "two differences" in str(report2) and "two differences" in report2.alpha_source
     for step in report2.second_difference_steps:
         scale = reference[step].abs().max()
