@@ -262,3 +262,31 @@ def test_state_inputs_of_a_second_order_graph():
         "sc_stats",
     ]
     assert state_input_names(1) == ["sc_is_full", "sc_y_full_0", "sc_dy_0", "sc_coef", "sc_refresh", "sc_stats"]
+
+
+def test_sketched_points_keep_a_third_sketch_buffer(quadratic_table):
+    """Points no cached step reads keep sketches: the second-order layout gives them a third one."""
+    model = DummyDiT()
+    args = torch.ones(1, 1024, 8), torch.tensor([1.0])
+    first = sc_compile.explain(model, *args)
+    second = sc_compile.explain(model, *args, alpha=quadratic_table)
+    sketched = [p for p in second.cache_points if p.sketch is not None]
+    assert sketched and [p.sketch for p in first.cache_points] == [p.sketch for p in second.cache_points]
+    stats = first.buffer_bytes_per_stream - sum(p.buffer_nbytes(None) for p in first.cache_points)
+    assert second.buffer_bytes_per_stream - stats == (first.buffer_bytes_per_stream - stats) * 3 // 2
+    assert "sc_dy_prev_0" in second.full_step_graph and "sc_dy_prev_0" not in second.cached_step_graph
+    # A generation with sketched points predicts the quadratic as exactly as with full ones.
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        model,
+        backend="scalingcache",
+        options={"compiler": "eager", "alpha": quadratic_table, "full_steps": 6, "num_inference_steps": STEPS},
+    )
+    with torch.no_grad():
+        inputs = [(torch.ones(1, 1024, 8) * _scale(t, 0.065), torch.tensor([1000.0 - 50.0 * t])) for t in range(STEPS)]
+        outputs = [compiled(*x) for x in inputs]
+        reference = [model(*x) for x in inputs]
+    report = sc_compile.report(model)
+    assert report.second_difference_steps
+    for step in report.second_difference_steps:
+        assert (outputs[step] - reference[step]).abs().max() <= 1e-5 * reference[step].abs().max(), step
