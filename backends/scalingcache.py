@@ -47,6 +47,7 @@ from sc_compile.backends.shape_specialization import ShapeSpecializingRuntime, h
 from sc_compile.calibration.table import AlphaTable, resolve_alpha_source
 from sc_compile.config import Fallback, InnerCompiler, ScalingCacheConfig, split_options
 from sc_compile.contract import step_inputs
+from sc_compile.decision.coefficients import second_order_in_use
 from sc_compile.errors import NoBlocksFoundError, UnsupportedGraphError
 from sc_compile.memory import cache_bytes_limit, refusal
 from sc_compile.passes import run_cache_passes
@@ -157,7 +158,20 @@ def build_runtime(
         granularity=layout.granularity,
         search_dirs=[assets_dir()],
     )
-    return _lower_and_compile(context, cond_gm, layout, alpha)
+    second_order = second_order_in_use(alpha, config)
+    if second_order:
+        # The table's two-difference coefficients are in use: the rewrite with a third buffer per
+        # point (the first run found the layout the table is checked against; it is the same).
+        cond_gm, layout = run_cache_passes(
+            gm,
+            model_class=context.model_class,
+            granularity=config.granularity,
+            prediction=config.prediction,
+            statistic=config.statistic,
+            require_timestep=piece is None,
+            second_order=True,
+        )
+    return _lower_and_compile(context, cond_gm, layout, alpha, second_order)
 
 
 def _plain_piece(context: BuildContext, piece: GraphPiece) -> GraphPieceRuntime:
@@ -174,12 +188,18 @@ def _plain_piece(context: BuildContext, piece: GraphPiece) -> GraphPieceRuntime:
 
 
 def _lower_and_compile(
-    context: BuildContext, cond_gm: torch.fx.GraphModule, layout: CacheLayout, alpha: AlphaTable | None
+    context: BuildContext,
+    cond_gm: torch.fx.GraphModule,
+    layout: CacheLayout,
+    alpha: AlphaTable | None,
+    second_order: bool = False,
 ) -> ScalingCacheRuntime:
     config = context.config
     points = layout.cache_points
     device = layout.device
-    point_layout = PointLayout(points=list(points), device=device, fingerprint=layout.fingerprint())
+    point_layout = PointLayout(
+        points=list(points), device=device, fingerprint=layout.fingerprint(), second_order=second_order
+    )
     limit, source = cache_bytes_limit(config.max_cache_bytes, device)
     per_stream = point_layout.stream_nbytes(config.cache_dtype)
     if limit is not None and per_stream > limit:
@@ -199,7 +219,14 @@ def _lower_and_compile(
     # Example state for compilation: the first stream's buffers.
     state = StreamState(point_layout, config.cache_dtype)
     coefficients = torch.zeros(len(points), device=device)
-    examples = step_inputs(context.example_inputs, state.buffers, coefficients, coefficients.clone(), state.stats)
+    examples = step_inputs(
+        context.example_inputs,
+        state.buffers,
+        coefficients,
+        coefficients.clone(),
+        state.stats,
+        coefficients.clone() if second_order else None,
+    )
     config_patches = context.config_patches
     cudagraphs = config.compiler is InnerCompiler.INDUCTOR and cudagraphs_requested(dict(config_patches))
     if cudagraphs:
@@ -210,9 +237,9 @@ def _lower_and_compile(
     cached_step = compile_inner(cached_spec, examples, config.compiler, config_patches)
     if cudagraphs:
         full_step, cached_step = _with_cuda_graphs(
-            full_step, cached_step, device, len(context.example_inputs) + len(state.buffers)
+            full_step, cached_step, device, len(context.example_inputs) + len(state.buffers), 3 if second_order else 2
         )
-    alpha_source = describe_alpha(config.alpha, alpha, config.coefficients)
+    alpha_source = describe_alpha(config.alpha, alpha, config.coefficients, second_order)
     runtime = ScalingCacheRuntime(
         model_class=layout.model_class,
         layout=point_layout,
@@ -245,7 +272,11 @@ def _lower_and_compile(
 
 
 def _with_cuda_graphs(
-    full_step: CompiledStep, cached_step: CompiledStep, device: torch.device, coefficient_index: int
+    full_step: CompiledStep,
+    cached_step: CompiledStep,
+    device: torch.device,
+    coefficient_index: int,
+    num_coefficients: int = 2,
 ) -> tuple[CompiledStep, CompiledStep]:
     """Both step graphs replayed as CUDA graphs, in one memory pool; as they are off CUDA."""
     if device.type not in CAPTURES:
@@ -254,9 +285,9 @@ def _with_cuda_graphs(
         )
         return full_step, cached_step
     pool = GraphPool(device)
-    # The step's coefficient and refresh vectors (step_inputs: after the model inputs and the
-    # buffers) are copied into the captures' static inputs, not read in place.
-    coefficients = {coefficient_index, coefficient_index + 1}
+    # The step's coefficient and refresh vectors (and a second-order layout's coef2; step_inputs:
+    # after the model inputs and the buffers) are copied into the captures' static inputs.
+    coefficients = set(range(coefficient_index, coefficient_index + num_coefficients))
     wrapped = []
     for name, step in (("full-step", full_step), ("cached-step", cached_step)):
         copied = frozenset(p for p, index in enumerate(step.input_indices) if index in coefficients)

@@ -5,14 +5,19 @@
 1. Calibrates one table with the two-difference coefficients (classes 0-4 × seeds 1000-1001).
 2. **Open loop, held out**: the relative squared error of the output point's prediction, first
    order against two differences, on the trajectories of held-out samples (calibrated like the
-   table, never fitted on), for uniform gaps G (g = h = G, k = 1 … G − 1), summed over τ. The runtime
-   does not predict with two differences yet: this is the fit's held-out value, not a PSNR.
+   table, never fitted on), for uniform gaps G (g = h = G, k = 1 … G − 1), summed over τ: the fit's
+   held-out value, not a PSNR.
 3. **ρ chosen on the calibration samples** by closed-loop rollouts: the budget plans with
    propagation ρ ∈ --rhos at N/3 and N/5, PSNR against the uncached output of calibration samples.
 4. **Held out** (classes 5-9, seeds 3000+): budgets N/2 … N/5 planned with ρ = 0 (today's planner)
    and the chosen ρ, the same coefficients with a leave-one-sample-out error table, α = 1's budget
    and both default dynamic schedules. Writes
-   ``benchmarks/results/schedule_<model>_<steps>.{md,json}``.
+   ``benchmarks/results/schedule_<model>_<steps>.{md,json}``. The budget rows of the table predict
+   with one difference (``predictor_order=1``) unless they say two differences.
+
+With ``--orders`` the held-out rows are only the predictor orders at each budget: the table's first
+order (``predictor_order=1``) against its two differences (the default: what the table fitted), the
+same plan (ρ = 0); written to ``schedule_<model>_<steps>_orders.{md,json}``.
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ def main() -> None:
     parser.add_argument("--budgets", default="", help="held-out budgets (default N/2, N/3, N/4, N/5)")
     parser.add_argument("--transfer", default="", help="other step counts to run the table at, e.g. 25,100")
     parser.add_argument("--no-dynamic", action="store_true", help="skip the default dynamic rows")
+    parser.add_argument(
+        "--orders", action="store_true", help="held-out rows: first order against two differences per budget only"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -152,7 +160,9 @@ def main() -> None:
     for rho in rhos if len(rhos) > 1 else ():
         total = []
         for budget in (round(n / 3), round(n / 5)):
-            row = measure(selection_samples, {"alpha": table, "full_steps": budget, "propagation": rho})
+            row = measure(
+                selection_samples, {"alpha": table, "full_steps": budget, "propagation": rho, "predictor_order": 1}
+            )
             row.update(rho=rho, budget=budget)
             results["rho_selection"].append(row)
             show("calibration", f"ρ={rho:g}, full_steps={budget}", row)
@@ -181,15 +191,23 @@ def main() -> None:
     if not args.no_dynamic:
         held("fitted, default dynamic", {"alpha": table})
         held("α = 1, default dynamic", {"alpha": "ones"})
-    for budget in [int(b) for b in args.budgets.split(",")] if args.budgets else (n // 2, n // 3, n // 4, n // 5):
-        held(f"fitted ρ=0 (today), full_steps={budget}", {"alpha": table, "full_steps": budget})
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else [n // 2, n // 3, n // 4, n // 5]
+    first_order = {"predictor_order": 1}
+    for budget in budgets if args.orders else ():
+        held(f"fitted, one difference, full_steps={budget}", {"alpha": table, "full_steps": budget, **first_order})
+        held(f"fitted, two differences, full_steps={budget}", {"alpha": table, "full_steps": budget})
+    for budget in budgets if not args.orders else ():
+        held(f"fitted ρ=0 (today), full_steps={budget}", {"alpha": table, "full_steps": budget, **first_order})
         if chosen != 0.0:
             held(
                 f"fitted ρ={chosen:g}, full_steps={budget}",
-                {"alpha": table, "full_steps": budget, "propagation": chosen},
+                {"alpha": table, "full_steps": budget, "propagation": chosen, **first_order},
             )
-        held(f"fitted, held-out errors, full_steps={budget}", {"alpha": loo_table, "full_steps": budget})
-        held(f"fitted, placed without errors, full_steps={budget}", {"alpha": even_table, "full_steps": budget})
+        held(f"fitted, held-out errors, full_steps={budget}", {"alpha": loo_table, "full_steps": budget, **first_order})
+        held(
+            f"fitted, placed without errors, full_steps={budget}",
+            {"alpha": even_table, "full_steps": budget, **first_order},
+        )
         held(f"α = 1, full_steps={budget}", {"alpha": "ones", "full_steps": budget})
     for steps in [int(x) for x in args.transfer.split(",")] if args.transfer else ():
         # The table at another step count: the dynamic default against a budget at its count.
@@ -219,7 +237,7 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     results["seconds"] = elapsed
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"schedule_{args.model.replace('-', '_')}_{n}"
+    stem = f"schedule_{args.model.replace('-', '_')}_{n}" + ("_orders" if args.orders else "")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{stem}.md").write_text(render(results, " ".join(["benchmarks/schedule_ablation.py", *sys.argv[1:]])))
     print(f"done in {elapsed:.0f} s", flush=True)

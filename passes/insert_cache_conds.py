@@ -30,6 +30,13 @@ carried along the residual stream through the skip connections and the stream's 
 slices and ``cat`` (Flux's single blocks join and split their two streams). Both branches rebuild
 the anchor from the block inputs; the statistics are taken on ``r``; the cached branch returns
 ``a + r_full + sc_coef[p] * dr``.
+
+With ``second_order=True`` (an α table whose two-difference coefficients are in use) each point
+has a third buffer ``sc_dy_prev_p``, the difference before last, and the cond takes a second
+coefficient vector ``sc_coef2`` after ``sc_refresh``: the full branch shifts ``dy`` into
+``dy_prev`` before refreshing it (and measures its change against
+``y_full + sc_coef[p] * dy + sc_coef2[p] * dy_prev``), the cached branch predicts
+``y_full + sc_coef[p] * dy + sc_coef2[p] * dy_prev``. Without it the graph is the two-buffer one.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from sc_compile.config import Prediction
 from sc_compile.contract import (
     COEF,
+    COEF2,
     IS_FULL,
     REFRESH,
     STAT_COLUMNS,
@@ -53,6 +61,7 @@ from sc_compile.contract import (
     Sketch,
     Statistic,
     dy_name,
+    dy_prev_name,
     sketch_plan,
     stats_row,
     y_full_name,
@@ -223,8 +232,24 @@ def _contiguous(builder: _BranchBuilder, node: torch.fx.Node, original: torch.fx
     return node
 
 
-# A point's buffers as graph operands: (y_full, dy, index, sketch or None).
-PointBuffers = tuple[torch.fx.Node, torch.fx.Node, int, Sketch | None]
+# A point's buffers as graph operands: (y_full, dy, index, sketch or None, dy_prev or None).
+PointBuffers = tuple[torch.fx.Node, torch.fx.Node, int, Sketch | None, torch.fx.Node | None]
+
+
+def _point_operands(buffers: PointBuffers) -> list[torch.fx.Node]:
+    """A point's buffers in cond operand order: ``y_full``, ``dy`` (, ``dy_prev``)."""
+    y_full, dy, _, _, dy_prev = buffers
+    return [y_full, dy] if dy_prev is None else [y_full, dy, dy_prev]
+
+
+def _second_term(
+    b: _BranchBuilder, value: torch.fx.Node, dy_prev: torch.fx.Node | None, coef2: torch.fx.Node | None, index: int
+) -> torch.fx.Node:
+    """``value + coef2[index] * dy_prev`` (``value`` itself for a first-order graph)."""
+    if dy_prev is None or coef2 is None:
+        return value
+    coef2_p = b.fn(operator.getitem, b.env[coef2], index)
+    return b.fn(operator.add, value, b.fn(operator.mul, dy_prev, coef2_p))
 
 
 def _full_branch(
@@ -235,6 +260,7 @@ def _full_branch(
     refresh: torch.fx.Node,
     stats: torch.fx.Node,
     prediction: Prediction,
+    coef2: torch.fx.Node | None = None,
 ) -> torch.fx.GraphModule:
     b = _BranchBuilder(operands)
     for member in block.members:
@@ -243,8 +269,9 @@ def _full_branch(
     members = set(block.members)
     memo: dict[torch.fx.Node, torch.fx.Node] = {}
     for point in block.cache_points:
-        y_full_op, dy_op, index, sketch = buffers[point]
+        y_full_op, dy_op, index, sketch, dy_prev_op = buffers[point]
         y_full, dy = b.env[y_full_op], b.env[dy_op]
+        dy_prev = b.env[dy_prev_op] if dy_prev_op is not None else None
         if sketch is not None:
             # The subsample, a view of the (contiguous) value: no full-size temporary.
             flat = b.method("reshape", b.env[point], -1)
@@ -262,6 +289,7 @@ def _full_branch(
         coef_p = b.fn(operator.getitem, b.env[coef], index)
         refresh_p = b.fn(operator.getitem, b.env[refresh], index)
         prev = b.fn(operator.add, y_full32, b.fn(operator.mul, dy32, coef_p))
+        prev = _second_term(b, prev, b.method("float", dy_prev) if dy_prev is not None else None, coef2, index)
         change = b.fn(operator.sub, value32, prev)
         new_dy = b.fn(operator.mul, b.fn(operator.sub, value32, y_full32), refresh_p)
 
@@ -274,6 +302,13 @@ def _full_branch(
         )
         b.fn(torch.ops.aten.copy_.default, b.fn(torch.ops.aten.select.int, b.env[stats], 0, index), row)
         buffer_dtype = torch.float32 if sketch is not None else required_tensor_meta(point).dtype
+        if dy_prev is not None:
+            # The difference before last: the dy this step replaces, as a computed value. Inductor
+            # (torch 2.13) writes a mutated input whose new value is another input, or a clone of
+            # one, from that input after its own update: dy_prev would get the new dy. -(-dy) is dy
+            # exactly (negation is exact) and is a kernel's value (tests/test_second_order_predictor.py
+            # checks the shift under Inductor).
+            writes.append((dy_prev, b.fn(operator.neg, b.fn(operator.neg, dy))))
         writes.append((dy, b.method("to", new_dy, buffer_dtype)))
         writes.append((y_full, stored))
     # Every read of the old buffers above happens before the first write below.
@@ -288,6 +323,7 @@ def _cached_branch(
     buffers: dict[torch.fx.Node, PointBuffers],
     coef: torch.fx.Node,
     prediction: Prediction,
+    coef2: torch.fx.Node | None = None,
 ) -> torch.fx.GraphModule:
     b = _BranchBuilder(operands)
     points = set(block.cache_points)
@@ -296,7 +332,7 @@ def _cached_branch(
     # Anchors first, from the block inputs alone (before any point's prediction enters b.env).
     anchors = {p: _anchor(b, p, block, members, memo) for p in block.cache_points} if prediction == "residual" else {}
     for point in block.cache_points:
-        y_full_op, dy_op, index, sketch = buffers[point]
+        y_full_op, dy_op, index, sketch, dy_prev_op = buffers[point]
         meta = required_tensor_meta(point)
         if sketch is not None:
             # No cached step reads this point (read_at_cached_step): a typed stand-in that the
@@ -309,6 +345,7 @@ def _cached_branch(
         # y_t = y_full + c_t * dy: the closed form of the paper's recursion, no buffer writes. The
         # cast back to the point's dtype matters when the buffers have another (cache_dtype).
         value = b.fn(operator.add, b.env[y_full_op], b.fn(operator.mul, b.env[dy_op], coef_p))
+        value = _second_term(b, value, b.env[dy_prev_op] if dy_prev_op is not None else None, coef2, index)
         if prediction == "residual":
             value = b.fn(operator.add, anchors[point], value)
         b.env[point] = b.method("to", value, meta.dtype)
@@ -326,9 +363,11 @@ def insert_cache_conds(
     gm: torch.fx.GraphModule,
     prediction: Prediction | str = Prediction.HIDDEN,
     statistic: Statistic | str = Statistic.SUBSAMPLE,
+    second_order: bool = False,
 ) -> PassResult:
     """Rewrite each block the analyses marked into a cond over new state inputs; mark each cache
-    point's ``y_full`` input with the point's :class:`~sc_compile.contract.CachePointSpec`."""
+    point's ``y_full`` input with the point's :class:`~sc_compile.contract.CachePointSpec`.
+    ``second_order``: each point keeps the difference before last too (module docstring)."""
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, but got {prediction!r}")
     prediction, statistic = Prediction(prediction), Statistic(statistic)
@@ -379,9 +418,13 @@ def insert_cache_conds(
             y_full = _new_placeholder(graph, y_full_name(spec.index), empty, fake_mode)
             y_full.meta[POINT_SPEC_META_KEY] = spec
             dy = _new_placeholder(graph, dy_name(spec.index), empty, fake_mode)
-            buffers[point] = (y_full, dy, spec.index, spec.sketch)
+            dy_prev = _new_placeholder(graph, dy_prev_name(spec.index), empty, fake_mode) if second_order else None
+            buffers[point] = (y_full, dy, spec.index, spec.sketch, dy_prev)
         coef = _new_placeholder(graph, COEF, torch.empty(num_points, device=device), fake_mode)
         refresh = _new_placeholder(graph, REFRESH, torch.empty(num_points, device=device), fake_mode)
+        coef2 = None
+        if second_order:
+            coef2 = _new_placeholder(graph, COEF2, torch.empty(num_points, device=device), fake_mode)
 
     # Outputs of rewritten blocks are replaced by the cond's results; later blocks read those.
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -389,10 +432,10 @@ def insert_cache_conds(
     for block in blocks:
         inputs = [replaced.get(n, n) for n in block.inputs]
         member_set = set(block.members)
-        point_buffers = [t for p in block.cache_points for t in buffers[p][:2]]
-        operands = inputs + point_buffers + [coef, refresh, stats]
-        full_gm = _full_branch(block, operands, buffers, coef, refresh, stats, prediction)
-        cached_gm = _cached_branch(block, operands, buffers, coef, prediction)
+        point_buffers = [t for p in block.cache_points for t in _point_operands(buffers[p])]
+        operands = inputs + point_buffers + [coef, refresh, *([coef2] if coef2 is not None else []), stats]
+        full_gm = _full_branch(block, operands, buffers, coef, refresh, stats, prediction, coef2)
+        cached_gm = _cached_branch(block, operands, buffers, coef, prediction, coef2)
         full_name, cached_name = _block_attr_name("full", block.name), _block_attr_name("cached", block.name)
         gm.add_submodule(full_name, full_gm)
         gm.add_submodule(cached_name, cached_gm)

@@ -76,6 +76,7 @@ def cache_passes(
     prediction: Prediction = Prediction.HIDDEN,
     statistic: Statistic = Statistic.SUBSAMPLE,
     require_timestep: bool = False,
+    second_order: bool = False,
 ) -> tuple[tuple[str, Pass], ...]:
     """The passes in their one fixed order.
 
@@ -89,7 +90,12 @@ def cache_passes(
             "find_timestep_input",
             functools.partial(mark_timestep_input, model_class=model_class, required=require_timestep),
         ),
-        ("insert_cache_conds", functools.partial(insert_cache_conds, prediction=prediction, statistic=statistic)),
+        (
+            "insert_cache_conds",
+            functools.partial(
+                insert_cache_conds, prediction=prediction, statistic=statistic, second_order=second_order
+            ),
+        ),
     )
 
 
@@ -126,11 +132,13 @@ def run_cache_passes(
     prediction: Prediction | str = Prediction.HIDDEN,
     statistic: Statistic | str = Statistic.SUBSAMPLE,
     require_timestep: bool = False,
+    second_order: bool = False,
 ) -> tuple[torch.fx.GraphModule, CacheLayout]:
     """Run the cache passes on a copy of ``gm``; returns the cond-guarded copy and its node-free
     layout. ``require_timestep``: refuse a graph without a timestep input (the backend does,
-    for a whole model's forward). The options are the config's enums (their values are accepted)."""
+    for a whole model's forward). ``second_order``: each cache point keeps the difference before
+    last (``insert_cache_conds``). The options are the config's enums (their values are accepted)."""
     granularity, prediction, statistic = Granularity(granularity), Prediction(prediction), Statistic(statistic)
-    passes = cache_passes(model_class, granularity, prediction, statistic, require_timestep)
+    passes = cache_passes(model_class, granularity, prediction, statistic, require_timestep, second_order)
     work = run_passes(copy_graph_module(gm), passes, model_class=model_class)
     return work, cache_layout_of(work, model_class=model_class, granularity=granularity, prediction=prediction)

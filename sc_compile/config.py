@@ -194,6 +194,13 @@ class ScalingCacheConfig:
     stochastic_sampler: StochasticSampler = StochasticSampler.REFUSE
     """A sampler that injects fresh noise every step: refuse (default) or cache with a warning."""
 
+    predictor_order: int | None = None
+    """How many past differences a cached step's prediction reads: ``1`` (``y_full + c·dy``) or
+    ``2`` (``+ c₂·dy_prev``, the two-difference coefficients of a format-3 table: one more buffer per
+    cache point and stream). ``None``: what the α table fitted (2 where its two-difference
+    coefficients use the second term anywhere, else 1). ``2`` with a table that has no
+    two-difference coefficients is an error."""
+
     def __post_init__(self) -> None:
         def coerce(name: str, enum_type: type[enum.Enum]) -> None:
             value = getattr(self, name)
@@ -231,6 +238,18 @@ class ScalingCacheConfig:
         if len(schedules) > 1:
             raise ValueError(f"{' and '.join(schedules)} each choose the schedule: give at most one of them")
         coerce("stochastic_sampler", StochasticSampler)
+        if self.predictor_order is not None and (
+            not is_int_at_least(self.predictor_order, 1) or self.predictor_order > 2
+        ):
+            raise ValueError(f"predictor_order must be 1, 2 or None, but got {self.predictor_order!r}")
+        if self.predictor_order == 2 and isinstance(self.alpha, str) and self.alpha == "ones":
+            raise ValueError(
+                "predictor_order=2 needs a table with two-difference coefficients, but alpha='ones' was given"
+            )
+        if self.predictor_order == 2 and self.coefficients is Coefficients.CHAINED:
+            raise ValueError(
+                "predictor_order=2 reads the fitted two-difference coefficients: not with coefficients='chained'"
+            )
         self._check_int("static_interval", 1, "a positive int or None")
         self._check_int("warmup_steps", None, "an int or None")
         if self.warmup_steps is not None:

@@ -8,6 +8,12 @@ in this order (:func:`state_input_names`)::
     sc_coef, sc_refresh             [P] float32: the step's coefficient and dy refresh per point
     sc_stats                        [P, len(STAT_COLUMNS)] float32, written by every full step
 
+A **second-order** layout (an α table whose two-difference coefficients are in use:
+``PointLayout.second_order``) has a third buffer per point after ``dy``, ``sc_dy_prev_p``: the ``dy``
+the full step before last wrote (each full step shifts ``dy`` into it before refreshing ``dy``),
+and a second coefficient vector ``sc_coef2`` [P] after ``sc_refresh``; the prediction is
+``y_full + sc_coef·dy + sc_coef2·dy_prev``. Every other layout is exactly the two-buffer one.
+
 A cache point's two buffers hold either the **full** value (``y_full``, ``dy``: shape and dtype
 of the point, or ``cache_dtype``) or, for a point no cached step reads, a **sketch**: a fixed
 strided subsample of the point's elements, in float32 (:func:`sketch_plan`). The prediction and
@@ -31,6 +37,7 @@ import torch
 
 IS_FULL = "sc_is_full"
 COEF = "sc_coef"
+COEF2 = "sc_coef2"
 REFRESH = "sc_refresh"
 STATS = "sc_stats"
 
@@ -49,9 +56,15 @@ def stats_row(*, change_l1: object, prev_l1: object, next_change_l1: object, val
     return row
 
 
-def y_full_index(point: int) -> int:
-    """The position of point ``point``'s ``y_full`` among a stream's buffers (``dy`` follows it)."""
-    return 2 * point
+def buffers_per_point(second_order: bool) -> int:
+    """A point's buffers in one stream: ``y_full``, ``dy`` (and ``dy_prev`` for a second-order layout)."""
+    return 3 if second_order else 2
+
+
+def y_full_index(point: int, second_order: bool = False) -> int:
+    """The position of point ``point``'s ``y_full`` among a stream's buffers (``dy``, then
+    ``dy_prev`` for a second-order layout, follow it)."""
+    return buffers_per_point(second_order) * point
 
 
 # A point's sketch takes at most this share of the bytes of one full value of the point (both
@@ -98,10 +111,15 @@ def dy_name(index: int) -> str:
     return f"sc_dy_{index}"
 
 
-def state_input_names(num_points: int) -> list[str]:
+def dy_prev_name(index: int) -> str:
+    return f"sc_dy_prev_{index}"
+
+
+def state_input_names(num_points: int, second_order: bool = False) -> list[str]:
     """The state inputs of a cond graph with ``num_points`` cache points, in order."""
-    buffers = [name for i in range(num_points) for name in (y_full_name(i), dy_name(i))]
-    return [IS_FULL, *buffers, COEF, REFRESH, STATS]
+    per_point = (y_full_name, dy_name, dy_prev_name)[: buffers_per_point(second_order)]
+    buffers = [name(i) for i in range(num_points) for name in per_point]
+    return [IS_FULL, *buffers, COEF, REFRESH, *([COEF2] if second_order else []), STATS]
 
 
 def step_inputs(
@@ -110,10 +128,12 @@ def step_inputs(
     coef: torch.Tensor,
     refresh: torch.Tensor,
     stats: torch.Tensor,
+    coef2: torch.Tensor | None = None,
 ) -> list[object]:
     """What a specialised step graph is selected from: the model's inputs, then the state inputs
-    without ``sc_is_full`` (the lowering fixed it). A step graph's ``input_indices`` index this."""
-    return [*model_inputs, *buffers, coef, refresh, stats]
+    without ``sc_is_full`` (the lowering fixed it). A step graph's ``input_indices`` index this.
+    ``coef2``: a second-order layout's second coefficient vector (``None``: a first-order one)."""
+    return [*model_inputs, *buffers, coef, refresh, *([] if coef2 is None else [coef2]), stats]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,9 +191,10 @@ class CachePointSpec:
     def buffer_dtype(self, cache_dtype: torch.dtype | None) -> torch.dtype:
         return (cache_dtype or self.dtype) if self.sketch is None else SKETCH_DTYPE
 
-    def buffer_nbytes(self, cache_dtype: torch.dtype | None) -> int:
-        """Bytes of the point's two buffers in one stream."""
-        return 2 * math.prod(self.buffer_shape()) * self.buffer_dtype(cache_dtype).itemsize
+    def buffer_nbytes(self, cache_dtype: torch.dtype | None, second_order: bool = False) -> int:
+        """Bytes of the point's buffers in one stream (two, or three for a second-order layout)."""
+        count = buffers_per_point(second_order)
+        return count * math.prod(self.buffer_shape()) * self.buffer_dtype(cache_dtype).itemsize
 
 
 @dataclasses.dataclass
@@ -183,6 +204,9 @@ class PointLayout:
     points: list[CachePointSpec]
     device: torch.device
     fingerprint: str = ""
+    # Each point keeps a third buffer (the difference before last) and the step takes a second
+    # coefficient: the α table's two-difference coefficients are in use.
+    second_order: bool = False
 
     @property
     def num_points(self) -> int:
@@ -195,9 +219,10 @@ class PointLayout:
     def key(self, cache_dtype: torch.dtype | None) -> tuple[object, ...]:
         """Graphs whose layouts have equal keys can share stream state."""
         buffers = tuple((p.buffer_shape(), p.buffer_dtype(cache_dtype)) for p in self.points)
-        return (self.fingerprint, buffers, str(self.device), cache_dtype)
+        order = ("second_order",) if self.second_order else ()
+        return (self.fingerprint, buffers, str(self.device), cache_dtype, *order)
 
     def stream_nbytes(self, cache_dtype: torch.dtype | None) -> int:
         """Bytes of one stream's state: every point's buffers and the statistics table."""
         stats = self.num_points * len(STAT_COLUMNS) * 4
-        return sum(p.buffer_nbytes(cache_dtype) for p in self.points) + stats
+        return sum(p.buffer_nbytes(cache_dtype, self.second_order) for p in self.points) + stats

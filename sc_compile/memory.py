@@ -77,8 +77,11 @@ def fitting_options(
 ) -> list[str]:
     """Options (and their bytes for ``streams`` streams) under which the state would fit ``available``."""
     candidates: list[tuple[str, PointLayout, torch.dtype | None]] = []
-    sketched = PointLayout([_sketched(p) for p in layout.points], layout.device, layout.fingerprint)
+    sketched = dataclasses.replace(layout, points=[_sketched(p) for p in layout.points])
     any_sketch = sketched.points != layout.points
+    if layout.second_order:
+        # One difference: no third buffer per point.
+        candidates.append(("predictor_order=1", dataclasses.replace(layout, second_order=False), cache_dtype))
     if any_sketch:
         candidates.append((f"statistic={Statistic.SUBSAMPLE.value!r}", sketched, cache_dtype))
     if any(p.buffer_dtype(cache_dtype).itemsize > 2 for p in layout.points if p.sketch is None):

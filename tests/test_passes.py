@@ -7,6 +7,8 @@ import torch
 from expecttest import TestCase
 
 import sc_compile
+from sc_compile.calibration.fitting import FittedCoefficients, SecondOrderCoefficients
+from sc_compile.calibration.table import AlphaTable
 from sc_compile.passes.find_blocks import NoBlocksFoundError
 from sc_compile.passes.module_paths import normalize_module_path, top_level_block_of
 
@@ -369,6 +371,142 @@ class GraphModule(torch.nn.Module):
         # made a point of its own.
         self.assertEqual(
             [p.node_name for p in explanation.cache_points], ["add", "hidden_states", "add_2", "hidden_states_1"]
+        )
+
+
+def _synthetic_table(model: torch.nn.Module, num_points: int) -> AlphaTable:
+    """A format-3 table whose second coefficient is 0.5 everywhere (the graphs do not depend on it)."""
+    n, k = 4, 1
+    fitted = FittedCoefficients(
+        coef=torch.ones(n, k + 1, k, num_points),
+        refresh=torch.ones(n, k + 1, num_points),
+        error=torch.zeros(n, k + 1, k),
+        max_gap=torch.ones(n, dtype=torch.int64),
+        second=SecondOrderCoefficients(
+            coef=torch.full((n, k + 1, k + 1, k, num_points, 2), 0.5), error=torch.zeros(n, k + 1, k + 1, k)
+        ),
+    )
+    return AlphaTable(torch.ones(n, num_points), type(model).__name__, "", "block", fitted=fitted)
+
+
+class SecondOrderGoldenGraphs(TestCase):
+    """The graphs with the difference before last (a table whose two-difference coefficients are in
+    use); first-order tables and α = 1 keep GoldenGraphs' graphs."""
+
+    maxDiff = None
+
+    def test_second_order_graphs(self):
+        model = DummyDiT(gains=(1.0, 0.5))
+        explanation = sc_compile.explain(
+            model, torch.ones(1, 2, 4), torch.tensor([1.0]), alpha=_synthetic_table(model, 2)
+        )
+        self.assertTrue(explanation.second_order)
+        self.assertExpectedInline(
+            explanation.full_step_graph,
+            """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_timestep_: "f32[1]", L_self_modules_blocks_modules_0_parameters_gain_: "f32[]", L_hidden_states_: "f32[1, 2, 4]", L_self_modules_blocks_modules_1_parameters_gain_: "f32[]", sc_y_full_0: "f32[1, 2, 4]", sc_dy_0: "f32[1, 2, 4]", sc_dy_prev_0: "f32[1, 2, 4]", sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_dy_prev_1: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_refresh: "f32[2]", sc_coef2: "f32[2]", sc_stats: "f32[2, 4]"):
+        l_timestep_ = L_timestep_
+        l_self_modules_blocks_modules_0_parameters_gain_ = L_self_modules_blocks_modules_0_parameters_gain_
+        l_hidden_states_ = L_hidden_states_
+        l_self_modules_blocks_modules_1_parameters_gain_ = L_self_modules_blocks_modules_1_parameters_gain_
+
+        temb: "f32[1, 1, 1]" = l_timestep_.reshape(-1, 1, 1);  l_timestep_ = None
+
+        mul: "f32[1, 2, 4]" = l_self_modules_blocks_modules_0_parameters_gain_ * l_hidden_states_;  l_self_modules_blocks_modules_0_parameters_gain_ = None
+        add: "f32[1, 2, 4]" = l_hidden_states_ + mul;  l_hidden_states_ = mul = None
+        mul_1: "f32[1, 1, 1]" = temb * 0.0
+        hidden_states: "f32[1, 2, 4]" = add + mul_1;  add = mul_1 = None
+
+        float_1 = hidden_states.float()
+        float_2 = sc_y_full_0.float()
+        float_3 = sc_dy_0.float()
+        getitem_2 = sc_coef[0]
+        getitem_3 = sc_refresh[0]
+        mul_2 = float_3 * getitem_2;  float_3 = getitem_2 = None
+        add_1 = float_2 + mul_2;  mul_2 = None
+        float_4 = sc_dy_prev_0.float()
+        getitem_4 = sc_coef2[0]
+        mul_3 = float_4 * getitem_4;  float_4 = getitem_4 = None
+        add_2 = add_1 + mul_3;  add_1 = mul_3 = None
+        sub = float_1 - add_2
+        sub_1 = float_1 - float_2;  float_2 = None
+        mul_5 = sub_1 * getitem_3;  sub_1 = getitem_3 = None
+        abs_1 = sub.abs();  sub = None
+        sum_1 = abs_1.sum();  abs_1 = None
+        abs_2 = add_2.abs();  add_2 = None
+        sum_2 = abs_2.sum();  abs_2 = None
+        abs_3 = mul_5.abs()
+        sum_3 = abs_3.sum();  abs_3 = None
+        abs_4 = float_1.abs();  float_1 = None
+        sum_4 = abs_4.sum();  abs_4 = None
+        stack = torch.stack([sum_1, sum_2, sum_3, sum_4]);  sum_1 = sum_2 = sum_3 = sum_4 = None
+        select_int = torch.ops.aten.select.int(sc_stats, 0, 0)
+        copy__default = torch.ops.aten.copy_.default(select_int, stack);  select_int = stack = copy__default = None
+        neg = -sc_dy_0
+        neg_1 = -neg;  neg = None
+        to = mul_5.to(torch.float32);  mul_5 = None
+        copy__default_1 = torch.ops.aten.copy_.default(sc_dy_prev_0, neg_1);  sc_dy_prev_0 = neg_1 = copy__default_1 = None
+        copy__default_2 = torch.ops.aten.copy_.default(sc_dy_0, to);  sc_dy_0 = to = copy__default_2 = None
+        copy__default_3 = torch.ops.aten.copy_.default(sc_y_full_0, hidden_states);  sc_y_full_0 = copy__default_3 = None
+
+        mul_6: "f32[1, 2, 4]" = l_self_modules_blocks_modules_1_parameters_gain_ * hidden_states;  l_self_modules_blocks_modules_1_parameters_gain_ = None
+        add_3: "f32[1, 2, 4]" = hidden_states + mul_6;  hidden_states = mul_6 = None
+        mul_7: "f32[1, 1, 1]" = temb * 0.0;  temb = None
+        hidden_states_1: "f32[1, 2, 4]" = add_3 + mul_7;  add_3 = mul_7 = None
+
+        float_5 = hidden_states_1.float()
+        float_6 = sc_y_full_1.float()
+        float_7 = sc_dy_1.float()
+        getitem_5 = sc_coef[1];  sc_coef = None
+        getitem_6 = sc_refresh[1];  sc_refresh = None
+        mul_8 = float_7 * getitem_5;  float_7 = getitem_5 = None
+        add_4 = float_6 + mul_8;  mul_8 = None
+        float_8 = sc_dy_prev_1.float()
+        getitem_7 = sc_coef2[1];  sc_coef2 = None
+        mul_9 = float_8 * getitem_7;  float_8 = getitem_7 = None
+        add_5 = add_4 + mul_9;  add_4 = mul_9 = None
+        sub_2 = float_5 - add_5
+        sub_3 = float_5 - float_6;  float_6 = None
+        mul_10 = sub_3 * getitem_6;  sub_3 = getitem_6 = None
+        abs_5 = sub_2.abs();  sub_2 = None
+        sum_5 = abs_5.sum();  abs_5 = None
+        abs_6 = add_5.abs();  add_5 = None
+        sum_6 = abs_6.sum();  abs_6 = None
+        abs_7 = mul_10.abs()
+        sum_7 = abs_7.sum();  abs_7 = None
+        abs_8 = float_5.abs();  float_5 = None
+        sum_8 = abs_8.sum();  abs_8 = None
+        stack_1 = torch.stack([sum_5, sum_6, sum_7, sum_8]);  sum_5 = sum_6 = sum_7 = sum_8 = None
+        select_int_1 = torch.ops.aten.select.int(sc_stats, 0, 1);  sc_stats = None
+        copy__default_4 = torch.ops.aten.copy_.default(select_int_1, stack_1);  select_int_1 = stack_1 = copy__default_4 = None
+        neg_2 = -sc_dy_1
+        neg_3 = -neg_2;  neg_2 = None
+        to_1 = mul_10.to(torch.float32);  mul_10 = None
+        copy__default_5 = torch.ops.aten.copy_.default(sc_dy_prev_1, neg_3);  sc_dy_prev_1 = neg_3 = copy__default_5 = None
+        copy__default_6 = torch.ops.aten.copy_.default(sc_dy_1, to_1);  sc_dy_1 = to_1 = copy__default_6 = None
+        copy__default_7 = torch.ops.aten.copy_.default(sc_y_full_1, hidden_states_1);  sc_y_full_1 = copy__default_7 = None
+
+        mul_4: "f32[1, 2, 4]" = hidden_states_1 * 2.0;  hidden_states_1 = None
+        return (mul_4,)
+""",
+        )
+        self.assertExpectedInline(
+            explanation.cached_step_graph,
+            """\
+class GraphModule(torch.nn.Module):
+    def forward(self, sc_y_full_1: "f32[1, 2, 4]", sc_dy_1: "f32[1, 2, 4]", sc_dy_prev_1: "f32[1, 2, 4]", sc_coef: "f32[2]", sc_coef2: "f32[2]"):
+        getitem_4 = sc_coef[1];  sc_coef = None
+        mul_2 = sc_dy_1 * getitem_4;  sc_dy_1 = getitem_4 = None
+        add_2 = sc_y_full_1 + mul_2;  sc_y_full_1 = mul_2 = None
+        getitem_5 = sc_coef2[1];  sc_coef2 = None
+        mul_3 = sc_dy_prev_1 * getitem_5;  sc_dy_prev_1 = getitem_5 = None
+        add_3 = add_2 + mul_3;  add_2 = mul_3 = None
+        to_1 = add_3.to(torch.float32);  add_3 = None
+
+        mul_4: "f32[1, 2, 4]" = to_1 * 2.0;  to_1 = None
+        return (mul_4,)
+""",
         )
 
 

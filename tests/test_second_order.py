@@ -336,7 +336,7 @@ def _quadratic_generation(curvature: float, steps: int):
     return run
 
 
-def test_calibrate_writes_a_format_3_table_that_generations_use_for_its_first_order(tmp_path):
+def test_calibrate_writes_a_format_3_table_whose_first_order_is_predictor_order_1(tmp_path):
     model = DummyDiT()
     samples = [_quadratic_generation(c, 12) for c in (0.02, 0.05, 0.08)]
     table = sc_compile.calibrate(model, samples, progress=False, max_gap=3, second_order=True)
@@ -354,12 +354,18 @@ def test_calibrate_writes_a_format_3_table_that_generations_use_for_its_first_or
         fitted=dataclass_replace(loaded.fitted, None),
     )
     outputs = []
-    for alpha in (loaded, first_only):
+    for alpha, order in ((loaded, 1), (first_only, None)):
         torch._dynamo.reset()
         compiled = torch.compile(
             model,
             backend="scalingcache",
-            options={"compiler": "eager", "alpha": alpha, "full_steps": 6, "num_inference_steps": 12},
+            options={
+                "compiler": "eager",
+                "alpha": alpha,
+                "full_steps": 6,
+                "num_inference_steps": 12,
+                "predictor_order": order,
+            },
         )
         with torch.no_grad():
             outputs.append(

@@ -164,7 +164,8 @@ def calibrate(
     cache point while calibrating. ``statistic``: what the points no cached step reads keep (the
     compile option of that name): their coefficients are fitted on what the runtime measures ē on.
     ``second_order``: also fit the two-difference coefficients (a format-3 table, about 2(K + 1)
-    times the first-order tensors); the runtime does not read them yet (it predicts with first order).
+    times the first-order tensors), which a generation at the calibrated step count predicts with
+    (the compile option ``predictor_order``).
 
     ``target`` is a diffusers pipeline (anything with a ``.transformer``) and ``samples`` a list of
     keyword-argument dicts for ``target(**kwargs)`` (a ``"seed"`` key becomes a CPU generator); or

@@ -12,7 +12,12 @@ A :class:`Predictor` answers, for the running generation, what the runtime multi
 
 :class:`ChainedPredictor` is the paper's closed form ``c = Σ_j Π_i α`` over one-step α's (an α file
 of format 1, or α = 1). :class:`FittedPredictor` reads the per-gap least-squares coefficients of a
-format-2 table (:mod:`sc_compile.calibration.fitting`).
+format-2 table (:mod:`sc_compile.calibration.fitting`); for a second-order layout
+(:func:`second_order_in_use`) also a format-3 table's two-difference coefficients
+(:meth:`FittedPredictor.cached_coefs`): ``c₁``, ``c₂`` of a cached step ``τ + k`` whose last full
+step τ followed a gap g and the full step τ − g a gap h (prediction ``y_full + c₁·dy + c₂·dy_prev``).
+The second term is read on the calibrated grid only (another step count predicts with one
+difference) and never where the difference before last is not known (h = 0: c₂ = 0).
 
 **Other step counts.** A generation of N' steps with a table calibrated at N maps every step to
 its *position* on the calibrated grid, in calibrated steps (``t · N / N'`` for the
@@ -37,6 +42,7 @@ import torch
 
 from sc_compile.calibration.fitting import FittedCoefficients
 from sc_compile.calibration.table import AlphaTable
+from sc_compile.config import Coefficients, ScalingCacheConfig
 from sc_compile.errors import AlphaTableError
 
 # Without a fitted table, no run of cached steps is longer than this fraction of the generation
@@ -217,12 +223,18 @@ def _interpolate(values: torch.Tensor, coordinates: Sequence[float], upper: Sequ
 
 
 class FittedPredictor:
-    """Per-gap least-squares coefficients (format-2 tables), on their grid or mapped to another."""
+    """Per-gap least-squares coefficients (format-2 tables), on their grid or mapped to another.
 
-    def __init__(self, fitted: FittedCoefficients, position: Callable[[int], float] | None):
+    ``second_order``: the runtime keeps the difference before last, and :meth:`cached_coefs` reads
+    the table's two-difference coefficients (on the calibrated grid)."""
+
+    def __init__(self, fitted: FittedCoefficients, position: Callable[[int], float] | None, second_order: bool = False):
         self.fitted = fitted
         self.num_points = fitted.num_points
         self._position = position  # None: the calibrated grid itself
+        # The two-difference coefficients this generation reads (None: first order only).
+        self.second = fitted.second if second_order and position is None else None
+        self._pairs: dict[tuple[int, int, int, int], tuple[tuple[float, ...], tuple[float, ...]]] = {}
         lookups = fitted.lookups
         self._ratio, self._error = lookups.ratio, lookups.error
         self._coef_rows, self._refresh_rows = lookups.coef_rows, lookups.refresh_rows
@@ -252,6 +264,26 @@ class FittedPredictor:
         a = ratio * (span_k / span_g)
         # dy = (y_t − y_full) / g (refresh below): c = a · g.
         return tuple((a * previous_gap).tolist())
+
+    def cached_coefs(
+        self, last_full: int, previous_gap: int, gap_before: int, gap: int
+    ) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
+        """``(c₁, c₂)`` of a cached step ``last_full + gap`` (``c₂ = None``: one difference). The
+        full step ``last_full − previous_gap`` followed a gap ``gap_before`` (0: it had no
+        difference, so ``dy_prev`` holds none and the second term is not read). Per point where
+        the fit chose first order (``c₂ = 0``), ``c₁`` is exactly :meth:`cached_coef`'s."""
+        first = self.cached_coef(last_full, previous_gap, gap)
+        big_k = self.fitted.max_gap_limit
+        if self.second is None or gap_before < 1 or gap_before > big_k + 1 or last_full - previous_gap - gap_before < 0:
+            return first, None
+        key = (last_full, previous_gap, gap_before, gap)
+        pair = self._pairs.get(key)
+        if pair is None:
+            rows = self.second.coef[last_full, previous_gap - 1, gap_before - 1, gap - 1].double().tolist()  # [P, 2]
+            c2 = tuple(row[1] for row in rows)
+            c1 = tuple(f if c == 0.0 else row[0] for f, c, row in zip(first, c2, rows, strict=True))
+            pair = self._pairs[key] = (c1, c2)
+        return pair
 
     def refresh(self, step: int, gap: int) -> tuple[float, ...]:
         f = self.fitted
@@ -295,6 +327,27 @@ class FittedPredictor:
         return math.sqrt(squared) if math.isfinite(squared) else math.inf
 
 
+def second_order_in_use(table: AlphaTable | None, config: ScalingCacheConfig) -> bool:
+    """Whether a graph compiled with ``config`` and ``table`` predicts with two differences: the
+    table has fitted two-difference coefficients (format 3) that use the second term somewhere, the
+    fitted coefficients are in use and ``predictor_order`` is not 1. Raises
+    :class:`AlphaTableError` for ``predictor_order=2`` without such coefficients."""
+    if config.predictor_order == 1:
+        return False
+    fitted_in_use = config.coefficients is not Coefficients.CHAINED
+    second = table.fitted.second if table is not None and table.fitted is not None and fitted_in_use else None
+    if config.predictor_order == 2:
+        if second is None:
+            raise AlphaTableError(
+                "predictor_order=2 needs an α table with fitted two-difference coefficients (format 3: "
+                "sc_compile.calibrate(..., second_order=True)); "
+                + ("this model runs with α = 1" if table is None else f"this one is {table!r}")
+                + ". Recalibrate, or drop predictor_order."
+            )
+        return True
+    return second is not None and bool(second.uses_second_difference().any())
+
+
 def make_predictor(
     table: AlphaTable | None,
     *,
@@ -303,6 +356,7 @@ def make_predictor(
     timestep_of: Callable[[int], float | None],
     fitted: bool,
     sigmas: Sequence[float] | None = None,
+    second_order: bool = False,
 ) -> Predictor:
     """The predictor of one generation (``table=None``: α = 1).
 
@@ -310,8 +364,9 @@ def make_predictor(
     ``sigmas``: the generation's sampler sigmas when the pipeline knows them (``num_steps`` values
     or one more): steps are then placed on the table's grid by sigma, so a schedule that differs
     from the calibrated one (another shift) is mapped even at the calibrated step count, instead of
-    being read as the calibrated grid. Raises :class:`AlphaTableError` when the table cannot serve
-    the generation.
+    being read as the calibrated grid. ``second_order``: the layout keeps the difference before last
+    (the fitted predictor reads the table's two-difference coefficients on its grid). Raises
+    :class:`AlphaTableError` when the table cannot serve the generation.
     """
     if table is None:
         return ChainedPredictor(num_points, None, safeguard_gap(num_steps))
@@ -341,7 +396,7 @@ def make_predictor(
             "coefficients='fitted' needs a format-2 α table (per-gap least squares); this one holds only the "
             "paper's chained α's. Recalibrate with sc_compile.calibrate(...) or use coefficients='chained'."
         )
-    predictor = FittedPredictor(table.fitted, None if same_grid else position)
+    predictor = FittedPredictor(table.fitted, None if same_grid else position, second_order)
     why = unservable_step_count(table, num_steps)
     if why is not None:
         # A step longer than every gap the table serves would make every step full without a word.

@@ -26,6 +26,7 @@ from sc_compile.config import ChangePoints, Coefficients, ScalingCacheConfig
 from sc_compile.decision.budget import plan_full_steps
 from sc_compile.decision.coefficients import (
     SHORT_SCHEDULE_STEPS,
+    FittedPredictor,
     NoCachePredictor,
     Predictor,
     make_predictor,
@@ -78,8 +79,11 @@ class Decisions:
         read_stats: StatsReader,
         warn: Callable[..., None],
         schedule_sigmas: Callable[[], Sequence[float] | None] = lambda: None,
+        second_order: bool = False,
     ):
         self.config = config
+        # The layout keeps the difference before last: cached steps may read the second term.
+        self.second_order = second_order
         self.num_points = num_points
         self.alpha = alpha
         self.num_steps = num_steps
@@ -132,6 +136,7 @@ class Decisions:
                 timestep_of=lambda step: step_info(step).timestep(),
                 fitted=self.uses_fitted_coefficients,
                 sigmas=sigmas,
+                second_order=self.second_order,
             )
             if self.alpha is not None and self.num_steps is not None and self.num_steps != self.alpha.num_steps:
                 log.info(
@@ -232,6 +237,7 @@ class Decisions:
                 static_interval=self.config.static_interval,
                 change_points=self.change_points,
                 cache_off=self.cache_off,
+                second_order=isinstance(predictor, FittedPredictor) and predictor.second is not None,
             )
             self.units[key] = unit
             self._first_step[key] = step
@@ -327,8 +333,8 @@ class Decisions:
         key = self.unit_key(stream)
         buffers = self._coefficients.get(key)
         if buffers is None:
-            buffers = self._coefficients[key] = StepCoefficients(self.num_points, device)
-        buffers.write(decision.coef, decision.refresh, decision)
+            buffers = self._coefficients[key] = StepCoefficients(self.num_points, device, self.second_order)
+        buffers.write(decision.coef, decision.refresh, decision, decision.coef2)
         return buffers
 
     def finish(self, collective: bool = True, has_group: bool = False) -> None:
@@ -352,6 +358,13 @@ class Decisions:
         was decided otherwise)."""
         unit = self.units.get(self.unit_key(stream))
         return [unit.rule.get(step) if unit is not None else None for step in range(steps)]
+
+    def second_difference_steps(self, stream: int) -> tuple[int, ...]:
+        """The cached steps of ``stream``'s unit whose prediction read the difference before last."""
+        unit = self.units.get(self.unit_key(stream))
+        if unit is None:
+            return ()
+        return tuple(d.step for d in unit.decisions if not d.full and d.uses_second_difference)
 
     @property
     def nonfinite_steps(self) -> tuple[int, ...]:

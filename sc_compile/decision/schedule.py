@@ -15,6 +15,9 @@ that decide together (all streams of a step by default, each stream alone otherw
 3. the coefficients come from the generation's predictor: at a cached step ``c`` for the gap
    ``t − τ`` (the prediction is y_full + c·dy); at a full step the previous step's coefficient (to
    measure the change against what the previous step output) and the refresh of dy for the gap.
+   A second-order unit (``second_order``) also gives a cached step the coefficient ``c₂`` of the
+   difference before last (``+ c₂·dy_prev``) from the gap h before the last full step's gap: 0
+   until two gaps between full steps exist (the difference before last is not known before).
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ class StepDecision:
     # Full step: the eq. 6 refresh factor per point (0 at the first step). Cached step: unused.
     refresh: tuple[float, ...]
     reason: str
+    # The coefficient of the difference before last (a second-order unit), as ``coef``: c₂ of
+    # the previous step at a full step, of this step at a cached one. ``None``: none (first order).
+    coef2: tuple[float, ...] | None = None
+
+    @property
+    def uses_second_difference(self) -> bool:
+        """Whether the step's graph reads the difference before last (a nonzero c₂)."""
+        return self.coef2 is not None and any(c != 0.0 for c in self.coef2)
 
 
 def _mean(values: Sequence[float], indices: Sequence[int] | None) -> float:
@@ -69,15 +80,22 @@ class DecisionUnit:
     change_points: Sequence[int] | None = None
     # Why no step after the warm-up is cached (a short schedule, a table that serves no gap), if so.
     cache_off: str | None = None
+    # The predictor gives two-difference coefficients (``cached_coefs``; a second-order layout).
+    second_order: bool = False
 
     def __post_init__(self) -> None:
         self.accumulated = 0.0  # ε
         self.full_changes: list[float] = []  # E
         self.last_full: int | None = None  # τ
         self.previous_gap = 0  # τ minus the full step before it (0: none yet)
+        # The gap before previous_gap (0: the full step τ − g had no difference, so dy_prev is unknown).
+        self.gap_before = 0
         self.coef = [0.0] * self.num_points  # c_t
         self.previous_coef = [0.0] * self.num_points  # c_{t-1}
+        self.coef2 = [0.0] * self.num_points  # c₂_t (second order)
+        self.previous_coef2 = [0.0] * self.num_points  # c₂_{t-1}
         self.norms: list[tuple[list[float], list[float]]] = []  # per stream: |dy|_1, |y_full|_1
+        self.previous_dy_norms: list[list[float]] = []  # per stream: |dy_prev|_1 (the last full step's |dy| before)
         self.decisions: list[StepDecision] = []
         self.changes: list[float | None] = []  # ē per step (None where undefined)
         self.stream_changes: dict[int, list[float]] = {}  # step -> ē of each stream
@@ -98,6 +116,7 @@ class DecisionUnit:
     # -- step t-1 ------------------------------------------------------------------------------
     def observe_full(self, step: int, stats_per_stream: Sequence[Sequence[Sequence[float]]]) -> float | None:
         """Fold in the stats a full ``step`` wrote (one [P, len(STAT_COLUMNS)] table per stream)."""
+        self.previous_dy_norms = [dy_l1 for dy_l1, _ in self.norms]
         self.norms = [
             ([row[NEXT_CHANGE_L1] for row in table], [row[VALUE_L1] for row in table]) for table in stats_per_stream
         ]
@@ -120,10 +139,17 @@ class DecisionUnit:
         """Predict the change a cached ``step`` made, from the last full step's norms (``None``:
         none were read)."""
         delta = [abs(c - p) for c, p in zip(self.coef, self.previous_coef, strict=True)]
-        per_stream = [
-            _mean([relative_change(d * dy, y) for d, dy, y in zip(delta, dy_l1, y_l1, strict=True)], self.change_points)
-            for dy_l1, y_l1 in self.norms
-        ]
+        delta2 = [abs(c - p) for c, p in zip(self.coef2, self.previous_coef2, strict=True)]
+        previous = self.previous_dy_norms if len(self.previous_dy_norms) == len(self.norms) else []
+        per_stream = []
+        for s, (dy_l1, y_l1) in enumerate(self.norms):
+            # The second term's change is bounded by |Δc₂|·|dy_prev|₁ (triangle inequality).
+            moved = [d * dy for d, dy in zip(delta, dy_l1, strict=True)]
+            if previous and any(delta2):
+                moved = [m + d2 * p for m, d2, p in zip(moved, delta2, previous[s], strict=True)]
+            per_stream.append(
+                _mean([relative_change(m, y) for m, y in zip(moved, y_l1, strict=True)], self.change_points)
+            )
         if not per_stream:
             self._record(step, None)
             return None
@@ -200,18 +226,32 @@ class DecisionUnit:
                 refresh = (0.0,) * self.num_points
             else:
                 refresh = self.predictor.refresh(step, gap)
-            decision = StepDecision(step, True, tuple(self.coef), refresh, reason)
+            coef2 = tuple(self.coef2) if self.second_order else None
+            decision = StepDecision(step, True, tuple(self.coef), refresh, reason, coef2)
+            self.gap_before = self.previous_gap
             self.previous_gap = gap
             self.last_full = step
             self.previous_coef = [0.0] * self.num_points
             self.coef = [0.0] * self.num_points
+            self.previous_coef2 = [0.0] * self.num_points
+            self.coef2 = [0.0] * self.num_points
         else:
             assert self.last_full is not None
-            coef = list(self.predictor.cached_coef(self.last_full, self.previous_gap, gap))
-            if len(coef) != self.num_points:
+            second: tuple[float, ...] | None = None
+            if self.second_order:
+                first, second = self.predictor.cached_coefs(  # type: ignore[attr-defined]
+                    self.last_full, self.previous_gap, self.gap_before, gap
+                )
+                coef = list(first)
+            else:
+                coef = list(self.predictor.cached_coef(self.last_full, self.previous_gap, gap))
+            if len(coef) != self.num_points or (second is not None and len(second) != self.num_points):
                 raise ValueError(f"the predictor gave {len(coef)} coefficients for {self.num_points} cache points")
-            decision = StepDecision(step, False, tuple(coef), (0.0,) * self.num_points, "cached")
+            coef2 = (0.0,) * self.num_points if self.second_order and second is None else second
+            decision = StepDecision(step, False, tuple(coef), (0.0,) * self.num_points, "cached", coef2)
             self.previous_coef = self.coef
             self.coef = coef
+            self.previous_coef2 = self.coef2
+            self.coef2 = list(coef2) if coef2 is not None else [0.0] * self.num_points
         self.decisions.append(decision)
         return decision

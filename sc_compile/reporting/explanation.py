@@ -50,6 +50,11 @@ class Explanation:
     cached_step_graph: str
     full_step_nodes: int
     cached_step_nodes: int
+    # The graphs keep the difference before last (a third buffer per point): the α table given
+    # has two-difference coefficients in use.
+    second_order: bool = False
+    # The points whose fitted second coefficient is nonzero somewhere in that table.
+    second_term_points: tuple[int, ...] = ()
 
     def __str__(self) -> str:
         lines = [
@@ -60,6 +65,11 @@ class Explanation:
             f"reads {self.cached_step_buffer_bytes / 2**20:.2f} MiB",
             f"  full-step graph {self.full_step_nodes} compute nodes, cached-step graph {self.cached_step_nodes}",
         ]
+        if self.second_order:
+            lines.append(
+                "  predictor: two differences (a third buffer per point); the table's second term is used at "
+                f"points {list(self.second_term_points)}"
+            )
         for block in self.blocks:
             lines.append(
                 f"  {block.name}: {block.num_nodes} nodes, outputs {list(block.outputs)}, "
@@ -69,6 +79,7 @@ class Explanation:
             lines.append(
                 f"  point {point.index}: {point.block}/{point.node_name} {list(point.shape)} {point.dtype}"
                 f"{' -> output head' if point.feeds_output else ''}"
+                f"{' (second term)' if point.index in self.second_term_points else ''}"
                 f"{f' (sketch: {point.sketch.elements} elements)' if point.sketch is not None else ''}"
             )
         return "\n".join(lines)
@@ -81,8 +92,13 @@ def explain_graph(
     prediction: Prediction | str = Prediction.HIDDEN,
     statistic: Statistic | str = Statistic.SUBSAMPLE,
     cache_dtype: torch.dtype | None = None,
+    alpha: Any = None,
+    predictor_order: int | None = None,
 ) -> Explanation:
-    """Run the passes and the lowering on a Dynamo graph and describe the result."""
+    """Run the passes and the lowering on a Dynamo graph and describe the result. ``alpha`` (an
+    :class:`~sc_compile.calibration.table.AlphaTable` or a path; ``None``: none) and
+    ``predictor_order`` say whether the graphs predict with two differences, as the compile
+    options of the same names."""
     granularity, prediction, statistic = Granularity(granularity), Prediction(prediction), Statistic(statistic)
     from sc_compile.backends.lowering import specialize_cache_conds
     from sc_compile.passes import run_cache_passes
@@ -101,13 +117,30 @@ def explain_graph(
         )
         for b in blocks_of(analysis)
     )
+    second_order = False
+    second_term_points: tuple[int, ...] = ()
+    if alpha is not None:
+        from sc_compile.calibration.table import AlphaTable
+        from sc_compile.config import ScalingCacheConfig
+        from sc_compile.decision.coefficients import second_order_in_use
+
+        table = alpha if isinstance(alpha, AlphaTable) else AlphaTable.load(alpha)
+        second_order = second_order_in_use(table, ScalingCacheConfig(alpha=table, predictor_order=predictor_order))
+        if second_order and table.fitted is not None and table.fitted.second is not None:
+            used = table.fitted.second.uses_second_difference().flatten(0, 3).any(0)  # [P]
+            second_term_points = tuple(int(i) for i in used.nonzero().flatten().tolist())
     cond_gm, layout = run_cache_passes(
-        gm, model_class=model_class, granularity=granularity, prediction=prediction, statistic=statistic
+        gm,
+        model_class=model_class,
+        granularity=granularity,
+        prediction=prediction,
+        statistic=statistic,
+        second_order=second_order,
     )
     full = specialize_cache_conds(cond_gm, full=True)
     cached = specialize_cache_conds(cond_gm, full=False)
     points = tuple(layout.cache_points)
-    point_layout = PointLayout(list(points), torch.device("meta"), layout.fingerprint())
+    point_layout = PointLayout(list(points), torch.device("meta"), layout.fingerprint(), second_order)
 
     return Explanation(
         model_class=model_class,
@@ -116,7 +149,7 @@ def explain_graph(
         cache_points=points,
         fingerprint=layout.fingerprint(),
         buffer_bytes_per_stream=point_layout.stream_nbytes(cache_dtype),
-        cached_step_buffer_bytes=sum(p.buffer_nbytes(cache_dtype) for p in points if p.feeds_output),
+        cached_step_buffer_bytes=sum(p.buffer_nbytes(cache_dtype, second_order) for p in points if p.feeds_output),
         hidden_state_bytes=max(p.numel * p.dtype.itemsize for p in points),
         graph_before=graph_text(gm),
         graph_after=graph_text(cond_gm),
@@ -124,6 +157,8 @@ def explain_graph(
         cached_step_graph=graph_text(cached.graph_module),
         full_step_nodes=full.num_compute_nodes,
         cached_step_nodes=cached.num_compute_nodes,
+        second_order=second_order,
+        second_term_points=second_term_points,
     )
 
 
@@ -159,6 +194,8 @@ def explain(
     prediction: Prediction | str = Prediction.HIDDEN,
     statistic: Statistic | str = Statistic.SUBSAMPLE,
     cache_dtype: torch.dtype | None = None,
+    alpha: Any = None,
+    predictor_order: int | None = None,
     **kwargs: Any,
 ) -> Explanation:
     """Trace ``model(*args, **kwargs)`` with Dynamo and describe what ScalingCache would do.
@@ -166,6 +203,9 @@ def explain(
     ``granularity``, ``prediction``, ``statistic`` and ``cache_dtype`` are the compile options of
     the same names; ``buffer_bytes_per_stream`` is what one stream of a generation allocates with
     them (the memory model: the model may live on the ``meta`` device, nothing is allocated).
+    ``alpha`` (an α table or its path) and ``predictor_order``: as the compile options; a table
+    whose two-difference coefficients are in use gives the graphs and bytes of the second-order
+    predictor (a third buffer per point).
 
     The traced graph runs once, eagerly, to finish Dynamo's call; no generation state is created.
     """
@@ -184,4 +224,6 @@ def explain(
     if len(graphs) != 1:
         raise RuntimeError(f"expected one traced graph for {type(module).__name__}, got {len(graphs)}")
     # Analysed outside the backend so that errors reach the caller as they are, not wrapped by Dynamo.
-    return explain_graph(graphs[0], type(module).__name__, granularity, prediction, statistic, cache_dtype)
+    return explain_graph(
+        graphs[0], type(module).__name__, granularity, prediction, statistic, cache_dtype, alpha, predictor_order
+    )

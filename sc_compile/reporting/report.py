@@ -69,6 +69,9 @@ class GenerationReport:
     # The ScalingCacheConfig the generation ran with, as ScalingCacheConfig.to_dict() writes it
     # (versioned; ScalingCacheConfig.from_dict reads it back).
     config: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
+    # The cached steps whose prediction read the difference before last (the α table's
+    # two-difference coefficients: ``y_full + c₁·dy + c₂·dy_prev``); empty for first order.
+    second_difference_steps: tuple[int, ...] = ()
 
     @property
     def num_full_steps(self) -> int:
@@ -106,6 +109,11 @@ class GenerationReport:
             )
         if self.clock_note:
             lines.append(f"  clock:    {self.clock_note}")
+        if self.second_difference_steps:
+            lines.append(
+                f"  predictor: two differences (y_full + c₁·dy + c₂·dy_prev) at cached steps "
+                f"{list(self.second_difference_steps)}; one difference at the others"
+            )
         if self.nonfinite_steps:
             lines.append(f"  non-finite changes at steps {list(self.nonfinite_steps)}: the next step ran in full")
         if self.streams:
@@ -164,18 +172,23 @@ def _why(reason: str, rule: tuple[float, float] | None) -> str:
     )
 
 
-def describe_alpha(option: Any, table: AlphaTable | None, coefficients: Any = None) -> str:
+def describe_alpha(option: Any, table: AlphaTable | None, coefficients: Any = None, second_order: bool = False) -> str:
     """Where a compiled model's α came from, for the report: ``option`` is the ``alpha`` option as
     given, ``table`` the table it resolved to (``None``: α = 1), ``coefficients`` the option of
-    that name (``None``: fitted where the table has them)."""
+    that name (``None``: fitted where the table has them), ``second_order``: its two-difference
+    coefficients are in use."""
     if table is None:
         if isinstance(option, str) and option == "ones":
             return "α = 1 (alpha='ones')"
         return "α = 1 (no α table fits this model; the warning at compile time says how to calibrate one)"
-    what = f"{table.num_steps} steps, {table.num_samples} calibration samples" + (
-        ", fitted per-gap coefficients"
-        if table.fitted is not None and str(getattr(coefficients, "value", coefficients)) != "chained"
-        else ", chained one-step α"
+    what = (
+        f"{table.num_steps} steps, {table.num_samples} calibration samples"
+        + (
+            ", fitted per-gap coefficients"
+            if table.fitted is not None and str(getattr(coefficients, "value", coefficients)) != "chained"
+            else ", chained one-step α"
+        )
+        + (" with two differences" if second_order else "")
     )
     if option is None:
         return f"the table shipped with sc_compile for {table.model_class or 'this model'} ({what})"
@@ -295,6 +308,13 @@ def build_report(generation: GenerationRecord, finished: bool, collective: bool 
         )
     full = sorted({s for r in streams for s in r.full_steps})
     cached = sorted({s for r in streams for s in r.cached_steps} - set(full))
+    second = {
+        step
+        for ls in layouts
+        for r in streams
+        for step in ls.decisions.second_difference_steps(r.stream)
+        if step in r.cached_steps
+    }
     return GenerationReport(
         num_steps=num_steps,
         full_steps=tuple(full),
@@ -314,4 +334,5 @@ def build_report(generation: GenerationRecord, finished: bool, collective: bool 
         declared_steps=generation.declared_steps,
         num_calls=generation.num_calls,
         config=generation.session.config.to_dict(),
+        second_difference_steps=tuple(sorted(second)),
     )

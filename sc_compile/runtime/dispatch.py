@@ -240,7 +240,9 @@ class ScalingCacheRuntime(Dispatcher):
         state = call.buffers
         assert state is not None
         coefficients = call.coefficients(self.layout.device)
-        inputs = step_inputs(args, state.buffers, coefficients.coef, coefficients.refresh, state.stats)
+        inputs = step_inputs(
+            args, state.buffers, coefficients.coef, coefficients.refresh, state.stats, coefficients.coef2
+        )
         return compiled.fn(*[inputs[i] for i in compiled.input_indices])
 
     # -- pieces of a split forward -------------------------------------------------------------
@@ -527,14 +529,15 @@ class ScalingCacheRuntime(Dispatcher):
     def _scratch(self, args: tuple[Any, ...]) -> Any:
         with self._uncached_lock:
             if self._uncached is None:
-                coefficients = StepCoefficients(self.num_points, self.layout.device)
+                coefficients = StepCoefficients(self.num_points, self.layout.device, self.layout.second_order)
                 coefficients.write([0.0] * self.num_points, [0.0] * self.num_points, "first")
                 self._uncached = _Uncached(StreamState(self.layout, self.config.cache_dtype), coefficients)
             scratch = self._uncached
             scratch.state.zero_()
             state = scratch.state
+            coefficients = scratch.coefficients
             inputs = step_inputs(
-                args, state.buffers, scratch.coefficients.coef, scratch.coefficients.refresh, state.stats
+                args, state.buffers, coefficients.coef, coefficients.refresh, state.stats, coefficients.coef2
             )
             return self.full_step.fn(*[inputs[i] for i in self.full_step.input_indices])
 

@@ -282,6 +282,12 @@ class Dispatcher:
         in_sync = (
             buffers is not None and buffers.last_full_step == previous and (decision.full or buffers.has_difference)
         )
+        if in_sync and not decision.full and decision.uses_second_difference:
+            # The second term reads dy_prev: the dy the unit's full step before last wrote.
+            assert buffers is not None and previous is not None
+            in_sync = buffers.has_second_difference and buffers.previous_full_step == decisions.unit_last_full(
+                stream, before=previous
+            )
         kind: StepKind
         if in_sync:
             full, kind, reason = decision.full, decision, decision.reason
@@ -302,8 +308,7 @@ class Dispatcher:
             generation.num_calls += 1
         if full:
             self.num_full_calls += 1
-            buffers.has_difference = buffers.last_full_step is not None
-            buffers.last_full_step = step
+            buffers.record_full(step, in_sync)
             if in_sync:
                 state.synced_full(stream, step, unit)
                 self.after_synced_full(step, stream, buffers)

@@ -194,12 +194,13 @@ class LayoutState:
             read_stats=self.read_stats,
             warn=session.warn_once,
             schedule_sigmas=generation.schedule_sigmas,
+            second_order=layout.second_order,
         )
         # Coefficients of a stream's full step outside its unit's schedule: a first step (no
         # history: c = 0, refresh = 0) and a step right after its own last full step (refresh 1).
-        self.first_step = StepCoefficients(layout.num_points, layout.device)
+        self.first_step = StepCoefficients(layout.num_points, layout.device, layout.second_order)
         self.first_step.write([0.0] * layout.num_points, [0.0] * layout.num_points, "first")
-        self.next_step = StepCoefficients(layout.num_points, layout.device)
+        self.next_step = StepCoefficients(layout.num_points, layout.device, layout.second_order)
         self.next_step.write([0.0] * layout.num_points, [1.0] * layout.num_points, "next")
         self._gathered: torch.Tensor | None = None
 

@@ -8,9 +8,10 @@ allocates nothing. The tensors are marked as static addresses
 graph only reads them.
 
 A stream's buffers carry what they hold: ``last_full_step`` (the step whose output is ``y_full``)
-and ``has_difference`` (whether ``dy`` was refreshed from two real full steps). The dispatcher
-never predicts from a stream whose buffers were not written at the step the prediction starts
-from.
+and ``has_difference`` (whether ``dy`` was refreshed from two real full steps); a second-order
+layout's also ``previous_full_step`` and ``has_second_difference`` (whether ``dy_prev`` is a ``dy``
+that a full step in its unit's schedule refreshed from two real full steps). The dispatcher never
+predicts from a stream whose buffers were not written at the steps the prediction reads.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sc_compile.contract import STAT_COLUMNS, PointLayout, y_full_index
+from sc_compile.contract import STAT_COLUMNS, PointLayout, buffers_per_point, y_full_index
 from sc_compile.runtime.registry import REGISTRY
 
 __all__ = ["PointLayout", "StatePool", "StepCoefficients", "StreamState", "state_zeros"]
@@ -48,9 +49,10 @@ class StreamState:
 
     def __init__(self, layout: PointLayout, cache_dtype: torch.dtype | None):
         self.buffers: list[torch.Tensor] = []
+        self.second_order = layout.second_order
         for point in layout.points:
             shape, dtype = point.buffer_shape(), point.buffer_dtype(cache_dtype)
-            for _ in range(2):  # y_full, dy
+            for _ in range(buffers_per_point(layout.second_order)):  # y_full, dy (, dy_prev)
                 self.buffers.append(_static(state_zeros(*shape, dtype=dtype, device=layout.device)))
         # stats: [P, len(STAT_COLUMNS)] float32, written by every full step.
         self.stats = _static(
@@ -60,15 +62,35 @@ class StreamState:
         REGISTRY.add_state(self)  # the live-state accounting tests read
 
     def y_full(self, point: int) -> torch.Tensor:
-        return self.buffers[y_full_index(point)]
+        return self.buffers[y_full_index(point, self.second_order)]
 
     def dy(self, point: int) -> torch.Tensor:
-        return self.buffers[y_full_index(point) + 1]
+        return self.buffers[y_full_index(point, self.second_order) + 1]
+
+    def dy_prev(self, point: int) -> torch.Tensor:
+        """The difference before last (second-order layouts only)."""
+        if not self.second_order:
+            raise RuntimeError("a first-order layout keeps no difference before last")
+        return self.buffers[y_full_index(point, True) + 2]
 
     def forget(self) -> None:
         """Mark the buffers as holding nothing (their values are never read again)."""
         self.last_full_step: int | None = None
         self.has_difference = False
+        # The full step before the last one, and whether the dy it wrote (now dy_prev) may be read.
+        self.previous_full_step: int | None = None
+        self.has_second_difference = False
+        self.last_full_synced = False
+
+    def record_full(self, step: int, in_sync: bool) -> None:
+        """The buffers were written by a full ``step`` (``in_sync``: with its unit's coefficients).
+        ``dy_prev`` now holds the old ``dy``: readable only when the full step that wrote it ran in
+        its unit's schedule and had a difference."""
+        self.has_second_difference = self.has_difference and self.last_full_synced
+        self.previous_full_step = self.last_full_step
+        self.has_difference = self.last_full_step is not None
+        self.last_full_step = step
+        self.last_full_synced = in_sync
 
     @property
     def nbytes(self) -> int:
@@ -83,16 +105,31 @@ class StreamState:
 class StepCoefficients:
     """The per-point coefficient and refresh vectors of a step, in preallocated device memory.
 
-    ``values[0]`` is the coefficient c and ``values[1]`` the refresh factor (SPEC §1). ``write``
+    ``values[0]`` is the coefficient c and ``values[1]`` the refresh factor (SPEC §1); with
+    ``second_order``, ``values[2]`` is the coefficient c₂ of the difference before last. ``write``
     copies a decision's host values in place: no allocation, no device→host read.
     """
 
-    def __init__(self, num_points: int, device: torch.device):
-        self.values = _static(state_zeros(2, num_points, dtype=torch.float32, device=device))  # [2, P]
+    def __init__(self, num_points: int, device: torch.device, second_order: bool = False):
+        rows = 3 if second_order else 2
+        self.values = _static(state_zeros(rows, num_points, dtype=torch.float32, device=device))  # [2 or 3, P]
         self.written: object = None
 
-    def write(self, coef: Sequence[float], refresh: Sequence[float], token: object) -> None:
-        """Write ``coef`` and ``refresh`` unless ``token`` (the decision) is already written."""
+    @property
+    def second_order(self) -> bool:
+        return self.values.shape[0] == 3
+
+    def write(
+        self,
+        coef: Sequence[float],
+        refresh: Sequence[float],
+        token: object,
+        coef2: Sequence[float] | None = None,
+    ) -> None:
+        """Write ``coef``, ``refresh`` (and ``coef2``, 0 where ``None``) unless ``token`` (the
+        decision) is already written. A first-order buffer refuses a nonzero ``coef2``."""
+        if not self.second_order and coef2 is not None and any(c != 0.0 for c in coef2):
+            raise RuntimeError("ScalingCache: a second coefficient for a first-order layout; this is a bug")
         if token is self.written and token is not None:
             return
         if self.values.device.type == "cpu":
@@ -106,6 +143,8 @@ class StepCoefficients:
         array = target.numpy()  # a view of host memory
         array[0, :] = coef
         array[1, :] = refresh
+        if self.second_order:
+            array[2, :] = 0.0 if coef2 is None else coef2
         if target is not self.values:
             self.values.copy_(target, non_blocking=target.is_pinned())
         self.written = token
@@ -117,6 +156,11 @@ class StepCoefficients:
     @property
     def refresh(self) -> torch.Tensor:
         return self.values[1]
+
+    @property
+    def coef2(self) -> torch.Tensor | None:
+        """The second coefficient vector (``None`` for a first-order layout)."""
+        return self.values[2] if self.second_order else None
 
 
 class StatePool:
