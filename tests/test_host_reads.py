@@ -128,9 +128,10 @@ def test_a_planned_schedule_reads_nothing_after_the_first_call(monkeypatch):
 
 
 def test_timestep_clock_reads_the_timestep_once_per_call_until_the_loop_repeats(monkeypatch):
-    """A hand-written loop: its first generation (here the second run: the compile run had another
-    schedule) reads every call's timestep; the next, which repeats it, reads only its first call's
-    (its other calls are placed by count, their timesteps copied and compared after full steps)."""
+    """A hand-written loop: its generations read every call's timestep until two in a row made the
+    same calls (here the second and third runs: the compile run had another schedule); the next
+    reads only its first call's (its other calls are placed by count, their timesteps copied and
+    compared after full steps)."""
     model = DummyDiT()
     compiled = torch.compile(model, backend="scalingcache", options=EAGER)
     values = [16.0, 12.0, 10.0, 9.0, 8.5, 8.0, 4.0]
@@ -142,6 +143,8 @@ def test_timestep_clock_reads_the_timestep_once_per_call_until_the_loop_repeats(
 
     run(first=999.0)  # compile
     for counted in (False, True):
+        if counted:
+            run()  # a second generation with the same calls: the loop has repeated itself
         calls = _per_call(monkeypatch, run)
         print(f"timestep clock, counted={counted}, per call (full, reads, allocations):", [c[:3] for c in calls])
         for index, (full, reads, allocations, _) in enumerate(calls):

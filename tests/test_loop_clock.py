@@ -1,12 +1,13 @@
 """A hand-written loop (no pipeline, no context) stops reading the timestep once it repeats (issue 21, item 1).
 
-The first generation is placed by its timesteps (``step_clock.py``); the next one that starts at the
-same timestep is placed by count, its timesteps copied to the host without a wait and compared after
-each full step (``clock/loop.py``). These tests pin: outputs equal to timestep placement, a loop that
-changes its schedule goes on placed by its timesteps (the outputs of a fresh run), an interrupted
-generation followed by a new one from a new call of the loop is found before anything is placed, one
-that starts in the same frame is reported with a warning naming the calls that may be wrong (never
-silent), a report compares what is pending.
+Generations are placed by their timesteps (``step_clock.py``) until two in a row made the same
+calls; the next one that starts as they did is placed by count, its timesteps copied to the host
+without a wait and compared after each full step (``clock/loop.py``). These tests pin: outputs
+equal to timestep placement; a loop that changes its schedule goes on placed by its timesteps (the
+outputs of a fresh run); an interrupted generation followed by a new one from a new call of the
+loop is found before anything is placed; one that starts in the same frame is reported with a
+warning naming the calls that may be wrong (never silent); a report compares what is pending;
+``generation()`` contexts repeat the same way.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def test_a_repeated_loop_is_placed_by_count_with_the_outputs_of_timestep_placeme
     compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
     reference = _fresh(12, guidance=guidance)
     first = _generation(compiled, 12, guidance)
-    assert sc_compile.report(model).clock_note == ""  # placed by its timesteps
+    assert _generation(compiled, 12, guidance) == first  # the loop repeats itself
+    assert sc_compile.report(model).clock_note == ""  # both placed by their timesteps
     for _ in range(2):
         again = _generation(compiled, 12, guidance)
         report = sc_compile.report(model)
@@ -72,6 +74,7 @@ def test_a_loop_that_changes_its_schedule_goes_on_placed_by_its_timesteps(caplog
     model = DummyDiT()
     compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
     _generation(compiled, 12)
+    _generation(compiled, 12)
     with caplog.at_level(logging.INFO, logger="sc_compile.runtime"):
         shorter = _generation(compiled, 6)
     assert shorter == _fresh(6)
@@ -80,7 +83,8 @@ def test_a_loop_that_changes_its_schedule_goes_on_placed_by_its_timesteps(caplog
     assert "nothing cached was affected" in notes[0].getMessage()
     report = sc_compile.report(model)
     assert report.num_steps == 6 and "then by the timestep" in report.clock_note, report
-    # The next 6-step generation repeats this one: placed by count again.
+    # Once the 6-step generation has repeated itself, the next is placed by count again.
+    assert _generation(compiled, 6) == shorter
     assert _generation(compiled, 6) == shorter
     assert sc_compile.report(model).clock_note.startswith("calls after the first placed by count")
 
@@ -90,6 +94,7 @@ def test_an_interrupted_generation_then_a_new_one_from_a_new_call_of_the_loop_is
     found before it is placed (no read), and placed by its timestep as a new generation."""
     model = DummyDiT()
     compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    _generation(compiled, 12, guidance=False)
     _generation(compiled, 12, guidance=False)
     cached = sc_compile.report(model).cached_steps
     stop = cached[0]  # interrupted just before a cached step: the next call would land there by count
@@ -107,6 +112,7 @@ def test_an_interrupted_generation_then_a_new_one_in_the_same_frame_is_warned_ne
     next full step names it (the limit of placing by count; explicit boundaries have none)."""
     model = DummyDiT()
     compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    _generation(compiled, 12, guidance=False)
     _generation(compiled, 12, guidance=False)
     stop = sc_compile.report(model).cached_steps[0]
     with caplog.at_level(logging.WARNING, logger="sc_compile.runtime"), torch.no_grad():
@@ -126,6 +132,7 @@ def test_an_interrupted_generation_then_a_new_one_in_the_same_frame_is_warned_ne
 def test_a_report_compares_the_pending_copies(monkeypatch):
     model = DummyDiT()
     compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    _generation(compiled, 12, guidance=False)
     _generation(compiled, 12, guidance=False)
     checks = []
     original = LoopCheck.differing
@@ -148,6 +155,7 @@ def test_a_repeated_loop_on_cuda_copies_timesteps_without_a_sync_per_call():
     model = DummyDiT().cuda()
     compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
     first = _generation(compiled, 12, device="cuda")
+    assert _generation(compiled, 12, device="cuda") == first
     again = _generation(compiled, 12, device="cuda")
     assert again == first
     assert sc_compile.report(model).clock_note.startswith("calls after the first placed by count")
@@ -162,6 +170,7 @@ def test_generation_contexts_that_repeat_are_placed_by_count_with_the_outputs_of
     model = DummyDiT()
     compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
     reference = _fresh(12)
+    assert _in_context(compiled, 12) == reference
     assert _in_context(compiled, 12) == reference
     assert sc_compile.report(model).clock_note == ""
     with caplog.at_level(logging.INFO, logger="sc_compile.runtime"):
@@ -178,6 +187,7 @@ def test_generation_contexts_that_repeat_are_placed_by_count_with_the_outputs_of
 def test_two_generations_in_one_context_placed_by_count_are_refused_as_by_the_timestep():
     model = DummyDiT()
     compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+    _in_context(compiled, 12, guidance=False)
     _in_context(compiled, 12, guidance=False)
     with pytest.raises(sc_compile.ClockError, match="one context per generation"):
         with sc_compile.generation(compiled):

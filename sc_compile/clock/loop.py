@@ -1,10 +1,10 @@
 """A hand-written loop's calls placed by count once its pattern is known, checked without a read per call.
 
 Without a pipeline or a context, the timestep clock (``step_clock.py``) places a call by its
-timestep: one device→host read per call, a sync on a GPU. A loop repeats itself: when a
-timestep-placed generation has finished (the next call went back to its first timestep), the next
-generation is expected to repeat its calls: the same timesteps, the same calls per step, the same
-stream names (:class:`LoopPattern`). Its first call is still read (the check that the pattern starts
+timestep: one device→host read per call, a sync on a GPU. A loop repeats itself: once two
+timestep-placed generations in a row made the same calls (the same timesteps, calls per step and
+stream names: :class:`LoopPattern`), the next generation that starts as they did is expected to
+repeat them. Its first call is still read (the check that the pattern starts
 again, the batch check, and the check against the other threads' generations). Its later calls are
 placed by their position in the pattern, and each one's timestep is copied to the host without
 waiting (``non_blocking`` into pinned memory on CUDA). After each full step the copies made so far
@@ -60,6 +60,11 @@ class LoopPattern:
     @property
     def width(self) -> int:
         return len(self.calls[0][2])
+
+    def repeats(self, other: LoopPattern | None) -> bool:
+        """Whether ``other`` (the generation before) had the same calls: a loop is placed by count once
+        it has repeated itself."""
+        return other is not None and other.dtype == self.dtype and other.calls == self.calls
 
     def starts(self, name: str | None, values: tuple[float, ...], dtype: torch.dtype) -> bool:
         """Whether a call with this stream name and these timestep values is the pattern's first call."""

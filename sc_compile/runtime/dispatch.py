@@ -361,7 +361,7 @@ class ScalingCacheRuntime(Dispatcher):
                 return placement
         values, dtype = self._timestep_values(args)
         name = stream_name(key)
-        pattern = session.context_pattern
+        pattern = session.context_pattern if session.context_pattern_repeated else None
         timestep = args[self.timestep_index]  # type: ignore[index]
         if (
             generation.clock.step < 0
@@ -507,13 +507,18 @@ class ScalingCacheRuntime(Dispatcher):
             step, stream = generation.clock.place_by_timestep(values, name, dtype)
         except NewGeneration:
             session.refuse_continuing_another_thread(values)
-            # A loop repeats itself: where the new generation starts as the one that ended did, its
-            # calls are placed by count (``clock/loop.py``).
+            # A loop repeats itself: where the generation that ended made the calls the one before it
+            # made, and the new one starts as they did, its calls are placed by count (``clock/loop.py``).
             pattern = LoopPattern.learn(generation.placed_calls, dtype) if isinstance(timestep, torch.Tensor) else None
-            if pattern is not None and pattern.starts(name, values, dtype):
+            if (
+                pattern is not None
+                and pattern.repeats(generation.previous_pattern)
+                and pattern.starts(name, values, dtype)
+            ):
                 return self._start_counted(session, generation, pattern, name, values, timestep.device)
             else:
                 generation = session.restart_ambient(generation)
+                generation.previous_pattern = pattern
                 step, stream = generation.clock.place_by_timestep(values, name, dtype)
         if generation.loop is None:
             generation.placed_calls.append((step, name, values))

@@ -320,6 +320,7 @@ class Generation:
         # A timestep-placed generation: its calls as placed by their timestep (the pattern the next
         # generation repeats), or, placed by count, the check of its calls (``clock/loop.py``).
         self.placed_calls: list[PlacedCall] = []
+        self.previous_pattern: LoopPattern | None = None  # the calls of the generation before (its thread's)
         self.loop: LoopCheck | None = None
         self.clock_note = ""
         self.finishing = False
@@ -450,8 +451,10 @@ class ModuleSession:
         self.last_active = 0.0
         self.pool = StatePool()
         # The calls of the last generation a ``generation()`` context ran, placed by their timesteps:
-        # the next context's generation that starts as it did is placed by count (``clock/loop.py``).
+        # where the one before made the same, the next that starts as they did is placed by count
+        # (``clock/loop.py``).
         self.context_pattern: LoopPattern | None = None
+        self.context_pattern_repeated = False  # the generation before it made the same calls
         self._warned: set[str] = set()
 
     @property
@@ -644,7 +647,9 @@ class ModuleSession:
             and generation.clock.dtype is not None
         ):
             # What the next context's generation is expected to repeat (``clock/loop.py``).
-            self.context_pattern = LoopPattern.learn(generation.placed_calls, generation.clock.dtype)
+            pattern = LoopPattern.learn(generation.placed_calls, generation.clock.dtype)
+            self.context_pattern_repeated = pattern is not None and pattern.repeats(self.context_pattern)
+            self.context_pattern = pattern
         if generation.num_calls:
             ran = generation.clock.step + 1
             run = generation.scope.pipeline if generation.scope is not None else None
