@@ -119,7 +119,7 @@ def test_demo_main_job_runs_and_keeps_fidelity(tmp_path):
     assert re.search(r"^threads:\s+\d+ \(torch's default", output, re.M), output
 
 
-@pytest.mark.parametrize("model", ["flux", "wan"])
+@pytest.mark.parametrize("model", ["flux", "wan", "sd3"])
 def test_training_script_runs_a_few_steps(tmp_path, model):
     command = [
         sys.executable,

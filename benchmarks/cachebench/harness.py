@@ -298,7 +298,12 @@ class Harness:
                 "labels": self.labels,
                 "seed": s.seed,
                 "guidance": (
-                    f"{w.guidance_arg}={s.guidance} (cond and uncond as separate calls)"
+                    f"{w.guidance_arg}={s.guidance} "
+                    + (
+                        "(cond and uncond batched in one call)"
+                        if w.batched_guidance
+                        else "(cond and uncond as separate calls)"
+                    )
                     if s.guidance > 1
                     else "no guidance (one call per step)"
                 ),
