@@ -1,6 +1,6 @@
 """Build and load the demo DiT models and their diffusers pipelines, fully offline.
 
-Two class-conditional demo models, both trained on Fashion-MNIST in pixel space (the training
+Three class-conditional demo models, all trained on Fashion-MNIST in pixel space (the training
 code is an example outside the library: ``examples/demo_models/train.py`` in the source tree):
 
 * **Flux** (image): a small ``FluxTransformer2DModel`` run by the real
@@ -16,8 +16,13 @@ code is an example outside the library: ``examples/demo_models/train.py`` in the
   values. (A spatial factor of 4, i.e. 128 values per token for a width-128
   model, trained much worse: the model could not remove the last noise.)
 
+* **SD3** (image, a third DiT family): a small ``SD3Transformer2DModel`` (MMDiT)
+  run by the real ``StableDiffusion3Pipeline``, on the Flux demo's geometry: the
+  same ``PixelShuffleVAE`` 4x14x14 latent, patchified 2x2 by the transformer into
+  49 tokens; the pipeline batches cond and uncond into one call.
+
 Class conditioning replaces the text encoder: every class has a fixed, seeded
-"prompt embedding" ``[T, D]`` (and, for Flux, a pooled embedding ``[P]``); index
+"prompt embedding" ``[T, D]`` (and, for Flux and SD3, a pooled embedding ``[P]``); index
 ``NULL_CLASS`` (10) is the unconditional / negative prompt used for classifier-free
 guidance. The embeddings are stored beside the weights
 (``class_embeddings.safetensors``) and handed to the pipelines as
@@ -109,7 +114,7 @@ SD3_EMBED_SEED = 2468
 
 
 def assets_dir() -> Path:
-    """The shipped data files (``sc_compile.assets``): ``demo_flux/``, ``demo_wan/``."""
+    """The shipped data files (``sc_compile.assets``): ``demo_flux/``, ``demo_wan/``, ``demo_sd3/``."""
     return resources.assets_dir()
 
 
