@@ -437,6 +437,7 @@ class ClassEmbeddings:
         """
         pe, pooled = self(labels)
         n = pe.shape[0]
+        kw: dict[str, Any]
         if self.guidance == "guidance_scale" and pooled is not None:  # SD3
             kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, guidance_scale=guidance_scale)
             if guidance_scale > 1.0:
@@ -444,7 +445,7 @@ class ClassEmbeddings:
                 kw.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npooled)
             return kw
         if pooled is not None:  # Flux
-            kw: dict[str, Any] = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled)
+            kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled)
             if guidance_scale > 1.0:
                 npe, npooled = self.null(n)
                 kw.update(
