@@ -6,7 +6,8 @@ call it for a batch of class labels.
 * ``demo-wan``: the shipped trained Wan demo (``assets/demo_wan``) through ``WanPipeline`` (which
   runs cond and uncond as separate calls), 9-frame 32 × 32 clips; fidelity is measured per frame.
 * ``demo-sd3``: the shipped trained SD3 demo (``assets/demo_sd3``) through
-  ``StableDiffusion3Pipeline`` (which batches cond and uncond into one call), 28 × 28 images.
+  ``StableDiffusion3Pipeline`` (which batches cond and uncond into one call), 28 × 28 images;
+  diffusers' hook caches do not run on it (``SD3Transformer2DModel`` has no ``enable_cache``).
 * ``large-flux``: a random-init ``FluxTransformer2DModel`` of 36M parameters at 1024 image + 64
   text tokens through ``FluxPipeline`` (128 × 128), **for speed only**: its fidelity numbers are
   those of an untrained network and say nothing about image quality.
