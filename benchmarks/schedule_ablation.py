@@ -81,7 +81,7 @@ def open_loop_errors(fitted: FittedCoefficients, grams: list[BandedGram], gap: i
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", choices=["demo-flux", "demo-wan"], default="demo-flux")
+    parser.add_argument("--model", choices=["demo-flux", "demo-wan", "demo-sd3"], default="demo-flux")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--per-set", type=int, default=2, help="held-out samples (classes 5.., seeds 3000..)")
     parser.add_argument("--rhos", default="0,1,3", help="propagation gains tried on the calibration samples")

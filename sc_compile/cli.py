@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 # The transformer classes whose demo-style directories the CLI builds pipelines for.
-DEMO_CLASSES = ("FluxTransformer2DModel", "WanTransformer3DModel")
+DEMO_CLASSES = ("FluxTransformer2DModel", "WanTransformer3DModel", "SD3Transformer2DModel")
 DEMO_EXTRA = 'pip install "sc-compile[demo]"'
 DEFAULT_DEMO_REPEATS = 3
 THREADS_HELP = "CPU threads torch uses (default: torch's default, which OMP_NUM_THREADS sets)"
@@ -193,11 +193,13 @@ def load_demo_style_pipeline(model_dir: str | Path) -> tuple[Any, Any, str]:
 
     model_dir = Path(model_dir)
     class_name = json.loads((model_dir / "config.json").read_text())["_class_name"]
+    loaders = {
+        "FluxTransformer2DModel": models.load_flux_demo,
+        "WanTransformer3DModel": models.load_wan_demo,
+        "SD3Transformer2DModel": models.load_sd3_demo,
+    }
     pipe: Any
-    if class_name == "FluxTransformer2DModel":
-        pipe, embeddings = models.load_flux_demo(path=model_dir)
-    else:
-        pipe, embeddings = models.load_wan_demo(path=model_dir)
+    pipe, embeddings = loaders[class_name](path=model_dir)
     return pipe, embeddings, class_name
 
 

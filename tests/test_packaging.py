@@ -47,7 +47,7 @@ def test_wheel_holds_the_package_and_the_shipped_data_only(built_wheel):
     for folder, installed in SOURCE_FOLDERS.items():
         for source in (ROOT / folder).rglob("*.py"):
             assert f"{installed}/{source.relative_to(ROOT / folder).as_posix()}" in names, source
-    for model in ("demo_flux", "demo_wan"):
+    for model in ("demo_flux", "demo_wan", "demo_sd3"):
         for file in (
             "config.json",
             "diffusion_pytorch_model.safetensors",

@@ -1,10 +1,11 @@
 """ScalingCache against its peers, side by side, in one process, through the real diffusers pipelines.
 
 ``--model demo-flux`` (default): the shipped trained Flux demo through ``FluxPipeline``;
-``--model demo-wan``: the shipped trained Wan demo through ``WanPipeline``; ``--model large-flux``:
+``--model demo-wan``: the shipped trained Wan demo through ``WanPipeline``; ``--model demo-sd3``: the
+shipped trained SD3 demo through ``StableDiffusion3Pipeline``; ``--model large-flux``:
 a 36M-parameter random-init Flux at 1024 image tokens, for speed only (``cachebench/workloads.py``).
-Guidance runs as separate cond / uncond calls. Every configuration runs on the same seeds and
-labels. For each one we record:
+Guidance runs as separate cond / uncond calls (``StableDiffusion3Pipeline`` batches them in one).
+Every configuration runs on the same seeds and labels. For each one we record:
 
 * full transformer evaluations per generation (a call in which every Linear of every block ran),
   and the fraction of block-Linear multiply-adds that ran (a FLOP proxy). Eager configurations are
@@ -123,7 +124,8 @@ def parser() -> argparse.ArgumentParser:
         "--model",
         choices=WORKLOADS,
         default="demo-flux",
-        help="demo-flux / demo-wan: the shipped trained models; large-flux: 36M random-init Flux, speed only",
+        help="demo-flux / demo-wan / demo-sd3: the shipped trained models; large-flux: 36M random-init Flux, "
+        "speed only",
     )
     add("--quick", action="store_true", help="smoke test: 8 steps, 2 samples, eager compilers, one point per method")
     add("--steps", type=int, default=None)

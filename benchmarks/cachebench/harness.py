@@ -77,7 +77,9 @@ class Harness:
         self.base = self.workload.transformer
         self.labels = [i % 10 for i in range(settings.samples)]
         self.batches = [self.labels[i : i + settings.batch] for i in range(0, settings.samples, settings.batch)]
-        self.calls_per_generation = settings.calls_per_generation
+        # one call per step where the pipeline batches cond and uncond (StableDiffusion3Pipeline)
+        batched = self.workload.batched_guidance
+        self.calls_per_generation = settings.steps if batched else settings.calls_per_generation
         self.full_macs_per_call: int | None = None  # set by the uncached eager run
         self.mag_ratios: list[float] = []
         self.mag_calibration: dict[str, Any] = {}
@@ -298,7 +300,12 @@ class Harness:
                 "labels": self.labels,
                 "seed": s.seed,
                 "guidance": (
-                    f"{w.guidance_arg}={s.guidance} (cond and uncond as separate calls)"
+                    f"{w.guidance_arg}={s.guidance} "
+                    + (
+                        "(cond and uncond batched in one call)"
+                        if w.batched_guidance
+                        else "(cond and uncond as separate calls)"
+                    )
                     if s.guidance > 1
                     else "no guidance (one call per step)"
                 ),

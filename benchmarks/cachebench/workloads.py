@@ -5,6 +5,9 @@ call it for a batch of class labels.
   guidance as separate cond / uncond calls (``true_cfg_scale``), 28 × 28 images.
 * ``demo-wan``: the shipped trained Wan demo (``assets/demo_wan``) through ``WanPipeline`` (which
   runs cond and uncond as separate calls), 9-frame 32 × 32 clips; fidelity is measured per frame.
+* ``demo-sd3``: the shipped trained SD3 demo (``assets/demo_sd3``) through
+  ``StableDiffusion3Pipeline`` (which batches cond and uncond into one call), 28 × 28 images;
+  diffusers' hook caches do not run on it (``SD3Transformer2DModel`` has no ``enable_cache``).
 * ``large-flux``: a random-init ``FluxTransformer2DModel`` of 36M parameters at 1024 image + 64
   text tokens through ``FluxPipeline`` (128 × 128), **for speed only**: its fidelity numbers are
   those of an untrained network and say nothing about image quality.
@@ -31,8 +34,9 @@ class Workload:
     # (video frames folded into N)
     call: Callable[[Any, Any, list[int], float, int, torch.Generator], torch.Tensor]
     pipeline: str  # the diffusers pipeline class
-    guidance_arg: str  # how the pipeline takes the guidance scale of separate cond / uncond calls
+    guidance_arg: str  # how the pipeline takes the guidance scale
     trained: bool = True
+    batched_guidance: bool = False  # cond and uncond in one call of twice the batch (else separate calls)
 
 
 LARGE_FLUX_CONFIG = dict(
@@ -103,6 +107,17 @@ def load(key: str, random_weights: bool = False) -> tuple[Workload, Any]:
             "WanPipeline",
             "guidance_scale",
         ),
+        "demo-sd3": (
+            demo.random_sd3_demo,
+            demo.load_sd3_demo,
+            demo.SD3_DIRNAME,
+            "SD3 demo",
+            "SD3 demo (SD3Transformer2DModel, 4 joint blocks, 1.3M params, 49 image + 4 text tokens)",
+            demo.build_sd3_pipeline,
+            _pipeline_call(demo_size("SD3Transformer2DModel")),
+            "StableDiffusion3Pipeline",
+            "guidance_scale",
+        ),
     }
     if key in demos:
         random_init, shipped, dirname, title, description, build, call, pipeline, guidance_arg = demos[key]
@@ -119,6 +134,7 @@ def load(key: str, random_weights: bool = False) -> tuple[Workload, Any]:
             pipeline,
             guidance_arg,
             trained=not random_weights,
+            batched_guidance=key == "demo-sd3",
         )
         return wl, emb
     if key == "large-flux":
@@ -149,7 +165,7 @@ def load(key: str, random_weights: bool = False) -> tuple[Workload, Any]:
             trained=False,
         )
         return wl, emb
-    raise ValueError(f"unknown workload {key!r}: choose demo-flux, demo-wan or large-flux")
+    raise ValueError(f"unknown workload {key!r}: choose demo-flux, demo-wan, demo-sd3 or large-flux")
 
 
-WORKLOADS = ("demo-flux", "demo-wan", "large-flux")
+WORKLOADS = ("demo-flux", "demo-wan", "demo-sd3", "large-flux")

@@ -109,19 +109,19 @@ def save_grid(samples: torch.Tensor, path: str, columns: int | None = None) -> N
 def main() -> None:
     import argparse
 
-    from sc_compile.demo.models import load_flux_demo, load_wan_demo
+    from sc_compile.demo.models import load_flux_demo, load_sd3_demo, load_wan_demo
 
     ap = argparse.ArgumentParser(
         prog="python -m examples.demo_models.check", description="Class separability of the shipped demo models"
     )
-    ap.add_argument("--model", choices=["flux", "wan"], default="flux")
+    ap.add_argument("--model", choices=["flux", "wan", "sd3"], default="flux")
     ap.add_argument("--path", default=None, help="weights dir (default: the shipped demo_<model>)")
     ap.add_argument("--samples-per-class", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--grid", default=None, help="write the samples to this PNG")
     a = ap.parse_args()
-    loader = load_flux_demo if a.model == "flux" else load_wan_demo
+    loader = {"flux": load_flux_demo, "wan": load_wan_demo, "sd3": load_sd3_demo}[a.model]
     pipe, emb = loader(path=a.path)
     r = class_separability(pipe, emb, a.samples_per_class, a.guidance, a.steps)
     print(f"accuracy={r['accuracy']:.3f} margin={r['margin']:.4f} predictions={r['predictions']}")

@@ -7,6 +7,8 @@ model definitions it trains are ``sc_compile.demo.models``, which the wheel ship
         --max-steps 3000 --batch-size 96 --threads 1 --max-minutes 44
     python -m examples.demo_models.train --model wan --out assets/demo_wan \\
         --max-steps 2400 --batch-size 16 --threads 1 --max-minutes 40
+    python -m examples.demo_models.train --model sd3 --out assets/demo_sd3 \\
+        --max-steps 4000 --batch-size 96 --threads 1 --max-minutes 30
     python -m examples.demo_models.train --model wan --out assets/demo_wan \\
         --init-from assets/demo_wan --max-steps 1700 --batch-size 16 --lr 3e-4 \\
         --warmup 50 --seed 1 --threads 1 --max-minutes 20   # continue (shipped Wan)
@@ -71,7 +73,7 @@ def flux_ids() -> tuple[torch.Tensor, torch.Tensor]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m examples.demo_models.train", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=["flux", "wan"], required=True)
+    ap.add_argument("--model", choices=["flux", "wan", "sd3"], required=True)
     ap.add_argument("--out", required=True, help="output directory (e.g. assets/demo_flux)")
     ap.add_argument("--max-steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=None, help="default: 96 (flux), 16 (wan)")
@@ -105,9 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-eval", action="store_true", help="skip samples.png and the separability check")
     a = ap.parse_args(argv)
     if a.batch_size is None:
-        a.batch_size = 96 if a.model == "flux" else 16
+        a.batch_size = 16 if a.model == "wan" else 96
     if a.sigma_dist is None:
-        a.sigma_dist = "logit-normal" if a.model == "flux" else "mixed"
+        a.sigma_dist = "mixed" if a.model == "wan" else "logit-normal"
     return a
 
 
@@ -130,6 +132,7 @@ def lr_at(step: int, a: argparse.Namespace) -> float:
 def build(a: argparse.Namespace):
     """Model, class embeddings and a ``loss(step_generator) -> tensor`` closure."""
     from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
     from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
     from sc_compile.demo import models as M
@@ -143,6 +146,9 @@ def build(a: argparse.Namespace):
         model: Any = FluxTransformer2DModel(**M.flux_config())
         emb = M.flux_class_embeddings()
         txt_ids, img_ids = flux_ids()
+    elif a.model == "sd3":
+        model = SD3Transformer2DModel(**M.sd3_config())
+        emb = M.sd3_class_embeddings()
     else:
         model = WanTransformer3DModel(**M.wan_config())
         emb = M.wan_class_embeddings()
@@ -170,6 +176,18 @@ def build(a: argparse.Namespace):
                 encoder_hidden_states=pe,
                 txt_ids=txt_ids,
                 img_ids=img_ids,
+                return_dict=False,
+            )[0]
+        elif a.model == "sd3":
+            x0 = F.pixel_unshuffle(to_unit_range(images[idx]).unsqueeze(1), 2)  # [B, 4, 14, 14] (PixelShuffleVAE)
+            noise = torch.randn(x0.shape, generator=gen)
+            s = sigma.view(b, 1, 1, 1)
+            xt = (1 - s) * x0 + s * noise
+            pred = model(
+                hidden_states=xt,
+                timestep=sigma * 1000.0,  # StableDiffusion3Pipeline passes the scheduler's t = 1000 sigma
+                encoder_hidden_states=pe,
+                pooled_projections=pooled,
                 return_dict=False,
             )[0]
         else:
@@ -210,7 +228,7 @@ def evaluate(a: argparse.Namespace, out: Path) -> dict:
 
     from .check import class_separability, save_grid
 
-    loader = M.load_flux_demo if a.model == "flux" else M.load_wan_demo
+    loader = {"flux": M.load_flux_demo, "wan": M.load_wan_demo, "sd3": M.load_sd3_demo}[a.model]
     pipe, emb = loader(path=out)
     r = class_separability(pipe, emb, samples_per_class=2, num_inference_steps=a.eval_steps)
     s = r["samples"]
@@ -241,6 +259,26 @@ def write_card(a, out, cfg, nparams, step, final_loss, wall, s_per_step, mb, com
         sched = "FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)"
         tconv = "timestep passed to the transformer = sigma (FluxPipeline divides t=1000*sigma by 1000)"
         cfg_note = "guidance: `true_cfg_scale` with the null class as negative prompt (no guidance embedding)"
+    elif a.model == "sd3":
+        what = (
+            "Class-conditional image model: diffusers `SD3Transformer2DModel` (MMDiT: joint attention "
+            "over image and text tokens, pooled projection in the timestep embedding), run by the real "
+            "`StableDiffusion3Pipeline`. Pixel space: 28x28 grayscale in [-1, 1], pixel-unshuffled 2x2 by "
+            "the `PixelShuffleVAE` shell (4x14x14 latent), patchified 2x2 by the transformer into 49 tokens "
+            f"of 16 values; {M.SD3_TEXT_TOKENS} class-prompt tokens (joint attention) + pooled class embedding."
+        )
+        usage = (
+            "```python\nfrom sc_compile.demo.models import load_sd3_demo\n"
+            "pipe, emb = load_sd3_demo()\n"
+            "imgs = pipe(**emb.pipeline_kwargs([0, 7, 9], guidance_scale=3.0), height=28, width=28,\n"
+            '            num_inference_steps=20, output_type="pt").images  # [3, 1, 28, 28]\n```'
+        )
+        sched = "FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)"
+        tconv = "timestep passed to the transformer = 1000*sigma (as StableDiffusion3Pipeline passes the scheduler's t)"
+        cfg_note = (
+            "guidance: `guidance_scale` with the null class as `negative_prompt_embeds` / "
+            "`negative_pooled_prompt_embeds` (always passed: the pipeline's default is 7)"
+        )
     else:
         what = (
             "Class-conditional video model: diffusers `WanTransformer3DModel`, run by the real "
@@ -296,15 +334,19 @@ def write_card(a, out, cfg, nparams, step, final_loss, wall, s_per_step, mb, com
         )
     import diffusers
 
+    extra_encoders = {
+        "flux": ", `tokenizer_2=None, text_encoder_2=None`",
+        "sd3": ", `tokenizer_2=None, text_encoder_2=None`, `tokenizer_3=None, text_encoder_3=None`",
+    }.get(a.model, "")
     in_order = "; in order; each later one continues from the weights of the one before" if len(commands) > 1 else ""
     text = f"""# sc_compile demo model: {a.model} ({status})
 
 {what}
 
 Class conditioning: fixed seeded embeddings (`class_embeddings.safetensors`: `prompt_embeds`
-[11, T, D]{", `pooled_prompt_embeds` [11, P]" if a.model == "flux" else ""}); index 10 is the null class
+[11, T, D]{", `pooled_prompt_embeds` [11, P]" if a.model != "wan" else ""}); index 10 is the null class
 (unconditional / negative prompt). No tokenizer or text encoder: the pipeline is built with
-`tokenizer=None, text_encoder=None`{", `tokenizer_2=None, text_encoder_2=None`" if a.model == "flux" else ""}.
+`tokenizer=None, text_encoder=None`{extra_encoders}.
 Scheduler: `{sched}`. {cfg_note}.
 
 ## Usage

@@ -1,6 +1,6 @@
 """Build and load the demo DiT models and their diffusers pipelines, fully offline.
 
-Two class-conditional demo models, both trained on Fashion-MNIST in pixel space (the training
+Three class-conditional demo models, all trained on Fashion-MNIST in pixel space (the training
 code is an example outside the library: ``examples/demo_models/train.py`` in the source tree):
 
 * **Flux** (image): a small ``FluxTransformer2DModel`` run by the real
@@ -16,8 +16,13 @@ code is an example outside the library: ``examples/demo_models/train.py`` in the
   values. (A spatial factor of 4, i.e. 128 values per token for a width-128
   model, trained much worse: the model could not remove the last noise.)
 
+* **SD3** (image, a third DiT family): a small ``SD3Transformer2DModel`` (MMDiT)
+  run by the real ``StableDiffusion3Pipeline``, on the Flux demo's geometry: the
+  same ``PixelShuffleVAE`` 4x14x14 latent, patchified 2x2 by the transformer into
+  49 tokens; the pipeline batches cond and uncond into one call.
+
 Class conditioning replaces the text encoder: every class has a fixed, seeded
-"prompt embedding" ``[T, D]`` (and, for Flux, a pooled embedding ``[P]``); index
+"prompt embedding" ``[T, D]`` (and, for Flux and SD3, a pooled embedding ``[P]``); index
 ``NULL_CLASS`` (10) is the unconditional / negative prompt used for classifier-free
 guidance. The embeddings are stored beside the weights
 (``class_embeddings.safetensors``) and handed to the pipelines as
@@ -47,6 +52,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
+from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
     FlowMatchEulerDiscreteScheduler,
@@ -59,6 +65,7 @@ from sc_compile.demo import demo_extra_missing
 
 try:  # the pipelines' modules import transformers, which only the [demo] extra installs
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import StableDiffusion3Pipeline
     from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 except ModuleNotFoundError as error:
     raise demo_extra_missing(error) from error
@@ -81,6 +88,7 @@ NULL_CLASS = NUM_CLASSES  # index of the unconditional ("empty prompt") embeddin
 
 FLUX_DIRNAME = "demo_flux"
 WAN_DIRNAME = "demo_wan"
+SD3_DIRNAME = "demo_sd3"
 EMBEDDINGS_FILE = "class_embeddings.safetensors"
 
 # Image model geometry
@@ -92,17 +100,21 @@ WAN_NUM_FRAMES = 9
 WAN_SPATIAL = 2
 WAN_TEMPORAL = 2
 WAN_TEXT_TOKENS = 4
+# Image model geometry of the SD3 demo (the Flux demo's: 28x28 -> 4x14x14 latent -> 7x7 patches)
+SD3_IMAGE_SIZE = FLUX_IMAGE_SIZE
+SD3_TEXT_TOKENS = 4
 
 # Seeds of the fixed class embeddings (part of the model definition).
 FLUX_EMBED_SEED = 1234
 WAN_EMBED_SEED = 4321
+SD3_EMBED_SEED = 2468
 
 
 # --------------------------------------------------------------------------- paths
 
 
 def assets_dir() -> Path:
-    """The shipped data files (``sc_compile.assets``): ``demo_flux/``, ``demo_wan/``."""
+    """The shipped data files (``sc_compile.assets``): ``demo_flux/``, ``demo_wan/``, ``demo_sd3/``."""
     return resources.assets_dir()
 
 
@@ -167,6 +179,34 @@ def wan_config() -> dict[str, Any]:
         added_kv_proj_dim=None,
         rope_max_seq_len=64,
     )
+
+
+def sd3_config() -> dict[str, Any]:
+    """Config of the demo ``SD3Transformer2DModel`` (MMDiT, 4 joint blocks, width 96, 1.3 M parameters).
+
+    The Flux demo's geometry: the ``PixelShuffleVAE`` shell's 4x14x14 latent is patchified 2x2 by the
+    transformer into 7x7 = 49 tokens of 16 values; 4 class-prompt tokens (joint attention) and a
+    pooled class embedding (timestep + pooled projection, as SD3's CLIP pooled output).
+    """
+    return dict(
+        sample_size=SD3_IMAGE_SIZE // 2,  # latent side (vae factor 2)
+        patch_size=2,
+        in_channels=4,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=3,
+        joint_attention_dim=64,
+        caption_projection_dim=96,  # = num_attention_heads * attention_head_dim
+        pooled_projection_dim=64,
+        out_channels=4,
+        pos_embed_max_size=SD3_IMAGE_SIZE // 4,  # 7 patches a side
+        qk_norm="rms_norm",
+    )
+
+
+def sd3_scheduler() -> Any:
+    """Flow-matching Euler scheduler for the SD3 demo's 49 tokens (no shift: SD3's default is 3)."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 
 
 def flux_scheduler() -> Any:
@@ -322,20 +362,34 @@ def make_class_embeddings(num_tokens: int, dim: int, pooled_dim: int | None, see
 Labels = int | Sequence[int] | torch.Tensor | None
 
 
-class ClassEmbeddings:
-    """Class -> (prompt_embeds, pooled_prompt_embeds) lookup; ``None`` / 10 = null class."""
+GUIDANCE_KWARGS = ("true_cfg_scale", "guidance_scale")
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+
+class ClassEmbeddings:
+    """Class -> (prompt_embeds, pooled_prompt_embeds) lookup; ``None`` / 10 = null class.
+
+    ``guidance``: the pipeline argument that takes the classifier-free guidance scale:
+    ``"true_cfg_scale"`` (``FluxPipeline``) or ``"guidance_scale"`` (``WanPipeline``,
+    ``StableDiffusion3Pipeline``); ``None`` picks ``"true_cfg_scale"`` when there is a pooled
+    embedding (the Flux demo), else ``"guidance_scale"``.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], guidance: str | None = None):
         self.prompt_embeds = tensors["prompt_embeds"]
         self.pooled_prompt_embeds = tensors.get("pooled_prompt_embeds")
+        if guidance is None:
+            guidance = "true_cfg_scale" if self.pooled_prompt_embeds is not None else "guidance_scale"
+        if guidance not in GUIDANCE_KWARGS:
+            raise ValueError(f"guidance must be one of {GUIDANCE_KWARGS}, got {guidance!r}")
+        self.guidance = guidance
 
     # -- io
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ClassEmbeddings:
+    def load(cls, path: str | os.PathLike, guidance: str | None = None) -> ClassEmbeddings:
         p = Path(path)
         if p.is_dir():
             p = p / EMBEDDINGS_FILE
-        return cls(load_file(str(p)))
+        return cls(load_file(str(p)), guidance=guidance)
 
     def save(self, path: str | os.PathLike) -> None:
         p = Path(path)
@@ -350,7 +404,7 @@ class ClassEmbeddings:
         t = {"prompt_embeds": self.prompt_embeds.to(device=device, dtype=dtype)}
         if self.pooled_prompt_embeds is not None:
             t["pooled_prompt_embeds"] = self.pooled_prompt_embeds.to(device=device, dtype=dtype)
-        return ClassEmbeddings(t)
+        return ClassEmbeddings(t, guidance=self.guidance)
 
     # -- lookup
     @staticmethod
@@ -373,16 +427,25 @@ class ClassEmbeddings:
         return self([NULL_CLASS] * batch_size)
 
     def pipeline_kwargs(self, labels: Labels, guidance_scale: float = 1.0) -> dict[str, Any]:
-        """Keyword arguments for ``FluxPipeline`` / ``WanPipeline`` calls for ``labels``.
+        """Keyword arguments for ``FluxPipeline`` / ``WanPipeline`` / ``StableDiffusion3Pipeline``
+        calls for ``labels``.
 
         With ``guidance_scale > 1`` the null class is passed as negative prompt:
         as ``true_cfg_scale`` for Flux (whose ``guidance_scale`` is for guidance-
-        distilled models), as ``guidance_scale`` for Wan.
+        distilled models), as ``guidance_scale`` for Wan and SD3 (always passed: SD3's
+        default is 7).
         """
         pe, pooled = self(labels)
         n = pe.shape[0]
+        kw: dict[str, Any]
+        if self.guidance == "guidance_scale" and pooled is not None:  # SD3
+            kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, guidance_scale=guidance_scale)
+            if guidance_scale > 1.0:
+                npe, npooled = self.null(n)
+                kw.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npooled)
+            return kw
         if pooled is not None:  # Flux
-            kw: dict[str, Any] = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled)
+            kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled)
             if guidance_scale > 1.0:
                 npe, npooled = self.null(n)
                 kw.update(
@@ -409,6 +472,16 @@ def flux_class_embeddings() -> ClassEmbeddings:
     )
 
 
+def sd3_class_embeddings() -> ClassEmbeddings:
+    cfg = sd3_config()
+    return ClassEmbeddings(
+        make_class_embeddings(
+            SD3_TEXT_TOKENS, cfg["joint_attention_dim"], cfg["pooled_projection_dim"], SD3_EMBED_SEED
+        ),
+        guidance="guidance_scale",
+    )
+
+
 def wan_class_embeddings() -> ClassEmbeddings:
     cfg = wan_config()
     return ClassEmbeddings(make_class_embeddings(WAN_TEXT_TOKENS, cfg["text_dim"], None, WAN_EMBED_SEED))
@@ -417,8 +490,8 @@ def wan_class_embeddings() -> ClassEmbeddings:
 def class_prompt_embeds(
     label: Labels, model: str = "flux", path: str | os.PathLike | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(prompt_embeds, pooled_prompt_embeds)`` of the shipped ``model`` ("flux"/"wan") for ``label``."""
-    dirname = {"flux": FLUX_DIRNAME, "wan": WAN_DIRNAME}[model]
+    """``(prompt_embeds, pooled_prompt_embeds)`` of the shipped ``model`` ("flux"/"wan"/"sd3") for ``label``."""
+    dirname = {"flux": FLUX_DIRNAME, "wan": WAN_DIRNAME, "sd3": SD3_DIRNAME}[model]
     return ClassEmbeddings.load(_weights_dir(path, dirname, model))(label)
 
 
@@ -465,6 +538,25 @@ def build_wan_pipeline(transformer: WanTransformer3DModel) -> WanPipeline:
     return pipe
 
 
+def build_sd3_pipeline(transformer: SD3Transformer2DModel) -> StableDiffusion3Pipeline:
+    """``StableDiffusion3Pipeline`` around ``transformer`` with no tokenizers / text encoders."""
+    vae = _to(PixelShuffleVAE(), transformer.device, transformer.dtype)
+    components: dict[str, Any] = dict(
+        transformer=transformer,
+        scheduler=sd3_scheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe = StableDiffusion3Pipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _load_transformer(cls, d: Path, device, dtype: torch.dtype):
     """``cls`` from ``save_pretrained`` output in ``d`` (weights may be stored in fp16).
 
@@ -493,6 +585,15 @@ def random_wan_demo(
     torch.manual_seed(seed)
     tr = _to(WanTransformer3DModel(**wan_config()), device, dtype).eval()
     return build_wan_pipeline(tr), wan_class_embeddings().to(device, dtype)
+
+
+def random_sd3_demo(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> tuple[StableDiffusion3Pipeline, ClassEmbeddings]:
+    """Untrained (random) SD3 demo: same pipeline/config as the shipped one."""
+    torch.manual_seed(seed)
+    tr = _to(SD3Transformer2DModel(**sd3_config()), device, dtype).eval()
+    return build_sd3_pipeline(tr), sd3_class_embeddings().to(device, dtype)
 
 
 def load_flux_demo(
@@ -524,3 +625,18 @@ def load_wan_demo(
     d = _weights_dir(path, WAN_DIRNAME, "wan")
     tr = _load_transformer(WanTransformer3DModel, d, device, dtype)
     return build_wan_pipeline(tr), ClassEmbeddings.load(d).to(device, dtype)
+
+
+def load_sd3_demo(
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    path: str | os.PathLike | None = None,
+) -> tuple[StableDiffusion3Pipeline, ClassEmbeddings]:
+    """Load the shipped SD3 demo (``assets/demo_sd3``): ``(StableDiffusion3Pipeline, ClassEmbeddings)``.
+
+    Generate with e.g. ``pipe(**emb.pipeline_kwargs(3, guidance_scale=3.0), height=28,
+    width=28, num_inference_steps=20, output_type="pt").images`` -> ``[1, 1, 28, 28]``.
+    """
+    d = _weights_dir(path, SD3_DIRNAME, "sd3")
+    tr = _load_transformer(SD3Transformer2DModel, d, device, dtype)
+    return build_sd3_pipeline(tr), ClassEmbeddings.load(d, guidance="guidance_scale").to(device, dtype)

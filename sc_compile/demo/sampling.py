@@ -16,7 +16,7 @@ def generate(
     num_inference_steps: int = 20,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Samples for ``labels`` at the demo size: images ``[N, 1, 28, 28]`` (Flux) or clips
+    """Samples for ``labels`` at the demo size: images ``[N, 1, 28, 28]`` (Flux, SD3) or clips
     ``[N, F, 1, 32, 32]`` (Wan), float in [0, 1], on the CPU."""
     from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 
@@ -33,7 +33,7 @@ def generate(
 
 def demo_size(pipe_or_class_name: Any) -> dict[str, int]:
     """Generation size of the demo pipelines, for a pipeline or a transformer class name."""
-    from sc_compile.demo.models import FLUX_IMAGE_SIZE, WAN_FRAME_SIZE, WAN_NUM_FRAMES
+    from sc_compile.demo.models import FLUX_IMAGE_SIZE, SD3_IMAGE_SIZE, WAN_FRAME_SIZE, WAN_NUM_FRAMES
 
     if isinstance(pipe_or_class_name, str):
         name = pipe_or_class_name
@@ -42,4 +42,6 @@ def demo_size(pipe_or_class_name: Any) -> dict[str, int]:
         name = type(getattr(transformer, "_orig_mod", transformer)).__name__
     if name == "WanTransformer3DModel":
         return {"height": WAN_FRAME_SIZE, "width": WAN_FRAME_SIZE, "num_frames": WAN_NUM_FRAMES}
+    if name == "SD3Transformer2DModel":
+        return {"height": SD3_IMAGE_SIZE, "width": SD3_IMAGE_SIZE}
     return {"height": FLUX_IMAGE_SIZE, "width": FLUX_IMAGE_SIZE}
