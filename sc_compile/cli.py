@@ -314,6 +314,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         command=_command_line(),
         max_gap=args.max_gap,
         statistic=Statistic(args.statistic),
+        plan_samples=args.plan_samples,
     )
     seconds = time.perf_counter() - start
     table.save(out)
@@ -519,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="longest gap (steps) the fitted coefficients may serve; keeps 2K+2 values per cache point while "
         "calibrating",
+    )
+    cal.add_argument(
+        "--plan-samples",
+        type=_at_least(0),
+        default=None,
+        help="samples on which schedules are chosen end to end (each candidate run closed loop; the table stores the "
+        "best per budget); 0: none (default: 2)",
     )
     cal.add_argument(
         "--statistic",

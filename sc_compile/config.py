@@ -114,8 +114,9 @@ def is_int_at_least(value: object, minimum: int | None) -> bool:
 CONFIG_VERSION = 1
 READABLE_CONFIG_VERSIONS = (1,)
 
-# The schedule without a budget, a static interval or the schedule option (chosen on held-out data;
-# README, "Schedules"). A table without stored plans always runs the dynamic rule by default.
+# The schedule without a budget, a static interval or the schedule option, chosen on held-out data
+# (README, "α tables", "Schedules chosen end to end"). A table without stored plans runs the dynamic
+# rule whatever this is.
 DEFAULT_SCHEDULE = Schedule.DYNAMIC
 
 # Paper setting: S_f = 10 full warm-up steps out of 50.

@@ -215,3 +215,23 @@ def test_calibrate_checks_plan_samples():
     with pytest.raises(ValueError, match="returned no tensor"):
         sc_compile.calibrate(DummyDiT(), [returns_nothing], progress=False, plan_samples=1)
     assert sc_compile.calibrate(DummyDiT(), [returns_nothing], progress=False).plans is None
+
+
+def test_planned_default_runs_the_stored_choice_or_says_why_not(planned_table, monkeypatch):
+    """With the default switched to planned (one constant), no option runs the stored default plan; a
+    table whose plans are all worse than the dynamic rule runs the dynamic rule and says why."""
+    import sc_compile.config as config
+
+    plans = planned_table.plans
+    known = _plans([(12, -45.0), (10, -41.0), (8, -39.0)], reference=-40.0)
+    table = dataclasses.replace(planned_table, plans=known)
+    monkeypatch.setattr(config, "DEFAULT_SCHEDULE", Schedule.PLANNED)
+    report = _run(table, STEPS)
+    assert report.full_steps == known.steps(1) and report.num_full_steps == 10
+    assert report.schedule.startswith("planned default") and "-41.0 dB" in report.schedule
+    # At twice the steps: the same plan by position, twice its full steps.
+    assert _run(table, 2 * STEPS).num_full_steps == 20
+    worse = dataclasses.replace(known, error=torch.tensor([-30.0, -20.0, -10.0]))
+    report = _run(dataclasses.replace(planned_table, plans=worse), STEPS)
+    assert report.schedule.startswith("dynamic rule ε > δ: no stored plan")
+    assert plans is not None

@@ -173,7 +173,7 @@ def calibrate(
     ``plan_samples``: choose schedules end to end (:mod:`sc_compile.decision.plans`): on the first
     ``plan_samples`` samples, run the dynamic rule and, per budget of ``plan_budgets`` (default N/2,
     N/3, N/4, N/5 and the dynamic rule's count), a few candidate schedules closed loop, and store
-    per budget the one whose output is nearest the uncached output (about ``plan_samples`` × 36
+    per budget the one whose output is nearest the uncached output (about ``plan_samples`` × 60
     more generations, most of their steps cached). ``None``: 2 where the samples return their output
     (a pipeline does; a callable must return the output tensor), else none. ``0``: none.
 
@@ -427,7 +427,9 @@ def error_db(errors: Sequence[float]) -> float:
 # Rollout samples of the end-to-end schedule choice by default, and its candidates.
 DEFAULT_PLAN_SAMPLES = 2
 PLAN_PROPAGATIONS = (0.0, 1.0, 3.0)
-PLAN_UNIFORM = tuple((warmup, final) for warmup in (2, 4) for final in (0, 1))
+PLAN_UNIFORM = tuple((warmup, final) for warmup in (2, 4, 6) for final in (0, 1))
+# Spacings even in the sampler's step sizes (the table's sigmas) instead of in steps.
+PLAN_WEIGHTED = ((2, 1), (4, 1))
 
 
 def default_budgets(num_steps: int, dynamic_full_steps: float) -> list[int]:
@@ -444,8 +446,10 @@ def candidate_schedules(
     extra: Sequence[tuple[str, tuple[int, ...]]] = (),
 ) -> list[tuple[str, tuple[int, ...]]]:
     """The candidates for ``budget`` full steps: the budget planner at :data:`PLAN_PROPAGATIONS`, uniform
-    spacings (:data:`PLAN_UNIFORM` warm-ups and final full steps) and ``extra``; each at most once, each
+    spacings (:data:`PLAN_UNIFORM` warm-ups and final full steps; :data:`PLAN_WEIGHTED` even in the
+    sampler's step sizes) and ``extra``; each at most once, each
     with exactly ``budget`` full steps and only gaps the table serves."""
+    from sc_compile.decision.coefficients import step_weights
     from sc_compile.decision.decisions import Decisions, StepInfo
     from sc_compile.decision.plans import feasible, uniform_schedule
     from sc_compile.errors import BudgetError
@@ -475,6 +479,11 @@ def candidate_schedules(
         steps = uniform_schedule(num_steps, budget, warmup, final)
         if steps is not None:
             found.append((f"uniform, warm-up {warmup}, final {final}", steps))
+    weights = step_weights(bare, num_steps)
+    for warmup, final in PLAN_WEIGHTED if weights is not None else ():
+        steps = uniform_schedule(num_steps, budget, warmup, final, weights)
+        if steps is not None:
+            found.append((f"uniform in σ, warm-up {warmup}, final {final}", steps))
     found.extend(extra)
     unique: dict[tuple[int, ...], str] = {}
     for name, steps in found:

@@ -59,20 +59,34 @@ def map_plan(plan: Sequence[int], calibrated_steps: int, num_steps: int, budget:
     return result
 
 
-def uniform_schedule(num_steps: int, budget: int, warmup: int, final: int) -> tuple[int, ...] | None:
+def uniform_schedule(
+    num_steps: int, budget: int, warmup: int, final: int, weights: Sequence[float] | None = None
+) -> tuple[int, ...] | None:
     """``budget`` full steps: the first ``warmup``, the last ``final``, the rest evenly spaced
-    between (``None``: they do not fit)."""
+    between (``weights``: evenly in the cumulative weight of the steps, e.g. the sampler's step sizes,
+    instead of in steps; ``None``: they do not fit)."""
     n = num_steps
     inner = budget - warmup - final
     if warmup < 2 or inner < 0 or warmup + final > n or budget > n:
         return None
     full = set(range(warmup)) | set(range(n - final, n))
-    if final:
-        span = (n - final) - (warmup - 1)
-        steps = [warmup - 1 + round((j + 1) * span / (inner + 1)) for j in range(inner)]
+    first, end = (warmup - 1, n - final) if final else (warmup, n)
+    slots = inner + 1 if final else inner
+    offset = 1 if final else 0
+    if weights is None:
+        steps = [first + round((j + offset) * (end - first) / slots) for j in range(inner)] if inner else []
     else:
-        span = n - warmup
-        steps = [warmup + round(j * span / inner) for j in range(inner)] if inner else []
+        # Cumulative weight at each step boundary from ``first``; the j-th step where it crosses j / slots.
+        cumulative = [0.0]
+        for t in range(first, end):
+            cumulative.append(cumulative[-1] + max(float(weights[t]), 0.0))
+        total = cumulative[-1]
+        if total <= 0:
+            return None
+        steps = []
+        for j in range(inner):
+            goal = (j + offset) * total / slots
+            steps.append(first + min(range(len(cumulative)), key=lambda i, goal=goal: abs(cumulative[i] - goal)))
     full |= set(steps)
     return tuple(sorted(full)) if len(full) == budget else None
 
