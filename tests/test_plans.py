@@ -235,3 +235,21 @@ def test_planned_default_runs_the_stored_choice_or_says_why_not(planned_table, m
     report = _run(dataclasses.replace(planned_table, plans=worse), STEPS)
     assert report.schedule.startswith("dynamic rule ε > δ: no stored plan")
     assert plans is not None
+
+
+@pytest.mark.parametrize("steps", [20, 28, 50, 100, 200])
+def test_alpha_one_default_never_collapses(steps):
+    """Without a table the default (dynamic, α = 1) caches at every step count and never runs more
+    cached steps in a row than the safeguard (20 % of the steps)."""
+    torch._dynamo.reset()
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "alpha": "ones"})
+    with torch.no_grad(), sc_compile.generation(model, num_inference_steps=steps):
+        x = torch.ones(1, 4, 8)
+        for t in range(steps):
+            x = x - (0.1 / steps) * compiled(x, torch.tensor([1000.0 - (1000.0 / steps) * t]))
+    report = sc_compile.report(model)
+    assert report.warmup_steps < report.num_full_steps < 0.9 * steps, report
+    full = [*report.full_steps, steps]
+    assert max(b - a for a, b in zip(full, full[1:], strict=False)) - 1 <= math.ceil(0.2 * steps)
+    assert report.schedule == "dynamic rule ε > δ (the default)"
