@@ -90,6 +90,7 @@ def main() -> None:
         help="end-to-end schedule choice: calibrate with plan_samples, then today's planner against the stored plans "
         "at each budget and the planned default against the dynamic default at 50 and --transfer steps",
     )
+    parser.add_argument("--plan-refine", type=int, default=0, help="with --plans: calibrate's plan_refine sweeps")
     args = parser.parse_args()
     if args.plans:
         plans_main(args)
@@ -245,7 +246,10 @@ def plans_main(args: argparse.Namespace) -> None:
     print(f"calibrating on {len(CALIBRATION)} samples, {n} steps, choosing schedules on the first 2", flush=True)
     calibration_started = time.perf_counter()
     table = sc_compile.calibrate(
-        pipe, [sample_call(embeddings, size, c, s, n, GUIDANCE) for c, s in CALIBRATION], progress=False
+        pipe,
+        [sample_call(embeddings, size, c, s, n, GUIDANCE) for c, s in CALIBRATION],
+        progress=False,
+        plan_refine=args.plan_refine,
     )
     calibration_seconds = time.perf_counter() - calibration_started
     plans = table.plans
@@ -297,14 +301,15 @@ def plans_main(args: argparse.Namespace) -> None:
     for budget in [int(b) for b in args.budgets.split(",")] if args.budgets else (n // 2, n // 3, n // 4, n // 5):
         held(f"today's planner (ρ=0), full_steps={budget}", {"alpha": today, "full_steps": budget})
         held(f"end-to-end plan, full_steps={budget}", {"alpha": table, "full_steps": budget})
-    for steps in [n, *[int(x) for x in args.transfer.split(",") if x]]:
+    for steps in [] if args.no_dynamic else [n, *[int(x) for x in args.transfer.split(",") if x]]:
         held("planned default", {"alpha": table, "schedule": "planned"}, steps)
         held("dynamic default", {"alpha": table}, steps)
         held("α = 1 default", {"alpha": "ones"}, steps)
     elapsed = time.perf_counter() - started
     results["seconds"] = elapsed
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"schedule_plans_{args.model.replace('-', '_')}_{n}"
+    refined = f"_refine{args.plan_refine}" if args.plan_refine else ""
+    stem = f"schedule_plans{refined}_{args.model.replace('-', '_')}_{n}"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     command = " ".join(["benchmarks/schedule_ablation.py", *sys.argv[1:]])
     (args.out / f"{stem}.md").write_text(render_plans(results, command))

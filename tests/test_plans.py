@@ -72,6 +72,26 @@ def test_end_to_end_choice_matches_exhaustive_search_where_one_step_errors_misle
     assert set(ran) == set(candidates)  # every candidate was run closed loop, each once
     # Without the closed loop, the choice would have been the one-step planner's.
     assert one_step != exhaustive
+    # Local search from a worse start (only the one-step planner's candidate) climbs to a local optimum.
+    monkey_candidates = [("budget planner ρ=0", one_step)]
+    import sc_compile.calibration.collect as collect
+
+    original = collect.candidate_schedules
+    collect.candidate_schedules = lambda *args, **kwargs: monkey_candidates
+    try:
+        refined = choose_plans(
+            table, rollout, base=ScalingCacheConfig(alpha=table), feeds_output=[True], budgets=[budget], refine=5
+        )
+    finally:
+        collect.candidate_schedules = original
+    steps = refined.steps(0)
+    assert closed_loop(steps) < closed_loop(one_step) and refined.source(0) == "budget planner ρ=0, refined"
+    for position in range(2, budget):
+        for shift in (-1, 1):
+            moved = list(steps)
+            moved[position] += shift
+            if len(set(moved)) == budget and moved == sorted(moved) and moved[-1] < n:
+                assert closed_loop(tuple(moved)) >= closed_loop(steps)
 
 
 def _plans(counts_errors, reference=-40.0, num_steps=STEPS) -> SchedulePlans:

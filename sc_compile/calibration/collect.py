@@ -160,6 +160,7 @@ def calibrate(
     second_order: bool = False,
     plan_samples: int | None = None,
     plan_budgets: Sequence[int] | None = None,
+    plan_refine: int = 0,
 ) -> AlphaTable:
     """Calibrate an α table by running ``samples`` generations with every step full.
 
@@ -174,7 +175,9 @@ def calibrate(
     ``plan_samples`` samples, run the dynamic rule and, per budget of ``plan_budgets`` (default N/2,
     N/3, N/4, N/5 and the dynamic rule's count), a few candidate schedules closed loop, and store
     per budget the one whose output is nearest the uncached output (about ``plan_samples`` × 60
-    more generations, most of their steps cached). ``None``: 2 where the samples return their output
+    more generations, most of their steps cached); ``plan_refine``: sweeps of local search after
+    (each moves every full step by one step either way, about ``2B`` rollouts per budget B per sweep).
+    ``None``: 2 where the samples return their output
     (a pipeline does; a callable must return the output tensor), else none. ``0``: none.
 
     ``target`` is a diffusers pipeline (anything with a ``.transformer``) and ``samples`` a list of
@@ -199,6 +202,8 @@ def calibrate(
         raise ValueError(f"max_gap must be a positive int, but got {max_gap!r}")
     if plan_samples is not None and not is_int_at_least(plan_samples, 0):
         raise ValueError(f"plan_samples must be an int >= 0 or None, but got {plan_samples!r}")
+    if not is_int_at_least(plan_refine, 0):
+        raise ValueError(f"plan_refine must be an int >= 0, but got {plan_refine!r}")
     if plan_samples is not None and plan_samples > len(samples):
         raise ValueError(f"plan_samples={plan_samples} is more than the {len(samples)} calibration samples")
     rollout_count = DEFAULT_PLAN_SAMPLES if plan_samples is None else plan_samples
@@ -375,6 +380,7 @@ def calibrate(
             budgets=plan_budgets,
             samples=rollout_count,
             progress=progress,
+            refine=plan_refine,
         )
         seconds = time.perf_counter() - started
         table = dataclasses.replace(table, plans=plans, extra={**table.extra, "plan_seconds": f"{seconds:.1f}"})
@@ -502,8 +508,11 @@ def choose_plans(
     budgets: Sequence[int] | None = None,
     samples: int = 0,
     progress: bool = False,
+    refine: int = 0,
 ) -> SchedulePlans:
-    """Per budget, the candidate schedule of least whole-output error (:func:`candidate_schedules`).
+    """Per budget, the candidate schedule of least whole-output error (:func:`candidate_schedules`),
+    then ``refine`` sweeps of local search: each full step after step 1 moved by one step either way,
+    kept where the closed loop says it is better.
 
     ``rollout(config, table)``: the error (:func:`error_db`) of running ``config`` with ``table`` on the
     rollout samples, and the full steps each sample ran. ``base``: the config the candidates run
@@ -524,27 +533,61 @@ def choose_plans(
     ]
     bar = tqdm(total=sum(len(c) for _, c in work), unit="schedule", disable=not progress, desc="choosing schedules")
     rows, errors, sources = [], [], []
+    from sc_compile.decision.coefficients import make_predictor
+    from sc_compile.decision.plans import feasible
+
+    predictor = make_predictor(
+        bare,
+        num_points=bare.num_points,
+        num_steps=num_steps,
+        timestep_of=lambda step: None,
+        fitted=bare.fitted is not None,
+    )
+
+    def score(budget: int, steps: tuple[int, ...]) -> float:
+        mask = torch.zeros(1, num_steps, dtype=torch.bool)
+        mask[0, list(steps)] = True
+        one = SchedulePlans(mask, torch.zeros(1), reference_error, reference_full)
+        error, ran = rollout(dataclasses.replace(base, full_steps=budget), dataclasses.replace(table, plans=one))
+        if any(tuple(r) != steps for r in ran):
+            raise RuntimeError(f"the rollout of {list(steps)} ran the full steps {ran}; a bug in sc_compile")
+        bar.update(1)
+        return error
+
+    rows, errors, sources = [], [], []
     try:
         for budget, candidates in work:
             best: tuple[float, str, tuple[int, ...]] | None = None
             for name, steps in candidates:
-                mask = torch.zeros(1, num_steps, dtype=torch.bool)
-                mask[0, list(steps)] = True
-                one = SchedulePlans(mask, torch.zeros(1), reference_error, reference_full)
-                run_config = dataclasses.replace(base, full_steps=budget)
-                error, ran = rollout(run_config, dataclasses.replace(table, plans=one))
-                if any(tuple(r) != steps for r in ran):
-                    raise RuntimeError(f"the rollout of {list(steps)} ran the full steps {ran}; a bug in sc_compile")
+                error = score(budget, steps)
                 log.info("calibration: %d full steps, %s: %.2f dB", budget, name, error)
                 if best is None or error < best[0]:
                     best = (error, name, steps)
-                bar.update(1)
-            if best is not None:
-                mask = torch.zeros(num_steps, dtype=torch.bool)
-                mask[list(best[2])] = True
-                rows.append(mask)
-                errors.append(best[0])
-                sources.append(best[1])
+            if best is None:
+                continue
+            for _ in range(refine):
+                moved = False
+                for position in range(2, budget):
+                    for shift in (-1, 1):
+                        steps = list(best[2])
+                        steps[position] += shift
+                        candidate = tuple(steps)
+                        if len(set(candidate)) < budget or candidate != tuple(sorted(candidate)):
+                            continue
+                        if candidate[-1] >= num_steps or not feasible(candidate, num_steps, predictor.allows_gap):
+                            continue
+                        bar.total += 1
+                        error = score(budget, candidate)
+                        if error < best[0]:
+                            best = (error, best[1].split(", refined")[0] + ", refined", candidate)
+                            moved = True
+                if not moved:
+                    break
+            mask = torch.zeros(num_steps, dtype=torch.bool)
+            mask[list(best[2])] = True
+            rows.append(mask)
+            errors.append(best[0])
+            sources.append(best[1])
     finally:
         bar.close()
     if not rows:
