@@ -37,7 +37,7 @@ from sc_compile.calibration.fitting import (
     one_step_alpha,
 )
 from sc_compile.calibration.table import AlphaTable, SchedulePlans
-from sc_compile.config import Granularity, InnerCompiler, Prediction, ScalingCacheConfig, is_int_at_least
+from sc_compile.config import Granularity, InnerCompiler, Prediction, ScalingCacheConfig, Schedule, is_int_at_least
 from sc_compile.contract import Statistic
 
 log = logging.getLogger(__name__)
@@ -521,7 +521,7 @@ def choose_plans(
 
     num_steps = table.num_steps
     bare = dataclasses.replace(table, plans=None)
-    reference_error, dynamic_runs = rollout(dataclasses.replace(base, alpha=bare, schedule="dynamic"), bare)
+    reference_error, dynamic_runs = rollout(dataclasses.replace(base, alpha=bare, schedule=Schedule.DYNAMIC), bare)
     reference_full = sum(len(r) for r in dynamic_runs) / len(dynamic_runs)
     chosen = budgets if budgets is not None else default_budgets(num_steps, reference_full)
     if any(not is_int_at_least(b, 2) or b > num_steps for b in chosen):
@@ -532,7 +532,6 @@ def choose_plans(
         for budget in chosen
     ]
     bar = tqdm(total=sum(len(c) for _, c in work), unit="schedule", disable=not progress, desc="choosing schedules")
-    rows, errors, sources = [], [], []
     from sc_compile.decision.coefficients import make_predictor
     from sc_compile.decision.plans import feasible
 
@@ -554,7 +553,9 @@ def choose_plans(
         bar.update(1)
         return error
 
-    rows, errors, sources = [], [], []
+    rows: list[torch.Tensor] = []
+    errors: list[float] = []
+    sources: list[str] = []
     try:
         for budget, candidates in work:
             best: tuple[float, str, tuple[int, ...]] | None = None
@@ -569,9 +570,9 @@ def choose_plans(
                 moved = False
                 for position in range(2, budget):
                     for shift in (-1, 1):
-                        steps = list(best[2])
-                        steps[position] += shift
-                        candidate = tuple(steps)
+                        moved_steps = list(best[2])
+                        moved_steps[position] += shift
+                        candidate = tuple(moved_steps)
                         if len(set(candidate)) < budget or candidate != tuple(sorted(candidate)):
                             continue
                         if candidate[-1] >= num_steps or not feasible(candidate, num_steps, predictor.allows_gap):

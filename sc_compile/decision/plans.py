@@ -86,7 +86,8 @@ def uniform_schedule(
         steps = []
         for j in range(inner):
             goal = (j + offset) * total / slots
-            steps.append(first + min(range(len(cumulative)), key=lambda i, goal=goal: abs(cumulative[i] - goal)))
+            distances = [abs(c - goal) for c in cumulative]
+            steps.append(first + distances.index(min(distances)))
     full |= set(steps)
     return tuple(sorted(full)) if len(full) == budget else None
 
