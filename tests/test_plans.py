@@ -168,9 +168,14 @@ def test_calibration_stores_plans_that_run_exactly(planned_table, tmp_path):
         assert "end-to-end plan" in report.schedule
         if steps == STEPS:
             assert report.full_steps == plans.steps(plans.counts().index(budget))
+    report = _run(planned_table, STEPS, speedup=4)
+    assert report.full_steps == plans.steps(plans.counts().index(STEPS // 4))
+    assert report.schedule.startswith(f"speedup=4 ({STEPS // 4} full): the α table's end-to-end plan")
     # Without stored plans (or with propagation), today's planner places the budget, and says so.
     report = _run(dataclasses.replace(planned_table, plans=None), STEPS, full_steps=STEPS // 4)
     assert report.num_full_steps == STEPS // 4 and "one-step errors" in report.schedule
+    report = _run(planned_table, STEPS, full_steps=STEPS // 4, propagation=1.0)
+    assert report.num_full_steps == STEPS // 4 and "(ρ = 1)" in report.schedule
     # schedule='planned': the stored default, said in one line.
     report = _run(planned_table, STEPS, schedule="planned")
     index = plans.default_index()
