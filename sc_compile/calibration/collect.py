@@ -20,11 +20,12 @@ the subsample bounds the window's memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -276,10 +277,26 @@ def calibrate(
     timesteps: list[float] = []
     scheduler_name = type(pipeline.scheduler).__name__ if pipeline is not None else ""
     sigmas: list[float] = []
-    missing = object()
-    bar_config = vars(pipeline).get("_progress_bar_config", missing) if pipeline is not None else missing
-    if pipeline is not None and progress and hasattr(pipeline, "set_progress_bar_config"):
+
+    @contextlib.contextmanager
+    def quiet_pipeline() -> Iterator[None]:
+        """The pipeline's own progress bars off while calibration's shows (then as they were)."""
+        if pipeline is None or not progress or not hasattr(pipeline, "set_progress_bar_config"):
+            yield
+            return
+        missing = object()
+        bar_config = vars(pipeline).get("_progress_bar_config", missing)
         pipeline.set_progress_bar_config(**{**(bar_config if isinstance(bar_config, dict) else {}), "disable": True})
+        try:
+            yield
+        finally:
+            if bar_config is missing:
+                vars(pipeline).pop("_progress_bar_config", None)
+            else:
+                pipeline._progress_bar_config = bar_config
+
+    quiet = contextlib.ExitStack()
+    quiet.enter_context(quiet_pipeline())
     try:
         for index, sample in enumerate(samples):
             bar.set_postfix_str(f"generation {index + 1}/{len(samples)}")
@@ -308,11 +325,7 @@ def calibrate(
                 )
     finally:
         bar.close()
-        if pipeline is not None and progress and hasattr(pipeline, "set_progress_bar_config"):
-            if bar_config is missing:
-                vars(pipeline).pop("_progress_bar_config", None)
-            else:
-                pipeline._progress_bar_config = bar_config
+        quiet.close()
     if len(grams) != 1:
         raise RuntimeError(f"expected one traced graph layout, got {len(grams)} (did the shapes change?)")
     ((fingerprint, collected),) = grams.items()
@@ -372,16 +385,17 @@ def calibrate(
                 errors.append(relative_error(produced, references[index]))
             return error_db(errors), schedules
 
-        plans = choose_plans(
-            table,
-            rollout,
-            base=dataclasses.replace(config, warmup_steps=None, num_inference_steps=num_steps, alpha=table),
-            feeds_output=collected.feeds_output,
-            budgets=plan_budgets,
-            samples=rollout_count,
-            progress=progress,
-            refine=plan_refine,
-        )
+        with quiet_pipeline():
+            plans = choose_plans(
+                table,
+                rollout,
+                base=dataclasses.replace(config, warmup_steps=None, num_inference_steps=num_steps, alpha=table),
+                feeds_output=collected.feeds_output,
+                budgets=plan_budgets,
+                samples=rollout_count,
+                progress=progress,
+                refine=plan_refine,
+            )
         seconds = time.perf_counter() - started
         table = dataclasses.replace(table, plans=plans, extra={**table.extra, "plan_seconds": f"{seconds:.1f}"})
         message = (
