@@ -92,7 +92,17 @@ def main() -> None:
         "--orders", action="store_true", help="held-out rows: first order against two differences per budget only"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument(
+        "--plans",
+        action="store_true",
+        help="end-to-end schedule choice: calibrate with plan_samples, then today's planner against the stored plans "
+        "at each budget and the planned default against the dynamic default at 50 and --transfer steps",
+    )
+    parser.add_argument("--plan-refine", type=int, default=0, help="with --plans: calibrate's plan_refine sweeps")
     args = parser.parse_args()
+    if args.plans:
+        plans_main(args)
+        return
     torch.set_num_threads(1)
     started = time.perf_counter()
     workload, embeddings = load(args.model)
@@ -241,6 +251,110 @@ def main() -> None:
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{stem}.md").write_text(render(results, " ".join(["benchmarks/schedule_ablation.py", *sys.argv[1:]])))
     print(f"done in {elapsed:.0f} s", flush=True)
+
+
+def plans_main(args: argparse.Namespace) -> None:
+    """Issue 22 items 2-3: schedules chosen end to end at calibration, and the planned default."""
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    workload, embeddings = load(args.model)
+    pipe = workload.build_pipeline(workload.transformer)
+    size = demo_size(type(workload.transformer).__name__)
+    n = args.steps
+    print(f"calibrating on {len(CALIBRATION)} samples, {n} steps, choosing schedules on the first 2", flush=True)
+    calibration_started = time.perf_counter()
+    table = sc_compile.calibrate(
+        pipe,
+        [sample_call(embeddings, size, c, s, n, GUIDANCE) for c, s in CALIBRATION],
+        progress=False,
+        plan_refine=args.plan_refine,
+    )
+    calibration_seconds = time.perf_counter() - calibration_started
+    plans = table.plans
+    assert plans is not None
+    print(f"  {table!r} in {calibration_seconds:.0f} s (choosing schedules: {table.extra['plan_seconds']} s)")
+    stored = [
+        {"full_steps": c, "error_db": float(e), "source": plans.source(i), "steps": list(plans.steps(i))}
+        for i, (c, e) in enumerate(zip(plans.counts(), plans.error.tolist(), strict=True))
+    ]
+    for row in stored:
+        print(f"  stored plan: {row['full_steps']} full, {row['error_db']:.2f} dB ({row['source']}) {row['steps']}")
+    print(f"  dynamic rule: {plans.reference_error:.2f} dB at {plans.reference_full_steps:.1f} full", flush=True)
+    today = dataclasses.replace(table, plans=None)
+    held_out = [(5 + c, 3000 + c) for c in range(args.per_set)]
+    results: dict[str, Any] = {
+        "model": args.model,
+        "steps": n,
+        "calibration_seconds": calibration_seconds,
+        "plan_seconds": float(table.extra["plan_seconds"]),
+        "stored": stored,
+        "dynamic_calibrated": [plans.reference_error, plans.reference_full_steps],
+        "held_out": [],
+    }
+    references: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def held(name: str, options: dict[str, Any], steps: int = n) -> dict[str, Any]:
+        psnrs, fulls, schedule = [], [], ""
+        for label, seed in held_out:
+            sample = sample_call(embeddings, size, label, seed, steps, GUIDANCE)
+            if (label, seed, steps) not in references:
+                references[(label, seed, steps)] = generate(pipe, sample)
+            images, report = generate_cached(pipe, sample, options)
+            psnrs.append(psnr(images, references[(label, seed, steps)]))
+            fulls.append(report.num_full_steps)
+            schedule = report.schedule
+        row = {
+            "config": f"{name} at {steps} steps",
+            "psnr": statistics.mean(psnrs),
+            "full_steps": statistics.mean(fulls),
+            "each": psnrs,
+            "schedule": schedule,
+        }
+        results["held_out"].append(row)
+        cell = f"{row['psnr']:6.2f} dB @ {row['full_steps']:5.2f} full"
+        print(f"{'held out':>12} | {row['config']:<44} | {cell}", flush=True)
+        print(f"{'':>12} |   {schedule}", flush=True)
+        return row
+
+    for budget in [int(b) for b in args.budgets.split(",")] if args.budgets else (n // 2, n // 3, n // 4, n // 5):
+        held(f"today's planner (ρ=0), full_steps={budget}", {"alpha": today, "full_steps": budget})
+        held(f"end-to-end plan, full_steps={budget}", {"alpha": table, "full_steps": budget})
+    for steps in [] if args.no_dynamic else [n, *[int(x) for x in args.transfer.split(",") if x]]:
+        held("planned default", {"alpha": table, "schedule": "planned"}, steps)
+        held("dynamic default", {"alpha": table}, steps)
+        held("α = 1 default", {"alpha": "ones"}, steps)
+    elapsed = time.perf_counter() - started
+    results["seconds"] = elapsed
+    args.out.mkdir(parents=True, exist_ok=True)
+    refined = f"_refine{args.plan_refine}" if args.plan_refine else ""
+    stem = f"schedule_plans{refined}_{args.model.replace('-', '_')}_{n}"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    command = " ".join(["benchmarks/schedule_ablation.py", *sys.argv[1:]])
+    (args.out / f"{stem}.md").write_text(render_plans(results, command))
+    print(f"done in {elapsed:.0f} s", flush=True)
+
+
+def render_plans(results: dict[str, Any], command: str) -> str:
+    lines = [
+        f"# End-to-end schedules and the planned default — {results['model']}, {results['steps']} steps",
+        "",
+        f"`OMP_NUM_THREADS=1 .venv/bin/python {command}` ({results['seconds']:.0f} s; calibration with the schedule "
+        f"choice {results['calibration_seconds']:.0f} s, of which choosing schedules {results['plan_seconds']:.0f} s).",
+        "",
+        "Stored plans (calibration samples: error = 10·log10 of the relative squared error of the output, lower is "
+        f"better; the dynamic rule: {results['dynamic_calibrated'][0]:.2f} dB at "
+        f"{results['dynamic_calibrated'][1]:.1f} full):",
+        "",
+        "| full | calibrated error dB | candidate | full steps |",
+        "| ---: | ---: | --- | --- |",
+    ]
+    for row in results["stored"]:
+        lines.append(f"| {row['full_steps']} | {row['error_db']:.2f} | {row['source']} | {row['steps']} |")
+    lines += ["", "Held out (classes 5.., seeds 3000..; PSNR dB against the uncached output, mean; full steps):", ""]
+    lines += ["| configuration | PSNR | full | schedule (report) |", "| --- | ---: | ---: | --- |"]
+    for row in results["held_out"]:
+        lines.append(f"| {row['config']} | {row['psnr']:.2f} | {row['full_steps']:.1f} | {row['schedule']} |")
+    return "\n".join(lines) + "\n"
 
 
 def render(results: dict[str, Any], command: str) -> str:

@@ -316,6 +316,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         command=_command_line(),
         max_gap=args.max_gap,
         statistic=Statistic(args.statistic),
+        plan_samples=args.plan_samples,
+        plan_refine=args.plan_refine,
     )
     seconds = time.perf_counter() - start
     table.save(out)
@@ -521,6 +523,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="longest gap (steps) the fitted coefficients may serve; keeps 2K+2 values per cache point while "
         "calibrating",
+    )
+    cal.add_argument(
+        "--plan-samples",
+        type=_at_least(0),
+        default=None,
+        help="samples on which schedules are chosen end to end (each candidate run closed loop; the table stores the "
+        "best per budget); 0: none (default: 2)",
+    )
+    cal.add_argument(
+        "--plan-refine",
+        type=_at_least(0),
+        default=0,
+        help="sweeps of local search after the candidate schedules (each full step moved by one step, kept where "
+        "the closed loop is better); about 2B rollouts per budget of B full steps per sweep (default: 0)",
     )
     cal.add_argument(
         "--statistic",

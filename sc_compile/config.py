@@ -73,6 +73,19 @@ class Coefficients(OptionEnum):
     """The paper's one-step α's, chained: ``c = Σ_j Π_i α`` (every table has them)."""
 
 
+class Schedule(OptionEnum):
+    """Which rule places the full steps when no budget (``full_steps``, ``speedup``) and no
+    ``static_interval`` is given."""
+
+    DYNAMIC = "dynamic"
+    """The paper's rule: a step runs in full when the change accumulated since the last full step
+    exceeds the mean change of the full steps (ε > δ)."""
+    PLANNED = "planned"
+    """The α table's stored end-to-end plan with the largest speed-up whose calibrated error stays
+    within the dynamic rule's, mapped to the generation's step count (needs a table calibrated with
+    ``plan_samples``; see :mod:`sc_compile.decision.plans`)."""
+
+
 class Fallback(OptionEnum):
     """What happens when the model cannot be cached (no blocks, unsupported graph)."""
 
@@ -100,6 +113,11 @@ def is_int_at_least(value: object, minimum: int | None) -> bool:
 # The version ScalingCacheConfig.to_dict writes, and the versions from_dict reads.
 CONFIG_VERSION = 1
 READABLE_CONFIG_VERSIONS = (1,)
+
+# The schedule without a budget, a static interval or the schedule option, chosen on held-out data
+# (README, "α tables", "Schedules chosen end to end"). A table without stored plans runs the dynamic
+# rule whatever this is.
+DEFAULT_SCHEDULE = Schedule.DYNAMIC
 
 # Paper setting: S_f = 10 full warm-up steps out of 50.
 REFERENCE_WARMUP_STEPS = 10
@@ -187,6 +205,11 @@ class ScalingCacheConfig:
     steps before them perturbed). ``0``: the error of the generation is the sum of its one-step
     errors."""
 
+    schedule: Schedule | None = None
+    """The schedule without a budget or static interval: ``"dynamic"`` (the paper's ε > δ rule) or
+    ``"planned"`` (the table's stored end-to-end plan, :class:`Schedule`). ``None``: dynamic.
+    Giving it with ``full_steps``, ``speedup`` or ``static_interval`` is an error."""
+
     coefficients: Coefficients | None = None
     """The α table's per-gap fitted coefficients or the paper's chained α's. ``None``: fitted when
     the table has them (format 2), else chained."""
@@ -234,7 +257,16 @@ class ScalingCacheConfig:
             or not (0.0 <= self.propagation < float("inf"))
         ):
             raise ValueError(f"propagation must be a finite number >= 0, but got {self.propagation!r}")
-        schedules = [name for name in ("full_steps", "speedup", "static_interval") if getattr(self, name) is not None]
+        if self.schedule is not None:
+            coerce("schedule", Schedule)
+        if self.schedule is Schedule.PLANNED and isinstance(self.alpha, str) and self.alpha == "ones":
+            raise ValueError(
+                "schedule='planned' runs the α table's stored end-to-end plans, but alpha='ones' was given: pass a "
+                "table calibrated with sc_compile.calibrate(..., plan_samples=2) or drop schedule"
+            )
+        schedules = [
+            name for name in ("full_steps", "speedup", "static_interval", "schedule") if getattr(self, name) is not None
+        ]
         if len(schedules) > 1:
             raise ValueError(f"{' and '.join(schedules)} each choose the schedule: give at most one of them")
         coerce("stochastic_sampler", StochasticSampler)
@@ -295,6 +327,14 @@ class ScalingCacheConfig:
                 )
             return
         raise ValueError(f"alpha must be 'ones', an AlphaTable, a path or None, but got {type(alpha).__name__}")
+
+    @property
+    def planned_default(self) -> bool:
+        """Whether the schedule is the stored plan's default (``schedule`` or the default, see
+        :data:`DEFAULT_SCHEDULE`) rather than a budget, a static interval or the dynamic rule."""
+        if self.budgeted or self.static_interval is not None:
+            return False
+        return (self.schedule or DEFAULT_SCHEDULE) is Schedule.PLANNED
 
     @property
     def budgeted(self) -> bool:

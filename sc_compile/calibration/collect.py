@@ -20,9 +20,12 @@ the subsample bounds the window's memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,8 +37,8 @@ from sc_compile.calibration.fitting import (
     gram_width,
     one_step_alpha,
 )
-from sc_compile.calibration.table import AlphaTable
-from sc_compile.config import Granularity, InnerCompiler, Prediction, ScalingCacheConfig, is_int_at_least
+from sc_compile.calibration.table import AlphaTable, SchedulePlans
+from sc_compile.config import Granularity, InnerCompiler, Prediction, ScalingCacheConfig, Schedule, is_int_at_least
 from sc_compile.contract import Statistic
 
 log = logging.getLogger(__name__)
@@ -156,6 +159,9 @@ def calibrate(
     max_gap: int = DEFAULT_MAX_GAP,
     statistic: str = "subsample",
     second_order: bool = False,
+    plan_samples: int | None = None,
+    plan_budgets: Sequence[int] | None = None,
+    plan_refine: int = 0,
 ) -> AlphaTable:
     """Calibrate an α table by running ``samples`` generations with every step full.
 
@@ -166,6 +172,15 @@ def calibrate(
     ``second_order``: also fit the two-difference coefficients (a format-3 table, about 2(K + 1)
     times the first-order tensors), which a generation at the calibrated step count predicts with
     (the compile option ``predictor_order``).
+
+    ``plan_samples``: choose schedules end to end (:mod:`sc_compile.decision.plans`): on the first
+    ``plan_samples`` samples, run the dynamic rule and, per budget of ``plan_budgets`` (default N/2,
+    N/3, N/4, N/5 and the dynamic rule's count), a few candidate schedules closed loop, and store
+    per budget the one whose output is nearest the uncached output (about ``plan_samples`` × 60
+    more generations, most of their steps cached); ``plan_refine``: sweeps of local search after
+    (each moves every full step by one step either way, about ``2B`` rollouts per budget B per sweep).
+    ``None``: 2 where the samples return their output
+    (a pipeline does; a callable must return the output tensor), else none. ``0``: none.
 
     ``target`` is a diffusers pipeline (anything with a ``.transformer``) and ``samples`` a list of
     keyword-argument dicts for ``target(**kwargs)`` (a ``"seed"`` key becomes a CPU generator); or
@@ -187,6 +202,15 @@ def calibrate(
         raise ValueError("calibration needs at least one sample")
     if not is_int_at_least(max_gap, 1):
         raise ValueError(f"max_gap must be a positive int, but got {max_gap!r}")
+    if plan_samples is not None and not is_int_at_least(plan_samples, 0):
+        raise ValueError(f"plan_samples must be an int >= 0 or None, but got {plan_samples!r}")
+    if not is_int_at_least(plan_refine, 0):
+        raise ValueError(f"plan_refine must be an int >= 0, but got {plan_refine!r}")
+    if plan_samples is not None and plan_samples > len(samples):
+        raise ValueError(f"plan_samples={plan_samples} is more than the {len(samples)} calibration samples")
+    rollout_count = DEFAULT_PLAN_SAMPLES if plan_samples is None else plan_samples
+    rollout_count = min(rollout_count, len(samples))
+    outputs: list[torch.Tensor | None] = []
     config = ScalingCacheConfig(
         warmup_steps=_ALL_FULL,
         alpha="ones",
@@ -230,34 +254,56 @@ def calibrate(
         return runtime
 
     compiled = torch.compile(transformer, backend=backend)
+
+    def run_sample(sample: Any) -> Any:
+        """Run one generation with the compiled model; what it returned."""
+        with torch.no_grad():
+            if pipeline is not None:
+                if not isinstance(sample, Mapping):
+                    raise ValueError("with a pipeline, samples must be keyword-argument dicts")
+                kwargs = dict(sample)
+                if "seed" in kwargs:
+                    kwargs["generator"] = torch.Generator().manual_seed(int(kwargs.pop("seed")))
+                original = pipeline.transformer
+                pipeline.transformer = compiled
+                try:
+                    return pipeline(**kwargs)
+                finally:
+                    pipeline.transformer = original
+            if not callable(sample):
+                raise ValueError("with a transformer, samples must be callables taking the compiled model")
+            return sample(compiled)
+
     num_steps: int | None = None
     timesteps: list[float] = []
     scheduler_name = type(pipeline.scheduler).__name__ if pipeline is not None else ""
     sigmas: list[float] = []
-    missing = object()
-    bar_config = vars(pipeline).get("_progress_bar_config", missing) if pipeline is not None else missing
-    if pipeline is not None and progress and hasattr(pipeline, "set_progress_bar_config"):
+
+    @contextlib.contextmanager
+    def quiet_pipeline() -> Iterator[None]:
+        """The pipeline's own progress bars off while calibration's shows (then as they were)."""
+        if pipeline is None or not progress or not hasattr(pipeline, "set_progress_bar_config"):
+            yield
+            return
+        missing = object()
+        bar_config = vars(pipeline).get("_progress_bar_config", missing)
         pipeline.set_progress_bar_config(**{**(bar_config if isinstance(bar_config, dict) else {}), "disable": True})
+        try:
+            yield
+        finally:
+            if bar_config is missing:
+                vars(pipeline).pop("_progress_bar_config", None)
+            else:
+                pipeline._progress_bar_config = bar_config
+
+    quiet = contextlib.ExitStack()
+    quiet.enter_context(quiet_pipeline())
     try:
         for index, sample in enumerate(samples):
             bar.set_postfix_str(f"generation {index + 1}/{len(samples)}")
-            with torch.no_grad():
-                if pipeline is not None:
-                    if not isinstance(sample, Mapping):
-                        raise ValueError("with a pipeline, samples must be keyword-argument dicts")
-                    kwargs = dict(sample)
-                    if "seed" in kwargs:
-                        kwargs["generator"] = torch.Generator().manual_seed(int(kwargs.pop("seed")))
-                    original = pipeline.transformer
-                    pipeline.transformer = compiled
-                    try:
-                        pipeline(**kwargs)
-                    finally:
-                        pipeline.transformer = original
-                else:
-                    if not callable(sample):
-                        raise ValueError("with a transformer, samples must be callables taking the compiled model")
-                    sample(compiled)
+            result = run_sample(sample)
+            if index < rollout_count:
+                outputs.append(output_tensor(result))
             if not ours:
                 raise RuntimeError("the sample ran no call of the compiled transformer")
             runtime = max(ours, key=lambda r: r.num_calls)
@@ -280,11 +326,7 @@ def calibrate(
                 )
     finally:
         bar.close()
-        if pipeline is not None and progress and hasattr(pipeline, "set_progress_bar_config"):
-            if bar_config is missing:
-                vars(pipeline).pop("_progress_bar_config", None)
-            else:
-                pipeline._progress_bar_config = bar_config
+        quiet.close()
     if len(grams) != 1:
         raise RuntimeError(f"expected one traced graph layout, got {len(grams)} (did the shapes change?)")
     ((fingerprint, collected),) = grams.items()
@@ -300,7 +342,7 @@ def calibrate(
     if fitted is not None and second_order:
         second = fit_second_order(trajectories, fitted, collected.feeds_output)
         fitted = dataclasses.replace(fitted, second=second)
-    return AlphaTable(
+    table = AlphaTable(
         alpha=accumulator.table(num_steps),
         model_class=runtime.model_class,
         fingerprint=fingerprint,
@@ -313,4 +355,264 @@ def calibrate(
         command=command,
         fitted=fitted,
         config=config.to_dict(),
+    )
+    references = [o for o in outputs if o is not None]
+    if rollout_count and len(references) < rollout_count:
+        if plan_samples is not None:
+            raise ValueError(
+                f"plan_samples={plan_samples} compares each schedule's output with the uncached one, but the samples "
+                "returned no tensor (a callable sample must return its generation's output, a pipeline an output with "
+                "images, frames or a tensor): return it, or pass plan_samples=0"
+            )
+        log.info("calibration: the samples return no output tensor, so no schedules are chosen end to end")
+        rollout_count = 0
+    if rollout_count and num_steps >= 4:
+        started = time.perf_counter()
+
+        def rollout(run_config: ScalingCacheConfig, run_table: AlphaTable) -> tuple[float, list[tuple[int, ...]]]:
+            for runtime in ours:
+                runtime.alpha = run_table
+                runtime.calibration_hook = None
+                runtime.session.config = run_config
+            errors, schedules = [], []
+            for index in range(rollout_count):
+                result = run_sample(samples[index])
+                runtime = max(ours, key=lambda r: r.num_calls)
+                runtime.end_generation()
+                schedules.append(runtime.report().full_steps)
+                produced = output_tensor(result)
+                if produced is None or produced.shape != references[index].shape:
+                    raise RuntimeError("a schedule's rollout returned no output of the uncached output's shape")
+                errors.append(relative_error(produced, references[index]))
+            return error_db(errors), schedules
+
+        with quiet_pipeline():
+            plans = choose_plans(
+                table,
+                rollout,
+                base=dataclasses.replace(config, warmup_steps=None, num_inference_steps=num_steps, alpha=table),
+                feeds_output=collected.feeds_output,
+                budgets=plan_budgets,
+                samples=rollout_count,
+                progress=progress,
+                refine=plan_refine,
+            )
+        seconds = time.perf_counter() - started
+        table = dataclasses.replace(table, plans=plans, extra={**table.extra, "plan_seconds": f"{seconds:.1f}"})
+        message = (
+            f"calibration: chose {plans.full.shape[0]} schedules end to end on {rollout_count} samples in "
+            f"{seconds:.0f} s (the dynamic rule: {plans.reference_error:.1f} dB at "
+            f"{plans.reference_full_steps:.1f} full)"
+        )
+        if progress:
+            tqdm.write(message)
+        log.info(message)
+    return table
+
+
+def output_tensor(result: Any) -> torch.Tensor | None:
+    """The output of a generation as a float CPU tensor: a tensor, a pipeline output's ``frames`` or
+    ``images`` (tensors or arrays), or the first element of a tuple (``None``: none of these)."""
+    import numpy as np
+
+    for name in ("frames", "images"):
+        value = getattr(result, name, None)
+        if value is not None:
+            result = value
+            break
+    if isinstance(result, tuple | list) and result and not isinstance(result[0], str):
+        if isinstance(result, tuple):
+            result = result[0]
+        elif all(isinstance(r, np.ndarray) for r in result):
+            result = np.stack(result)
+    if isinstance(result, np.ndarray):
+        result = torch.from_numpy(result.astype(np.float32))
+    if isinstance(result, torch.Tensor) and result.is_floating_point():
+        return result.detach().to("cpu", torch.float32).clone()
+    return None
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """``‖output − reference‖² / ‖reference‖²`` (in float64; a tiny floor where both are equal)."""
+    num = float((output.double() - reference.double()).pow(2).sum())
+    den = float(reference.double().pow(2).sum())
+    return max(num / den if den > 0 else num, 1e-30)
+
+
+def error_db(errors: Sequence[float]) -> float:
+    """The whole-output error of a schedule over samples: the mean of ``10·log10`` of each (about minus
+    the mean PSNR, up to each sample's range)."""
+    return sum(10.0 * math.log10(e) for e in errors) / len(errors)
+
+
+# Rollout samples of the end-to-end schedule choice by default, and its candidates.
+DEFAULT_PLAN_SAMPLES = 2
+PLAN_PROPAGATIONS = (0.0, 1.0, 3.0)
+PLAN_UNIFORM = tuple((warmup, final) for warmup in (2, 4, 6) for final in (0, 1))
+# Spacings even in the sampler's step sizes (the table's sigmas) instead of in steps.
+PLAN_WEIGHTED = ((2, 1), (4, 1))
+
+
+def default_budgets(num_steps: int, dynamic_full_steps: float) -> list[int]:
+    """N/2, N/3, N/4, N/5 and the dynamic rule's count, each at least 3 and below N."""
+    grid = [num_steps // k for k in (2, 3, 4, 5)] + [round(dynamic_full_steps)]
+    return sorted({b for b in grid if 3 <= b < num_steps}, reverse=True)
+
+
+def candidate_schedules(
+    table: AlphaTable,
+    num_steps: int,
+    budget: int,
+    feeds_output: Sequence[bool],
+    extra: Sequence[tuple[str, tuple[int, ...]]] = (),
+) -> list[tuple[str, tuple[int, ...]]]:
+    """The candidates for ``budget`` full steps: the budget planner at :data:`PLAN_PROPAGATIONS`, uniform
+    spacings (:data:`PLAN_UNIFORM` warm-ups and final full steps; :data:`PLAN_WEIGHTED` even in the
+    sampler's step sizes) and ``extra``; each at most once, each
+    with exactly ``budget`` full steps and only gaps the table serves."""
+    from sc_compile.decision.coefficients import step_weights
+    from sc_compile.decision.decisions import Decisions, StepInfo
+    from sc_compile.decision.plans import feasible, uniform_schedule
+    from sc_compile.errors import BudgetError
+
+    bare = dataclasses.replace(table, plans=None)
+    found: list[tuple[str, tuple[int, ...]]] = []
+    allows_gap = None
+    for rho in PLAN_PROPAGATIONS:
+        options = ScalingCacheConfig(alpha=bare, full_steps=budget, propagation=rho, num_inference_steps=num_steps)
+        decisions = Decisions(
+            config=options,
+            num_points=bare.num_points,
+            feeds_output=feeds_output,
+            alpha=bare,
+            num_steps=num_steps,
+            read_stats=lambda streams: [],
+            warn=lambda *args: None,
+        )
+        try:
+            predictor = decisions.predictor(lambda step: StepInfo(step, num_steps, lambda: None))
+        except BudgetError:
+            continue
+        allows_gap = predictor.allows_gap
+        if decisions.planned_full_steps is not None and decisions.cache_off is None:
+            found.append((f"budget planner ρ={rho:g}", tuple(decisions.planned_full_steps)))
+    for warmup, final in PLAN_UNIFORM:
+        steps = uniform_schedule(num_steps, budget, warmup, final)
+        if steps is not None:
+            found.append((f"uniform, warm-up {warmup}, final {final}", steps))
+    weights = step_weights(bare, num_steps)
+    for warmup, final in PLAN_WEIGHTED if weights is not None else ():
+        steps = uniform_schedule(num_steps, budget, warmup, final, weights)
+        if steps is not None:
+            found.append((f"uniform in σ, warm-up {warmup}, final {final}", steps))
+    found.extend(extra)
+    unique: dict[tuple[int, ...], str] = {}
+    for name, steps in found:
+        if len(steps) == budget and steps[:2] == (0, 1) and steps not in unique:
+            if allows_gap is None or feasible(steps, num_steps, allows_gap):
+                unique[steps] = name
+    return [(name, steps) for steps, name in unique.items()]
+
+
+def choose_plans(
+    table: AlphaTable,
+    rollout: Callable[[ScalingCacheConfig, AlphaTable], tuple[float, list[tuple[int, ...]]]],
+    *,
+    base: ScalingCacheConfig,
+    feeds_output: Sequence[bool],
+    budgets: Sequence[int] | None = None,
+    samples: int = 0,
+    progress: bool = False,
+    refine: int = 0,
+) -> SchedulePlans:
+    """Per budget, the candidate schedule of least whole-output error (:func:`candidate_schedules`),
+    then ``refine`` sweeps of local search: each full step after step 1 moved by one step either way,
+    kept where the closed loop says it is better.
+
+    ``rollout(config, table)``: the error (:func:`error_db`) of running ``config`` with ``table`` on the
+    rollout samples, and the full steps each sample ran. ``base``: the config the candidates run
+    with (a budget is added; the table's own plans are replaced by the candidate's)."""
+    from tqdm.auto import tqdm
+
+    num_steps = table.num_steps
+    bare = dataclasses.replace(table, plans=None)
+    reference_error, dynamic_runs = rollout(dataclasses.replace(base, alpha=bare, schedule=Schedule.DYNAMIC), bare)
+    reference_full = sum(len(r) for r in dynamic_runs) / len(dynamic_runs)
+    chosen = budgets if budgets is not None else default_budgets(num_steps, reference_full)
+    if any(not is_int_at_least(b, 2) or b > num_steps for b in chosen):
+        raise ValueError(f"plan_budgets must be ints in [2, {num_steps}], but got {list(chosen)}")
+    dynamic = tuple(dynamic_runs[0])
+    work = [
+        (budget, candidate_schedules(table, num_steps, budget, feeds_output, [("the dynamic rule's", dynamic)]))
+        for budget in chosen
+    ]
+    bar = tqdm(total=sum(len(c) for _, c in work), unit="schedule", disable=not progress, desc="choosing schedules")
+    from sc_compile.decision.coefficients import make_predictor
+    from sc_compile.decision.plans import feasible
+
+    predictor = make_predictor(
+        bare,
+        num_points=bare.num_points,
+        num_steps=num_steps,
+        timestep_of=lambda step: None,
+        fitted=bare.fitted is not None,
+    )
+
+    def score(budget: int, steps: tuple[int, ...]) -> float:
+        mask = torch.zeros(1, num_steps, dtype=torch.bool)
+        mask[0, list(steps)] = True
+        one = SchedulePlans(mask, torch.zeros(1), reference_error, reference_full)
+        error, ran = rollout(dataclasses.replace(base, full_steps=budget), dataclasses.replace(table, plans=one))
+        if any(tuple(r) != steps for r in ran):
+            raise RuntimeError(f"the rollout of {list(steps)} ran the full steps {ran}; a bug in sc_compile")
+        bar.update(1)
+        return error
+
+    rows: list[torch.Tensor] = []
+    errors: list[float] = []
+    sources: list[str] = []
+    try:
+        for budget, candidates in work:
+            best: tuple[float, str, tuple[int, ...]] | None = None
+            for name, steps in candidates:
+                error = score(budget, steps)
+                log.info("calibration: %d full steps, %s: %.2f dB", budget, name, error)
+                if best is None or error < best[0]:
+                    best = (error, name, steps)
+            if best is None:
+                continue
+            for _ in range(refine):
+                moved = False
+                for position in range(2, budget):
+                    for shift in (-1, 1):
+                        moved_steps = list(best[2])
+                        moved_steps[position] += shift
+                        candidate = tuple(moved_steps)
+                        if len(set(candidate)) < budget or candidate != tuple(sorted(candidate)):
+                            continue
+                        if candidate[-1] >= num_steps or not feasible(candidate, num_steps, predictor.allows_gap):
+                            continue
+                        bar.total += 1
+                        error = score(budget, candidate)
+                        if error < best[0]:
+                            best = (error, best[1].split(", refined")[0] + ", refined", candidate)
+                            moved = True
+                if not moved:
+                    break
+            mask = torch.zeros(num_steps, dtype=torch.bool)
+            mask[list(best[2])] = True
+            rows.append(mask)
+            errors.append(best[0])
+            sources.append(best[1])
+    finally:
+        bar.close()
+    if not rows:
+        raise ValueError(f"no candidate schedule fits the budgets {list(chosen)} of a {num_steps}-step generation")
+    return SchedulePlans(
+        full=torch.stack(rows),
+        error=torch.tensor(errors, dtype=torch.float32),
+        reference_error=reference_error,
+        reference_full_steps=reference_full,
+        sources=tuple(sources),
+        samples=samples,
     )

@@ -13,6 +13,10 @@ with (``config``: the JSON of ``ScalingCacheConfig.to_dict()``, versioned).
 * format 2 adds the per-gap least-squares coefficients of :mod:`sc_compile.calibration.fitting`: ``coef``
   [N, K+1, K, P], ``refresh`` [N, K+1, P], ``error`` [N, K+1, K] and ``max_gap`` [N] (int64), with
   K in the metadata. ``alpha`` is still there, so the paper's chained variant stays available.
+* any format may add the schedules chosen end to end at calibration
+  (:class:`~sc_compile.decision.plans.SchedulePlans`): ``plans`` [M, N] bool (the full steps of
+  each) and ``plan_error`` [M] (their calibrated whole-output errors), with the dynamic rule's
+  error in the metadata (``plans``, JSON). A file without them means what it meant.
 * format 3 adds the two-difference coefficients (:func:`sc_compile.calibration.fitting.fit_second_order`):
   ``coef2`` [N, K+1, K+1, K, P, 2] and ``error2`` [N, K+1, K+1, K]. Its first-order tensors are
   format 2's, so a format-3 file read for its first order means what a format-2 file means.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,10 +48,85 @@ FORMAT_VERSION = 3
 READABLE_VERSIONS = ("1", "2", "3")
 FITTED_TENSORS = ("coef", "refresh", "error", "max_gap")
 SECOND_ORDER_TENSORS = ("coef2", "error2")
+PLAN_TENSORS = ("plan_error", "plans")  # optional in every format
 RECALIBRATE_HINT = (
     "Recalibrate for this model with `python -m sc_compile calibrate MODEL_DIR --out alpha.safetensors` "
     "(or sc_compile.calibrate(...)), or pass options={'alpha': 'ones'}."
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulePlans:
+    """The end-to-end chosen schedules of an α table (optional tensors ``plans``, ``plan_error``;
+    :mod:`sc_compile.decision.plans`).
+
+    ``full`` [M, N] bool: the full steps of each kept schedule on the table's N-step grid;
+    ``error`` [M]: its calibrated whole-output error, ``10·log10`` of the mean over the rollout
+    samples of ``‖x − x_ref‖² / ‖x_ref‖²`` (lower is better; about minus a PSNR);
+    ``reference_error``/``reference_full_steps``: the same error and the mean full steps of the
+    dynamic rule (the schedule the planned default must not be worse than); ``sources``: which
+    candidate each schedule was (for the report); ``samples``: rollout samples."""
+
+    full: torch.Tensor
+    error: torch.Tensor
+    reference_error: float
+    reference_full_steps: float
+    sources: tuple[str, ...] = ()
+    samples: int = 0
+
+    def __post_init__(self) -> None:
+        full = self.full
+        if not isinstance(full, torch.Tensor) or full.ndim != 2 or full.dtype != torch.bool:
+            raise AlphaTableError(f"plans must be a bool tensor [plans, steps], but got {getattr(full, 'shape', full)}")
+        error = self.error
+        if not isinstance(error, torch.Tensor) or error.shape != (full.shape[0],):
+            shape = getattr(error, "shape", error)
+            raise AlphaTableError(f"plan_error must be a tensor [{full.shape[0]}], but got {shape}")
+        object.__setattr__(self, "error", error.detach().to("cpu", torch.float32).contiguous())
+        object.__setattr__(self, "full", full.detach().cpu().contiguous())
+        if full.shape[1] >= 2 and not bool(full[:, :2].all()):
+            raise AlphaTableError("every stored plan must run steps 0 and 1 in full (the first difference needs two)")
+        if not torch.isfinite(self.error).all() or not math.isfinite(self.reference_error):
+            raise AlphaTableError("the calibrated errors of the stored plans must be finite")
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.full.shape[1])
+
+    def steps(self, index: int) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.full[index].nonzero().flatten().tolist())
+
+    def counts(self) -> list[int]:
+        return [int(c) for c in self.full.sum(dim=1).tolist()]
+
+    def source(self, index: int) -> str:
+        return self.sources[index] if index < len(self.sources) else "stored plan"
+
+    def default_index(self) -> int | None:
+        """The planned default: the plan with the fewest full steps whose calibrated error stays within
+        the dynamic rule's (ties: the lower error); ``None`` when no plan is that good."""
+        within = [i for i, e in enumerate(self.error.tolist()) if e <= self.reference_error]
+        if not within:
+            return None
+        counts = self.counts()
+        return min(within, key=lambda i: (counts[i], float(self.error[i])))
+
+    def index_for_budget(self, budget: int, num_steps: int) -> int | None:
+        """The stored plan for ``budget`` full steps of a ``num_steps``-step run: the one whose
+        count maps to ``budget`` at that step count (``None``: none does)."""
+        counts = self.counts()
+        matching = [i for i, c in enumerate(counts) if mapped_budget(c, self.num_steps, num_steps) == budget]
+        if not matching:
+            return None
+        return min(matching, key=lambda i: (abs(counts[i] / self.num_steps - budget / num_steps), float(self.error[i])))
+
+
+def mapped_budget(count: int, calibrated_steps: int, num_steps: int) -> int:
+    """The full steps of a ``num_steps``-step run for a plan of ``count`` of ``calibrated_steps``:
+    the same fraction, rounded (at least 2, at most every step)."""
+    if num_steps == calibrated_steps:
+        return count
+    return max(2, min(num_steps, round(count * num_steps / calibrated_steps)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +149,9 @@ class AlphaTable:
     # The ScalingCacheConfig the calibration ran with, as ScalingCacheConfig.to_dict() wrote it
     # (metadata "config"; None for tables written before it was recorded).
     config: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
+    # The schedules chosen end to end at calibration (None: none were chosen; tensors
+    # ``plans``, ``plan_error``).
+    plans: SchedulePlans | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         alpha = self.alpha
@@ -100,6 +183,8 @@ class AlphaTable:
                 f"fitted coefficients for {self.fitted.num_steps} steps × {self.fitted.num_points} points do not "
                 f"match alpha [{self.num_steps}, {self.num_points}]"
             )
+        if self.plans is not None and self.plans.num_steps != self.num_steps:
+            raise AlphaTableError(f"plans for {self.plans.num_steps} steps do not match alpha's {self.num_steps}")
 
     @property
     def num_steps(self) -> int:
@@ -161,6 +246,16 @@ class AlphaTable:
                 tensors.update({"coef2": self.fitted.second.coef.contiguous(), "error2": self.fitted.second.error})
         else:
             metadata["format_version"] = "1"  # nothing a format-1 reader would miss
+        if self.plans is not None:
+            tensors.update({"plans": self.plans.full.contiguous(), "plan_error": self.plans.error})
+            metadata["plans"] = json.dumps(
+                {
+                    "reference_error": self.plans.reference_error,
+                    "reference_full_steps": self.plans.reference_full_steps,
+                    "sources": list(self.plans.sources),
+                    "samples": self.plans.samples,
+                }
+            )
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, os.fspath(path), metadata=metadata)
 
@@ -183,8 +278,10 @@ class AlphaTable:
                     "2": sorted(["alpha", *FITTED_TENSORS]),
                     "3": sorted(["alpha", *FITTED_TENSORS, *SECOND_ORDER_TENSORS]),
                 }[version]
-                if version == "2" and keys == ["alpha"]:
-                    expected = keys  # a format-2 writer that had no fitted coefficients
+                if version == "2" and [k for k in keys if k not in PLAN_TENSORS] == ["alpha"]:
+                    expected = ["alpha"]  # a format-2 writer that had no fitted coefficients
+                if all(name in keys for name in PLAN_TENSORS):
+                    expected = sorted([*expected, *PLAN_TENSORS])
                 if keys != expected:
                     raise AlphaTableError(f"{path}: expected the tensors {expected} of format {version}, found {keys}")
                 tensors = {key: handle.get_tensor(key) for key in keys}
@@ -195,6 +292,20 @@ class AlphaTable:
         alpha = tensors["alpha"]
         if alpha.dtype != torch.float32:
             raise AlphaTableError(f"{path}: alpha must be float32, but the file has {alpha.dtype}")
+        plans = None
+        if "plans" in tensors:
+            try:
+                info = json.loads(metadata["plans"])
+                plans = SchedulePlans(
+                    full=tensors["plans"],
+                    error=tensors["plan_error"],
+                    reference_error=float(info["reference_error"]),
+                    reference_full_steps=float(info["reference_full_steps"]),
+                    sources=tuple(info.get("sources", ())),
+                    samples=int(info.get("samples", 0)),
+                )
+            except (KeyError, ValueError, TypeError) as error:
+                raise AlphaTableError(f"{path}: unreadable stored plans ({error!r}). {RECALIBRATE_HINT}") from None
         fitted = None
         if "coef" in tensors:
             try:
@@ -221,6 +332,7 @@ class AlphaTable:
                 extra={k[len("extra.") :]: v for k, v in metadata.items() if k.startswith("extra.")},
                 fitted=fitted,
                 config=json.loads(metadata["config"]) if "config" in metadata else None,
+                plans=plans,
             )
         except KeyError as error:
             raise AlphaTableError(f"{path}: metadata lacks {error.args[0]!r}. {RECALIBRATE_HINT}") from None
@@ -257,6 +369,7 @@ class AlphaTable:
             f"range=[{float(self.alpha.min()):.3f}, {float(self.alpha.max()):.3f}]"
             + ("" if self.fitted is None else f", fitted per-gap coefficients K={self.fitted.max_gap_limit}")
             + ("" if self.fitted is None or self.fitted.second is None else " with two differences")
+            + ("" if self.plans is None else f", {self.plans.full.shape[0]} end-to-end plans")
             + ")"
         )
 

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from sc_compile.calibration.table import AlphaTable
-from sc_compile.config import ChangePoints, Coefficients, ScalingCacheConfig
+from sc_compile.config import ChangePoints, Coefficients, ScalingCacheConfig, Schedule
 from sc_compile.decision.budget import plan_full_steps
 from sc_compile.decision.coefficients import (
     SHORT_SCHEDULE_STEPS,
@@ -33,6 +33,7 @@ from sc_compile.decision.coefficients import (
     step_weights,
     unservable_step_count,
 )
+from sc_compile.decision.plans import feasible, leading_full, map_plan
 from sc_compile.decision.schedule import DecisionUnit, StepDecision
 from sc_compile.errors import BudgetError
 from sc_compile.runtime.state import StepCoefficients
@@ -100,6 +101,8 @@ class Decisions:
         # Why the generation caches no step (short schedule, a table that serves no gap), if so.
         self.cache_off: str | None = None
         self.planned_full_steps: tuple[int, ...] | None = None
+        # Which schedule ran and why, one line (the report's "schedule"); "" until the predictor is built.
+        self._schedule = ""
         self.units: dict[int, DecisionUnit] = {}
         self._first_step: dict[int, int] = {}
         self._observed_through: dict[int, int] = {}
@@ -147,7 +150,93 @@ class Decisions:
                 )
             if self.config.budgeted:
                 self.planned_full_steps = self._plan(self._predictor)
+            elif self.config.planned_default:
+                self.planned_full_steps = self._planned_default(self._predictor)
         return self._predictor
+
+    @property
+    def schedule(self) -> str:
+        """Which schedule the generation ran and why, in one line."""
+        config = self.config
+        if self.cache_off is not None:
+            return f"every step after the warm-up in full ({self.cache_off})"
+        if self._schedule:
+            return self._schedule
+        if config.static_interval is not None:
+            return f"static: every {config.static_interval}-th step in full after the warm-up (static_interval)"
+        if config.schedule is Schedule.DYNAMIC:
+            return "dynamic rule ε > δ (schedule='dynamic')"
+        return "dynamic rule ε > δ (the default)"
+
+    def _stored_plan(self, predictor: Predictor, index: int, budget: int | None) -> tuple[int, ...] | None:
+        """The table's stored plan ``index`` mapped to this generation (``budget`` full steps; ``None``:
+        the plan's fraction), or ``None`` where it does not fit: a gap the predictor does not serve, or a
+        forced step (a warm-up or final steps the user set) it does not run in full."""
+        assert self.alpha is not None and self.alpha.plans is not None and self.num_steps is not None
+        plans, num_steps = self.alpha.plans, self.num_steps
+        try:
+            steps = map_plan(plans.steps(index), plans.num_steps, num_steps, budget)
+        except ValueError:
+            return None
+        forced = set(range(max(0, num_steps - self.config.final_full_steps), num_steps))
+        if self.config.warmup_steps is not None:
+            forced |= set(range(min(self.config.warmup_steps, num_steps)))
+        if not forced <= set(steps) or not feasible(steps, num_steps, predictor.allows_gap):
+            return None
+        self.warmup_steps = leading_full(steps)
+        log.info("ScalingCache: stored plan %d mapped to full steps %s of %d", index, list(steps), num_steps)
+        return steps
+
+    def _describe_plan(self, index: int, steps: tuple[int, ...]) -> str:
+        assert self.alpha is not None and self.alpha.plans is not None
+        plans = self.alpha.plans
+        count = plans.counts()[index]
+        mapped = f", mapped to {len(steps)} of {self.num_steps} steps" if self.num_steps != plans.num_steps else ""
+        return (
+            f"the α table's end-to-end plan of {count} full of {plans.num_steps} steps ({plans.source(index)}; "
+            f"calibrated error {float(plans.error[index]):.1f} dB){mapped}"
+        )
+
+    def _planned_default(self, predictor: Predictor) -> tuple[int, ...] | None:
+        """The stored plan with the largest speed-up within the dynamic rule's calibrated error, mapped
+        to this generation (``None``: the dynamic rule runs, and the report says why)."""
+        plans = self.alpha.plans if self.alpha is not None else None
+        if plans is None:
+            if self.config.schedule is Schedule.PLANNED:
+                raise ValueError(
+                    "schedule='planned' needs an α table with stored end-to-end plans, but "
+                    + ("this model runs with α = 1" if self.alpha is None else "the table has none")
+                    + ": calibrate with sc_compile.calibrate(..., plan_samples=2) or drop schedule"
+                )
+            return None
+        if self.num_steps is None:
+            raise ValueError(
+                "the planned schedule places the generation's full steps in advance and needs its step count: set "
+                "options={'num_inference_steps': N}, use sc_compile.enable(pipe) or wrap the pipeline call in "
+                "`with sc_compile.generation(transformer, num_inference_steps=N):`"
+            )
+        index = plans.default_index()
+        if index is None:
+            self._schedule = (
+                f"dynamic rule ε > δ: no stored plan's calibrated error (best {float(plans.error.min()):.1f} dB) "
+                f"is within the dynamic rule's ({plans.reference_error:.1f} dB)"
+            )
+            return None
+        steps = self._stored_plan(predictor, index, None)
+        why = (
+            f"largest speed-up within the dynamic rule's calibrated error {plans.reference_error:.1f} dB "
+            f"at {plans.reference_full_steps:.1f} full"
+        )
+        if steps is not None:
+            self._schedule = f"planned default: {self._describe_plan(index, steps)}; {why}"
+            return steps
+        budget = round(plans.counts()[index] * self.num_steps / plans.num_steps)
+        steps = self._planner(predictor, max(2, min(self.num_steps, budget)))
+        self._schedule = (
+            f"planned default: {len(steps)} full steps ({why}), placed by the budget planner: the stored plan "
+            f"does not fit this {self.num_steps}-step generation (a gap its table does not serve, or a forced step)"
+        )
+        return steps
 
     def _cache_off_reason(self) -> str | None:
         """Why this generation caches no step, with one warning saying so (``None``: it may cache).
@@ -172,6 +261,7 @@ class Decisions:
             and self.num_steps <= SHORT_SCHEDULE_STEPS
             and not config.budgeted
             and config.static_interval is None
+            and config.schedule is not Schedule.PLANNED
             and not calibrated_here
         ):
             self._warn(
@@ -196,6 +286,32 @@ class Decisions:
             )
         num_steps = self.num_steps
         budget = self.config.budget_for(num_steps)
+        config = self.config
+        asked = f"full_steps={budget}" if config.full_steps is not None else f"speedup={config.speedup} ({budget} full)"
+        plans = self.alpha.plans if self.alpha is not None else None
+        why = ""
+        if plans is not None and config.propagation == 0:
+            index = plans.index_for_budget(budget, num_steps)
+            steps = None if index is None else self._stored_plan(predictor, index, budget)
+            if index is not None and steps is not None:
+                self._schedule = f"{asked}: {self._describe_plan(index, steps)}"
+                return steps
+            why = (
+                "; the table stores no plan for this budget"
+                if index is None
+                else "; the stored plan does not fit this generation"
+            )
+        steps = self._planner(predictor, budget)
+        if self.alpha is None:
+            self._schedule = f"{asked}: spread evenly after the warm-up (α = 1 has no error model)"
+        else:
+            self._schedule = f"{asked}: planned from the α table's one-step errors (ρ = {config.propagation:g}){why}"
+        return steps
+
+    def _planner(self, predictor: Predictor, budget: int) -> tuple[int, ...]:
+        """Today's budget planner (:mod:`sc_compile.decision.budget`) for ``budget`` full steps."""
+        assert self.num_steps is not None
+        num_steps = self.num_steps
         final = set(range(max(0, num_steps - self.config.final_full_steps), num_steps))
         weights = step_weights(self.alpha, num_steps) if self.alpha is not None else None
         # The default warm-up (as the dynamic rule's) is shortened when the budget cannot be met

@@ -72,6 +72,8 @@ class GenerationReport:
     # The cached steps whose prediction read the difference before last (the α table's
     # two-difference coefficients: ``y_full + c₁·dy + c₂·dy_prev``); empty for first order.
     second_difference_steps: tuple[int, ...] = ()
+    # Which schedule placed the full steps and why, in one line (``""``: none was built).
+    schedule: str = ""
 
     @property
     def num_full_steps(self) -> int:
@@ -99,6 +101,7 @@ class GenerationReport:
             f"({self.speedup:.2f}x fewer full evaluations)",
             f"  steps:    {marks}  (F full, . cached{', blank: not run here' if others else ''})",
             f"  α:        {self.alpha_source or 'none'}",
+            *([f"  schedule: {self.schedule}"] if self.schedule else []),
             f"  streams:  {self._describe_streams()}",
             f"  warm-up:  {self.warmup_steps} steps; {self.num_points} cache points",
         ]
@@ -320,7 +323,8 @@ def build_report(generation: GenerationRecord, finished: bool, collective: bool 
         full_steps=tuple(full),
         cached_steps=tuple(cached),
         streams=tuple(streams),
-        warmup_steps=generation.warmup_steps,
+        # A plan may shorten the warm-up (a budget, a stored plan): the decisions' own.
+        warmup_steps=main.decisions.warmup_steps if main is not None else generation.warmup_steps,
         num_points=main.layout.num_points if main is not None else 0,
         alpha_source=main.alpha_source if main is not None else "",
         shared_decisions=generation.session.config.share_decision_across_streams,
@@ -335,4 +339,5 @@ def build_report(generation: GenerationRecord, finished: bool, collective: bool 
         num_calls=generation.num_calls,
         config=generation.session.config.to_dict(),
         second_difference_steps=tuple(sorted(second)),
+        schedule=main.decisions.schedule if main is not None else "",
     )
