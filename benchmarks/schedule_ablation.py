@@ -99,6 +99,11 @@ def main() -> None:
         "at each budget and the planned default against the dynamic default at 50 and --transfer steps",
     )
     parser.add_argument("--plan-refine", type=int, default=0, help="with --plans: calibrate's plan_refine sweeps")
+    parser.add_argument(
+        "--second-order",
+        action="store_true",
+        help="with --plans: calibrate with second_order=True (the plans are then chosen with two differences)",
+    )
     args = parser.parse_args()
     if args.plans:
         plans_main(args)
@@ -268,6 +273,7 @@ def plans_main(args: argparse.Namespace) -> None:
         [sample_call(embeddings, size, c, s, n, GUIDANCE) for c, s in CALIBRATION],
         progress=False,
         plan_refine=args.plan_refine,
+        second_order=args.second_order,
     )
     calibration_seconds = time.perf_counter() - calibration_started
     plans = table.plans
@@ -316,17 +322,19 @@ def plans_main(args: argparse.Namespace) -> None:
         print(f"{'':>12} |   {schedule}", flush=True)
         return row
 
+    first_order = {"predictor_order": 1} if args.second_order else {}
     for budget in [int(b) for b in args.budgets.split(",")] if args.budgets else (n // 2, n // 3, n // 4, n // 5):
-        held(f"today's planner (ρ=0), full_steps={budget}", {"alpha": today, "full_steps": budget})
+        held(f"today's planner (ρ=0), full_steps={budget}", {"alpha": today, "full_steps": budget, **first_order})
         held(f"end-to-end plan, full_steps={budget}", {"alpha": table, "full_steps": budget})
     for steps in [] if args.no_dynamic else [n, *[int(x) for x in args.transfer.split(",") if x]]:
         held("planned default", {"alpha": table, "schedule": "planned"}, steps)
-        held("dynamic default", {"alpha": table}, steps)
+        held("dynamic rule", {"alpha": table, "schedule": "dynamic"}, steps)
         held("α = 1 default", {"alpha": "ones"}, steps)
     elapsed = time.perf_counter() - started
     results["seconds"] = elapsed
     args.out.mkdir(parents=True, exist_ok=True)
     refined = f"_refine{args.plan_refine}" if args.plan_refine else ""
+    refined += "_second_order" if args.second_order else ""
     stem = f"schedule_plans{refined}_{args.model.replace('-', '_')}_{n}"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     command = " ".join(["benchmarks/schedule_ablation.py", *sys.argv[1:]])

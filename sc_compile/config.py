@@ -116,7 +116,8 @@ READABLE_CONFIG_VERSIONS = (1,)
 
 # The schedule without a budget, a static interval or the schedule option, chosen on held-out data
 # (README, "α tables", "Schedules chosen end to end"). A table without stored plans runs the dynamic
-# rule whatever this is.
+# rule whatever this is. With it dynamic, a generation of more steps than a table with plans was
+# calibrated at runs the stored default plan (``Decisions``): the dynamic rule lost there.
 DEFAULT_SCHEDULE = Schedule.DYNAMIC
 
 # Paper setting: S_f = 10 full warm-up steps out of 50.
@@ -207,7 +208,8 @@ class ScalingCacheConfig:
 
     schedule: Schedule | None = None
     """The schedule without a budget or static interval: ``"dynamic"`` (the paper's ε > δ rule) or
-    ``"planned"`` (the table's stored end-to-end plan, :class:`Schedule`). ``None``: dynamic.
+    ``"planned"`` (the table's stored end-to-end plan, :class:`Schedule`). ``None``: dynamic, but the
+    stored plan above the step count a table with plans was calibrated at (:data:`DEFAULT_SCHEDULE`).
     Giving it with ``full_steps``, ``speedup`` or ``static_interval`` is an error."""
 
     coefficients: Coefficients | None = None

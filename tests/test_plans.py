@@ -203,6 +203,29 @@ def test_the_default_stays_dynamic_and_schedule_options_are_checked(planned_tabl
         ScalingCacheConfig(schedule="fastest")
 
 
+def test_the_default_above_the_calibrated_step_count_runs_the_stored_plan(planned_table):
+    """No option: at or below the table's step count the dynamic rule, above it the stored default plan
+    mapped by position (the dynamic rule lost there held out); without plans, or the step count
+    unknown, the dynamic rule."""
+    known = _plans([(12, -45.0), (10, -41.0), (8, -39.0)], reference=-40.0)
+    table = dataclasses.replace(planned_table, plans=known)
+    assert _run(table, STEPS).schedule == "dynamic rule ε > δ (the default)"
+    assert _run(table, STEPS - 5).schedule == "dynamic rule ε > δ (the default)"
+    report = _run(table, 2 * STEPS)
+    assert report.num_full_steps == 20 and report.schedule.startswith("planned default"), report.schedule
+    assert f"the default above the table's calibrated {STEPS} steps" in report.schedule
+    assert _run(table, 2 * STEPS, schedule="dynamic").schedule == "dynamic rule ε > δ (schedule='dynamic')"
+    bare = dataclasses.replace(planned_table, plans=None)
+    assert _run(bare, 2 * STEPS).schedule == "dynamic rule ε > δ (the default)"
+    # The step count unknown (no context declaring it): the dynamic rule, never an error.
+    torch._dynamo.reset()
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "alpha": table})
+    with torch.no_grad():
+        _generation(7, 2 * STEPS)(compiled)
+    assert sc_compile.report(model).schedule == "dynamic rule ε > δ (the default)"
+
+
 def test_tables_without_plans_load_and_mean_what_they_meant(planned_table, tmp_path):
     bare = dataclasses.replace(planned_table, plans=None)
     first_order = dataclasses.replace(bare, fitted=None)
