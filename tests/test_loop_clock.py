@@ -68,6 +68,27 @@ def test_a_repeated_loop_is_placed_by_count_with_the_outputs_of_timestep_placeme
     assert "clock:    calls after the first placed by count" in str(report)
 
 
+def test_guidance_calls_in_a_comprehension_are_one_loop():
+    """The calls of one step made in a list comprehension share a frame of their own (Python 3.11):
+    the loop's frame is the one the first call shares with the next step's."""
+    model = DummyDiT()
+    compiled = torch.compile(model, backend="scalingcache", options=OPTIONS)
+
+    def run() -> list[float]:
+        with torch.no_grad():
+            return [
+                out.reshape(-1)[0].item()
+                for scale, t in _schedule(12)
+                for out in [compiled(torch.ones(1, 4, 8) * s, torch.tensor([t])) for s in (scale, scale * 0.5)]
+            ]
+
+    first = run()
+    assert run() == first
+    assert run() == first
+    report = sc_compile.report(model)
+    assert report.clock_note.startswith("calls after the first placed by count"), report.clock_note
+
+
 def test_a_loop_that_changes_its_schedule_goes_on_placed_by_its_timesteps(caplog):
     """Another step count, the same first timestep: the steps the count gave are the timestep's, so the
     generation goes on placed by its timesteps, with the outputs of a fresh run."""

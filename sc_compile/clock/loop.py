@@ -131,8 +131,8 @@ class LoopCheck:
         self.verified = 1  # calls before this one matched the pattern
         self.full = [True] + [False] * (len(pattern) - 1)
         self.due = False  # a full step ran since the last comparison
-        # The loop's frame: the innermost frame the first two calls share (strong references, dropped
-        # when the pattern's last call is placed or the generation ends).
+        # The loop's frame: the innermost frame the first call shares with the next step's first
+        # (strong references, dropped when the pattern's last call is placed or the generation ends).
         self._first_stack: list[FrameType] | None = stack
         self.frame: FrameType | None = None
         self._callee: CodeType | None = None
@@ -150,15 +150,18 @@ class LoopCheck:
         return self.pattern.calls[self.position]
 
     # -- the frame -------------------------------------------------------------------------------
-    def in_loop(self, stack: list[FrameType]) -> bool:
-        """Whether a call with this Python stack (innermost first) runs in the generation's loop: the
-        innermost frame the first two calls share is on it, calling the code they called from it. A
-        generation interrupted and followed by a new one from a new call of the loop's function, a
-        new notebook cell, or a function the loop's frame calls is found here, before its first call
-        is placed."""
+    def in_loop(self, stack: list[FrameType], step: int) -> bool:
+        """Whether a call at ``step`` with this Python stack (innermost first) runs in the generation's
+        loop: the innermost frame the first call shares with the first call of the next step is on it,
+        calling the code they called from it. A generation interrupted and followed by a new one from a
+        new call of the loop's function, a new notebook cell, or a function the loop's frame calls is
+        found here, before its first call is placed. (The calls of one step can share a deeper frame: a
+        comprehension over the guidance calls.)"""
         if self._first_stack is None and self.frame is None:
             return True  # released: the pattern's calls were all placed
         if self.frame is None:
+            if step == 0:
+                return True  # still the first step (in full: the warm-up)
             first = self._first_stack or []
             index = {id(frame): i for i, frame in enumerate(first)}
             self._first_stack = None

@@ -440,10 +440,10 @@ class ScalingCacheRuntime(Dispatcher):
         None, and its timestep is copied."""
         if check.complete:
             return f"the pattern has {len(check.pattern)} calls"
-        _, name, _ = check.expected()
+        step, name, _ = check.expected()
         if found != name:
             return f"its stream is {found!r}, where the pattern's is {name!r}"
-        if frames and not check.in_loop(caller_frames()):
+        if frames and not check.in_loop(caller_frames(), step):
             return (
                 "it was called from outside the loop that made the generation's first calls (a new generation: "
                 "the previous one was interrupted)"
