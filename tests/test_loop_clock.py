@@ -214,3 +214,59 @@ def test_two_generations_in_one_context_placed_by_count_are_refused_as_by_the_ti
         with sc_compile.generation(compiled):
             _generation(compiled, 12, guidance=False, stop=5)
             _generation(compiled, 12, guidance=False)
+
+
+def test_a_hand_written_flux_loop_adds_at_most_one_read_per_full_step(monkeypatch):
+    """A 16-step hand-written loop around the demo Flux transformer (guidance as two calls per step):
+    host reads per generation against plain ``torch.compile``. Printed:
+    ``pytest -s -k hand_written_flux tests/test_loop_clock.py``."""
+    from test_one_line import _host_reads
+
+    from sc_compile.demo.models import random_flux_demo
+
+    pipe, embeddings = random_flux_demo(seed=0)
+
+    def loop(compiled, first: float = 1.0):
+        latents = torch.randn(1, 49, 16, generator=torch.Generator().manual_seed(0))
+        (cond, pooled), (uncond, upooled) = embeddings([0]), embeddings.null(1)
+        txt_ids, img_ids = torch.zeros(cond.shape[1], 3), torch.zeros(49, 3)
+        with torch.inference_mode():
+            for i in range(16):
+                t = torch.tensor([first * (1 - i / 16)])
+                out = [
+                    compiled(
+                        hidden_states=latents,
+                        timestep=t,
+                        encoder_hidden_states=c,
+                        pooled_projections=p,
+                        txt_ids=txt_ids,
+                        img_ids=img_ids,
+                        return_dict=False,
+                    )[0]
+                    for c, p in ((cond, pooled), (uncond, upooled))
+                ]
+                latents = latents - (1 / 16) * (out[1] + 3.0 * (out[0] - out[1]))
+        return latents
+
+    model = pipe.transformer
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager"})
+    loop(compiled, first=0.999)  # compiles (another schedule)
+    runs = []
+    for _ in range(3):
+        runs.append((_host_reads(monkeypatch, lambda: loop(compiled)), sc_compile.report(model)))
+    torch._dynamo.reset()
+    plain_model = random_flux_demo(seed=0)[0].transformer
+    plain = torch.compile(plain_model, backend="eager")
+    loop(plain)
+    plain_reads = _host_reads(monkeypatch, lambda: loop(plain))
+    print(
+        f"\n16-step hand-written Flux loop, 32 calls: plain torch.compile {plain_reads} host reads; ScalingCache "
+        + ", ".join(
+            f"{reads} ({report.num_full_steps} full, {report.clock_note or 'by the timestep'})"
+            for reads, report in runs
+        )
+    )
+    (first_reads, first), (_, _), (counted_reads, counted) = runs
+    assert first.clock_note == "" and first_reads - plain_reads >= 32  # a read per call
+    assert counted.clock_note.startswith("calls after the first placed by count")
+    assert counted_reads - plain_reads <= counted.num_full_steps, (counted_reads, plain_reads, counted)
