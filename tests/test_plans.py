@@ -60,11 +60,11 @@ def test_end_to_end_choice_matches_exhaustive_search_where_one_step_errors_misle
     def rollout(config: ScalingCacheConfig, run_table: AlphaTable):
         if config.schedule is Schedule.DYNAMIC:
             steps = tuple(range(n))  # stands for the dynamic rule's schedule
-            return 10 * math.log10(closed_loop(uniform_schedule(n, 8, 2, 0))), [steps]
+            return [10 * math.log10(closed_loop(uniform_schedule(n, 8, 2, 0)))], [steps]
         assert run_table.plans is not None and config.full_steps == budget
         steps = run_table.plans.steps(0)
         ran.append(steps)
-        return 10 * math.log10(closed_loop(steps)), [steps]
+        return [10 * math.log10(closed_loop(steps))], [steps]
 
     plans = choose_plans(table, rollout, base=ScalingCacheConfig(alpha=table), feeds_output=[True], budgets=[budget])
     assert plans.steps(0) == exhaustive
@@ -100,6 +100,33 @@ def _plans(counts_errors, reference=-40.0, num_steps=STEPS) -> SchedulePlans:
     for i, row in enumerate(rows):
         full[i, list(row)] = True
     return SchedulePlans(full, torch.tensor([e for _, e in counts_errors]), reference, 12.0, ("a", "b", "c", "d"))
+
+
+def test_a_candidate_replaces_the_planners_schedule_only_where_it_is_better_on_every_sample():
+    """Two rollout samples: a candidate whose mean error is lower because one sample is much better,
+    the other worse, does not replace the budget planner's schedule; one better on both does."""
+    table, n, budget = _toy_table(), 12, 6
+    candidates = dict((steps, name) for name, steps in candidate_schedules(table, n, budget, [True]))
+    planner = next(s for s, name in candidates.items() if name == "budget planner ρ=0")
+    others = [s for s in candidates if s != planner]
+    assert len(others) >= 2
+
+    def run(per_schedule):
+        def rollout(config: ScalingCacheConfig, run_table: AlphaTable):
+            if config.schedule is Schedule.DYNAMIC:
+                return [-30.0, -30.0], [tuple(range(n))] * 2
+            assert run_table.plans is not None
+            steps = run_table.plans.steps(0)
+            return per_schedule.get(steps, [-10.0, -10.0]), [steps] * 2
+
+        return choose_plans(
+            table, rollout, base=ScalingCacheConfig(alpha=table), feeds_output=[True], budgets=[budget]
+        ).steps(0)
+
+    noisy = {planner: [-20.0, -20.0], others[0]: [-40.0, -15.0]}  # mean -27.5, but worse on sample 2
+    assert run(noisy) == planner
+    better = {**noisy, others[1]: [-21.0, -22.0]}  # better on both samples
+    assert run(better) == others[1]
 
 
 def test_default_choice_is_the_largest_speedup_within_the_dynamic_rules_error():
