@@ -590,11 +590,12 @@ def choose_plans(
                 continue
             # The budget planner's own schedule stays unless another is better on every rollout sample.
             incumbent = next((c for c in scored if c[1] == PLANNER_CANDIDATE), None)
-            dominating = [
-                c for c in scored if incumbent is None or all(a < b for a, b in zip(c[3], incumbent[3], strict=True))
-            ]
-            winner = min(dominating or [incumbent], key=lambda c: c[0])
-            assert winner is not None
+            if incumbent is None:
+                winner = min(scored, key=lambda c: c[0])
+            else:
+                planner_each = incumbent[3]
+                dominating = [c for c in scored if all(a < b for a, b in zip(c[3], planner_each, strict=True))]
+                winner = min(dominating, key=lambda c: c[0]) if dominating else incumbent
             best = winner[:3]
             for _ in range(refine):
                 moved = False
