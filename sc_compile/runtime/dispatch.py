@@ -372,10 +372,8 @@ class ScalingCacheRuntime(Dispatcher):
         ):
             # The context's generations repeat a pattern: its calls after the first are placed by count.
             loop = LoopCheck(pattern, timestep.device, (0, name, values), [])
-            generation.loop = loop
-            generation.clock_note = f"calls after the first placed by count: the pattern of {len(pattern)} calls"
-            step, stream = generation.clock.place_counted(0, name, values)
-            return _counted(loop, step, stream, _mean(values))
+            generation.count_by(loop)
+            return _first_counted(generation, loop)
         try:
             step, stream = generation.clock.place_by_timestep(values, name, dtype)
         except NewGeneration:
@@ -464,8 +462,7 @@ class ScalingCacheRuntime(Dispatcher):
         whose other calls are placed by count."""
         loop = LoopCheck(pattern, device, (0, name, values), caller_frames(), old.loop)
         generation = session.restart_ambient(old, loop)
-        step, stream = generation.clock.place_counted(0, name, values)
-        return generation, _counted(loop, step, stream, _mean(values))
+        return generation, _first_counted(generation, loop)
 
     def _place_ambient(self, session: ModuleSession, key: Any, args: tuple[Any, ...]) -> tuple[Generation, Placement]:
         generation = session.ambient  # this thread's
@@ -611,6 +608,13 @@ class GraphPieceRuntime:
                 "break at its source), or pass options={'fallback': 'inductor'} to compile the model uncached."
             )
         return self.fn(*args)
+
+
+def _first_counted(generation: Generation, loop: LoopCheck) -> Placement:
+    """The placement of a counted generation's first call (read: ``loop.first``)."""
+    _, name, values = loop.first
+    step, stream = generation.clock.place_counted(0, name, values)
+    return _counted(loop, step, stream, _mean(values))
 
 
 def _counted(loop: LoopCheck, step: int, stream: int, timestep: float) -> Placement:

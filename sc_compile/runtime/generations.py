@@ -323,7 +323,6 @@ class Generation:
         self.previous_pattern: LoopPattern | None = None  # the calls of the generation before (its thread's)
         self.loop: LoopCheck | None = None
         self.clock_note = ""
-        self.finishing = False
         self._read_sigmas: list[float] | None = None  # the scheduler's sigmas, read with a timestep
         if self.session.config.final_full_steps and self.num_steps is None:
             raise ValueError(
@@ -343,6 +342,18 @@ class Generation:
     @property
     def warmup_steps(self) -> int:
         return self.session.config.warmup_for(self.num_steps)
+
+    def count_by(self, loop: LoopCheck) -> None:
+        """Place this generation's calls after the first by count (``clock/loop.py``)."""
+        self.loop = loop
+        self.clock_note = f"calls after the first placed by count: the loop's pattern of {len(loop.pattern)} calls"
+
+    def stop_counting(self, note: str) -> None:
+        """No call of this generation is placed by count from here on; ``note`` says why."""
+        if self.loop is not None:
+            self.loop.release()
+            self.loop = None
+        self.clock_note = note
 
     def layout_state(self, runtime: Any) -> LayoutState:
         key = runtime.layout.key(self.session.config.cache_dtype)
@@ -546,10 +557,7 @@ class ModuleSession:
                 generation = self.ambient = Generation(self, "timestep", None)
                 self.last_generation = generation
                 if loop is not None:
-                    generation.loop = loop
-                    generation.clock_note = (
-                        f"calls after the first placed by count: the loop's pattern of {len(loop.pattern)} calls"
-                    )
+                    generation.count_by(loop)
             return self.ambient  # type: ignore[return-value]
 
     def check_loop(self, generation: Generation, placing: bool = False) -> bool:
@@ -571,9 +579,7 @@ class ModuleSession:
             if generation.source != "context":
                 self.end_loop(generation, mismatch)
                 return False
-            generation.loop = None
-            loop.release()
-            generation.clock_note = mismatch.describe(self.name)
+            generation.stop_counting(mismatch.describe(self.name))
             log.warning(generation.clock_note)
             if placing:
                 raise ClockError(
@@ -588,7 +594,7 @@ class ModuleSession:
             f"placed by count up to call {loop.position - 1}, then by the timestep: call {first} (step "
             f"{actual[first][0]}) was at the step the count said, but {what}"
         )
-        self.leave_loop(generation, note)
+        self.leave_loop(generation, note, actual)
         if cached:
             log.warning(
                 "ScalingCache: %s: %s. Calls %s ran cached with the pattern's timestep in place of theirs (an α "
@@ -602,37 +608,31 @@ class ModuleSession:
             log.info("ScalingCache: %s: %s; nothing cached was affected.", self.name, note)
         return True
 
-    def leave_loop(self, generation: Generation, note: str) -> None:
+    def leave_loop(self, generation: Generation, note: str, actual: list[PlacedCall] | None = None) -> None:
         """A counted generation whose calls so far the timestep clock places as the count did goes on
-        placed by the timestep (after :meth:`check_loop` compared them)."""
-        loop = generation.loop
-        assert loop is not None
-        actual = loop.actual()
+        placed by the timestep (after :meth:`check_loop` compared them; ``actual``: the calls with
+        their timesteps, where it has them already)."""
+        assert generation.loop is not None
+        actual = generation.loop.actual() if actual is None else actual
         generation.clock.correct_values(actual)
         generation.placed_calls = actual
-        generation.loop = None
-        loop.release()
-        generation.clock_note = note
+        generation.stop_counting(note)
 
     def end_loop(self, generation: Generation, mismatch: Mismatch) -> None:
         """End a counted generation whose call was not its pattern's: a warning where a cached call
         ran at a wrong step (its output may be wrong), else a note (nothing was affected)."""
-        note = mismatch.describe(self.name)
-        generation.clock_note = note
-        if mismatch.cached_calls:
-            log.warning(note)
-        else:
-            log.info(note)
-        generation.finishing = True  # compared already
+        generation.stop_counting(mismatch.describe(self.name))
+        (log.warning if mismatch.cached_calls else log.info)(generation.clock_note)
         self.finish(generation, interrupted=True)
 
     def finish(self, generation: Generation, interrupted: bool) -> None:
         """Build the generation's report and free its state."""
         if generation.finished:
             return
-        if generation.loop is not None and generation.loop.pending and not generation.finishing:
-            generation.finishing = True  # what check_loop may end it with finishes it
-            self.check_loop(generation)  # the calls placed by count not compared yet
+        if generation.loop is not None and generation.loop.pending:
+            # The calls placed by count not compared yet (what ends the generation there finishes it;
+            # a generation that stopped counting is not compared again).
+            self.check_loop(generation)
             if generation.finished:
                 return
         from sc_compile.reporting.report import build_report
