@@ -100,6 +100,16 @@ def main() -> None:
     )
     parser.add_argument("--plan-refine", type=int, default=0, help="with --plans: calibrate's plan_refine sweeps")
     parser.add_argument(
+        "--plan-samples", type=int, default=None, help="with --plans: calibrate's plan_samples (default: its default)"
+    )
+    parser.add_argument("--save-table", type=Path, default=None, help="with --plans: write the calibrated table here")
+    parser.add_argument(
+        "--same-schedule",
+        action="store_true",
+        help="with --plans: also α = 1 on each budget's stored plan, and the table against α = 1 at static k = 2, 3, 4 "
+        "(the same full steps for both)",
+    )
+    parser.add_argument(
         "--second-order",
         action="store_true",
         help="with --plans: calibrate with second_order=True (the plans are then chosen with two differences)",
@@ -266,16 +276,20 @@ def plans_main(args: argparse.Namespace) -> None:
     pipe = workload.build_pipeline(workload.transformer)
     size = demo_size(type(workload.transformer).__name__)
     n = args.steps
-    print(f"calibrating on {len(CALIBRATION)} samples, {n} steps, choosing schedules on the first 2", flush=True)
+    chosen_on = "calibrate's default number of" if args.plan_samples is None else f"the first {args.plan_samples}"
+    print(f"calibrating on {len(CALIBRATION)} samples, {n} steps, choosing schedules on {chosen_on}", flush=True)
     calibration_started = time.perf_counter()
     table = sc_compile.calibrate(
         pipe,
         [sample_call(embeddings, size, c, s, n, GUIDANCE) for c, s in CALIBRATION],
         progress=False,
+        plan_samples=args.plan_samples,
         plan_refine=args.plan_refine,
         second_order=args.second_order,
     )
     calibration_seconds = time.perf_counter() - calibration_started
+    if args.save_table is not None:
+        table.save(args.save_table)
     plans = table.plans
     assert plans is not None
     print(f"  {table!r} in {calibration_seconds:.0f} s (choosing schedules: {table.extra['plan_seconds']} s)")
@@ -296,6 +310,7 @@ def plans_main(args: argparse.Namespace) -> None:
         "stored": stored,
         "dynamic_calibrated": [plans.reference_error, plans.reference_full_steps],
         "held_out": [],
+        "held_out_samples": held_out,
     }
     references: dict[tuple[int, int, int], torch.Tensor] = {}
 
@@ -323,9 +338,16 @@ def plans_main(args: argparse.Namespace) -> None:
         return row
 
     first_order = {"predictor_order": 1} if args.second_order else {}
+    # α = 1 (one difference, no fit) that runs the table's stored plans: the same full steps as the table's rows.
+    ones_same_plans = dataclasses.replace(table, alpha=torch.ones_like(table.alpha), fitted=None)
     for budget in [int(b) for b in args.budgets.split(",")] if args.budgets else (n // 2, n // 3, n // 4, n // 5):
         held(f"today's planner (ρ=0), full_steps={budget}", {"alpha": today, "full_steps": budget, **first_order})
         held(f"end-to-end plan, full_steps={budget}", {"alpha": table, "full_steps": budget})
+        if args.same_schedule:
+            held(f"α = 1 on the same plan, full_steps={budget}", {"alpha": ones_same_plans, "full_steps": budget})
+    for interval in (2, 3, 4) if args.same_schedule else ():
+        held(f"table, static k={interval}", {"alpha": table, "static_interval": interval})
+        held(f"α = 1, static k={interval}", {"alpha": "ones", "static_interval": interval})
     for steps in [] if args.no_dynamic else [n, *[int(x) for x in args.transfer.split(",") if x]]:
         held("planned default", {"alpha": table, "schedule": "planned"}, steps)
         held("dynamic rule", {"alpha": table, "schedule": "dynamic"}, steps)
@@ -335,6 +357,7 @@ def plans_main(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     refined = f"_refine{args.plan_refine}" if args.plan_refine else ""
     refined += "_second_order" if args.second_order else ""
+    refined += f"_samples{args.plan_samples}" if args.plan_samples is not None else ""
     stem = f"schedule_plans{refined}_{args.model.replace('-', '_')}_{n}"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     command = " ".join(["benchmarks/schedule_ablation.py", *sys.argv[1:]])
@@ -358,10 +381,13 @@ def render_plans(results: dict[str, Any], command: str) -> str:
     ]
     for row in results["stored"]:
         lines.append(f"| {row['full_steps']} | {row['error_db']:.2f} | {row['source']} | {row['steps']} |")
-    lines += ["", "Held out (classes 5.., seeds 3000..; PSNR dB against the uncached output, mean; full steps):", ""]
-    lines += ["| configuration | PSNR | full | schedule (report) |", "| --- | ---: | ---: | --- |"]
+    samples = ", ".join(f"({c}, {s})" for c, s in results.get("held_out_samples", ())) or "classes 5.., seeds 3000.."
+    lines += ["", f"Held out ((class, seed): {samples}; PSNR dB against the uncached output; full steps):", ""]
+    lines += ["| configuration | PSNR mean | each sample | full | schedule (report) |"]
+    lines += ["| --- | ---: | --- | ---: | --- |"]
     for row in results["held_out"]:
-        lines.append(f"| {row['config']} | {row['psnr']:.2f} | {row['full_steps']:.1f} | {row['schedule']} |")
+        each = " / ".join(f"{v:.1f}" for v in row["each"])
+        lines.append(f"| {row['config']} | {row['psnr']:.2f} | {each} | {row['full_steps']:.1f} | {row['schedule']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -124,6 +124,8 @@ DEFAULT_SCHEDULE = Schedule.DYNAMIC
 REFERENCE_WARMUP_STEPS = 10
 REFERENCE_NUM_STEPS = 50
 MIN_WARMUP_STEPS = 2
+# A warm-up no generation reaches: every step full (calibration's runs; asked for on purpose, so not warned).
+ALL_FULL_WARMUP = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)

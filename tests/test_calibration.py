@@ -251,3 +251,23 @@ def test_calibration_shows_one_progress_bar_with_the_thread_count(capsys):
     ), err
     assert "6/6" in drawn[-1], drawn[-1]
     assert pipe._progress_bar_config == {"disable": False, "leave": True}
+
+
+def test_calibration_runs_every_step_full_without_warning_about_it(caplog):
+    """Calibration's all-full warm-up is on purpose: no "nothing will be cached" warning, even where the
+    generation declares its step count; a user's warm-up that covers the generation is still warned."""
+    model = DummyDiT()
+    run = _geometric_generation(0.8, 6)
+
+    def declared(compiled):
+        with sc_compile.generation(model, num_inference_steps=6):
+            run(compiled)
+
+    with caplog.at_level(logging.WARNING, logger="sc_compile"):
+        sc_compile.calibrate(model, [declared], progress=False)
+    assert not [r for r in caplog.records if "nothing will be cached" in r.getMessage()]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="scalingcache", options={"compiler": "eager", "warmup_steps": 6})
+    with caplog.at_level(logging.WARNING, logger="sc_compile"), torch.no_grad():
+        declared(compiled)
+    assert [r for r in caplog.records if "warm-up of 6 steps covers the whole 6-step" in r.getMessage()]

@@ -38,13 +38,19 @@ from sc_compile.calibration.fitting import (
     one_step_alpha,
 )
 from sc_compile.calibration.table import AlphaTable, SchedulePlans
-from sc_compile.config import Granularity, InnerCompiler, Prediction, ScalingCacheConfig, Schedule, is_int_at_least
+from sc_compile.config import (
+    ALL_FULL_WARMUP,
+    Granularity,
+    InnerCompiler,
+    Prediction,
+    ScalingCacheConfig,
+    Schedule,
+    is_int_at_least,
+)
 from sc_compile.contract import Statistic
 
 log = logging.getLogger(__name__)
 
-# Warm-up long enough that no step of any generation is cached.
-_ALL_FULL = 1 << 30
 # Longest gap (in steps) the fitted coefficients serve by default.
 DEFAULT_MAX_GAP = 8
 # Elements of a non-output cache point that enter its Gram (a fixed strided subsample).
@@ -212,7 +218,7 @@ def calibrate(
     rollout_count = min(rollout_count, len(samples))
     outputs: list[torch.Tensor | None] = []
     config = ScalingCacheConfig(
-        warmup_steps=_ALL_FULL,
+        warmup_steps=ALL_FULL_WARMUP,
         alpha="ones",
         granularity=Granularity(granularity),
         prediction=Prediction(prediction),

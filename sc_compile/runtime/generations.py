@@ -29,7 +29,7 @@ import torch
 
 from sc_compile.clock.loop import LoopCheck, LoopPattern, Mismatch, PlacedCall, replay
 from sc_compile.clock.step_clock import ClockError, StepClock
-from sc_compile.config import ScalingCacheConfig
+from sc_compile.config import ALL_FULL_WARMUP, ScalingCacheConfig
 from sc_compile.decision.decisions import Decisions
 from sc_compile.memory import CacheMemoryError, format_bytes, graph_memory_bytes, new_stream_limit, refusal
 from sc_compile.runtime.protocol import StepKind, StepState
@@ -331,7 +331,7 @@ class Generation:
                 "`with sc_compile.generation(transformer, num_inference_steps=N):`"
             )
         warmup = session.config.warmup_for(self.num_steps)
-        if self.num_steps is not None and warmup >= self.num_steps:
+        if self.num_steps is not None and self.num_steps <= warmup < ALL_FULL_WARMUP:
             session.warn_once(
                 "warmup",
                 "ScalingCache: warm-up of %d steps covers the whole %d-step generation; nothing will be cached.",
