@@ -17,7 +17,7 @@ from sc_compile.calibration.table import AlphaTable, SchedulePlans
 from sc_compile.config import ScalingCacheConfig, Schedule
 from sc_compile.decision.budget import schedule_error
 from sc_compile.decision.coefficients import make_predictor
-from sc_compile.decision.plans import feasible, leading_full, map_plan, uniform_schedule
+from sc_compile.decision.plans import feasible, interval_schedules, leading_full, map_plan, uniform_schedule
 from sc_compile.errors import AlphaTableError
 
 from dummy_dit import DummyDiT
@@ -153,6 +153,23 @@ def test_mapping_a_plan_keeps_its_fraction_and_is_deterministic(steps):
     assert leading_full(doubled) == 2 * leading_full(plan) - 1 or leading_full(doubled) == 2 * leading_full(plan)
     with pytest.raises(ValueError, match="steps 0 and 1"):
         map_plan((0, 2, 5), 10, 20)
+
+
+def test_interval_candidates_are_taylorseers_spacing_with_exactly_the_budget():
+    # TaylorSeer (diffusers) runs step s in full where s < w or (s - w - 1) % I == 0.
+    def taylorseer(n: int, w: int, interval: int) -> tuple[int, ...]:
+        return tuple(s for s in range(n) if s < w or (s - w - 1) % interval == 0)
+
+    for n, budget in ((50, 16), (50, 12), (50, 10), (28, 9), (100, 20)):
+        found = interval_schedules(n, budget)
+        assert found, (n, budget)
+        for name, steps in found:
+            w, interval = int(name.split("warm-up ")[1]), int(name.split()[1])
+            assert len(steps) == budget and steps == taylorseer(n, w, interval)
+            # the shortest such interval: one less gives more than the budget
+            assert len(taylorseer(n, w, interval - 1)) > budget or interval == 2
+    assert (0, 1, 3, 8, 13, 18, 23, 28, 33, 38, 43, 48) in [s for _, s in interval_schedules(50, 12)]
+    assert interval_schedules(50, 25) == []  # no interval gives exactly 25 after a warm-up of 2 to 6
 
 
 def _generation(seed: int, steps: int = STEPS):

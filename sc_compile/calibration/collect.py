@@ -477,11 +477,12 @@ def candidate_schedules(
 ) -> list[tuple[str, tuple[int, ...]]]:
     """The candidates for ``budget`` full steps: the budget planner at :data:`PLAN_PROPAGATIONS`, uniform
     spacings (:data:`PLAN_UNIFORM` warm-ups and final full steps; :data:`PLAN_WEIGHTED` even in the
-    sampler's step sizes) and ``extra``; each at most once, each
+    sampler's step sizes), fixed intervals (:func:`~sc_compile.decision.plans.interval_schedules`)
+    and ``extra``; each at most once, each
     with exactly ``budget`` full steps and only gaps the table serves."""
     from sc_compile.decision.coefficients import step_weights
     from sc_compile.decision.decisions import Decisions, StepInfo
-    from sc_compile.decision.plans import feasible, uniform_schedule
+    from sc_compile.decision.plans import feasible, interval_schedules, uniform_schedule
     from sc_compile.errors import BudgetError
 
     bare = dataclasses.replace(table, plans=None)
@@ -514,6 +515,7 @@ def candidate_schedules(
         steps = uniform_schedule(num_steps, budget, warmup, final, weights)
         if steps is not None:
             found.append((f"uniform in σ, warm-up {warmup}, final {final}", steps))
+    found.extend(interval_schedules(num_steps, budget))
     found.extend(extra)
     unique: dict[tuple[int, ...], str] = {}
     for name, steps in found:

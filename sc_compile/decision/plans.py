@@ -92,6 +92,27 @@ def uniform_schedule(
     return tuple(sorted(full)) if len(full) == budget else None
 
 
+def interval_schedules(
+    num_steps: int, budget: int, warmups: Sequence[int] = (2, 3, 4, 5, 6)
+) -> list[tuple[str, tuple[int, ...]]]:
+    """TaylorSeer's fixed-interval spacing with exactly ``budget`` full steps: the first ``w`` steps,
+    one cached step, then every ``I``-th step from step ``w + 1`` (the first difference after the
+    warm-up spans two steps); per warm-up ``w`` of ``warmups``, the shortest interval that gives exactly
+    ``budget`` (if one does). (Even spacing straight after the warm-up is :func:`uniform_schedule`'s.)"""
+    found: list[tuple[str, tuple[int, ...]]] = []
+    for warmup in warmups:
+        start = warmup + 1
+        if warmup < 2 or start >= num_steps:
+            continue
+        for interval in range(2, num_steps - start + 1):
+            steps = tuple(range(warmup)) + tuple(range(start, num_steps, interval))
+            if len(steps) <= budget:
+                if len(steps) == budget:
+                    found.append((f"every {interval} steps from step {start}, warm-up {warmup}", steps))
+                break
+    return found
+
+
 def feasible(schedule: Sequence[int], num_steps: int, allows_gap: Callable[[int, int], bool]) -> bool:
     """Whether every cached step of ``schedule`` is a gap the predictor serves."""
     full = set(schedule)
