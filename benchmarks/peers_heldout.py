@@ -169,7 +169,13 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=8, help="thresholds in each peer's coarse geometric grid")
     parser.add_argument("--refine", type=int, default=4, help="bisections per budget and threshold sweep")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the markdown of an earlier run")
     args = parser.parse_args()
+    if args.render is not None:
+        results = json.loads(args.render.read_text())
+        command = " ".join(["benchmarks/peers_heldout.py", *results["argv"]])
+        args.render.with_suffix(".md").write_text(render(results, command))
+        return
     torch.set_num_threads(1)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     started = time.perf_counter()
@@ -327,6 +333,12 @@ def render(results: dict[str, Any], command: str) -> str:
                 best = max(fits, key=lambda r: r["psnr"])
                 cells.append(f"**{best['psnr']:.2f}** ({best['setting']}; {best['full']:.2f})")
         lines.append(f"| {peer} | " + " | ".join(cells) + " |")
+    cells = []
+    for budget in budgets:
+        fits = [r for r in results["rows"] if r["full"] <= budget]
+        best = max(fits, key=lambda r: r["psnr"]) if fits else None
+        cells.append(f"**{best['psnr']:.2f}** ({best['peer']})" if best else "—")
+    lines.append("| best of the peers | " + " | ".join(cells) + " |")
     if results["failed"]:
         lines += ["", "## Peers that did not run", "", "| peer | error |", "| --- | --- |"]
         for peer, error in results["failed"].items():
