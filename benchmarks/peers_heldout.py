@@ -186,9 +186,11 @@ def main() -> None:
     print(f"{args.model}, {n} steps, {len(runner.samples)} held-out samples, budgets {budgets}", flush=True)
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
+    peers: dict[str, None] = {}  # in the order they run
 
     def run(method: Method) -> dict[str, Any] | None:
         name = peer_name(method)
+        peers.setdefault(name)
         if name in failed:
             return None
         row: dict[str, Any] = {"peer": name, "setting": setting(method)}
@@ -224,8 +226,9 @@ def main() -> None:
     try:
         ratios, magcache = calibrate_magcache(runner.harness)
     except Exception as error:  # noqa: BLE001  (reported in the results)
+        peers.setdefault("MagCache")
         failed["MagCache"] = f"calibration: {type(error).__name__}: {error}".strip()[:400]
-        print(f"MagCache calibration FAILED: {failed['MagCache'][:200]}", flush=True)
+        print(f"MagCache FAILED: {failed['MagCache'][:200]}", flush=True)
     else:
         for retention, max_skip in MAGCACHE_VARIANTS:
             fixed_mag = dict(
@@ -243,6 +246,7 @@ def main() -> None:
         "guidance": GUIDANCE,
         "calls_per_step": runner.calls_per_step,
         "budgets": budgets,
+        "peers": list(peers),
         "rows": rows,
         "failed": failed,
         "magcache_calibration": magcache,
@@ -311,7 +315,9 @@ def render(results: dict[str, Any], command: str) -> str:
         "",
     ]
     budgets = results["budgets"]
-    peers = list(dict.fromkeys([r["peer"] for r in results["rows"]] + list(results["failed"])))
+    peers = list(
+        dict.fromkeys(results.get("peers", []) + [r["peer"] for r in results["rows"]] + list(results["failed"]))
+    )
     lines += [
         "## Best PSNR of each peer within each budget",
         "",
