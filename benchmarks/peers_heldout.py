@@ -101,7 +101,7 @@ class Runner:
 
     def measure(self, method: Method) -> dict[str, Any]:
         """Each sample on a freshly prepared configuration: PSNR and full evaluations per step."""
-        psnrs, fulls = [], []
+        psnrs, fulls, macs = [], [], []
         for call, reference in zip(self.calls, self.references, strict=True):
             prepared = method.prepare(self.harness)
             counter = prepared.linear_counter
@@ -117,7 +117,14 @@ class Runner:
                 )
             psnrs.append(psnr(images, reference))
             fulls.append(sum(m >= self.full_macs for m in counter.per_call) / self.calls_per_step)
-        return {"psnr": statistics.mean(psnrs), "full": statistics.mean(fulls), "each_psnr": psnrs, "each_full": fulls}
+            macs.append(sum(counter.per_call) / (self.full_macs * len(counter.per_call)))
+        return {
+            "psnr": statistics.mean(psnrs),
+            "full": statistics.mean(fulls),
+            "macs": statistics.mean(macs),
+            "each_psnr": psnrs,
+            "each_full": fulls,
+        }
 
 
 def setting(method: Method) -> str:
@@ -311,7 +318,9 @@ def render(results: dict[str, Any], command: str) -> str:
         f"Samples (class, seed): {[tuple(s) for s in results['samples']]}, guidance {results['guidance']}; PSNR dB "
         "against the uncached output of the same sample (mean over the samples); full = full evaluations per step "
         f"(calls in which every block Linear ran, divided by {results['calls_per_step']} call(s) per step), mean "
-        "over the samples: the unit of `full_steps`. Every peer eager, built fresh per sample.",
+        "over the samples: the unit of `full_steps`. MACs: the fraction of an uncached generation's block-Linear "
+        "multiply-adds that ran (a peer that caches part of a step, such as TaylorSeer's attention outputs or "
+        "DBCache's blocks after the first, still pays for the rest). Every peer eager, built fresh per sample.",
         "",
     ]
     budgets = results["budgets"]
@@ -353,12 +362,17 @@ def render(results: dict[str, Any], command: str) -> str:
         "",
         "## Every configuration",
         "",
-        "| peer | setting | full | PSNR | each sample's PSNR |",
-        "| --- | --- | ---: | ---: | --- |",
+        "| peer | setting | full | MACs | PSNR | each sample's PSNR |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
     ]
     for r in sorted(results["rows"], key=lambda r: (peers.index(r["peer"]), -r["full"])):
         each = ", ".join(f"{p:.2f}" for p in r["each_psnr"])
-        lines.append(f"| {r['peer']} | {r['setting']} | {r['full']:.2f} | {r['psnr']:.2f} | {each} |")
+        cells = (
+            f"{r['full']:.2f} | {r['macs']:.3f} | {r['psnr']:.2f}"
+            if "macs" in r
+            else f"{r['full']:.2f} | | {r['psnr']:.2f}"
+        )
+        lines.append(f"| {r['peer']} | {r['setting']} | {cells} | {each} |")
     return "\n".join(lines) + "\n"
 
 
