@@ -239,11 +239,12 @@ class FirstBlockCache(DiffusersPeer):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TaylorSeerCache(DiffusersPeer):
-    """Caches attention outputs (order 1, fp32 factors), after ``warmup_steps`` full steps."""
+    """Caches attention outputs (Taylor order ``max_order``, fp32 factors), after ``warmup_steps`` full steps."""
 
     label = "TaylorSeerCache"  # type: ignore[assignment]
     interval: int
     warmup_steps: int
+    max_order: int = 1
     # diffusers' default patterns (``^blocks.*attn`` ...) must match a module name in full, so
     # Wan's ``blocks.0.attn1`` / ``attn2`` are never hooked: ``configurations`` passes the pattern
     # the default intends on models whose attention modules carry a number.
@@ -251,7 +252,7 @@ class TaylorSeerCache(DiffusersPeer):
 
     @property
     def param(self) -> str:
-        return f"interval={self.interval}"
+        return f"interval={self.interval}" + ("" if self.max_order == 1 else f" order={self.max_order}")
 
     def options(self) -> dict[str, Any]:
         identifiers = None if self.cache_identifiers is None else list(self.cache_identifiers)
@@ -264,7 +265,7 @@ class TaylorSeerCache(DiffusersPeer):
         return TaylorSeerCacheConfig(
             cache_interval=self.interval,
             disable_cache_before_step=self.warmup_steps,
-            max_order=1,
+            max_order=self.max_order,
             taylor_factors_dtype=torch.float32,
             **self.options(),
         )
@@ -289,6 +290,7 @@ class MagCache(DiffusersPeer):
     max_skip_steps: int
     num_inference_steps: int
     mag_ratios: tuple[float, ...]
+    retention_ratio: float = 0.2  # the first steps always run in full
 
     @property
     def param(self) -> str:
@@ -300,7 +302,7 @@ class MagCache(DiffusersPeer):
         return MagCacheConfig(
             threshold=self.threshold,
             max_skip_steps=self.max_skip_steps,
-            retention_ratio=0.2,
+            retention_ratio=self.retention_ratio,
             num_inference_steps=self.num_inference_steps,
             mag_ratios=list(self.mag_ratios),
         )
@@ -375,6 +377,7 @@ class DBCache(Peer):
     back_blocks: int  # Bn_compute_blocks
     warmup_steps: int
     num_inference_steps: int
+    separate_cfg: bool = True  # False where the pipeline batches cond and uncond in one call
     taylorseer: ClassVar[bool] = False
 
     @property
@@ -392,7 +395,7 @@ class DBCache(Peer):
             residual_diff_threshold=self.threshold,
             max_warmup_steps=self.warmup_steps,
             num_inference_steps=self.num_inference_steps,
-            enable_separate_cfg=True,
+            enable_separate_cfg=self.separate_cfg,
         )
         calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if self.taylorseer else None
         with contextlib.redirect_stdout(io.StringIO()):
@@ -448,6 +451,15 @@ def calibrate_magcache(harness: Harness) -> tuple[list[float], dict[str, Any]]:
 # --------------------------------------------------------------------------- the sweep
 
 
+def taylorseer_identifiers(module_names: list[str]) -> tuple[str, ...] | None:
+    """``TaylorSeerCache.cache_identifiers`` for a model with these module names: the attention
+    pattern diffusers' default intends where attention modules carry a number (Wan's
+    ``blocks.0.attn1``), else None (diffusers' default)."""
+    if any(re.fullmatch(r"blocks\.\d+\.attn\d+", n) for n in module_names):
+        return (r"^blocks\.\d+\.attn\d+$",)
+    return None
+
+
 def configurations(settings: Settings, module_names: list[str], mag_ratios: list[float] | None) -> list[Method]:
     """The configurations of a run, in order: the uncached references, ours, then each peer's sweep
     (eager, and compiled where ``Sweeps.compiles``). ``mag_ratios=None`` leaves MagCache out (its
@@ -476,7 +488,6 @@ def configurations(settings: Settings, module_names: list[str], mag_ratios: list
     configs += [ours(s, settings.ours_compiler, granularity="module") for s in sweeps.module_warmups]
 
     # The peers: one sweep each over one field, the other fields fixed.
-    has_numbered_attention = any(re.fullmatch(r"blocks\.\d+\.attn\d+", n) for n in module_names)
     taylorseer = dict(warmup_steps=sweeps.ts_warmup)
     dbcache = dict(
         front_blocks=sweeps.dbc_fn, back_blocks=sweeps.dbc_bn, warmup_steps=sweeps.dbc_warmup, num_inference_steps=steps
@@ -487,7 +498,7 @@ def configurations(settings: Settings, module_names: list[str], mag_ratios: list
             TaylorSeerCache,
             "interval",
             sweeps.taylorseer,
-            dict(taylorseer, cache_identifiers=(r"^blocks\.\d+\.attn\d+$",) if has_numbered_attention else None),
+            dict(taylorseer, cache_identifiers=taylorseer_identifiers(module_names)),
         ),
         (TaylorSeerCacheLite, "interval", sweeps.taylorseer_lite, taylorseer),
         (
