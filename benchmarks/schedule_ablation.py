@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -101,6 +102,12 @@ def main() -> None:
     parser.add_argument("--plan-refine", type=int, default=0, help="with --plans: calibrate's plan_refine sweeps")
     parser.add_argument(
         "--plan-samples", type=int, default=None, help="with --plans: calibrate's plan_samples (default: its default)"
+    )
+    parser.add_argument(
+        "--shrink-rule",
+        choices=["sum", "worst"],
+        default="sum",
+        help="with --plans: the fit's shrinkage rule (sc_compile.calibration.fitting.fit_gap_coefficients)",
     )
     parser.add_argument("--save-table", type=Path, default=None, help="with --plans: write the calibrated table here")
     parser.add_argument(
@@ -279,6 +286,8 @@ def plans_main(args: argparse.Namespace) -> None:
     chosen_on = "calibrate's default number of" if args.plan_samples is None else f"the first {args.plan_samples}"
     print(f"calibrating on {len(CALIBRATION)} samples, {n} steps, choosing schedules on {chosen_on}", flush=True)
     calibration_started = time.perf_counter()
+    if args.shrink_rule != "sum":
+        collect.fit_gap_coefficients = functools.partial(collect.fit_gap_coefficients, shrink_rule=args.shrink_rule)
     table = sc_compile.calibrate(
         pipe,
         [sample_call(embeddings, size, c, s, n, GUIDANCE) for c, s in CALIBRATION],
@@ -358,6 +367,7 @@ def plans_main(args: argparse.Namespace) -> None:
     refined = f"_refine{args.plan_refine}" if args.plan_refine else ""
     refined += "_second_order" if args.second_order else ""
     refined += f"_samples{args.plan_samples}" if args.plan_samples is not None else ""
+    refined += f"_{args.shrink_rule}" if args.shrink_rule != "sum" else ""
     stem = f"schedule_plans{refined}_{args.model.replace('-', '_')}_{n}"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     command = " ".join(["benchmarks/schedule_ablation.py", *sys.argv[1:]])

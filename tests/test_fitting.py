@@ -101,6 +101,26 @@ def test_shrinkage_falls_back_to_alpha_one_where_samples_disagree():
     assert float(unshrunk.coef[2, 0, 1, 0] * unshrunk.refresh[2, 0, 0]) != pytest.approx(2.0, abs=1e-3)
 
 
+def test_shrinkage_trusts_the_fit_only_as_far_as_it_helps_every_left_out_sample():
+    # Two large trajectories that decelerate (their fit is well below α = 1) and one small one that
+    # moves on at a constant rate (α = 1 nearly exact). Summed squared errors are the large ones':
+    # the sum rule keeps their fit. Left out, the small one is predicted far worse by that fit than by
+    # α = 1 (relative to its own error), so the worst-sample rule shrinks to α = 1 (the default is the sum).
+    def curve(scale: float, bend: float, wobble: float = 0.0) -> list[torch.Tensor]:
+        return [
+            torch.tensor([scale * (t - bend * t * t), 1.0 + wobble * (t % 2)], dtype=torch.float64) for t in range(7)
+        ]
+
+    grams = [_gram(curve(10.0, 0.1), 2), _gram(curve(12.0, 0.08), 2), _gram(curve(0.1, 0.0, wobble=1e-3), 2)]
+    worst = fit_gap_coefficients(grams, 2, [True], shrink_rule="worst")
+    summed = fit_gap_coefficients(grams, 2, [True])
+    # τ = 2, g = 1, k = 2: α = 1 is c · r = k / g = 2.
+    assert float(worst.coef[2, 0, 1, 0] * worst.refresh[2, 0, 0]) == pytest.approx(2.0, abs=1e-6)
+    assert float(summed.coef[2, 0, 1, 0] * summed.refresh[2, 0, 0]) < 1.5
+    with pytest.raises(ValueError, match="shrink_rule"):
+        fit_gap_coefficients(grams, 2, [True], shrink_rule="mean")
+
+
 def _brute_force(num_steps, budget, cost, allows_gap, forced=()):
     best = None
     middle = [t for t in range(2, num_steps)]
