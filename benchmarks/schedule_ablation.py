@@ -361,6 +361,8 @@ def plans_main(args: argparse.Namespace) -> None:
         held("planned default", {"alpha": table, "schedule": "planned"}, steps)
         held("dynamic rule", {"alpha": table, "schedule": "dynamic"}, steps)
         held("α = 1 default", {"alpha": "ones"}, steps)
+        if args.same_schedule:
+            held("α = 1 on the planned default's schedule", {"alpha": ones_same_plans, "schedule": "planned"}, steps)
     elapsed = time.perf_counter() - started
     results["seconds"] = elapsed
     args.out.mkdir(parents=True, exist_ok=True)

@@ -182,7 +182,7 @@ def calibrate(
     ``plan_samples``: choose schedules end to end (:mod:`sc_compile.decision.plans`): on the first
     ``plan_samples`` samples, run the dynamic rule and, per budget of ``plan_budgets`` (default N/2,
     N/3, N/4, N/5 and the dynamic rule's count), a few candidate schedules closed loop, and store
-    per budget the one whose output is nearest the uncached output (about ``plan_samples`` × 60
+    per budget the one whose output is nearest the uncached output (about ``plan_samples`` × 70
     more generations, most of their steps cached); ``plan_refine``: sweeps of local search after
     (each moves every full step by one step either way, about ``2B`` rollouts per budget B per sweep).
     ``None``: 2 where the samples return their output

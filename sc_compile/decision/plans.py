@@ -3,7 +3,8 @@
 At calibration (:func:`sc_compile.calibrate` with ``plan_samples``), each budget of a small grid
 gets candidate sets of full steps (the budget planner of :mod:`sc_compile.decision.budget` at
 several error-propagation gains, uniform spacings with different warm-ups and final full steps,
-the dynamic rule's own schedule), each candidate is run closed loop on calibration samples, and
+TaylorSeer's fixed intervals, the dynamic rule's own schedule), each candidate is run closed loop
+on calibration samples, and
 the one whose *whole output* is nearest the uncached output is kept: a sum of one-step errors
 cannot see how the errors of a generation propagate, a rollout does. The table stores the kept
 schedules (:class:`~sc_compile.calibration.table.SchedulePlans`) with their calibrated errors and the dynamic rule's.
