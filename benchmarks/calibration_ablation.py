@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cachebench.samples import generate, generate_cached, sample_call
+from cachebench.samples import CALIBRATION_SAMPLES, generate, generate_cached, held_out_samples, sample_call
 from cachebench.workloads import load
 
 import sc_compile
@@ -30,13 +30,13 @@ from sc_compile.demo.sampling import demo_size
 from sc_compile.metrics import psnr
 
 GUIDANCE = 3.0
-CALIBRATION = [(c, 1000 + s) for s in range(2) for c in range(5)]
+CALIBRATION = CALIBRATION_SAMPLES
 
 
 def held_out_sets(per_set: int) -> dict[str, list[tuple[int, int]]]:
     return {
         "seeds": [(c, 2000 + c) for c in range(per_set)],
-        "classes+seeds": [(5 + c, 3000 + c) for c in range(per_set)],
+        "classes+seeds": held_out_samples(per_set),
     }
 
 

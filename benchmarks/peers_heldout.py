@@ -60,7 +60,7 @@ from cachebench.peers import (  # noqa: E402
     calibrate_magcache,
     taylorseer_identifiers,
 )
-from cachebench.samples import generate, sample_call  # noqa: E402
+from cachebench.samples import generate, held_out_samples, sample_call  # noqa: E402
 
 from sc_compile.demo.sampling import demo_size  # noqa: E402
 from sc_compile.metrics import psnr  # noqa: E402
@@ -85,7 +85,7 @@ class Runner:
         self.steps = steps
         self.calls_per_step = self.harness.calls_per_generation // steps
         size = demo_size(type(self.harness.base).__name__)
-        self.samples = [(5 + c, 3000 + c) for c in range(per_set)]
+        self.samples = held_out_samples(per_set)
         self.calls = [sample_call(self.harness.embeddings, size, c, s, steps, GUIDANCE) for c, s in self.samples]
         self.references: list[torch.Tensor] = []
         self.full_macs = 0

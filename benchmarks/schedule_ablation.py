@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cachebench.samples import generate, generate_cached, sample_call
+from cachebench.samples import CALIBRATION_SAMPLES, generate, generate_cached, held_out_samples, sample_call
 from cachebench.workloads import load
 
 import sc_compile
@@ -43,7 +43,7 @@ from sc_compile.demo.sampling import demo_size
 from sc_compile.metrics import psnr
 
 GUIDANCE = 3.0
-CALIBRATION = [(c, 1000 + s) for s in range(2) for c in range(5)]
+CALIBRATION = CALIBRATION_SAMPLES
 
 
 def open_loop_errors(fitted: FittedCoefficients, grams: list[BandedGram], gap: int, feeds_output: list[bool]):
@@ -145,7 +145,7 @@ def main() -> None:
     collect.fit_gap_coefficients = capturing_fit  # type: ignore[assignment]
     print(f"calibrating on {len(CALIBRATION)} samples, {n} steps, with two differences", flush=True)
     table = sc_compile.calibrate(pipe, [call(c, s) for c, s in CALIBRATION], progress=False, second_order=True)
-    held_out = [(5 + c, 3000 + c) for c in range(args.per_set)]
+    held_out = held_out_samples(args.per_set)
     sc_compile.calibrate(pipe, [call(c, s) for c, s in held_out], progress=False)  # held-out trajectories
     collect.fit_gap_coefficients = original_fit  # type: ignore[assignment]
     fitted = table.fitted
@@ -310,7 +310,7 @@ def plans_main(args: argparse.Namespace) -> None:
         print(f"  stored plan: {row['full_steps']} full, {row['error_db']:.2f} dB ({row['source']}) {row['steps']}")
     print(f"  dynamic rule: {plans.reference_error:.2f} dB at {plans.reference_full_steps:.1f} full", flush=True)
     today = dataclasses.replace(table, plans=None)
-    held_out = [(5 + c, 3000 + c) for c in range(args.per_set)]
+    held_out = held_out_samples(args.per_set)
     results: dict[str, Any] = {
         "model": args.model,
         "steps": n,

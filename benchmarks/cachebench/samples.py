@@ -15,6 +15,16 @@ import sc_compile
 
 from .workloads import as_images
 
+# The class-label samples the ablation scripts calibrate on (classes 0-4 x seeds 1000-1001), and the
+# held-out ones they measure on: classes and seeds the calibration never saw (5.., 3000..), the same
+# list in every script so that their figures (ours and the peers') are on the same samples.
+CALIBRATION_SAMPLES = [(c, 1000 + s) for s in range(2) for c in range(5)]
+
+
+def held_out_samples(per_set: int) -> list[tuple[int, int]]:
+    """(class, seed) of the first ``per_set`` held-out samples: classes 5.., seeds 3000.."""
+    return [(5 + c, 3000 + c) for c in range(per_set)]
+
 
 def sample_call(
     embeddings: Any, size: dict[str, int], label: int, seed: int, steps: int, guidance: float

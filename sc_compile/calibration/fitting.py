@@ -299,12 +299,13 @@ def fit_gap_coefficients(
                         [_ratio(cross.sum(0) - cross[s], dd.sum(0) - dd[s], ones_a) for s in range(num_samples)]
                     )  # [S, P]
                     best_error: torch.Tensor | None = None
-                    base = _squared_error(ones_a.expand_as(cross), cross, dd, xx).clamp_min(1e-300)  # [S, P]
+                    # "worst": the largest ratio over left-out samples to α = 1's error; "sum": the total
+                    # squared error (dominated by the samples of largest norm).
+                    worst = shrink_rule == "worst"
+                    base = _squared_error(ones_a.expand_as(cross), cross, dd, xx).clamp_min(1e-300) if worst else None
                     for lam in SHRINKAGE_GRID:
                         each = _squared_error(ones_a + lam * (held_out - ones_a), cross, dd, xx)  # [S, P]
-                        # "worst": the largest ratio over left-out samples to α = 1's error; "sum": the
-                        # total squared error (dominated by the samples of largest norm).
-                        err = (each / base).max(0).values if shrink_rule == "worst" else each.sum(0)
+                        err = (each / base).max(0).values if base is not None else each.sum(0)
                         candidate = ones_a + lam * (pooled - ones_a)
                         held_candidate = ones_a + lam * (held_out - ones_a)  # [S, P]
                         if best_error is None or held_out_chosen is None:
