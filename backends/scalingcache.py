@@ -123,8 +123,9 @@ def build_runtime(
     break) runs as it is, compiled by the inner compiler.
     """
     context = BuildContext(gm, example_inputs, config, config_patches, module, token, piece)
-    try:
-        cond_gm, layout = run_cache_passes(
+
+    def rewrite(second_order: bool = False) -> tuple[torch.fx.GraphModule, CacheLayout]:
+        return run_cache_passes(
             gm,
             model_class=context.model_class,
             granularity=config.granularity,
@@ -134,7 +135,11 @@ def build_runtime(
             # of the forward's first piece; a first piece without it can only be placed by the
             # pipeline clock (the runtime says so when it is called without one).
             require_timestep=piece is None,
+            second_order=second_order,
         )
+
+    try:
+        cond_gm, layout = rewrite()
     except (NoBlocksFoundError, UnsupportedGraphError) as error:
         if piece is not None and isinstance(error, NoBlocksFoundError):
             return _plain_piece(context, piece)
@@ -162,15 +167,7 @@ def build_runtime(
     if second_order:
         # The table's two-difference coefficients are in use: the rewrite with a third buffer per
         # point (the first run found the layout the table is checked against; it is the same).
-        cond_gm, layout = run_cache_passes(
-            gm,
-            model_class=context.model_class,
-            granularity=config.granularity,
-            prediction=config.prediction,
-            statistic=config.statistic,
-            require_timestep=piece is None,
-            second_order=True,
-        )
+        cond_gm, layout = rewrite(second_order=True)
     return _lower_and_compile(context, cond_gm, layout, alpha, second_order)
 
 
