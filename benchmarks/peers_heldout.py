@@ -60,7 +60,7 @@ from cachebench.peers import (  # noqa: E402
     calibrate_magcache,
     taylorseer_identifiers,
 )
-from cachebench.samples import generate, held_out_samples, sample_call  # noqa: E402
+from cachebench.samples import HELD_OUT_SEED, generate, held_out_samples, sample_call  # noqa: E402
 
 from sc_compile.demo.sampling import demo_size  # noqa: E402
 from sc_compile.metrics import psnr  # noqa: E402
@@ -74,7 +74,7 @@ INTERVALS = range(2, 11)
 class Runner:
     """The held-out samples, their uncached references, and one configuration's measurement."""
 
-    def __init__(self, model: str, steps: int, per_set: int) -> None:
+    def __init__(self, model: str, steps: int, per_set: int, seed: int = HELD_OUT_SEED) -> None:
         # The harness builds every peer (``prepare``); its own samples (class 0, seed 0) only serve
         # MagCache's calibration, so nothing is fitted on the held-out samples.
         _, settings = harness_args(
@@ -85,7 +85,7 @@ class Runner:
         self.steps = steps
         self.calls_per_step = self.harness.calls_per_generation // steps
         size = demo_size(type(self.harness.base).__name__)
-        self.samples = held_out_samples(per_set)
+        self.samples = held_out_samples(per_set, seed)
         self.calls = [sample_call(self.harness.embeddings, size, c, s, steps, GUIDANCE) for c, s in self.samples]
         self.references: list[torch.Tensor] = []
         self.full_macs = 0
@@ -173,6 +173,9 @@ def main() -> None:
     parser.add_argument("--model", choices=["demo-flux", "demo-wan", "demo-sd3"], default="demo-flux")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--per-set", type=int, default=4, help="held-out samples (classes 5.., seeds 3000..)")
+    parser.add_argument(
+        "--held-out-seed", type=int, default=HELD_OUT_SEED, help="the first held-out seed (another set: 5000)"
+    )
     parser.add_argument("--grid", type=int, default=8, help="thresholds in each peer's coarse geometric grid")
     parser.add_argument("--refine", type=int, default=4, help="bisections per budget and threshold sweep")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -188,7 +191,7 @@ def main() -> None:
     started = time.perf_counter()
     n = args.steps
     budgets = [n // 2, n // 3, n // 4, n // 5]
-    runner = Runner(args.model, n, args.per_set)
+    runner = Runner(args.model, n, args.per_set, args.held_out_seed)
     runner.references_and_full_macs()
     print(f"{args.model}, {n} steps, {len(runner.samples)} held-out samples, budgets {budgets}", flush=True)
     rows: list[dict[str, Any]] = []
@@ -261,7 +264,8 @@ def main() -> None:
         "argv": sys.argv[1:],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"peers_heldout_{args.model.replace('-', '_')}_{n}"
+    seeds = "" if args.held_out_seed == HELD_OUT_SEED else f"_seeds{args.held_out_seed}"
+    stem = f"peers_heldout{seeds}_{args.model.replace('-', '_')}_{n}"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{stem}.md").write_text(render(results, " ".join(["benchmarks/peers_heldout.py", *sys.argv[1:]])))
     print(f"done in {elapsed:.0f} s: {args.out / stem}.md", flush=True)

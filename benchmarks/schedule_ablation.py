@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cachebench.samples import CALIBRATION_SAMPLES, generate, generate_cached, held_out_samples, sample_call
+from cachebench.samples import (
+    CALIBRATION_SAMPLES,
+    HELD_OUT_SEED,
+    generate,
+    generate_cached,
+    held_out_samples,
+    sample_call,
+)
 from cachebench.workloads import load
 
 import sc_compile
@@ -109,6 +116,12 @@ def main() -> None:
         default="sum",
         help="with --plans: the fit's shrinkage rule (sc_compile.calibration.fitting.fit_gap_coefficients)",
     )
+    parser.add_argument(
+        "--held-out-seed",
+        type=int,
+        default=HELD_OUT_SEED,
+        help="the first held-out seed (another set of held-out samples: 5000)",
+    )
     parser.add_argument("--save-table", type=Path, default=None, help="with --plans: write the calibrated table here")
     parser.add_argument(
         "--same-schedule",
@@ -145,7 +158,7 @@ def main() -> None:
     collect.fit_gap_coefficients = capturing_fit  # type: ignore[assignment]
     print(f"calibrating on {len(CALIBRATION)} samples, {n} steps, with two differences", flush=True)
     table = sc_compile.calibrate(pipe, [call(c, s) for c, s in CALIBRATION], progress=False, second_order=True)
-    held_out = held_out_samples(args.per_set)
+    held_out = held_out_samples(args.per_set, args.held_out_seed)
     sc_compile.calibrate(pipe, [call(c, s) for c, s in held_out], progress=False)  # held-out trajectories
     collect.fit_gap_coefficients = original_fit  # type: ignore[assignment]
     fitted = table.fitted
@@ -310,7 +323,7 @@ def plans_main(args: argparse.Namespace) -> None:
         print(f"  stored plan: {row['full_steps']} full, {row['error_db']:.2f} dB ({row['source']}) {row['steps']}")
     print(f"  dynamic rule: {plans.reference_error:.2f} dB at {plans.reference_full_steps:.1f} full", flush=True)
     today = dataclasses.replace(table, plans=None)
-    held_out = held_out_samples(args.per_set)
+    held_out = held_out_samples(args.per_set, args.held_out_seed)
     results: dict[str, Any] = {
         "model": args.model,
         "steps": n,
@@ -370,6 +383,7 @@ def plans_main(args: argparse.Namespace) -> None:
     refined += "_second_order" if args.second_order else ""
     refined += f"_samples{args.plan_samples}" if args.plan_samples is not None else ""
     refined += f"_{args.shrink_rule}" if args.shrink_rule != "sum" else ""
+    refined += f"_seeds{args.held_out_seed}" if args.held_out_seed != HELD_OUT_SEED else ""
     stem = f"schedule_plans{refined}_{args.model.replace('-', '_')}_{n}"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     command = " ".join(["benchmarks/schedule_ablation.py", *sys.argv[1:]])

@@ -1,0 +1,80 @@
+"""Ours against the peers on two held-out sets at once: each set alone and both pooled.
+
+Reads what ``schedule_ablation.py --plans`` and ``peers_heldout.py`` wrote for each set (the default
+seeds 3000.. and another seed base, e.g. ``--held-out-seed 5000``) and prints, per budget N/2 … N/5:
+the planned default (the table's end-to-end plan), today's planner, α = 1 on the same plan (pooled: the
+mean over every sample of both sets), and the best peer configuration at ≤ B full evaluations (pooled:
+each set's best on its own samples, weighted by the set's samples: the peers' sweep chooses on the
+held-out samples themselves, while the table's plans were chosen at calibration).
+
+    .venv/bin/python benchmarks/pool_heldout.py --model demo-flux --sets 3000,5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROWS = (
+    ("end-to-end plan", "planned default (e2e plan)"),
+    ("today's planner (ρ=0)", "today's planner"),
+    ("α = 1 on the same plan", "α = 1 on the same plan"),
+)
+
+
+def _stem(kind: str, model: str, steps: int, seed: int) -> Path:
+    suffix = "" if seed == 3000 else f"_seeds{seed}"
+    prefix = "schedule_plans" if kind == "ours" else "peers_heldout"
+    return RESULTS / f"{prefix}{suffix}_{model.replace('-', '_')}_{steps}.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["demo-flux", "demo-wan", "demo-sd3"], default="demo-flux")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--sets", default="3000,5000", help="the held-out seed bases whose results are pooled")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.sets.split(",")]
+    n = args.steps
+    budgets = (n // 2, n // 3, n // 4, n // 5)
+    ours = [json.loads(_stem("ours", args.model, n, s).read_text()) for s in seeds]
+    peers = [json.loads(_stem("peers", args.model, n, s).read_text()) for s in seeds]
+    for result in ours:
+        # Every set's rows come from the same calibration command, so its plans are the same table's.
+        assert result["stored"] == ours[0]["stored"], "the sets were measured with different stored plans"
+    labels = [f"seeds {s}.. ({len(o['held_out_samples'])} samples)" for s, o in zip(seeds, ours, strict=True)]
+    print(f"{args.model}, {n} steps; PSNR dB at B = {' / '.join(map(str, budgets))} full steps")
+    print("| row | " + " | ".join([*labels, "pooled"]) + " |")
+    print("| --- |" + " ---: |" * (len(seeds) + 1))
+
+    def each(result: dict, prefix: str, budget: int) -> list[float]:
+        (row,) = [r for r in result["held_out"] if r["config"] == f"{prefix}, full_steps={budget} at {n} steps"]
+        return row["each"]
+
+    for prefix, label in ROWS:
+        cells = []
+        for result in ours:
+            cells.append(" / ".join(f"{statistics.mean(each(result, prefix, b)):.1f}" for b in budgets))
+        pooled = [statistics.mean([v for result in ours for v in each(result, prefix, b)]) for b in budgets]
+        cells.append(" / ".join(f"{v:.1f}" for v in pooled))
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    cells, bests = [], []
+    for result in peers:
+        best = [
+            max((r["psnr"] for r in result["rows"] if r["full"] <= b + 1e-9), default=float("nan")) for b in budgets
+        ]
+        bests.append((len(result["samples"]), best))
+        cells.append(" / ".join(f"{v:.1f}" for v in best))
+    # Pooled: each set's best configuration on its own samples, weighted by its samples (the peers'
+    # sweep picks its best on the held-out samples themselves; the table's plans were fixed before).
+    total = sum(count for count, _ in bests)
+    pooled_best = [sum(count * best[i] for count, best in bests) / total for i in range(len(budgets))]
+    cells.append(" / ".join(f"{v:.1f}" for v in pooled_best))
+    print("| best peer (≤ B full) | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
