@@ -1,13 +1,16 @@
-"""Ours against the peers on two held-out sets at once: each set alone and both pooled.
+"""Ours against the peers on several held-out sets at once: each set alone and all pooled.
 
 Reads what ``schedule_ablation.py --plans`` and ``peers_heldout.py`` wrote for each set (the default
-seeds 3000.. and another seed base, e.g. ``--held-out-seed 5000``) and prints, per budget N/2 … N/5:
-the planned default (the table's end-to-end plan), today's planner, α = 1 on the same plan (pooled: the
-mean over every sample of both sets), and the best peer configuration at ≤ B full evaluations (pooled:
-each set's best on its own samples, weighted by the set's samples: the peers' sweep chooses on the
-held-out samples themselves, while the table's plans were chosen at calibration).
+seeds 3000.. and other seed bases, e.g. ``--held-out-seed 5000``) and prints, per budget N/2 … N/5:
 
-    .venv/bin/python benchmarks/pool_heldout.py --model demo-flux --sets 3000,5000
+* the planned default (the table's end-to-end plan), today's planner and α = 1 on the same plan,
+  pooled as the mean over every sample of the sets that ran the row (α = 1 runs with
+  ``--same-schedule`` only);
+* the best peer configuration at ≤ B full evaluations, pooled as each set's best on its own samples,
+  weighted by the set's samples (the peers' sweep chooses on the held-out samples themselves, while
+  the table's plans were chosen at calibration).
+
+    .venv/bin/python benchmarks/pool_heldout.py --model demo-flux --sets 3000,5000,7000
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["demo-flux", "demo-wan", "demo-sd3"], default="demo-flux")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--sets", default="3000,5000", help="the held-out seed bases whose results are pooled")
+    parser.add_argument("--sets", default="3000,5000,7000", help="the held-out seed bases whose results are pooled")
     args = parser.parse_args()
     seeds = [int(s) for s in args.sets.split(",")]
     n = args.steps
@@ -50,16 +53,22 @@ def main() -> None:
     print("| row | " + " | ".join([*labels, "pooled"]) + " |")
     print("| --- |" + " ---: |" * (len(seeds) + 1))
 
-    def each(result: dict, prefix: str, budget: int) -> list[float]:
-        (row,) = [r for r in result["held_out"] if r["config"] == f"{prefix}, full_steps={budget} at {n} steps"]
-        return row["each"]
+    def each(result: dict, prefix: str, budget: int) -> list[float] | None:
+        rows = [r for r in result["held_out"] if r["config"] == f"{prefix}, full_steps={budget} at {n} steps"]
+        return rows[0]["each"] if rows else None  # a run without --same-schedule has no α = 1 rows
 
     for prefix, label in ROWS:
-        cells = []
-        for result in ours:
-            cells.append(" / ".join(f"{statistics.mean(each(result, prefix, b)):.1f}" for b in budgets))
-        pooled = [statistics.mean([v for result in ours for v in each(result, prefix, b)]) for b in budgets]
-        cells.append(" / ".join(f"{v:.1f}" for v in pooled))
+        cells, missing = [], []
+        for seed, result in zip(seeds, ours, strict=True):
+            values = [each(result, prefix, b) for b in budgets]
+            if any(v is None for v in values):
+                cells.append("-")
+                missing.append(seed)
+                continue
+            cells.append(" / ".join(f"{statistics.mean(v):.1f}" for v in values if v is not None))
+        pooled = [statistics.mean([v for result in ours for v in (each(result, prefix, b) or [])]) for b in budgets]
+        note = f" (without seeds {', '.join(map(str, missing))}..)" if missing else ""
+        cells.append(" / ".join(f"{v:.1f}" for v in pooled) + note)
         print(f"| {label} | " + " | ".join(cells) + " |")
     cells, bests = [], []
     for result in peers:
