@@ -20,6 +20,8 @@ import json
 import statistics
 from pathlib import Path
 
+from cachebench.samples import HELD_OUT_SEED
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = (
     ("end-to-end plan", "planned default (e2e plan)"),
@@ -29,7 +31,7 @@ ROWS = (
 
 
 def _stem(kind: str, model: str, steps: int, seed: int) -> Path:
-    suffix = "" if seed == 3000 else f"_seeds{seed}"
+    suffix = "" if seed == HELD_OUT_SEED else f"_seeds{seed}"
     prefix = "schedule_plans" if kind == "ours" else "peers_heldout"
     return RESULTS / f"{prefix}{suffix}_{model.replace('-', '_')}_{steps}.json"
 
@@ -45,9 +47,12 @@ def main() -> None:
     budgets = (n // 2, n // 3, n // 4, n // 5)
     ours = [json.loads(_stem("ours", args.model, n, s).read_text()) for s in seeds]
     peers = [json.loads(_stem("peers", args.model, n, s).read_text()) for s in seeds]
-    for result in ours:
+    for seed, result in zip(seeds, ours, strict=True):
         # Every set's rows come from the same calibration command, so its plans are the same table's.
-        assert result["stored"] == ours[0]["stored"], "the sets were measured with different stored plans"
+        if result["stored"] != ours[0]["stored"]:
+            raise SystemExit(
+                f"seeds {seed}.. ran other stored plans than seeds {seeds[0]}..: not one table, not pooled"
+            )
     labels = [f"seeds {s}.. ({len(o['held_out_samples'])} samples)" for s, o in zip(seeds, ours, strict=True)]
     print(f"{args.model}, {n} steps; PSNR dB at B = {' / '.join(map(str, budgets))} full steps")
     print("| row | " + " | ".join([*labels, "pooled"]) + " |")
@@ -66,6 +71,8 @@ def main() -> None:
                 missing.append(seed)
                 continue
             cells.append(" / ".join(f"{statistics.mean(v):.1f}" for v in values if v is not None))
+        if len(missing) == len(seeds):
+            continue  # no set ran the row
         pooled = [statistics.mean([v for result in ours for v in (each(result, prefix, b) or [])]) for b in budgets]
         note = f" (without seeds {', '.join(map(str, missing))}..)" if missing else ""
         cells.append(" / ".join(f"{v:.1f}" for v in pooled) + note)
