@@ -60,6 +60,7 @@ from cachebench.peers import (  # noqa: E402
     calibrate_magcache,
     taylorseer_identifiers,
 )
+from cachebench.rendering import best_within  # noqa: E402
 from cachebench.samples import HELD_OUT_SEED, generate, held_out_samples, sample_call  # noqa: E402
 
 from sc_compile.demo.sampling import demo_size  # noqa: E402
@@ -343,19 +344,17 @@ def render(results: dict[str, Any], command: str) -> str:
     for peer in peers:
         cells = []
         for budget in budgets:
-            fits = [r for r in results["rows"] if r["peer"] == peer and r["full"] <= budget]
-            if peer in results["failed"] and not fits:
+            best = best_within([r for r in results["rows"] if r["peer"] == peer], budget)
+            if peer in results["failed"] and best is None:
                 cells.append("failed")
-            elif not fits:
+            elif best is None:
                 cells.append("—")
             else:
-                best = max(fits, key=lambda r: r["psnr"])
                 cells.append(f"**{best['psnr']:.2f}** ({best['setting']}; {best['full']:.2f})")
         lines.append(f"| {peer} | " + " | ".join(cells) + " |")
     cells = []
     for budget in budgets:
-        fits = [r for r in results["rows"] if r["full"] <= budget]
-        best = max(fits, key=lambda r: r["psnr"]) if fits else None
+        best = best_within(results["rows"], budget)
         cells.append(f"**{best['psnr']:.2f}** ({best['peer']})" if best else "—")
     lines.append("| best of the peers | " + " | ".join(cells) + " |")
     if results["failed"]:

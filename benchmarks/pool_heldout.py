@@ -20,6 +20,7 @@ import json
 import statistics
 from pathlib import Path
 
+from cachebench.rendering import best_within
 from cachebench.samples import HELD_OUT_SEED
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,25 +64,25 @@ def main() -> None:
         return rows[0]["each"] if rows else None  # a run without --same-schedule has no α = 1 rows
 
     for prefix, label in ROWS:
-        cells, missing = [], []
-        for seed, result in zip(seeds, ours, strict=True):
+        # Per set, each sample's PSNR per budget (None: the set did not run the row).
+        ran = []
+        for result in ours:
             values = [each(result, prefix, b) for b in budgets]
-            if any(v is None for v in values):
-                cells.append("-")
-                missing.append(seed)
-                continue
-            cells.append(" / ".join(f"{statistics.mean(v):.1f}" for v in values if v is not None))
-        if len(missing) == len(seeds):
+            ran.append(None if None in values else values)
+        if all(values is None for values in ran):
             continue  # no set ran the row
-        pooled = [statistics.mean([v for result in ours for v in (each(result, prefix, b) or [])]) for b in budgets]
+        cells = ["-" if values is None else " / ".join(f"{statistics.mean(v):.1f}" for v in values) for values in ran]
+        pooled = [
+            statistics.mean([v for values in ran if values is not None for v in values[i]]) for i in range(len(budgets))
+        ]
+        missing = [seed for seed, values in zip(seeds, ran, strict=True) if values is None]
         note = f" (without seeds {', '.join(map(str, missing))}..)" if missing else ""
         cells.append(" / ".join(f"{v:.1f}" for v in pooled) + note)
         print(f"| {label} | " + " | ".join(cells) + " |")
     cells, bests = [], []
     for result in peers:
-        best = [
-            max((r["psnr"] for r in result["rows"] if r["full"] <= b + 1e-9), default=float("nan")) for b in budgets
-        ]
+        rows = [best_within(result["rows"], b) for b in budgets]
+        best = [float("nan") if row is None else row["psnr"] for row in rows]
         bests.append((len(result["samples"]), best))
         cells.append(" / ".join(f"{v:.1f}" for v in best))
     # Pooled: each set's best configuration on its own samples, weighted by its samples (the peers'

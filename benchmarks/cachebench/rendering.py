@@ -22,6 +22,13 @@ def fmt(x: Any, spec: str = ".1f") -> str:
     return format(x, spec)
 
 
+def best_within(rows: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
+    """The row of best mean PSNR (``psnr``) among ``rows`` whose mean full evaluations (``full``) are at
+    most ``budget``; ``None`` where none are."""
+    fits = [r for r in rows if r["full"] <= budget]
+    return max(fits, key=lambda r: r["psnr"]) if fits else None
+
+
 def markdown(data: dict[str, Any]) -> str:
     s = data["setup"]
     rows = [r for r in data["results"]]
