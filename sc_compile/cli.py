@@ -318,6 +318,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         statistic=Statistic(args.statistic),
         plan_samples=args.plan_samples,
         plan_refine=args.plan_refine,
+        second_order=args.second_order,
     )
     seconds = time.perf_counter() - start
     table.save(out)
@@ -348,6 +349,18 @@ def print_fitted(table: Any, previous_gap: int) -> None:
         print(f"{step:4d}  {served:3d}  {c_text:<{7 * limit}}  " + " ".join(f"{e:.2g}" for e in errors))
 
 
+def print_plans(plans: Any) -> None:
+    """The schedules chosen end to end at calibration, one line each."""
+    print(
+        f"end-to-end plans (chosen on {plans.samples} rollout samples; calibrated error: 10·log10 of the output's "
+        f"relative squared error; the dynamic rule: {plans.reference_error:.2f} dB at "
+        f"{plans.reference_full_steps:.1f} full):"
+    )
+    print(" full  error dB  candidate / full steps")
+    for index, count in enumerate(plans.counts()):
+        print(f"{count:5d}  {float(plans.error[index]):8.2f}  {plans.source(index)}: {list(plans.steps(index))}")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from sc_compile.calibration.table import AlphaTable
 
@@ -365,6 +378,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         )
     if table.fitted is not None:
         print_fitted(table, args.previous_gap)
+    if table.plans is not None:
+        print_plans(table.plans)
     if args.plot:
         try:
             import matplotlib
@@ -530,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="samples on which schedules are chosen end to end (each candidate run closed loop; the table stores the "
         "best per budget); 0: none (default: 2)",
+    )
+    cal.add_argument(
+        "--second-order",
+        action="store_true",
+        help="also fit two-difference coefficients (a format-3 table; a cached step then keeps one more buffer per "
+        "cache point); each stored plan is chosen with one or two differences, whichever its rollouts were better with",
     )
     cal.add_argument(
         "--plan-refine",

@@ -131,6 +131,7 @@ def test_cli_calibrates_a_tiny_pipeline_and_inspects_the_table(tmp_path):
         "1",
         "--max-gap",
         "2",
+        "--second-order",
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "2 samples x 6 steps" in result.stdout
@@ -150,6 +151,12 @@ def test_cli_calibrates_a_tiny_pipeline_and_inspects_the_table(tmp_path):
     assert any(line.startswith(f"   2  {served:3d}  {expected}") for line in inspect.stdout.splitlines()), (
         inspect.stdout
     )
+    # --second-order: a format-3 table whose stored plans say the order each was chosen with; inspect lists them.
+    assert table.fitted.second is not None and table.plans is not None
+    assert len(table.plans.orders) == len(table.plans.counts())
+    for index, count in enumerate(table.plans.counts()):
+        line = f"{count:5d}  {float(table.plans.error[index]):8.2f}  {table.plans.source(index)}: "
+        assert line + str(list(table.plans.steps(index))) in inspect.stdout.splitlines(), inspect.stdout
     # The backend accepts the file for the same architecture.
     pipe.transformer = torch.compile(
         pipe.transformer, backend="scalingcache", options={"compiler": "eager", "alpha": str(out), "warmup_steps": 2}

@@ -18,7 +18,7 @@ from sc_compile.config import ScalingCacheConfig, Schedule
 from sc_compile.decision.budget import schedule_error
 from sc_compile.decision.coefficients import make_predictor
 from sc_compile.decision.plans import feasible, interval_schedules, leading_full, map_plan, uniform_schedule
-from sc_compile.errors import AlphaTableError
+from sc_compile.errors import AlphaTableError, BudgetError
 
 from dummy_dit import DummyDiT
 
@@ -345,3 +345,14 @@ def test_alpha_one_default_never_collapses(steps):
     full = [*report.full_steps, steps]
     assert max(b - a for a, b in zip(full, full[1:], strict=False)) - 1 <= math.ceil(0.2 * steps)
     assert report.schedule == "dynamic rule ε > δ (the default)"
+
+
+def test_calibration_skips_budgets_no_schedule_meets_within_the_served_gaps():
+    """With gaps of one step only, fewer than half the steps full is no schedule at all: the default
+    budgets below it are left out of the table (it once raised the planner's BudgetError from
+    inside calibration), and asking for one at run time says why."""
+    table = sc_compile.calibrate(DummyDiT(), [_generation(s) for s in range(2)], progress=False, max_gap=1)
+    plans = table.plans
+    assert plans is not None and plans.counts() and min(plans.counts()) >= STEPS // 2
+    with pytest.raises(BudgetError, match="cannot be met"):
+        _run(table, STEPS, full_steps=STEPS // 4)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import sc_compile
+from sc_compile.calibration.collect import error_db, relative_error
 from sc_compile.calibration.fitting import SecondOrderCoefficients
-from sc_compile.calibration.table import AlphaTable
+from sc_compile.calibration.table import AlphaTable, SchedulePlans
 from sc_compile.config import ScalingCacheConfig
 from sc_compile.contract import state_input_names
 from sc_compile.decision.coefficients import FittedPredictor, second_order_in_use
@@ -290,3 +291,85 @@ def test_sketched_points_keep_a_third_sketch_buffer(quadratic_table):
     assert report.second_difference_steps
     for step in report.second_difference_steps:
         assert (outputs[step] - reference[step]).abs().max() <= 1e-5 * reference[step].abs().max(), step
+
+
+def _returning(curvature: float):
+    """The dummy's generation on a quadratic trajectory, returning every step's output."""
+
+    def run(compiled):
+        return torch.stack([compiled(*_inputs(t, curvature)) for t in range(STEPS)])
+
+    return run
+
+
+def test_calibration_chooses_plans_with_the_predictor_that_runs_them():
+    """``calibrate(second_order=True)`` judges every candidate schedule with two differences, as a
+    generation with the table runs it: each stored plan's calibrated error is the error of running
+    it. (The rollouts once ran on the calibration's graphs, which keep no difference before last:
+    the plans were chosen, and their errors stored, for a predictor the table does not run.)"""
+    model = DummyDiT()
+    table = sc_compile.calibrate(
+        model, [_returning(c) for c in CURVATURES], progress=False, max_gap=3, second_order=True, plan_samples=1
+    )
+    plans = table.plans
+    assert plans is not None
+    with torch.no_grad():
+        reference = _returning(CURVATURES[0])(model)
+    read_second = False
+    for index, budget in enumerate(plans.counts()):
+        torch._dynamo.reset()
+        options = {"compiler": "eager", "alpha": table, "full_steps": budget, "num_inference_steps": STEPS}
+        compiled = torch.compile(model, backend="scalingcache", options=options)
+        with torch.no_grad():
+            output = _returning(CURVATURES[0])(compiled)
+        report = sc_compile.report(model)
+        assert report.full_steps == plans.steps(index)
+        read_second |= bool(report.second_difference_steps)
+        measured = error_db([relative_error(output, reference)])
+        assert measured == pytest.approx(float(plans.error[index]), abs=0.01), (budget, report)
+    assert read_second  # the second term is read at some budget: the check above tells the predictors apart
+    # Each budget also ran with one difference; the better order is stored with its plan.
+    assert len(plans.orders) == len(plans.counts()) and set(plans.orders) <= {1, 2}
+    assert all(source.endswith(("one difference", "two differences")) for source in plans.sources)
+
+
+def test_a_plan_chosen_with_one_difference_runs_with_one(quadratic_table, tmp_path):
+    """A format-3 table's stored plan says which order its rollouts chose; a generation running it
+    reads the second term only where the plan was chosen with it (``predictor_order`` overrides)."""
+    model = DummyDiT()
+    steps = (0, 1, 2, 4, 6, 8, 10, 11)
+    mask = torch.zeros(1, STEPS, dtype=torch.bool)
+    mask[0, list(steps)] = True
+
+    def with_order(order: int) -> AlphaTable:
+        plans = SchedulePlans(mask, torch.tensor([-40.0]), -30.0, 10.0, ("a test plan",), 1, (order,))
+        return dataclasses.replace(quadratic_table, plans=plans)
+
+    curvature = 0.065
+    ran = {}
+    for order in (1, 2):
+        outputs, report, runtime = _generate(model, with_order(order), curvature, full_steps=len(steps))
+        assert report.full_steps == steps and runtime.layout.second_order  # one layout, three buffers
+        ran[order] = (outputs, report)
+    assert ran[2][1].second_difference_steps and not ran[1][1].second_difference_steps
+    first, _, _ = _generate(model, with_order(2), curvature, full_steps=len(steps), predictor_order=1)
+    assert all(torch.equal(a, b) for a, b in zip(ran[1][0], first, strict=True))  # the first-order coefficients
+    _, report, _ = _generate(model, with_order(1), curvature, full_steps=len(steps), predictor_order=2)
+    assert report.second_difference_steps and "run with two differences (predictor_order=2)" in report.schedule
+    # A table without the two-difference coefficients runs such a plan with one, and says so.
+    _, report, runtime = _generate(
+        model,
+        dataclasses.replace(_first_order_only(quadratic_table), plans=with_order(2).plans),
+        curvature,
+        full_steps=len(steps),
+    )
+    assert not runtime.layout.second_order and not report.second_difference_steps
+    assert "run with one difference)" in report.schedule, report.schedule
+    # The orders survive a file; a file without them (and any plan) means the table's own order.
+    path = tmp_path / "alpha.safetensors"
+    with_order(1).save(path)
+    loaded = AlphaTable.load(path).plans
+    assert loaded is not None and loaded.orders == (1,) and loaded.order(0) == 1
+    assert SchedulePlans(mask, torch.tensor([-40.0]), -30.0, 10.0).order(0) is None
+    with pytest.raises(AlphaTableError, match="plan orders"):
+        SchedulePlans(mask, torch.tensor([-40.0]), -30.0, 10.0, (), 1, (3,))

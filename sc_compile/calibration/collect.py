@@ -177,7 +177,9 @@ def calibrate(
     compile option of that name): their coefficients are fitted on what the runtime measures ē on.
     ``second_order``: also fit the two-difference coefficients (a format-3 table, about 2(K + 1)
     times the first-order tensors), which a generation at the calibrated step count predicts with
-    (the compile option ``predictor_order``).
+    (the compile option ``predictor_order``). With ``plan_samples``, every budget's schedule is then
+    chosen twice, with two differences (on graphs compiled with the third buffer) and with one, and
+    the table keeps the better one with its order (``SchedulePlans.orders``): about twice the time.
 
     ``plan_samples``: choose schedules end to end (:mod:`sc_compile.decision.plans`): on the first
     ``plan_samples`` samples, run the dynamic rule and, per budget of ``plan_budgets`` (default N/2,
@@ -197,6 +199,7 @@ def calibrate(
     from tqdm.auto import tqdm
 
     from sc_compile.backends.scalingcache import scalingcache
+    from sc_compile.decision.coefficients import second_order_in_use
     from sc_compile.runtime.dispatch import ScalingCacheRuntime
     from sc_compile.runtime.state import StreamState
 
@@ -261,8 +264,8 @@ def calibrate(
 
     compiled = torch.compile(transformer, backend=backend)
 
-    def run_sample(sample: Any) -> Any:
-        """Run one generation with the compiled model; what it returned."""
+    def run_sample(sample: Any, model: Any = compiled) -> Any:
+        """Run one generation with ``model`` (the compiled model); what it returned."""
         with torch.no_grad():
             if pipeline is not None:
                 if not isinstance(sample, Mapping):
@@ -271,14 +274,14 @@ def calibrate(
                 if "seed" in kwargs:
                     kwargs["generator"] = torch.Generator().manual_seed(int(kwargs.pop("seed")))
                 original = pipeline.transformer
-                pipeline.transformer = compiled
+                pipeline.transformer = model
                 try:
                     return pipeline(**kwargs)
                 finally:
                     pipeline.transformer = original
             if not callable(sample):
                 raise ValueError("with a transformer, samples must be callables taking the compiled model")
-            return sample(compiled)
+            return sample(model)
 
     num_steps: int | None = None
     timesteps: list[float] = []
@@ -374,16 +377,40 @@ def calibrate(
         rollout_count = 0
     if rollout_count and num_steps >= 4:
         started = time.perf_counter()
+        base = dataclasses.replace(config, warmup_steps=None, num_inference_steps=num_steps, alpha=table)
+        running: list[tuple[ScalingCacheConfig, AlphaTable]] = []  # what the rollout in progress runs
+        # The calibration's graphs keep y_full and dy per point. A cached step that reads the
+        # difference before last needs a third buffer: such rollouts run on graphs compiled for it
+        # (or every schedule would be judged with one difference and run with two).
+        second_runners: list[ScalingCacheRuntime] = []
+
+        def run_with(runtime: ScalingCacheRuntime, run_config: ScalingCacheConfig, run_table: AlphaTable) -> None:
+            runtime.alpha = run_table
+            runtime.calibration_hook = None
+            runtime.session.config = run_config
+
+        def second_order_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+            runtime = scalingcache(gm, example_inputs, config=base)
+            if not isinstance(runtime, ScalingCacheRuntime):
+                raise RuntimeError("calibration needs a model ScalingCache can cache")
+            run_with(runtime, *running[-1])
+            second_runners.append(runtime)
+            return runtime
+
+        second_order_model = torch.compile(transformer, backend=second_order_backend)
 
         def rollout(run_config: ScalingCacheConfig, run_table: AlphaTable) -> tuple[list[float], list[tuple[int, ...]]]:
-            for runtime in ours:
-                runtime.alpha = run_table
-                runtime.calibration_hook = None
-                runtime.session.config = run_config
+            second = second_order_in_use(run_table, run_config)
+            model, runners = (second_order_model, second_runners) if second else (compiled, ours)
+            running[:] = [(run_config, run_table)]
+            for runtime in runners:
+                run_with(runtime, run_config, run_table)
             errors, schedules = [], []
             for index in range(rollout_count):
-                result = run_sample(samples[index])
-                runtime = max(ours, key=lambda r: r.num_calls)
+                result = run_sample(samples[index], model)
+                if not runners:
+                    raise RuntimeError("a rollout ran no call of the compiled transformer")
+                runtime = max(runners, key=lambda r: r.num_calls)
                 runtime.end_generation()
                 schedules.append(runtime.report().full_steps)
                 produced = output_tensor(result)
@@ -392,17 +419,25 @@ def calibrate(
                 errors.append(relative_error(produced, references[index]))
             return [error_db([e]) for e in errors], schedules
 
-        with quiet_pipeline():
-            plans = choose_plans(
-                table,
-                rollout,
-                base=dataclasses.replace(config, warmup_steps=None, num_inference_steps=num_steps, alpha=table),
-                feeds_output=collected.feeds_output,
-                budgets=plan_budgets,
-                samples=rollout_count,
-                progress=progress,
-                refine=plan_refine,
-            )
+        def choose(run_base: ScalingCacheConfig, budgets: Sequence[int] | None) -> SchedulePlans:
+            with quiet_pipeline():
+                return choose_plans(
+                    table,
+                    rollout,
+                    base=run_base,
+                    feeds_output=collected.feeds_output,
+                    budgets=budgets,
+                    samples=rollout_count,
+                    progress=progress,
+                    refine=plan_refine,
+                )
+
+        plans = choose(base, plan_budgets)
+        if second_order_in_use(table, base):
+            # Two differences are not better everywhere (held out on the Wan demo they lost 1-2 dB at
+            # N/2 and gained 2-5 dB at N/4): each budget keeps the order whose rollouts were better.
+            first = choose(dataclasses.replace(base, predictor_order=1), plans.counts())
+            plans = merge_plan_orders(plans, first)
         seconds = time.perf_counter() - started
         table = dataclasses.replace(table, plans=plans, extra={**table.extra, "plan_seconds": f"{seconds:.1f}"})
         message = (
@@ -414,6 +449,33 @@ def calibrate(
             tqdm.write(message)
         log.info(message)
     return table
+
+
+def merge_plan_orders(second: SchedulePlans, first: SchedulePlans) -> SchedulePlans:
+    """Per budget, the plan of lower calibrated error of ``second`` (chosen with two differences) and
+    ``first`` (with one), with the order each is to run with; ``second``'s dynamic rule (the
+    table's default predictor) stays the reference."""
+    by_count = dict(zip(first.counts(), range(len(first.counts())), strict=True))
+    rows, errors, sources, orders = [], [], [], []
+    for index, count in enumerate(second.counts()):
+        other = by_count.get(count)
+        if other is not None and float(first.error[other]) < float(second.error[index]):
+            rows.append(first.full[other])
+            errors.append(float(first.error[other]))
+            sources.append(f"{first.source(other)}, one difference")
+            orders.append(1)
+        else:
+            rows.append(second.full[index])
+            errors.append(float(second.error[index]))
+            sources.append(f"{second.source(index)}, two differences")
+            orders.append(2)
+    return dataclasses.replace(
+        second,
+        full=torch.stack(rows),
+        error=torch.tensor(errors, dtype=torch.float32),
+        sources=tuple(sources),
+        orders=tuple(orders),
+    )
 
 
 def output_tensor(result: Any) -> torch.Tensor | None:
@@ -480,14 +542,21 @@ def candidate_schedules(
     sampler's step sizes), fixed intervals (:func:`~sc_compile.decision.plans.interval_schedules`)
     and ``extra``; each at most once, each
     with exactly ``budget`` full steps and only gaps the table serves."""
-    from sc_compile.decision.coefficients import step_weights
+    from sc_compile.decision.coefficients import make_predictor, step_weights
     from sc_compile.decision.decisions import Decisions, StepInfo
     from sc_compile.decision.plans import feasible, interval_schedules, uniform_schedule
     from sc_compile.errors import BudgetError
 
     bare = dataclasses.replace(table, plans=None)
     found: list[tuple[str, tuple[int, ...]]] = []
-    allows_gap = None
+    # The gaps the table serves, whether or not the planner meets the budget within them.
+    allows_gap = make_predictor(
+        bare,
+        num_points=bare.num_points,
+        num_steps=num_steps,
+        timestep_of=lambda step: None,
+        fitted=bare.fitted is not None,
+    ).allows_gap
     for rho in PLAN_PROPAGATIONS:
         options = ScalingCacheConfig(alpha=bare, full_steps=budget, propagation=rho, num_inference_steps=num_steps)
         decisions = Decisions(
@@ -500,10 +569,9 @@ def candidate_schedules(
             warn=lambda *args: None,
         )
         try:
-            predictor = decisions.predictor(lambda step: StepInfo(step, num_steps, lambda: None))
+            decisions.predictor(lambda step: StepInfo(step, num_steps, lambda: None))
         except BudgetError:
-            continue
-        allows_gap = predictor.allows_gap
+            continue  # no schedule of the budget within the served gaps: the others are filtered below
         if decisions.planned_full_steps is not None and decisions.cache_off is None:
             found.append((f"budget planner ρ={rho:g}", tuple(decisions.planned_full_steps)))
     for warmup, final in PLAN_UNIFORM:
@@ -520,7 +588,7 @@ def candidate_schedules(
     unique: dict[tuple[int, ...], str] = {}
     for name, steps in found:
         if len(steps) == budget and steps[:2] == (0, 1) and steps not in unique:
-            if allows_gap is None or feasible(steps, num_steps, allows_gap):
+            if feasible(steps, num_steps, allows_gap):
                 unique[steps] = name
     return [(name, steps) for steps, name in unique.items()]
 

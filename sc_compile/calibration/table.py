@@ -16,7 +16,9 @@ with (``config``: the JSON of ``ScalingCacheConfig.to_dict()``, versioned).
 * any format may add the schedules chosen end to end at calibration
   (:class:`~sc_compile.decision.plans.SchedulePlans`): ``plans`` [M, N] bool (the full steps of
   each) and ``plan_error`` [M] (their calibrated whole-output errors), with the dynamic rule's
-  error in the metadata (``plans``, JSON). A file without them means what it meant.
+  error in the metadata (``plans``, JSON). A file without them means what it meant. A format-3
+  table's plans also say in that JSON how many differences each was chosen with (``orders``; a file
+  without them runs every plan with the table's own order).
 * format 3 adds the two-difference coefficients (:func:`sc_compile.calibration.fitting.fit_second_order`):
   ``coef2`` [N, K+1, K+1, K, P, 2] and ``error2`` [N, K+1, K+1, K]. Its first-order tensors are
   format 2's, so a format-3 file read for its first order means what a format-2 file means.
@@ -65,7 +67,9 @@ class SchedulePlans:
     samples of ``‖x − x_ref‖² / ‖x_ref‖²`` (lower is better; about minus a PSNR);
     ``reference_error``/``reference_full_steps``: the same error and the mean full steps of the
     dynamic rule (the schedule the planned default must not be worse than); ``sources``: which
-    candidate each schedule was (for the report); ``samples``: rollout samples."""
+    candidate each schedule was (for the report); ``samples``: rollout samples; ``orders``: per
+    schedule, the differences its cached steps were judged with and run with (1 or 2; empty: the
+    table's own order, as before tables stored it)."""
 
     full: torch.Tensor
     error: torch.Tensor
@@ -73,6 +77,7 @@ class SchedulePlans:
     reference_full_steps: float
     sources: tuple[str, ...] = ()
     samples: int = 0
+    orders: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         full = self.full
@@ -88,6 +93,8 @@ class SchedulePlans:
             raise AlphaTableError("every stored plan must run steps 0 and 1 in full (the first difference needs two)")
         if not torch.isfinite(self.error).all() or not math.isfinite(self.reference_error):
             raise AlphaTableError("the calibrated errors of the stored plans must be finite")
+        if self.orders and (len(self.orders) != full.shape[0] or any(o not in (1, 2) for o in self.orders)):
+            raise AlphaTableError(f"plan orders must be 1 or 2 for each of {full.shape[0]} plans, got {self.orders}")
 
     @property
     def num_steps(self) -> int:
@@ -101,6 +108,10 @@ class SchedulePlans:
 
     def source(self, index: int) -> str:
         return self.sources[index] if index < len(self.sources) else "stored plan"
+
+    def order(self, index: int) -> int | None:
+        """How many differences plan ``index`` was chosen with (``None``: the table's own order)."""
+        return self.orders[index] if self.orders else None
 
     def default_index(self) -> int | None:
         """The planned default: the plan with the fewest full steps whose calibrated error stays within
@@ -254,6 +265,7 @@ class AlphaTable:
                     "reference_full_steps": self.plans.reference_full_steps,
                     "sources": list(self.plans.sources),
                     "samples": self.plans.samples,
+                    **({"orders": list(self.plans.orders)} if self.plans.orders else {}),
                 }
             )
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -303,6 +315,7 @@ class AlphaTable:
                     reference_full_steps=float(info["reference_full_steps"]),
                     sources=tuple(info.get("sources", ())),
                     samples=int(info.get("samples", 0)),
+                    orders=tuple(int(o) for o in info.get("orders", ())),
                 )
             except (KeyError, ValueError, TypeError) as error:
                 raise AlphaTableError(f"{path}: unreadable stored plans ({error!r}). {RECALIBRATE_HINT}") from None

@@ -101,6 +101,8 @@ class Decisions:
         # Why the generation caches no step (short schedule, a table that serves no gap), if so.
         self.cache_off: str | None = None
         self.planned_full_steps: tuple[int, ...] | None = None
+        # The table's stored plan the generation runs, if one (its index).
+        self._stored_index: int | None = None
         # Which schedule ran and why, one line (the report's "schedule"); "" until the predictor is built.
         self._schedule = ""
         self.units: dict[int, DecisionUnit] = {}
@@ -132,15 +134,19 @@ class Decisions:
                 self._predictor = NoCachePredictor(self.num_points)
                 return self._predictor
             sigmas = self._schedule_sigmas() if self.alpha is not None else None
-            self._predictor = make_predictor(
-                self.alpha,
-                num_points=self.num_points,
-                num_steps=self.num_steps,
-                timestep_of=lambda step: step_info(step).timestep(),
-                fitted=self.uses_fitted_coefficients,
-                sigmas=sigmas,
-                second_order=self.second_order,
-            )
+
+            def predictor(second_order: bool) -> Predictor:
+                return make_predictor(
+                    self.alpha,
+                    num_points=self.num_points,
+                    num_steps=self.num_steps,
+                    timestep_of=lambda step: step_info(step).timestep(),
+                    fitted=self.uses_fitted_coefficients,
+                    sigmas=sigmas,
+                    second_order=second_order,
+                )
+
+            self._predictor = predictor(self.second_order)
             if self.alpha is not None and self.num_steps is not None and self.num_steps != self.alpha.num_steps:
                 log.info(
                     "ScalingCache: the α table was calibrated at %d steps; this %d-step generation maps its "
@@ -152,7 +158,19 @@ class Decisions:
                 self.planned_full_steps = self._plan(self._predictor)
             elif self.config.planned_default or self._plans_beyond_calibration():
                 self.planned_full_steps = self._planned_default(self._predictor)
+            if self.second_order and self._stored_order() == 1:
+                # The stored plan was chosen with one difference (its rollouts were better so): it runs
+                # as it was chosen, with the first-order coefficients (the layout's third buffer idles).
+                self._predictor = predictor(False)
         return self._predictor
+
+    def _stored_order(self) -> int | None:
+        """How many differences the stored plan this generation runs was chosen with (``None``: no
+        stored plan runs, or the table does not say; the compile option ``predictor_order`` wins)."""
+        plans = self.alpha.plans if self.alpha is not None else None
+        if plans is None or self._stored_index is None or self.config.predictor_order is not None:
+            return None
+        return plans.order(self._stored_index)
 
     def _plans_beyond_calibration(self) -> bool:
         """The default (no ``schedule``, budget or static interval) at more steps than the table was
@@ -200,6 +218,7 @@ class Decisions:
         if not forced <= set(steps) or not feasible(steps, num_steps, predictor.allows_gap):
             return None
         self.warmup_steps = leading_full(steps)
+        self._stored_index = index
         log.info("ScalingCache: stored plan %d mapped to full steps %s of %d", index, list(steps), num_steps)
         return steps
 
@@ -208,9 +227,17 @@ class Decisions:
         plans = self.alpha.plans
         count = plans.counts()[index]
         mapped = f", mapped to {len(steps)} of {self.num_steps} steps" if self.num_steps != plans.num_steps else ""
+        # The order the plan was chosen with, and the one it runs with where they differ (the option
+        # predictor_order, or a table or layout without the second difference).
+        order, forced = plans.order(index), self.config.predictor_order
+        runs = forced if forced is not None else (order if self.second_order else 1)
+        overridden = ""
+        if order is not None and runs != order:
+            overridden = f", run with {'one difference' if runs == 1 else 'two differences'}"
+            overridden += f" (predictor_order={forced})" if forced is not None else ""
         return (
             f"the α table's end-to-end plan of {count} full of {plans.num_steps} steps ({plans.source(index)}; "
-            f"calibrated error {float(plans.error[index]):.1f} dB){mapped}"
+            f"calibrated error {float(plans.error[index]):.1f} dB{overridden}){mapped}"
         )
 
     def _planned_default(self, predictor: Predictor) -> tuple[int, ...] | None:

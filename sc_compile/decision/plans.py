@@ -8,6 +8,9 @@ on calibration samples, and
 the one whose *whole output* is nearest the uncached output is kept: a sum of one-step errors
 cannot see how the errors of a generation propagate, a rollout does. The table stores the kept
 schedules (:class:`~sc_compile.calibration.table.SchedulePlans`) with their calibrated errors and the dynamic rule's.
+A table with two-difference coefficients has every budget chosen with two differences and with one;
+each stored schedule keeps the order its rollouts were better with, and a run of it predicts with
+that order (``Decisions``; the compile option ``predictor_order`` overrides).
 
 A stored schedule is a set of full steps of the calibrated ``N``-step grid; a run of ``M`` steps
 takes it by position in normalised time (:func:`map_plan`): the same fraction of full steps,
