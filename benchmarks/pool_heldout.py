@@ -10,7 +10,9 @@ seeds 3000.. and other seed bases, e.g. ``--held-out-seed 5000``) and prints, pe
   weighted by the set's samples (the peers' sweep chooses on the held-out samples themselves, while
   the table's plans were chosen at calibration).
 
-    .venv/bin/python benchmarks/pool_heldout.py --model demo-flux --sets 3000,5000,7000
+``--variant second_order`` adds the rows of the ``--plans --second-order`` runs of the same sets.
+
+    .venv/bin/python benchmarks/pool_heldout.py --model demo-flux --sets 3000,5000,7000 [--variant second_order]
 """
 
 from __future__ import annotations
@@ -31,10 +33,29 @@ ROWS = (
 )
 
 
-def _stem(kind: str, model: str, steps: int, seed: int) -> Path:
+def _stem(kind: str, model: str, steps: int, seed: int, variant: str = "") -> Path:
     suffix = "" if seed == HELD_OUT_SEED else f"_seeds{seed}"
-    prefix = "schedule_plans" if kind == "ours" else "peers_heldout"
+    prefix = f"schedule_plans{'_' + variant if variant else ''}" if kind == "ours" else "peers_heldout"
     return RESULTS / f"{prefix}{suffix}_{model.replace('-', '_')}_{steps}.json"
+
+
+def _print_row(ours: list[dict], prefix: str, label: str, seeds: list[int], budgets: tuple[int, ...], each) -> None:
+    """One row of ours: per set, the mean per budget, and pooled over every sample of the sets that ran it."""
+    # Per set, each sample's PSNR per budget (None: the set did not run the row).
+    ran = []
+    for result in ours:
+        values = [each(result, prefix, b) for b in budgets]
+        ran.append(None if None in values else values)
+    if all(values is None for values in ran):
+        return  # no set ran the row
+    cells = ["-" if values is None else " / ".join(f"{statistics.mean(v):.1f}" for v in values) for values in ran]
+    pooled = [
+        statistics.mean([v for values in ran if values is not None for v in values[i]]) for i in range(len(budgets))
+    ]
+    missing = [seed for seed, values in zip(seeds, ran, strict=True) if values is None]
+    note = f" (without seeds {', '.join(map(str, missing))}..)" if missing else ""
+    cells.append(" / ".join(f"{v:.1f}" for v in pooled) + note)
+    print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -42,19 +63,31 @@ def main() -> None:
     parser.add_argument("--model", choices=["demo-flux", "demo-wan", "demo-sd3"], default="demo-flux")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sets", default="3000,5000,7000", help="the held-out seed bases whose results are pooled")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="also the rows of schedule_ablation.py runs of another calibration, by the part of their file name "
+        "after schedule_plans_ (second_order: --second-order)",
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in args.sets.split(",")]
     n = args.steps
     budgets = (n // 2, n // 3, n // 4, n // 5)
-    ours = [json.loads(_stem("ours", args.model, n, s).read_text()) for s in seeds]
     peers = [json.loads(_stem("peers", args.model, n, s).read_text()) for s in seeds]
-    for seed, result in zip(seeds, ours, strict=True):
-        # Every set's rows come from the same calibration command, so its plans are the same table's.
-        if result["stored"] != ours[0]["stored"]:
-            raise SystemExit(
-                f"seeds {seed}.. ran other stored plans than seeds {seeds[0]}..: not one table, not pooled"
-            )
-    labels = [f"seeds {s}.. ({len(o['held_out_samples'])} samples)" for s, o in zip(seeds, ours, strict=True)]
+    runs = {}
+    for variant in ["", *args.variant]:
+        ours = runs[variant] = [json.loads(_stem("ours", args.model, n, s, variant).read_text()) for s in seeds]
+        for seed, result in zip(seeds, ours, strict=True):
+            # Every set's rows come from the same calibration command, so its plans are the same table's.
+            if result["stored"] != ours[0]["stored"]:
+                raise SystemExit(
+                    f"seeds {seed}.. ran other stored plans than seeds {seeds[0]}..{variant and ' (' + variant + ')'}: "
+                    "not one table, not pooled"
+                )
+        if [r["held_out_samples"] for r in ours] != [r["held_out_samples"] for r in runs[""]]:
+            raise SystemExit(f"the {variant} runs held out other samples than the default's: not compared")
+    labels = [f"seeds {s}.. ({len(o['held_out_samples'])} samples)" for s, o in zip(seeds, runs[""], strict=True)]
     print(f"{args.model}, {n} steps; PSNR dB at B = {' / '.join(map(str, budgets))} full steps")
     print("| row | " + " | ".join([*labels, "pooled"]) + " |")
     print("| --- |" + " ---: |" * (len(seeds) + 1))
@@ -63,22 +96,11 @@ def main() -> None:
         rows = [r for r in result["held_out"] if r["config"] == f"{prefix}, full_steps={budget} at {n} steps"]
         return rows[0]["each"] if rows else None  # a run without --same-schedule has no α = 1 rows
 
-    for prefix, label in ROWS:
-        # Per set, each sample's PSNR per budget (None: the set did not run the row).
-        ran = []
-        for result in ours:
-            values = [each(result, prefix, b) for b in budgets]
-            ran.append(None if None in values else values)
-        if all(values is None for values in ran):
-            continue  # no set ran the row
-        cells = ["-" if values is None else " / ".join(f"{statistics.mean(v):.1f}" for v in values) for values in ran]
-        pooled = [
-            statistics.mean([v for values in ran if values is not None for v in values[i]]) for i in range(len(budgets))
-        ]
-        missing = [seed for seed, values in zip(seeds, ran, strict=True) if values is None]
-        note = f" (without seeds {', '.join(map(str, missing))}..)" if missing else ""
-        cells.append(" / ".join(f"{v:.1f}" for v in pooled) + note)
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    for variant, ours in runs.items():
+        for prefix, label in ROWS:
+            if variant and prefix == "today's planner (ρ=0)":
+                continue  # the variant's planner row runs the default's predictor: the same row
+            _print_row(ours, prefix, f"{label}{f', {variant}' if variant else ''}", seeds, budgets, each)
     cells, bests = [], []
     for result in peers:
         rows = [best_within(result["rows"], b) for b in budgets]
