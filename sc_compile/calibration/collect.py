@@ -455,20 +455,17 @@ def merge_plan_orders(second: SchedulePlans, first: SchedulePlans) -> SchedulePl
     """Per budget, the plan of lower calibrated error of ``second`` (chosen with two differences) and
     ``first`` (with one), with the order each is to run with; ``second``'s dynamic rule (the
     table's default predictor) stays the reference."""
-    by_count = dict(zip(first.counts(), range(len(first.counts())), strict=True))
+    by_count = {count: index for index, count in enumerate(first.counts())}
     rows, errors, sources, orders = [], [], [], []
     for index, count in enumerate(second.counts()):
         other = by_count.get(count)
+        plans, at, order = second, index, 2
         if other is not None and float(first.error[other]) < float(second.error[index]):
-            rows.append(first.full[other])
-            errors.append(float(first.error[other]))
-            sources.append(f"{first.source(other)}, one difference")
-            orders.append(1)
-        else:
-            rows.append(second.full[index])
-            errors.append(float(second.error[index]))
-            sources.append(f"{second.source(index)}, two differences")
-            orders.append(2)
+            plans, at, order = first, other, 1
+        rows.append(plans.full[at])
+        errors.append(float(plans.error[at]))
+        sources.append(f"{plans.source(at)}, {'one difference' if order == 1 else 'two differences'}")
+        orders.append(order)
     return dataclasses.replace(
         second,
         full=torch.stack(rows),
@@ -530,6 +527,20 @@ def default_budgets(num_steps: int, dynamic_full_steps: float) -> list[int]:
     return sorted({b for b in grid if 3 <= b < num_steps}, reverse=True)
 
 
+def served_gaps(table: AlphaTable, num_steps: int) -> Callable[[int, int], bool]:
+    """``allows_gap(τ, k)`` of ``table``'s predictor at ``num_steps`` steps: whether a cached step k
+    steps after the full step τ is a gap the table serves."""
+    from sc_compile.decision.coefficients import make_predictor
+
+    return make_predictor(
+        table,
+        num_points=table.num_points,
+        num_steps=num_steps,
+        timestep_of=lambda step: None,
+        fitted=table.fitted is not None,
+    ).allows_gap
+
+
 def candidate_schedules(
     table: AlphaTable,
     num_steps: int,
@@ -542,7 +553,7 @@ def candidate_schedules(
     sampler's step sizes), fixed intervals (:func:`~sc_compile.decision.plans.interval_schedules`)
     and ``extra``; each at most once, each
     with exactly ``budget`` full steps and only gaps the table serves."""
-    from sc_compile.decision.coefficients import make_predictor, step_weights
+    from sc_compile.decision.coefficients import step_weights
     from sc_compile.decision.decisions import Decisions, StepInfo
     from sc_compile.decision.plans import feasible, interval_schedules, uniform_schedule
     from sc_compile.errors import BudgetError
@@ -550,13 +561,7 @@ def candidate_schedules(
     bare = dataclasses.replace(table, plans=None)
     found: list[tuple[str, tuple[int, ...]]] = []
     # The gaps the table serves, whether or not the planner meets the budget within them.
-    allows_gap = make_predictor(
-        bare,
-        num_points=bare.num_points,
-        num_steps=num_steps,
-        timestep_of=lambda step: None,
-        fitted=bare.fitted is not None,
-    ).allows_gap
+    allows_gap = served_gaps(bare, num_steps)
     for rho in PLAN_PROPAGATIONS:
         options = ScalingCacheConfig(alpha=bare, full_steps=budget, propagation=rho, num_inference_steps=num_steps)
         decisions = Decisions(
@@ -630,16 +635,9 @@ def choose_plans(
         for budget in chosen
     ]
     bar = tqdm(total=sum(len(c) for _, c in work), unit="schedule", disable=not progress, desc="choosing schedules")
-    from sc_compile.decision.coefficients import make_predictor
     from sc_compile.decision.plans import feasible
 
-    predictor = make_predictor(
-        bare,
-        num_points=bare.num_points,
-        num_steps=num_steps,
-        timestep_of=lambda step: None,
-        fitted=bare.fitted is not None,
-    )
+    allows_gap = served_gaps(bare, num_steps)
 
     def score(budget: int, steps: tuple[int, ...]) -> list[float]:
         mask = torch.zeros(1, num_steps, dtype=torch.bool)
@@ -682,7 +680,7 @@ def choose_plans(
                         candidate = tuple(moved_steps)
                         if len(set(candidate)) < budget or candidate != tuple(sorted(candidate)):
                             continue
-                        if candidate[-1] >= num_steps or not feasible(candidate, num_steps, predictor.allows_gap):
+                        if candidate[-1] >= num_steps or not feasible(candidate, num_steps, allows_gap):
                             continue
                         bar.total += 1
                         each = score(budget, candidate)

@@ -158,19 +158,22 @@ class Decisions:
                 self.planned_full_steps = self._plan(self._predictor)
             elif self.config.planned_default or self._plans_beyond_calibration():
                 self.planned_full_steps = self._planned_default(self._predictor)
-            if self.second_order and self._stored_order() == 1:
+            if self.second_order and self._stored_index is not None and self._plan_runs_with(self._stored_index) == 1:
                 # The stored plan was chosen with one difference (its rollouts were better so): it runs
                 # as it was chosen, with the first-order coefficients (the layout's third buffer idles).
                 self._predictor = predictor(False)
         return self._predictor
 
-    def _stored_order(self) -> int | None:
-        """How many differences the stored plan this generation runs was chosen with (``None``: no
-        stored plan runs, or the table does not say; the compile option ``predictor_order`` wins)."""
-        plans = self.alpha.plans if self.alpha is not None else None
-        if plans is None or self._stored_index is None or self.config.predictor_order is not None:
-            return None
-        return plans.order(self._stored_index)
+    def _plan_runs_with(self, index: int) -> int:
+        """How many differences the table's stored plan ``index`` runs with: the compile option
+        ``predictor_order`` where given; else one where the layout keeps no difference before last;
+        else the order the plan was chosen with (two where the table does not say)."""
+        assert self.alpha is not None and self.alpha.plans is not None
+        if self.config.predictor_order is not None:
+            return self.config.predictor_order
+        if not self.second_order:
+            return 1
+        return self.alpha.plans.order(index) or 2
 
     def _plans_beyond_calibration(self) -> bool:
         """The default (no ``schedule``, budget or static interval) at more steps than the table was
@@ -229,8 +232,7 @@ class Decisions:
         mapped = f", mapped to {len(steps)} of {self.num_steps} steps" if self.num_steps != plans.num_steps else ""
         # The order the plan was chosen with, and the one it runs with where they differ (the option
         # predictor_order, or a table or layout without the second difference).
-        order, forced = plans.order(index), self.config.predictor_order
-        runs = forced if forced is not None else (order if self.second_order else 1)
+        order, runs, forced = plans.order(index), self._plan_runs_with(index), self.config.predictor_order
         overridden = ""
         if order is not None and runs != order:
             overridden = f", run with {'one difference' if runs == 1 else 'two differences'}"
