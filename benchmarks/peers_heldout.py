@@ -61,7 +61,7 @@ from cachebench.peers import (  # noqa: E402
     taylorseer_identifiers,
 )
 from cachebench.rendering import best_within  # noqa: E402
-from cachebench.samples import HELD_OUT_SEED, generate, held_out_samples, sample_call  # noqa: E402
+from cachebench.samples import HELD_OUT_SEED, generate, held_out_samples, held_out_suffix, sample_call  # noqa: E402
 
 from sc_compile.demo.sampling import demo_size  # noqa: E402
 from sc_compile.metrics import psnr  # noqa: E402
@@ -265,8 +265,7 @@ def main() -> None:
         "argv": sys.argv[1:],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    seeds = "" if args.held_out_seed == HELD_OUT_SEED else f"_seeds{args.held_out_seed}"
-    stem = f"peers_heldout{seeds}_{args.model.replace('-', '_')}_{n}"
+    stem = f"peers_heldout{held_out_suffix(args.held_out_seed)}_{args.model.replace('-', '_')}_{n}"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{stem}.md").write_text(render(results, " ".join(["benchmarks/peers_heldout.py", *sys.argv[1:]])))
     print(f"done in {elapsed:.0f} s: {args.out / stem}.md", flush=True)

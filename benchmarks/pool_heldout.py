@@ -23,7 +23,7 @@ import statistics
 from pathlib import Path
 
 from cachebench.rendering import best_within
-from cachebench.samples import HELD_OUT_SEED
+from cachebench.samples import held_out_suffix
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = (
@@ -34,17 +34,24 @@ ROWS = (
 
 
 def _stem(kind: str, model: str, steps: int, seed: int, variant: str = "") -> Path:
-    suffix = "" if seed == HELD_OUT_SEED else f"_seeds{seed}"
     prefix = f"schedule_plans{'_' + variant if variant else ''}" if kind == "ours" else "peers_heldout"
-    return RESULTS / f"{prefix}{suffix}_{model.replace('-', '_')}_{steps}.json"
+    return RESULTS / f"{prefix}{held_out_suffix(seed)}_{model.replace('-', '_')}_{steps}.json"
 
 
-def _print_row(ours: list[dict], prefix: str, label: str, seeds: list[int], budgets: tuple[int, ...], each) -> None:
+def _each(result: dict, prefix: str, budget: int, steps: int) -> list[float] | None:
+    """Each sample's PSNR of the row ``prefix`` at ``budget`` full steps (``None``: the run has no such row)."""
+    rows = [r for r in result["held_out"] if r["config"] == f"{prefix}, full_steps={budget} at {steps} steps"]
+    return rows[0]["each"] if rows else None  # a run without --same-schedule has no α = 1 rows
+
+
+def _print_row(
+    ours: list[dict], prefix: str, label: str, seeds: list[int], budgets: tuple[int, ...], steps: int
+) -> None:
     """One row of ours: per set, the mean per budget, and pooled over every sample of the sets that ran it."""
     # Per set, each sample's PSNR per budget (None: the set did not run the row).
     ran = []
     for result in ours:
-        values = [each(result, prefix, b) for b in budgets]
+        values = [_each(result, prefix, b, steps) for b in budgets]
         ran.append(None if None in values else values)
     if all(values is None for values in ran):
         return  # no set ran the row
@@ -92,15 +99,11 @@ def main() -> None:
     print("| row | " + " | ".join([*labels, "pooled"]) + " |")
     print("| --- |" + " ---: |" * (len(seeds) + 1))
 
-    def each(result: dict, prefix: str, budget: int) -> list[float] | None:
-        rows = [r for r in result["held_out"] if r["config"] == f"{prefix}, full_steps={budget} at {n} steps"]
-        return rows[0]["each"] if rows else None  # a run without --same-schedule has no α = 1 rows
-
     for variant, ours in runs.items():
         for prefix, label in ROWS:
             if variant and prefix == "today's planner (ρ=0)":
                 continue  # the variant's planner row runs the default's predictor: the same row
-            _print_row(ours, prefix, f"{label}{f', {variant}' if variant else ''}", seeds, budgets, each)
+            _print_row(ours, prefix, f"{label}{f', {variant}' if variant else ''}", seeds, budgets, n)
     cells, bests = [], []
     for result in peers:
         rows = [best_within(result["rows"], b) for b in budgets]

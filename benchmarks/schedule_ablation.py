@@ -39,6 +39,7 @@ from cachebench.samples import (
     generate,
     generate_cached,
     held_out_samples,
+    held_out_suffix,
     sample_call,
 )
 from cachebench.workloads import load
@@ -383,7 +384,7 @@ def plans_main(args: argparse.Namespace) -> None:
     refined += "_second_order" if args.second_order else ""
     refined += f"_samples{args.plan_samples}" if args.plan_samples is not None else ""
     refined += f"_{args.shrink_rule}" if args.shrink_rule != "sum" else ""
-    refined += f"_seeds{args.held_out_seed}" if args.held_out_seed != HELD_OUT_SEED else ""
+    refined += held_out_suffix(args.held_out_seed)
     stem = f"schedule_plans{refined}_{args.model.replace('-', '_')}_{n}"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     command = " ".join(["benchmarks/schedule_ablation.py", *sys.argv[1:]])

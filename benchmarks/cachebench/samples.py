@@ -31,6 +31,11 @@ def held_out_samples(per_set: int, seed: int = HELD_OUT_SEED) -> list[tuple[int,
     return [(5 + c, seed + c) for c in range(per_set)]
 
 
+def held_out_suffix(seed: int) -> str:
+    """The part of a result file's name that says its held-out seeds ("" for the first set)."""
+    return "" if seed == HELD_OUT_SEED else f"_seeds{seed}"
+
+
 def sample_call(
     embeddings: Any, size: dict[str, int], label: int, seed: int, steps: int, guidance: float
 ) -> dict[str, Any]:
