@@ -323,6 +323,8 @@ def plans_main(args: argparse.Namespace) -> None:
     for row in stored:
         print(f"  stored plan: {row['full_steps']} full, {row['error_db']:.2f} dB ({row['source']}) {row['steps']}")
     print(f"  dynamic rule: {plans.reference_error:.2f} dB at {plans.reference_full_steps:.1f} full", flush=True)
+    if table.finer is not None:
+        print(f"  finer-grid check: {table.finer.describe()}", flush=True)
     today = dataclasses.replace(table, plans=None)
     held_out = held_out_samples(args.per_set, args.held_out_seed)
     results: dict[str, Any] = {
@@ -332,6 +334,8 @@ def plans_main(args: argparse.Namespace) -> None:
         "plan_seconds": float(table.extra["plan_seconds"]),
         "stored": stored,
         "dynamic_calibrated": [plans.reference_error, plans.reference_full_steps],
+        "finer_check": None if table.finer is None else table.finer.to_json(),
+        "finer_check_text": None if table.finer is None else table.finer.describe(),
         "held_out": [],
         "held_out_samples": held_out,
     }
@@ -362,7 +366,9 @@ def plans_main(args: argparse.Namespace) -> None:
 
     first_order = {"predictor_order": 1} if args.second_order else {}
     # α = 1 (one difference, no fit) that runs the table's stored plans: the same full steps as the table's rows.
-    ones_same_plans = dataclasses.replace(table, alpha=torch.ones_like(table.alpha), fitted=None)
+    ones_same_plans = dataclasses.replace(table, alpha=torch.ones_like(table.alpha), fitted=None, finer=None)
+    # The table's coefficients mapped to every step count, whatever its finer-grid check found (before the check).
+    unchecked = dataclasses.replace(table, finer=None)
     for budget in [int(b) for b in args.budgets.split(",")] if args.budgets else (n // 2, n // 3, n // 4, n // 5):
         held(f"today's planner (ρ=0), full_steps={budget}", {"alpha": today, "full_steps": budget, **first_order})
         held(f"end-to-end plan, full_steps={budget}", {"alpha": table, "full_steps": budget})
@@ -373,6 +379,12 @@ def plans_main(args: argparse.Namespace) -> None:
         held(f"α = 1, static k={interval}", {"alpha": "ones", "static_interval": interval})
     for steps in [] if args.no_dynamic else [n, *[int(x) for x in args.transfer.split(",") if x]]:
         held("planned default", {"alpha": table, "schedule": "planned"}, steps)
+        if table.finer is not None and steps > n:
+            held(
+                "planned default, mapped coefficients (no finer-grid check)",
+                {"alpha": unchecked, "schedule": "planned"},
+                steps,
+            )
         held("dynamic rule", {"alpha": table, "schedule": "dynamic"}, steps)
         held("α = 1 default", {"alpha": "ones"}, steps)
         if args.same_schedule:
@@ -408,6 +420,16 @@ def render_plans(results: dict[str, Any], command: str) -> str:
     ]
     for row in results["stored"]:
         lines.append(f"| {row['full_steps']} | {row['error_db']:.2f} | {row['source']} | {row['steps']} |")
+    if results.get("finer_check_text"):
+        check = results["finer_check"]
+        lines += [
+            "",
+            f"Finer-grid check: {results['finer_check_text']} (per rollout sample, dB: table "
+            + " / ".join(f"{e:.2f}" for e in check["table_errors"])
+            + ", α = 1 "
+            + " / ".join(f"{e:.2f}" for e in check["ones_errors"])
+            + ").",
+        ]
     samples = ", ".join(f"({c}, {s})" for c, s in results.get("held_out_samples", ())) or "classes 5.., seeds 3000.."
     lines += ["", f"Held out ((class, seed): {samples}; PSNR dB against the uncached output; full steps):", ""]
     lines += ["| configuration | PSNR mean | each sample | full | schedule (report) |"]

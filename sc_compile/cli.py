@@ -233,6 +233,10 @@ def _check_call_arguments(pipe: Any, sample: dict[str, Any], model_dir: str) -> 
 def check_calibration_inputs(args: argparse.Namespace) -> tuple[str, Path, list[str] | None, dict[str, Any] | None]:
     """Everything ``calibrate`` can check without the model, checked before the model is loaded:
     ``(model directory format, output path, text prompts, prompt embeddings)``."""
+    if args.finer_steps and args.finer_steps <= args.steps:
+        raise SystemExit(
+            f"calibrate: --finer-steps {args.finer_steps} must be more than --steps {args.steps} (or 0: no check)"
+        )
     kind = model_dir_format(args.model_dir)
     out = check_writable_output(args.out)
     prompts = read_prompts(args)
@@ -319,6 +323,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         plan_samples=args.plan_samples,
         plan_refine=args.plan_refine,
         second_order=args.second_order,
+        finer_steps=args.finer_steps,
     )
     seconds = time.perf_counter() - start
     table.save(out)
@@ -380,6 +385,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print_fitted(table, args.previous_gap)
     if table.plans is not None:
         print_plans(table.plans)
+    if table.finer is not None:
+        check = table.finer
+        print(f"finer grid: {check.describe()}")
+        print(
+            "  per rollout sample, dB (lower is better): table "
+            + " / ".join(f"{e:.2f}" for e in check.table_errors)
+            + ", α = 1 "
+            + " / ".join(f"{e:.2f}" for e in check.ones_errors)
+            + f"; full steps {list(check.full_steps)}"
+        )
     if args.plot:
         try:
             import matplotlib
@@ -551,6 +566,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also fit two-difference coefficients (a format-3 table; a cached step then keeps one more buffer per "
         "cache point); each stored plan is chosen with one or two differences, whichever its rollouts were better with",
+    )
+    cal.add_argument(
+        "--finer-steps",
+        type=_at_least(0),
+        default=None,
+        help="with stored plans, check the fitted coefficients at this many steps (more than --steps): where α = 1 "
+        "beats them there on every rollout sample, generations of more steps than calibrated predict with α = 1; "
+        "0: no check (default: twice --steps)",
     )
     cal.add_argument(
         "--plan-refine",

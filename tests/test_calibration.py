@@ -132,6 +132,8 @@ def test_cli_calibrates_a_tiny_pipeline_and_inspects_the_table(tmp_path):
         "--max-gap",
         "2",
         "--second-order",
+        "--finer-steps",
+        "18",
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "2 samples x 6 steps" in result.stdout
@@ -157,6 +159,9 @@ def test_cli_calibrates_a_tiny_pipeline_and_inspects_the_table(tmp_path):
     for index, count in enumerate(table.plans.counts()):
         line = f"{count:5d}  {float(table.plans.error[index]):8.2f}  {table.plans.source(index)}: "
         assert line + str(list(table.plans.steps(index))) in inspect.stdout.splitlines(), inspect.stdout
+    # --finer-steps: the coefficients checked at 18 steps against α = 1; inspect says what it found.
+    assert table.finer is not None and table.finer.num_steps == 18
+    assert f"finer grid: {table.finer.describe()}" in inspect.stdout.splitlines(), inspect.stdout
     # The backend accepts the file for the same architecture.
     pipe.transformer = torch.compile(
         pipe.transformer, backend="scalingcache", options={"compiler": "eager", "alpha": str(out), "warmup_steps": 2}

@@ -107,6 +107,13 @@ def test_calibrate_refuses_a_pipeline_without_transformer(
     assert "no transformer component" in message, message
 
 
+def test_calibrate_refuses_finer_steps_not_above_the_steps(tmp_path, capsys, nothing_runs, index_only_pipeline):
+    argv = ["calibrate", str(index_only_pipeline), "--out", str(tmp_path / "a.safetensors"), "--steps", "10"]
+    message = _refusal([*argv, "--finer-steps", "10"], capsys)
+    assert "--finer-steps 10 must be more than --steps 10" in message, message
+    assert "--finer-steps: must be at least 0" in _refusal([*argv, "--finer-steps", "-1"], capsys)
+
+
 @pytest.mark.parametrize("steps", ["0", "-1", "2", "many"])
 def test_calibrate_refuses_too_few_steps(tmp_path, capsys, nothing_runs, index_only_pipeline, embeddings_file, steps):
     message = _refusal(

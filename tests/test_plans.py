@@ -270,6 +270,24 @@ def test_the_default_above_the_calibrated_step_count_runs_the_stored_plan(planne
     assert sc_compile.report(model).schedule == "dynamic rule ε > δ (the default)"
 
 
+def test_a_warm_up_longer_than_the_planned_default_runs_the_dynamic_rule_and_says_why(planned_table):
+    """Above the calibrated step count the default runs the stored plan; where the user's warm-up alone
+    needs more full steps than that plan has, the default is the dynamic rule (said in the report),
+    and an explicit schedule='planned' is refused saying what forces the steps, not a budget the
+    user never set."""
+    known = _plans([(12, -45.0), (10, -41.0), (8, -39.0)], reference=-40.0)
+    table = dataclasses.replace(planned_table, plans=known)
+    report = _run(table, 2 * STEPS, warmup_steps=30)
+    assert report.schedule.startswith("dynamic rule ε > δ: the table's planned default"), report.schedule
+    assert "the 30 the warm-up and final steps force" in report.schedule
+    assert set(range(30)) <= set(report.full_steps)
+    with pytest.raises(BudgetError, match="schedule='planned': the table's planned default .* lower warmup_steps"):
+        _run(table, 2 * STEPS, warmup_steps=30, schedule="planned")
+    # A warm-up the plan can hold: the planner places the plan's count with it.
+    report = _run(table, 2 * STEPS, warmup_steps=12)
+    assert report.num_full_steps == 20 and set(range(12)) <= set(report.full_steps), report.schedule
+
+
 def test_tables_without_plans_load_and_mean_what_they_meant(planned_table, tmp_path):
     bare = dataclasses.replace(planned_table, plans=None)
     first_order = dataclasses.replace(bare, fitted=None)

@@ -37,7 +37,7 @@ from sc_compile.calibration.fitting import (
     gram_width,
     one_step_alpha,
 )
-from sc_compile.calibration.table import AlphaTable, SchedulePlans
+from sc_compile.calibration.table import AlphaTable, FinerGridCheck, SchedulePlans, mapped_budget
 from sc_compile.config import (
     ALL_FULL_WARMUP,
     Granularity,
@@ -168,6 +168,7 @@ def calibrate(
     plan_samples: int | None = None,
     plan_budgets: Sequence[int] | None = None,
     plan_refine: int = 0,
+    finer_steps: int | None = None,
 ) -> AlphaTable:
     """Calibrate an α table by running ``samples`` generations with every step full.
 
@@ -190,6 +191,13 @@ def calibrate(
     ``None``: 2 where the samples return their output
     (a pipeline does; a callable must return the output tensor), else none. ``0``: none.
 
+    ``finer_steps``: with schedules chosen end to end and a pipeline, check the fitted coefficients at
+    that many steps (more than the samples run): the planned default's schedule runs on the rollout
+    samples with the coefficients mapped to that step count and with α = 1, and where α = 1 is better
+    on every sample, generations of more steps than calibrated predict with α = 1
+    (:class:`~sc_compile.calibration.table.FinerGridCheck`; about 3 × ``plan_samples`` generations
+    at that step count). ``None``: twice the calibrated step count where possible; ``0``: no check.
+
     ``target`` is a diffusers pipeline (anything with a ``.transformer``) and ``samples`` a list of
     keyword-argument dicts for ``target(**kwargs)`` (a ``"seed"`` key becomes a CPU generator); or
     ``target`` is the transformer and ``samples`` a list of callables, each running one generation
@@ -203,7 +211,7 @@ def calibrate(
     from sc_compile.runtime.dispatch import ScalingCacheRuntime
     from sc_compile.runtime.state import StreamState
 
-    pipeline = target if hasattr(target, "transformer") else None
+    pipeline = pipeline_of(target)
     transformer = pipeline.transformer if pipeline is not None else target
     if not isinstance(transformer, torch.nn.Module):
         raise ValueError(f"target must be a pipeline with a .transformer or an nn.Module, got {type(target).__name__}")
@@ -215,6 +223,13 @@ def calibrate(
         raise ValueError(f"plan_samples must be an int >= 0 or None, but got {plan_samples!r}")
     if not is_int_at_least(plan_refine, 0):
         raise ValueError(f"plan_refine must be an int >= 0, but got {plan_refine!r}")
+    if finer_steps is not None and not is_int_at_least(finer_steps, 0):
+        raise ValueError(f"finer_steps must be an int >= 0 or None, but got {finer_steps!r}")
+    if finer_steps and (pipeline_of(target) is None or not all(isinstance(s, Mapping) for s in samples)):
+        raise ValueError(
+            f"finer_steps={finer_steps} runs the samples at another step count, which needs a pipeline and "
+            "keyword-argument samples (their num_inference_steps is set); pass finer_steps=0"
+        )
     if plan_samples is not None and plan_samples > len(samples):
         raise ValueError(f"plan_samples={plan_samples} is more than the {len(samples)} calibration samples")
     rollout_count = DEFAULT_PLAN_SAMPLES if plan_samples is None else plan_samples
@@ -235,6 +250,11 @@ def calibrate(
     # how many CPU threads torch runs on (calibration never sets them).
     declared = [s.get("num_inference_steps") if isinstance(s, Mapping) else None for s in samples]
     total = sum(n for n in declared if isinstance(n, int)) if all(isinstance(n, int) for n in declared) else None
+    first_declared = declared[0]
+    if finer_steps and isinstance(first_declared, int) and finer_steps <= first_declared:  # before anything runs
+        raise ValueError(
+            f"finer_steps={finer_steps} must be more than the {first_declared} steps the samples run (or 0: no check)"
+        )
     bar = tqdm(
         total=total, unit="step", disable=not progress, desc=f"calibrating (torch threads: {torch.get_num_threads()})"
     )
@@ -399,25 +419,42 @@ def calibrate(
 
         second_order_model = torch.compile(transformer, backend=second_order_backend)
 
-        def rollout(run_config: ScalingCacheConfig, run_table: AlphaTable) -> tuple[list[float], list[tuple[int, ...]]]:
+        def run_all(
+            run_config: ScalingCacheConfig, run_table: AlphaTable, on: Sequence[Any]
+        ) -> tuple[list[torch.Tensor | None], list[tuple[int, ...]]]:
+            """Each of ``on`` run with ``run_config`` and ``run_table``: its output and full steps."""
             second = second_order_in_use(run_table, run_config)
             model, runners = (second_order_model, second_runners) if second else (compiled, ours)
             running[:] = [(run_config, run_table)]
             for runtime in runners:
                 run_with(runtime, run_config, run_table)
-            errors, schedules = [], []
-            for index in range(rollout_count):
-                result = run_sample(samples[index], model)
+            produced, schedules = [], []
+            for sample in on:
+                result = run_sample(sample, model)
                 if not runners:
                     raise RuntimeError("a rollout ran no call of the compiled transformer")
                 runtime = max(runners, key=lambda r: r.num_calls)
                 runtime.end_generation()
                 schedules.append(runtime.report().full_steps)
-                produced = output_tensor(result)
-                if produced is None or produced.shape != references[index].shape:
+                produced.append(output_tensor(result))
+            return produced, schedules
+
+        def rollout(
+            run_config: ScalingCacheConfig,
+            run_table: AlphaTable,
+            on: Sequence[Any] | None = None,
+            against: Sequence[torch.Tensor] | None = None,
+        ) -> tuple[list[float], list[tuple[int, ...]]]:
+            """Each rollout sample's output error (dB) against its uncached output, and its full steps
+            (``on``/``against``: other samples and their uncached outputs)."""
+            produced, schedules = run_all(run_config, run_table, samples[:rollout_count] if on is None else on)
+            targets = references if against is None else against
+            errors = []
+            for output, reference in zip(produced, targets, strict=True):
+                if output is None or output.shape != reference.shape:
                     raise RuntimeError("a schedule's rollout returned no output of the uncached output's shape")
-                errors.append(relative_error(produced, references[index]))
-            return [error_db([e]) for e in errors], schedules
+                errors.append(error_db([relative_error(output, reference)]))
+            return errors, schedules
 
         def choose(run_base: ScalingCacheConfig, budgets: Sequence[int] | None) -> SchedulePlans:
             with quiet_pipeline():
@@ -448,7 +485,74 @@ def calibrate(
         if progress:
             tqdm.write(message)
         log.info(message)
+        finer_at = 2 * num_steps if finer_steps is None else finer_steps
+        if finer_at and finer_steps is not None and finer_at <= num_steps:
+            raise ValueError(
+                f"finer_steps={finer_steps} must be more than the {num_steps} steps the samples ran (or 0: no check)"
+            )
+        keyword_samples = [s for s in samples[:rollout_count] if isinstance(s, Mapping)]
+        if finer_at and pipeline is not None and len(keyword_samples) == rollout_count:
+            started = time.perf_counter()
+            at_steps = [{**sample, "num_inference_steps": finer_at} for sample in keyword_samples]
+            with quiet_pipeline():
+                # Every step full (the calibration's warm-up), with a table that plans nothing.
+                bare = dataclasses.replace(table, fitted=None, plans=None)
+                uncached, _ = run_all(dataclasses.replace(config, num_inference_steps=finer_at), bare, at_steps)
+                finer = check_finer_grid(table, finer_at, rollout, base, at_steps, uncached)
+            table = dataclasses.replace(table, finer=finer)
+            message = f"calibration: {finer.describe()} ({time.perf_counter() - started:.0f} s)"
+            if progress:
+                tqdm.write(message)
+            log.info(message)
     return table
+
+
+def pipeline_of(target: Any) -> Any:
+    """The pipeline calibration runs (``None``: ``target`` is the transformer itself)."""
+    return target if hasattr(target, "transformer") else None
+
+
+Rollout = Callable[..., tuple[list[float], list[tuple[int, ...]]]]
+
+
+def check_finer_grid(
+    table: AlphaTable,
+    num_steps: int,
+    rollout: Rollout,
+    base: ScalingCacheConfig,
+    samples: Sequence[Any],
+    uncached: Sequence[torch.Tensor | None],
+) -> FinerGridCheck:
+    """The table's planned default at ``num_steps`` (more than calibrated: what a generation there runs
+    by default) run on ``samples`` (the rollout samples at that step count, ``uncached`` their outputs
+    with every step full) with the table's coefficients mapped there and with α = 1, on the same full
+    steps. Where no stored plan is within the dynamic rule's calibrated error, the stored plan with
+    the most full steps runs."""
+    plans = table.plans
+    assert plans is not None
+    references = [u for u in uncached if u is not None]
+    if len(references) != len(samples):
+        raise RuntimeError("a sample returned no output at the finer step count")
+    run_config = dataclasses.replace(base, num_inference_steps=num_steps, predictor_order=1)
+    if plans.default_index() is not None:
+        run_config = dataclasses.replace(run_config, schedule=Schedule.PLANNED)
+    else:
+        # The default runs the dynamic rule there, whose full steps depend on the coefficients: the
+        # plan nearest it (the most full steps) keeps both sides on the same steps.
+        most = max(plans.counts())
+        run_config = dataclasses.replace(run_config, full_steps=mapped_budget(most, table.num_steps, num_steps))
+    assert table.fitted is not None
+    # The two runs differ only in what a cached step multiplies (the same plan, the same table).
+    as_table = dataclasses.replace(table, finer=FinerGridCheck.assuming(num_steps, ones_better=False))
+    as_ones = dataclasses.replace(table, finer=FinerGridCheck.assuming(num_steps, ones_better=True))
+    table_errors, table_steps = rollout(run_config, as_table, samples, references)
+    ones_errors, ones_steps = rollout(run_config, as_ones, samples, references)
+    if table_steps != ones_steps or len(set(table_steps)) != 1:
+        raise RuntimeError(
+            f"the finer-grid check ran different full steps with the table and with α = 1 ({table_steps} against "
+            f"{ones_steps}); this is a bug in sc_compile"
+        )
+    return FinerGridCheck(num_steps, tuple(table_steps[0]), tuple(table_errors), tuple(ones_errors))
 
 
 def merge_plan_orders(second: SchedulePlans, first: SchedulePlans) -> SchedulePlans:

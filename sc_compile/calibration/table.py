@@ -19,6 +19,10 @@ with (``config``: the JSON of ``ScalingCacheConfig.to_dict()``, versioned).
   error in the metadata (``plans``, JSON). A file without them means what it meant. A format-3
   table's plans also say in that JSON how many differences each was chosen with (``orders``; a file
   without them runs every plan with the table's own order).
+* any format with fitted coefficients may add the calibration's check of them on a finer grid
+  (:class:`FinerGridCheck`, metadata ``finer_check``, JSON): the planned default at M > N steps, run
+  on the rollout samples with the table's coefficients mapped to M steps and with α = 1. A file
+  without it maps the table's coefficients to every step count, as before.
 * format 3 adds the two-difference coefficients (:func:`sc_compile.calibration.fitting.fit_second_order`):
   ``coef2`` [N, K+1, K+1, K, P, 2] and ``error2`` [N, K+1, K+1, K]. Its first-order tensors are
   format 2's, so a format-3 file read for its first order means what a format-2 file means.
@@ -132,6 +136,79 @@ class SchedulePlans:
         return min(matching, key=lambda i: (abs(counts[i] / self.num_steps - budget / num_steps), float(self.error[i])))
 
 
+@dataclasses.dataclass(frozen=True)
+class FinerGridCheck:
+    """The calibration's check of a fitted table at more steps than it was calibrated at.
+
+    A fitted coefficient is calibrated on the table's N-step grid; at N' > N steps it is looked up
+    over normalised time (:mod:`sc_compile.decision.coefficients`), which held out helps on some
+    models and loses to α = 1 on others (README, "Other step counts"). The calibration therefore
+    runs the planned default's schedule at ``num_steps`` (M > N) on its rollout samples twice, with
+    the table's mapped coefficients and with α = 1 (the same full steps), and records each sample's
+    output error (dB, lower is better). Where α = 1 was better on every rollout sample
+    (:attr:`ones_better`, the rule that keeps the budget planner's schedule), a generation of more
+    than N steps predicts with α = 1; otherwise with the mapped table."""
+
+    num_steps: int
+    full_steps: tuple[int, ...]  # the schedule both ran, on the M-step grid
+    table_errors: tuple[float, ...]  # per rollout sample: the table's coefficients mapped to M steps
+    ones_errors: tuple[float, ...]  # per rollout sample: α = 1 on the same full steps
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 2:
+            raise AlphaTableError(f"the finer-grid check needs a step count >= 2, got {self.num_steps!r}")
+        if not self.table_errors or len(self.table_errors) != len(self.ones_errors):
+            raise AlphaTableError(
+                f"the finer-grid check needs one error per rollout sample for both, got {len(self.table_errors)} "
+                f"and {len(self.ones_errors)}"
+            )
+        if not all(math.isfinite(e) for e in (*self.table_errors, *self.ones_errors)):
+            raise AlphaTableError("the finer-grid check's errors must be finite")
+        if any(not 0 <= s < self.num_steps for s in self.full_steps) or list(self.full_steps) != sorted(
+            set(self.full_steps)
+        ):
+            raise AlphaTableError(f"the finer-grid check's full steps must be distinct steps of {self.num_steps}")
+
+    @property
+    def ones_better(self) -> bool:
+        """α = 1 was better than the mapped table on every rollout sample."""
+        return all(o < t for o, t in zip(self.ones_errors, self.table_errors, strict=True))
+
+    @classmethod
+    def assuming(cls, num_steps: int, *, ones_better: bool) -> FinerGridCheck:
+        """A check with the given verdict and no measurement behind it: what the calibration's own
+        rollouts run each side with."""
+        return cls(num_steps, (), (1.0,) if ones_better else (0.0,), (0.0,))
+
+    def describe(self) -> str:
+        def mean(errors: tuple[float, ...]) -> str:
+            return f"{sum(errors) / len(errors):.1f} dB"
+
+        verdict = "α = 1" if self.ones_better else "the table's mapped coefficients"
+        return (
+            f"checked at {self.num_steps} steps on {len(self.table_errors)} rollout samples "
+            f"({len(self.full_steps)} full): table {mean(self.table_errors)}, α = 1 {mean(self.ones_errors)}; "
+            f"above the calibrated step count a generation predicts with {verdict}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "num_steps": self.num_steps,
+            "full_steps": list(self.full_steps),
+            "table_errors": list(self.table_errors),
+            "ones_errors": list(self.ones_errors),
+        }
+
+    @classmethod
+    def from_json(cls, info: Mapping[str, Any]) -> FinerGridCheck:
+        return cls(
+            num_steps=int(info["num_steps"]),
+            full_steps=tuple(int(s) for s in info["full_steps"]),
+            table_errors=tuple(float(e) for e in info["table_errors"]),
+            ones_errors=tuple(float(e) for e in info["ones_errors"]),
+        )
+
+
 def mapped_budget(count: int, calibrated_steps: int, num_steps: int) -> int:
     """The full steps of a ``num_steps``-step run for a plan of ``count`` of ``calibrated_steps``:
     the same fraction, rounded (at least 2, at most every step)."""
@@ -163,6 +240,9 @@ class AlphaTable:
     # The schedules chosen end to end at calibration (None: none were chosen; tensors
     # ``plans``, ``plan_error``).
     plans: SchedulePlans | None = dataclasses.field(default=None, hash=False)
+    # The calibration's check of the fitted coefficients at more steps (None: not checked; metadata
+    # ``finer_check``).
+    finer: FinerGridCheck | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         alpha = self.alpha
@@ -196,6 +276,20 @@ class AlphaTable:
             )
         if self.plans is not None and self.plans.num_steps != self.num_steps:
             raise AlphaTableError(f"plans for {self.plans.num_steps} steps do not match alpha's {self.num_steps}")
+        if self.finer is not None and (self.fitted is None or self.finer.num_steps <= self.num_steps):
+            raise AlphaTableError(
+                f"a finer-grid check at {self.finer.num_steps} steps needs fitted coefficients calibrated at fewer "
+                f"steps (this table: {self.num_steps} steps, "
+                + ("fitted" if self.fitted is not None else "no fitted coefficients")
+                + ")"
+            )
+
+    def predicts_with_ones_at(self, num_steps: int | None) -> bool:
+        """Whether a generation of ``num_steps`` steps predicts with α = 1 instead of this table's
+        mapped coefficients: more steps than calibrated, where the finer-grid check found α = 1 better."""
+        return (
+            self.finer is not None and self.finer.ones_better and num_steps is not None and num_steps > self.num_steps
+        )
 
     @property
     def num_steps(self) -> int:
@@ -268,6 +362,8 @@ class AlphaTable:
                     **({"orders": list(self.plans.orders)} if self.plans.orders else {}),
                 }
             )
+        if self.finer is not None:
+            metadata["finer_check"] = json.dumps(self.finer.to_json())
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, os.fspath(path), metadata=metadata)
 
@@ -319,6 +415,12 @@ class AlphaTable:
                 )
             except (KeyError, ValueError, TypeError) as error:
                 raise AlphaTableError(f"{path}: unreadable stored plans ({error!r}). {RECALIBRATE_HINT}") from None
+        finer = None
+        if "finer_check" in metadata:
+            try:
+                finer = FinerGridCheck.from_json(json.loads(metadata["finer_check"]))
+            except (KeyError, ValueError, TypeError) as error:
+                raise AlphaTableError(f"{path}: unreadable finer-grid check ({error!r}). {RECALIBRATE_HINT}") from None
         fitted = None
         if "coef" in tensors:
             try:
@@ -346,6 +448,7 @@ class AlphaTable:
                 fitted=fitted,
                 config=json.loads(metadata["config"]) if "config" in metadata else None,
                 plans=plans,
+                finer=finer,
             )
         except KeyError as error:
             raise AlphaTableError(f"{path}: metadata lacks {error.args[0]!r}. {RECALIBRATE_HINT}") from None
@@ -383,6 +486,7 @@ class AlphaTable:
             + ("" if self.fitted is None else f", fitted per-gap coefficients K={self.fitted.max_gap_limit}")
             + ("" if self.fitted is None or self.fitted.second is None else " with two differences")
             + ("" if self.plans is None else f", {self.plans.full.shape[0]} end-to-end plans")
+            + ("" if self.finer is None else f", checked at {self.finer.num_steps} steps")
             + ")"
         )
 

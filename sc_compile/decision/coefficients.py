@@ -27,7 +27,10 @@ time: a fitted coefficient is looked up at the gap's length in calibrated steps,
 α = 1 coefficient (trilinear over (τ, g, k); a gap shorter than one calibrated step interpolates
 the ratio toward 1, its limit for a vanishing gap); a chained α is raised to the power of the step's
 length in calibrated steps (four quarter steps compound to one calibrated step's α), so products
-of α < 1 no longer shrink to zero at more steps. A table that cannot serve the generation (no time
+of α < 1 no longer shrink to zero at more steps. Where the calibration checked the mapped
+coefficients at more steps than calibrated and found α = 1 better on every rollout sample
+(:class:`~sc_compile.calibration.table.FinerGridCheck`), a generation of more steps than calibrated
+predicts with α = 1 (ratio 1) at every gap the table serves. A table that cannot serve the generation (no time
 grid for another step count, or a step longer than its longest gap) is refused with what to do.
 """
 
@@ -226,12 +229,21 @@ class FittedPredictor:
     """Per-gap least-squares coefficients (format-2 tables), on their grid or mapped to another.
 
     ``second_order``: the runtime keeps the difference before last, and :meth:`cached_coefs` reads
-    the table's two-difference coefficients (on the calibrated grid)."""
+    the table's two-difference coefficients (on the calibrated grid). ``ones_mapped``: on another
+    grid, predict with α = 1 (ratio 1) instead of the mapped coefficients (the table's finer-grid
+    check found them worse there); which gaps are served and their errors are still the table's."""
 
-    def __init__(self, fitted: FittedCoefficients, position: Callable[[int], float] | None, second_order: bool = False):
+    def __init__(
+        self,
+        fitted: FittedCoefficients,
+        position: Callable[[int], float] | None,
+        second_order: bool = False,
+        ones_mapped: bool = False,
+    ):
         self.fitted = fitted
         self.num_points = fitted.num_points
         self._position = position  # None: the calibrated grid itself
+        self.ones_mapped = ones_mapped and position is not None
         # The two-difference coefficients this generation reads (None: first order only).
         self.second = fitted.second if second_order and position is None else None
         self._pairs: dict[tuple[int, int, int, int], tuple[tuple[float, ...], tuple[float, ...]]] = {}
@@ -260,6 +272,8 @@ class FittedPredictor:
             # Both full steps sit at one position (timesteps beyond the calibrated range): the
             # table has no slope there; extrapolate with α = 1 (dy = D_g / g, c = gap).
             return (float(gap),) * self.num_points
+        if self.ones_mapped:
+            return ((span_k / span_g) * previous_gap,) * self.num_points
         ratio = _interpolate(self._ratio, (u, span_g - 1, span_k), (f.num_steps - 1, f.max_gap_limit, f.max_gap_limit))
         a = ratio * (span_k / span_g)
         # dy = (y_t − y_full) / g (refresh below): c = a · g.
@@ -396,7 +410,12 @@ def make_predictor(
             "coefficients='fitted' needs a format-2 α table (per-gap least squares); this one holds only the "
             "paper's chained α's. Recalibrate with sc_compile.calibrate(...) or use coefficients='chained'."
         )
-    predictor = FittedPredictor(table.fitted, None if same_grid else position, second_order)
+    predictor = FittedPredictor(
+        table.fitted,
+        None if same_grid else position,
+        second_order,
+        ones_mapped=table.predicts_with_ones_at(num_steps),
+    )
     why = unservable_step_count(table, num_steps)
     if why is not None:
         # A step longer than every gap the table serves would make every step full without a word.

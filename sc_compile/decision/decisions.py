@@ -105,6 +105,9 @@ class Decisions:
         self._stored_index: int | None = None
         # Which schedule ran and why, one line (the report's "schedule"); "" until the predictor is built.
         self._schedule = ""
+        # How the table's coefficients were mapped to this generation where the table's finer-grid check
+        # decided it (the report's "coefficients"); "" otherwise.
+        self.coefficient_note = ""
         self.units: dict[int, DecisionUnit] = {}
         self._first_step: dict[int, int] = {}
         self._observed_through: dict[int, int] = {}
@@ -147,6 +150,13 @@ class Decisions:
                 )
 
             self._predictor = predictor(self.second_order)
+            finer = self.alpha.finer if self.alpha is not None else None
+            if isinstance(self._predictor, FittedPredictor) and finer is not None and self.alpha is not None:
+                if self.num_steps is not None and self.num_steps > self.alpha.num_steps:
+                    using = "α = 1" if self._predictor.ones_mapped else "the table's coefficients mapped"
+                    self.coefficient_note = (
+                        f"{using} at this {self.num_steps}-step generation (the table's {finer.describe()})"
+                    )
             if self.alpha is not None and self.num_steps is not None and self.num_steps != self.alpha.num_steps:
                 log.info(
                     "ScalingCache: the α table was calibrated at %d steps; this %d-step generation maps its "
@@ -215,15 +225,22 @@ class Decisions:
             steps = map_plan(plans.steps(index), plans.num_steps, num_steps, budget)
         except ValueError:
             return None
-        forced = set(range(max(0, num_steps - self.config.final_full_steps), num_steps))
-        if self.config.warmup_steps is not None:
-            forced |= set(range(min(self.config.warmup_steps, num_steps)))
+        forced = self._forced_steps()
         if not forced <= set(steps) or not feasible(steps, num_steps, predictor.allows_gap):
             return None
         self.warmup_steps = leading_full(steps)
         self._stored_index = index
         log.info("ScalingCache: stored plan %d mapped to full steps %s of %d", index, list(steps), num_steps)
         return steps
+
+    def _forced_steps(self) -> set[int]:
+        """The steps the user's options force to run in full: the final steps, and the warm-up where set."""
+        assert self.num_steps is not None
+        num_steps = self.num_steps
+        forced = set(range(max(0, num_steps - self.config.final_full_steps), num_steps))
+        if self.config.warmup_steps is not None:
+            forced |= set(range(min(self.config.warmup_steps, num_steps)))
+        return forced
 
     def _describe_plan(self, index: int, steps: tuple[int, ...]) -> str:
         assert self.alpha is not None and self.alpha.plans is not None
@@ -277,8 +294,19 @@ class Decisions:
         if steps is not None:
             self._schedule = f"planned default: {self._describe_plan(index, steps)}; {why}"
             return steps
-        budget = round(plans.counts()[index] * self.num_steps / plans.num_steps)
-        steps = self._planner(predictor, max(2, min(self.num_steps, budget)))
+        budget = max(2, min(self.num_steps, round(plans.counts()[index] * self.num_steps / plans.num_steps)))
+        forced = len(self._forced_steps())
+        if forced > budget:
+            # The user's warm-up / final steps alone need more full steps than the plan has.
+            what = (
+                f"the table's planned default ({plans.counts()[index]} full of {plans.num_steps} steps, {budget} of "
+                f"{self.num_steps} here) is fewer full steps than the {forced} the warm-up and final steps force"
+            )
+            if self.config.schedule is None:
+                self._schedule = f"dynamic rule ε > δ: {what}"
+                return None
+            raise BudgetError(f"schedule='planned': {what}; lower warmup_steps / final_full_steps or drop schedule")
+        steps = self._planner(predictor, budget)
         self._schedule = (
             f"planned default: {len(steps)} full steps ({why}), placed by the budget planner: the stored plan "
             f"does not fit this {self.num_steps}-step generation (a gap its table does not serve, or a forced step)"

@@ -74,6 +74,9 @@ class GenerationReport:
     second_difference_steps: tuple[int, ...] = ()
     # Which schedule placed the full steps and why, in one line (``""``: none was built).
     schedule: str = ""
+    # Above the table's calibrated step count, whether the cached steps predicted with its mapped
+    # coefficients or with α = 1, as its finer-grid check decided (``""``: no check applied).
+    coefficients: str = ""
 
     @property
     def num_full_steps(self) -> int:
@@ -102,6 +105,7 @@ class GenerationReport:
             f"  steps:    {marks}  (F full, . cached{', blank: not run here' if others else ''})",
             f"  α:        {self.alpha_source or 'none'}",
             *([f"  schedule: {self.schedule}"] if self.schedule else []),
+            *([f"  coefficients: {self.coefficients}"] if self.coefficients else []),
             f"  streams:  {self._describe_streams()}",
             f"  warm-up:  {self.warmup_steps} steps; {self.num_points} cache points",
         ]
@@ -340,4 +344,5 @@ def build_report(generation: GenerationRecord, finished: bool, collective: bool 
         config=generation.session.config.to_dict(),
         second_difference_steps=tuple(sorted(second)),
         schedule=main.decisions.schedule if main is not None else "",
+        coefficients=main.decisions.coefficient_note if main is not None else "",
     )
