@@ -230,6 +230,11 @@ def calibrate(
             f"finer_steps={finer_steps} runs the samples at another step count, which needs a pipeline and "
             "keyword-argument samples (their num_inference_steps is set); pass finer_steps=0"
         )
+    if finer_steps and plan_samples == 0:
+        raise ValueError(
+            f"finer_steps={finer_steps} runs the planned default at more steps, but plan_samples=0 stores no plans: "
+            "pass plan_samples >= 1 or finer_steps=0"
+        )
     if plan_samples is not None and plan_samples > len(samples):
         raise ValueError(f"plan_samples={plan_samples} is more than the {len(samples)} calibration samples")
     rollout_count = DEFAULT_PLAN_SAMPLES if plan_samples is None else plan_samples
@@ -504,6 +509,11 @@ def calibrate(
             if progress:
                 tqdm.write(message)
             log.info(message)
+        elif finer_at:
+            log.info(
+                "calibration: the samples are callables, so the coefficients are not checked at more steps; "
+                "generations of more steps than calibrated map the table's coefficients"
+            )
     return table
 
 
