@@ -140,6 +140,12 @@ def test_finer_steps_is_checked_and_tables_without_a_check_mean_what_they_meant(
         sc_compile.calibrate(pipe.transformer, [lambda model: None], progress=False, finer_steps=16)
     with pytest.raises(ValueError, match=f"must be more than the {STEPS} steps"):
         sc_compile.calibrate(pipe, samples, progress=False, finer_steps=STEPS)
+    with pytest.raises(ValueError, match="give their own timesteps / sigmas"):
+        sigmas = [1.0 - i / STEPS for i in range(STEPS)]
+        sc_compile.calibrate(pipe, [dict(s, sigmas=sigmas) for s in samples], progress=False, finer_steps=16)
+    # By default such samples (their own schedule) are calibrated without the check, not refused.
+    own = [dict(s, sigmas=sigmas) for s in samples]
+    assert sc_compile.calibrate(pipe, own, progress=False, plan_samples=1).finer is None
     with pytest.raises(ValueError, match="plan_samples=0 stores no plans"):
         sc_compile.calibrate(pipe, samples, progress=False, finer_steps=16, plan_samples=0)
     assert sc_compile.calibrate(pipe, samples, progress=False, finer_steps=0, plan_samples=1).finer is None

@@ -230,6 +230,11 @@ def calibrate(
             f"finer_steps={finer_steps} runs the samples at another step count, which needs a pipeline and "
             "keyword-argument samples (their num_inference_steps is set); pass finer_steps=0"
         )
+    if finer_steps and any(own_schedule(s) for s in samples):
+        raise ValueError(
+            f"finer_steps={finer_steps} runs the samples at another step count, but they give their own "
+            f"{' / '.join(OWN_SCHEDULE_KEYS)}: pass finer_steps=0"
+        )
     if finer_steps and plan_samples == 0:
         raise ValueError(
             f"finer_steps={finer_steps} runs the planned default at more steps, but plan_samples=0 stores no plans: "
@@ -495,7 +500,7 @@ def calibrate(
             raise ValueError(
                 f"finer_steps={finer_steps} must be more than the {num_steps} steps the samples ran (or 0: no check)"
             )
-        keyword_samples = [s for s in samples[:rollout_count] if isinstance(s, Mapping)]
+        keyword_samples = [s for s in samples[:rollout_count] if isinstance(s, Mapping) and not own_schedule(s)]
         if finer_at and pipeline is not None and len(keyword_samples) == rollout_count:
             started = time.perf_counter()
             at_steps = [{**sample, "num_inference_steps": finer_at} for sample in keyword_samples]
@@ -511,10 +516,20 @@ def calibrate(
             log.info(message)
         elif finer_at:
             log.info(
-                "calibration: the samples are callables, so the coefficients are not checked at more steps; "
-                "generations of more steps than calibrated map the table's coefficients"
+                "calibration: the samples are callables or give their own timesteps / sigmas, so the coefficients "
+                "are not checked at more steps; generations of more steps than calibrated map the table's coefficients"
             )
     return table
+
+
+# Pipeline arguments that fix a generation's schedule themselves: such samples cannot be run at
+# another step count by setting num_inference_steps.
+OWN_SCHEDULE_KEYS = ("timesteps", "sigmas")
+
+
+def own_schedule(sample: Any) -> bool:
+    """Whether a keyword-argument sample gives its own timesteps or sigmas."""
+    return isinstance(sample, Mapping) and any(sample.get(key) is not None for key in OWN_SCHEDULE_KEYS)
 
 
 def pipeline_of(target: Any) -> Any:
