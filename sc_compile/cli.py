@@ -237,6 +237,18 @@ def check_calibration_inputs(args: argparse.Namespace) -> tuple[str, Path, list[
         raise SystemExit(
             f"calibrate: --finer-steps {args.finer_steps} must be more than --steps {args.steps} (or 0: no check)"
         )
+    from sc_compile.calibration.collect import MIN_PLAN_STEPS
+
+    if args.finer_steps and args.steps < MIN_PLAN_STEPS:
+        raise SystemExit(
+            f"calibrate: --finer-steps {args.finer_steps} checks the stored plans, but none are chosen at --steps "
+            f"{args.steps} (fewer than {MIN_PLAN_STEPS}): drop --finer-steps"
+        )
+    if args.finer_steps and args.plan_samples == 0:
+        raise SystemExit(
+            f"calibrate: --finer-steps {args.finer_steps} checks the stored plans, but --plan-samples 0 stores none: "
+            "drop one of them"
+        )
     kind = model_dir_format(args.model_dir)
     out = check_writable_output(args.out)
     prompts = read_prompts(args)

@@ -112,6 +112,10 @@ def test_calibrate_refuses_finer_steps_not_above_the_steps(tmp_path, capsys, not
     message = _refusal([*argv, "--finer-steps", "10"], capsys)
     assert "--finer-steps 10 must be more than --steps 10" in message, message
     assert "--finer-steps: must be at least 0" in _refusal([*argv, "--finer-steps", "-1"], capsys)
+    message = _refusal([*argv, "--finer-steps", "20", "--plan-samples", "0"], capsys)
+    assert "--plan-samples 0 stores none" in message, message
+    message = _refusal([*argv[:-1], "3", "--finer-steps", "20"], capsys)
+    assert "none are chosen at --steps 3" in message, message
 
 
 @pytest.mark.parametrize("steps", ["0", "-1", "2", "many"])

@@ -63,18 +63,15 @@ def test_calibration_checks_its_coefficients_at_twice_its_steps_and_stores_what_
     assert check is not None and check.num_steps == 2 * STEPS and len(check.table_errors) == 2
     plans = table.plans
     assert plans is not None
-    # It ran the schedule a 16-step generation's default runs (the stored default plan, mapped)...
+    # It ran what a 16-step generation runs by default (the stored default plan, mapped)...
     call = _sample(embeddings, 0, 2 * STEPS)
     uncached, _ = _generate(pipe, call, None)
     as_table = dataclasses.replace(table, finer=FinerGridCheck.assuming(2 * STEPS, ones_better=False))
     as_ones = dataclasses.replace(table, finer=FinerGridCheck.assuming(2 * STEPS, ones_better=True))
     measured = []
-    if plans.default_index() is not None:
-        schedule: dict = {"schedule": "planned"}
-    else:  # the default runs the dynamic rule there: the check ran the stored plan with the most full steps
-        schedule = {"full_steps": 2 * max(plans.counts())}
     for variant in (as_table, as_ones):
-        images, report = _generate(pipe, call, {"alpha": variant, **schedule})
+        images, report = _generate(pipe, call, {"alpha": variant})
+        assert report.schedule.startswith("planned default"), report.schedule
         assert report.full_steps == check.full_steps, (report.full_steps, check.full_steps)
         measured.append(error_db([relative_error(images, uncached)]))
     # ... and stored the errors of the first rollout sample as measured (same seed, eager: to rounding).
@@ -130,6 +127,27 @@ def test_the_report_says_which_coefficients_ran_above_the_calibrated_steps(flux)
     assert report.coefficients == "" and "coefficients:" not in str(report)
 
 
+def test_a_pipeline_that_cannot_run_the_finer_steps_keeps_the_calibration(flux, monkeypatch, caplog):
+    """By default a pipeline that refuses twice the steps keeps its calibration, without the check and
+    with a warning that says why; an explicit finer_steps it refuses is an error that says what to do."""
+    pipe, embeddings, _ = flux
+    original = type(pipe).__call__
+
+    def at_most_eight_steps(self, *args, **kwargs):
+        if kwargs.get("num_inference_steps", 0) > STEPS:
+            raise ValueError(f"this pipeline runs at most {STEPS} steps")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", at_most_eight_steps)
+    samples = [_sample(embeddings, label) for label in range(2)]
+    with caplog.at_level("WARNING", logger="sc_compile.calibration.collect"):
+        table = sc_compile.calibrate(pipe, samples, progress=False, plan_samples=1)
+    assert table.plans is not None and table.finer is None
+    assert any("did not run the samples at 16 steps" in r.getMessage() for r in caplog.records), caplog.text
+    with pytest.raises(ValueError, match="finer_steps=20: the pipeline did not run the samples at 20 steps"):
+        sc_compile.calibrate(pipe, samples, progress=False, plan_samples=1, finer_steps=20)
+
+
 def test_finer_steps_is_checked_and_tables_without_a_check_mean_what_they_meant(flux, tmp_path):
     pipe, embeddings, table = flux
     samples = [_sample(embeddings, label) for label in range(2)]
@@ -140,6 +158,22 @@ def test_finer_steps_is_checked_and_tables_without_a_check_mean_what_they_meant(
         sc_compile.calibrate(pipe.transformer, [lambda model: None], progress=False, finer_steps=16)
     with pytest.raises(ValueError, match=f"must be more than the {STEPS} steps"):
         sc_compile.calibrate(pipe, samples, progress=False, finer_steps=STEPS)
+    # Samples that leave the step count to the pipeline: refused after the first generation, not the last.
+    undeclared = [{k: v for k, v in s.items() if k != "num_inference_steps"} for s in samples]
+    calls = []
+    original = type(pipe).__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("num_inference_steps"))
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(pipe), "__call__", counted)
+        with pytest.raises(ValueError, match="finer_steps=20 must be more than the 28 steps"):
+            sc_compile.calibrate(pipe, undeclared, progress=False, finer_steps=20)
+    assert calls == [None], calls
+    with pytest.raises(ValueError, match="no plans are chosen at 3 steps"):
+        sc_compile.calibrate(pipe, [dict(s, num_inference_steps=3) for s in samples], progress=False, finer_steps=9)
     with pytest.raises(ValueError, match="give their own timesteps / sigmas"):
         sigmas = [1.0 - i / STEPS for i in range(STEPS)]
         sc_compile.calibrate(pipe, [dict(s, sigmas=sigmas) for s in samples], progress=False, finer_steps=16)

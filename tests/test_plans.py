@@ -277,12 +277,13 @@ def test_a_warm_up_longer_than_the_planned_default_runs_the_dynamic_rule_and_say
     user never set."""
     known = _plans([(12, -45.0), (10, -41.0), (8, -39.0)], reference=-40.0)
     table = dataclasses.replace(planned_table, plans=known)
-    report = _run(table, 2 * STEPS, warmup_steps=30)
-    assert report.schedule.startswith("dynamic rule ε > δ: the table's planned default"), report.schedule
-    assert "the 30 the warm-up and final steps force" in report.schedule
-    assert set(range(30)) <= set(report.full_steps)
-    with pytest.raises(BudgetError, match="schedule='planned': the table's planned default .* lower warmup_steps"):
-        _run(table, 2 * STEPS, warmup_steps=30, schedule="planned")
+    for warmup in (30, 20):  # more full steps than the plan's 20 of 40, and as many (no gap left to place)
+        report = _run(table, 2 * STEPS, warmup_steps=warmup)
+        assert report.schedule.startswith("dynamic rule ε > δ: the table's planned default"), report.schedule
+        assert f"around the {warmup} full steps the warm-up and final steps force" in report.schedule
+        assert set(range(warmup)) <= set(report.full_steps)
+        with pytest.raises(BudgetError, match="schedule='planned': the table's planned default .* lower warmup_steps"):
+            _run(table, 2 * STEPS, warmup_steps=warmup, schedule="planned")
     # A warm-up the plan can hold: the planner places the plan's count with it.
     report = _run(table, 2 * STEPS, warmup_steps=12)
     assert report.num_full_steps == 20 and set(range(12)) <= set(report.full_steps), report.schedule

@@ -37,7 +37,7 @@ from sc_compile.calibration.fitting import (
     gram_width,
     one_step_alpha,
 )
-from sc_compile.calibration.table import AlphaTable, FinerGridCheck, SchedulePlans, mapped_budget
+from sc_compile.calibration.table import AlphaTable, FinerGridCheck, SchedulePlans
 from sc_compile.config import (
     ALL_FULL_WARMUP,
     Granularity,
@@ -196,7 +196,9 @@ def calibrate(
     samples with the coefficients mapped to that step count and with α = 1, and where α = 1 is better
     on every sample, generations of more steps than calibrated predict with α = 1
     (:class:`~sc_compile.calibration.table.FinerGridCheck`; about 3 × ``plan_samples`` generations
-    at that step count). ``None``: twice the calibrated step count where possible; ``0``: no check.
+    at that step count). ``None``: twice the calibrated step count (at least 9) where possible (not
+    with callable samples, samples with their own timesteps / sigmas, a table without a planned
+    default, or a pipeline that refuses the step count: each said in the log); ``0``: no check.
 
     ``target`` is a diffusers pipeline (anything with a ``.transformer``) and ``samples`` a list of
     keyword-argument dicts for ``target(**kwargs)`` (a ``"seed"`` key becomes a CPU generator); or
@@ -260,11 +262,13 @@ def calibrate(
     # how many CPU threads torch runs on (calibration never sets them).
     declared = [s.get("num_inference_steps") if isinstance(s, Mapping) else None for s in samples]
     total = sum(n for n in declared if isinstance(n, int)) if all(isinstance(n, int) for n in declared) else None
-    first_declared = declared[0]
-    if finer_steps and isinstance(first_declared, int) and finer_steps <= first_declared:  # before anything runs
-        raise ValueError(
-            f"finer_steps={finer_steps} must be more than the {first_declared} steps the samples run (or 0: no check)"
-        )
+    if isinstance(declared[0], int):  # before anything runs
+        check_finer_steps(finer_steps, declared[0])
+        if finer_steps and declared[0] < MIN_PLAN_STEPS:
+            raise ValueError(
+                f"finer_steps={finer_steps} checks the stored plans, but no plans are chosen at {declared[0]} steps "
+                f"(fewer than {MIN_PLAN_STEPS}): pass finer_steps=0"
+            )
     bar = tqdm(
         total=total, unit="step", disable=not progress, desc=f"calibrating (torch threads: {torch.get_num_threads()})"
     )
@@ -353,6 +357,7 @@ def calibrate(
             report = runtime.report()
             if num_steps is None:
                 num_steps, timesteps = report.num_steps, runtime.timesteps
+                check_finer_steps(finer_steps, num_steps)  # before the other samples run
                 if bar.total is None:
                     bar.total = num_steps * len(samples)
                     bar.refresh()
@@ -405,7 +410,7 @@ def calibrate(
             )
         log.info("calibration: the samples return no output tensor, so no schedules are chosen end to end")
         rollout_count = 0
-    if rollout_count and num_steps >= 4:
+    if rollout_count and num_steps >= MIN_PLAN_STEPS:
         started = time.perf_counter()
         base = dataclasses.replace(config, warmup_steps=None, num_inference_steps=num_steps, alpha=table)
         running: list[tuple[ScalingCacheConfig, AlphaTable]] = []  # what the rollout in progress runs
@@ -495,25 +500,45 @@ def calibrate(
         if progress:
             tqdm.write(message)
         log.info(message)
-        finer_at = 2 * num_steps if finer_steps is None else finer_steps
-        if finer_at and finer_steps is not None and finer_at <= num_steps:
-            raise ValueError(
-                f"finer_steps={finer_steps} must be more than the {num_steps} steps the samples ran (or 0: no check)"
-            )
+        finer_at = default_finer_steps(num_steps) if finer_steps is None else finer_steps
         keyword_samples = [s for s in samples[:rollout_count] if isinstance(s, Mapping) and not own_schedule(s)]
-        if finer_at and pipeline is not None and len(keyword_samples) == rollout_count:
+        if finer_at and plans.default_index() is None:
+            # The default above the calibrated count is then the dynamic rule, whose full steps depend on
+            # the coefficients: no single schedule to measure both on.
+            log.info(
+                "calibration: no stored plan is within the dynamic rule's calibrated error, so the coefficients "
+                "are not checked at more steps; generations of more steps than calibrated map the table's coefficients"
+            )
+        elif finer_at and pipeline is not None and len(keyword_samples) == rollout_count:
             started = time.perf_counter()
             at_steps = [{**sample, "num_inference_steps": finer_at} for sample in keyword_samples]
             with quiet_pipeline():
                 # Every step full (the calibration's warm-up), with a table that plans nothing.
                 bare = dataclasses.replace(table, fitted=None, plans=None)
-                uncached, _ = run_all(dataclasses.replace(config, num_inference_steps=finer_at), bare, at_steps)
-                finer = check_finer_grid(table, finer_at, rollout, base, at_steps, uncached)
-            table = dataclasses.replace(table, finer=finer)
-            message = f"calibration: {finer.describe()} ({time.perf_counter() - started:.0f} s)"
-            if progress:
-                tqdm.write(message)
-            log.info(message)
+                try:
+                    uncached, _ = run_all(dataclasses.replace(config, num_inference_steps=finer_at), bare, at_steps)
+                except Exception as error:
+                    if finer_steps is not None:
+                        raise ValueError(
+                            f"finer_steps={finer_steps}: the pipeline did not run the samples at {finer_at} steps "
+                            f"({error!r}); pass another finer_steps, or 0 for no check"
+                        ) from error
+                    # The default check: the calibration is kept, without it (said, with the error).
+                    log.warning(
+                        "calibration: the pipeline did not run the samples at %d steps (%r), so the coefficients are "
+                        "not checked at more steps; generations of more steps than calibrated map the table's "
+                        "coefficients. Pass finer_steps=N (a step count the pipeline runs) or 0 to silence this.",
+                        finer_at,
+                        error,
+                    )
+                    uncached = []
+                finer = check_finer_grid(table, finer_at, rollout, base, at_steps, uncached) if uncached else None
+            if finer is not None:
+                table = dataclasses.replace(table, finer=finer)
+                message = f"calibration: {finer.describe()} ({time.perf_counter() - started:.0f} s)"
+                if progress:
+                    tqdm.write(message)
+                log.info(message)
         elif finer_at:
             log.info(
                 "calibration: the samples are callables or give their own timesteps / sigmas, so the coefficients "
@@ -530,6 +555,22 @@ OWN_SCHEDULE_KEYS = ("timesteps", "sigmas")
 def own_schedule(sample: Any) -> bool:
     """Whether a keyword-argument sample gives its own timesteps or sigmas."""
     return isinstance(sample, Mapping) and any(sample.get(key) is not None for key in OWN_SCHEDULE_KEYS)
+
+
+def default_finer_steps(num_steps: int) -> int:
+    """The step count calibration checks its coefficients at by default: twice the calibrated one, and
+    more than a short schedule's (which the default runs without caching)."""
+    from sc_compile.decision.coefficients import SHORT_SCHEDULE_STEPS
+
+    return max(2 * num_steps, SHORT_SCHEDULE_STEPS + 1)
+
+
+def check_finer_steps(finer_steps: int | None, num_steps: int) -> None:
+    """Refuse an explicit ``finer_steps`` that is not more than the calibrated step count."""
+    if finer_steps and finer_steps <= num_steps:
+        raise ValueError(
+            f"finer_steps={finer_steps} must be more than the {num_steps} steps the samples run (or 0: no check)"
+        )
 
 
 def pipeline_of(target: Any) -> Any:
@@ -551,21 +592,15 @@ def check_finer_grid(
     """The table's planned default at ``num_steps`` (more than calibrated: what a generation there runs
     by default) run on ``samples`` (the rollout samples at that step count, ``uncached`` their outputs
     with every step full) with the table's coefficients mapped there and with α = 1, on the same full
-    steps. Where no stored plan is within the dynamic rule's calibrated error, the stored plan with
-    the most full steps runs."""
+    steps. The table must have a planned default (a stored plan within the dynamic rule's error)."""
     plans = table.plans
     assert plans is not None
     references = [u for u in uncached if u is not None]
     if len(references) != len(samples):
         raise RuntimeError("a sample returned no output at the finer step count")
-    run_config = dataclasses.replace(base, num_inference_steps=num_steps, predictor_order=1)
-    if plans.default_index() is not None:
-        run_config = dataclasses.replace(run_config, schedule=Schedule.PLANNED)
-    else:
-        # The default runs the dynamic rule there, whose full steps depend on the coefficients: the
-        # plan nearest it (the most full steps) keeps both sides on the same steps.
-        most = max(plans.counts())
-        run_config = dataclasses.replace(run_config, full_steps=mapped_budget(most, table.num_steps, num_steps))
+    if plans.default_index() is None:
+        raise ValueError("the finer-grid check measures the planned default, but no stored plan is one")
+    run_config = dataclasses.replace(base, num_inference_steps=num_steps, predictor_order=1, schedule=Schedule.PLANNED)
     assert table.fitted is not None
     # The two runs differ only in what a cached step multiplies (the same plan, the same table).
     as_table = dataclasses.replace(table, finer=FinerGridCheck.assuming(num_steps, ones_better=False))
@@ -641,6 +676,8 @@ def error_db(errors: Sequence[float]) -> float:
 
 # Rollout samples of the end-to-end schedule choice by default, and its candidates.
 DEFAULT_PLAN_SAMPLES = 2
+# Schedules are chosen end to end from this many steps on.
+MIN_PLAN_STEPS = 4
 PLAN_PROPAGATIONS = (0.0, 1.0, 3.0)
 # The candidate a budget ran before the end-to-end choice: another replaces it only where it is
 # better on every rollout sample.

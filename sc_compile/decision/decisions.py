@@ -295,18 +295,21 @@ class Decisions:
             self._schedule = f"planned default: {self._describe_plan(index, steps)}; {why}"
             return steps
         budget = max(2, min(self.num_steps, round(plans.counts()[index] * self.num_steps / plans.num_steps)))
-        forced = len(self._forced_steps())
-        if forced > budget:
-            # The user's warm-up / final steps alone need more full steps than the plan has.
+        try:
+            steps = self._planner(predictor, budget)
+        except BudgetError:
+            # The user's warm-up / final steps leave the plan's count no schedule the table serves.
             what = (
                 f"the table's planned default ({plans.counts()[index]} full of {plans.num_steps} steps, {budget} of "
-                f"{self.num_steps} here) is fewer full steps than the {forced} the warm-up and final steps force"
+                f"{self.num_steps} here) cannot be placed around the {len(self._forced_steps())} full steps the "
+                "warm-up and final steps force"
             )
             if self.config.schedule is None:
                 self._schedule = f"dynamic rule ε > δ: {what}"
                 return None
-            raise BudgetError(f"schedule='planned': {what}; lower warmup_steps / final_full_steps or drop schedule")
-        steps = self._planner(predictor, budget)
+            raise BudgetError(
+                f"schedule='planned': {what}; lower warmup_steps / final_full_steps or drop schedule"
+            ) from None
         self._schedule = (
             f"planned default: {len(steps)} full steps ({why}), placed by the budget planner: the stored plan "
             f"does not fit this {self.num_steps}-step generation (a gap its table does not serve, or a forced step)"
