@@ -585,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with stored plans, check the fitted coefficients at this many steps (more than --steps): where α = 1 "
         "beats them there on every rollout sample, generations of more steps than calibrated predict with α = 1; "
-        "0: no check (default: twice --steps)",
+        "0: no check (default: twice --steps, at least 9)",
     )
     cal.add_argument(
         "--plan-refine",

@@ -297,12 +297,13 @@ class Decisions:
         budget = max(2, min(self.num_steps, round(plans.counts()[index] * self.num_steps / plans.num_steps)))
         try:
             steps = self._planner(predictor, budget)
-        except BudgetError:
-            # The user's warm-up / final steps leave the plan's count no schedule the table serves.
+        except BudgetError as error:
+            # The user's warm-up / final steps (or gaps the table does not serve) leave the plan's count no
+            # schedule: said with the planner's own reason.
             what = (
                 f"the table's planned default ({plans.counts()[index]} full of {plans.num_steps} steps, {budget} of "
                 f"{self.num_steps} here) cannot be placed around the {len(self._forced_steps())} full steps the "
-                "warm-up and final steps force"
+                f"warm-up and final steps force (the budget planner: {error})"
             )
             if self.config.schedule is None:
                 self._schedule = f"dynamic rule ε > δ: {what}"
