@@ -155,7 +155,8 @@ class Decisions:
                 if self.num_steps is not None and self.num_steps > self.alpha.num_steps:
                     using = "α = 1" if self._predictor.ones_mapped else "the table's coefficients mapped"
                     self.coefficient_note = (
-                        f"{using} at this {self.num_steps}-step generation (the table's {finer.describe()})"
+                        f"{using} at this {self.num_steps}-step generation, as the table's check decided "
+                        f"({finer.describe()})"
                     )
             if self.alpha is not None and self.num_steps is not None and self.num_steps != self.alpha.num_steps:
                 log.info(
