@@ -612,7 +612,18 @@ def check_finer_grid(
             f"the finer-grid check ran different full steps with the table and with α = 1 ({table_steps} against "
             f"{ones_steps}); this is a bug in sc_compile"
         )
-    return FinerGridCheck(num_steps, tuple(table_steps[0]), tuple(table_errors), tuple(ones_errors))
+    check = FinerGridCheck(num_steps, tuple(table_steps[0]), tuple(table_errors), tuple(ones_errors))
+    # The planned default met the dynamic rule's error at the calibrated count; whether its mapped plan
+    # still does at num_steps is measured too (with the coefficients just chosen).
+    verdict = dataclasses.replace(table, finer=FinerGridCheck.assuming(num_steps, ones_better=check.ones_better))
+    dynamic_errors, dynamic_steps = rollout(
+        dataclasses.replace(run_config, schedule=Schedule.DYNAMIC), verdict, samples, references
+    )
+    return dataclasses.replace(
+        check,
+        dynamic_errors=tuple(dynamic_errors),
+        dynamic_full_steps=sum(len(s) for s in dynamic_steps) / len(dynamic_steps),
+    )
 
 
 def merge_plan_orders(second: SchedulePlans, first: SchedulePlans) -> SchedulePlans:

@@ -153,6 +153,11 @@ class FinerGridCheck:
     full_steps: tuple[int, ...]  # the schedule both ran, on the M-step grid
     table_errors: tuple[float, ...]  # per rollout sample: the table's coefficients mapped to M steps
     ones_errors: tuple[float, ...]  # per rollout sample: α = 1 on the same full steps
+    # Per rollout sample: the dynamic rule at M steps with the coefficients the verdict chose, and its
+    # mean full steps (empty: not measured). The default above N is the planned one only where its
+    # error with those coefficients stays within this one (:attr:`planned_default_kept`), as at N.
+    dynamic_errors: tuple[float, ...] = ()
+    dynamic_full_steps: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 2:
@@ -162,8 +167,13 @@ class FinerGridCheck:
                 f"the finer-grid check needs one error per rollout sample for both, got {len(self.table_errors)} "
                 f"and {len(self.ones_errors)}"
             )
-        if not all(math.isfinite(e) for e in (*self.table_errors, *self.ones_errors)):
+        if not all(math.isfinite(e) for e in (*self.table_errors, *self.ones_errors, *self.dynamic_errors)):
             raise AlphaTableError("the finer-grid check's errors must be finite")
+        if self.dynamic_errors and len(self.dynamic_errors) != len(self.table_errors):
+            raise AlphaTableError(
+                f"the finer-grid check needs one dynamic-rule error per rollout sample, got {len(self.dynamic_errors)} "
+                f"for {len(self.table_errors)}"
+            )
         if any(not 0 <= s < self.num_steps for s in self.full_steps) or list(self.full_steps) != sorted(
             set(self.full_steps)
         ):
@@ -174,6 +184,20 @@ class FinerGridCheck:
         """α = 1 was better than the mapped table on every rollout sample."""
         return all(o < t for o, t in zip(self.ones_errors, self.table_errors, strict=True))
 
+    @property
+    def planned_errors(self) -> tuple[float, ...]:
+        """The planned default's errors with the coefficients the verdict chose."""
+        return self.ones_errors if self.ones_better else self.table_errors
+
+    @property
+    def planned_default_kept(self) -> bool:
+        """The planned default stays the default above the calibrated step count: its mean error at
+        ``num_steps`` is within the dynamic rule's there (the condition it met at the calibrated count),
+        or the dynamic rule was not measured."""
+        if not self.dynamic_errors:
+            return True
+        return _mean(self.planned_errors) <= _mean(self.dynamic_errors)
+
     @classmethod
     def assuming(cls, num_steps: int, *, ones_better: bool) -> FinerGridCheck:
         """A check with the given verdict and no measurement behind it: what the calibration's own
@@ -181,15 +205,19 @@ class FinerGridCheck:
         return cls(num_steps, (), (1.0,) if ones_better else (0.0,), (0.0,))
 
     def describe(self) -> str:
-        def mean(errors: tuple[float, ...]) -> str:
-            return f"{sum(errors) / len(errors):.1f} dB"
-
         verdict = "α = 1" if self.ones_better else "the table's mapped coefficients"
-        return (
+        text = (
             f"checked at {self.num_steps} steps on {len(self.table_errors)} rollout samples "
-            f"({len(self.full_steps)} full): table {mean(self.table_errors)}, α = 1 {mean(self.ones_errors)}; "
-            f"above the calibrated step count a generation predicts with {verdict}"
+            f"({len(self.full_steps)} full): table {_mean(self.table_errors):.1f} dB, α = 1 "
+            f"{_mean(self.ones_errors):.1f} dB; above the calibrated step count a generation predicts with {verdict}"
         )
+        if self.dynamic_errors:
+            text += (
+                f"; the dynamic rule there {_mean(self.dynamic_errors):.1f} dB at {self.dynamic_full_steps:.1f} "
+                "full, so "
+                + ("the planned default stays the default" if self.planned_default_kept else "it is the default")
+            )
+        return text
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -197,6 +225,11 @@ class FinerGridCheck:
             "full_steps": list(self.full_steps),
             "table_errors": list(self.table_errors),
             "ones_errors": list(self.ones_errors),
+            **(
+                {"dynamic_errors": list(self.dynamic_errors), "dynamic_full_steps": self.dynamic_full_steps}
+                if self.dynamic_errors
+                else {}
+            ),
         }
 
     @classmethod
@@ -206,7 +239,13 @@ class FinerGridCheck:
             full_steps=tuple(int(s) for s in info["full_steps"]),
             table_errors=tuple(float(e) for e in info["table_errors"]),
             ones_errors=tuple(float(e) for e in info["ones_errors"]),
+            dynamic_errors=tuple(float(e) for e in info.get("dynamic_errors", ())),
+            dynamic_full_steps=float(info.get("dynamic_full_steps", 0.0)),
         )
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
 def mapped_budget(count: int, calibrated_steps: int, num_steps: int) -> int:
