@@ -74,8 +74,14 @@ def test_calibration_checks_its_coefficients_at_twice_its_steps_and_stores_what_
         assert report.schedule.startswith("planned default"), report.schedule
         assert report.full_steps == check.full_steps, (report.full_steps, check.full_steps)
         measured.append(error_db([relative_error(images, uncached)]))
+    # The dynamic rule there, with the coefficients the verdict chose (what the default runs where the
+    # planned default is not within its error).
+    verdict = as_ones if check.ones_better else as_table
+    images, report = _generate(pipe, call, {"alpha": verdict, "schedule": "dynamic"})
+    measured.append(error_db([relative_error(images, uncached)]))
+    assert len(check.dynamic_errors) == 2 and check.dynamic_full_steps > 0
     # ... and stored the errors of the first rollout sample as measured (same seed, eager: to rounding).
-    assert measured == pytest.approx([check.table_errors[0], check.ones_errors[0]], abs=1e-3)
+    assert measured == pytest.approx([check.table_errors[0], check.ones_errors[0], check.dynamic_errors[0]], abs=1e-3)
     assert measured[0] != pytest.approx(measured[1], abs=1e-3), "the two sides must predict differently"
     # The verdict is the rule: α = 1 only where it was better on every rollout sample.
     assert check.ones_better == all(o < t for o, t in zip(check.ones_errors, check.table_errors, strict=True))
@@ -109,6 +115,27 @@ def test_above_the_calibrated_steps_the_verdict_picks_the_coefficients(flux, one
             assert got != mapped
         else:
             assert got == mapped
+
+
+def test_above_the_calibrated_steps_the_planned_default_runs_only_within_the_dynamic_rules_error(flux):
+    """The planned default met the dynamic rule's calibrated error at N; where the check found its mapped
+    plan worse than the dynamic rule at 2N, the default above N is the dynamic rule, and the report says
+    why. A budget still runs its stored plan."""
+    pipe, embeddings, table = flux
+    call = _sample(embeddings, 5, 2 * STEPS)
+    worse = FinerGridCheck(2 * STEPS, (0, 1), (-20.0, -21.0), (-19.0, -19.0), dynamic_errors=(-25.0, -26.0))
+    assert not worse.planned_default_kept and "so it is the default" in worse.describe()
+    _, report = _generate(pipe, call, {"alpha": dataclasses.replace(table, finer=worse)})
+    assert report.schedule.startswith("dynamic rule ε > δ (the default): above the table's calibrated"), report
+    assert "found it did not (-20.5 dB against -25.5 dB)" in report.schedule
+    _, report = _generate(pipe, call, {"alpha": dataclasses.replace(table, finer=worse), "full_steps": 8})
+    assert report.num_full_steps == 8 and "end-to-end plan" in report.schedule
+    within = dataclasses.replace(worse, dynamic_errors=(-20.0, -20.0))
+    assert within.planned_default_kept and "the planned default stays the default" in within.describe()
+    _, report = _generate(pipe, call, {"alpha": dataclasses.replace(table, finer=within)})
+    assert report.schedule.startswith("planned default"), report.schedule
+    with pytest.raises(AlphaTableError, match="one dynamic-rule error per rollout sample"):
+        dataclasses.replace(worse, dynamic_errors=(-1.0,))
 
 
 def test_the_report_says_which_coefficients_ran_above_the_calibrated_steps(flux):
