@@ -193,12 +193,14 @@ def calibrate(
 
     ``finer_steps``: with schedules chosen end to end and a pipeline, check the fitted coefficients at
     that many steps (more than the samples run): the planned default's schedule runs on the rollout
-    samples with the coefficients mapped to that step count and with α = 1, and where α = 1 is better
-    on every sample, generations of more steps than calibrated predict with α = 1
-    (:class:`~sc_compile.calibration.table.FinerGridCheck`; about 3 × ``plan_samples`` generations
-    at that step count). ``None``: twice the calibrated step count (at least 9) where possible (not
-    with callable samples, samples with their own timesteps / sigmas, a table without a planned
-    default, or a pipeline that refuses the step count: each said in the log); ``0``: no check.
+    samples with the coefficients mapped to that step count and with α = 1, then the dynamic rule with
+    the coefficients chosen. Where α = 1 is better on every sample, generations of more steps than
+    calibrated predict with α = 1; where the planned default's error there exceeds the dynamic rule's,
+    their default is the dynamic rule (:class:`~sc_compile.calibration.table.FinerGridCheck`; about
+    4 × ``plan_samples`` generations at that step count). ``None``: twice the calibrated step count
+    (at least 9) where possible (not with callable samples, samples with their own timesteps /
+    sigmas, a table without a planned default, or a pipeline that refuses the step count: each said
+    in the log); ``0``: no check.
 
     ``target`` is a diffusers pipeline (anything with a ``.transformer``) and ``samples`` a list of
     keyword-argument dicts for ``target(**kwargs)`` (a ``"seed"`` key becomes a CPU generator); or
