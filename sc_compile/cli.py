@@ -584,8 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_at_least(0),
         default=None,
         help="with stored plans, check the fitted coefficients at this many steps (more than --steps): where α = 1 "
-        "beats them there on every rollout sample, generations of more steps than calibrated predict with α = 1; "
-        "0: no check (default: twice --steps, at least 9)",
+        "beats them there on every rollout sample, generations of more steps than calibrated predict with α = 1, and "
+        "where the planned default is worse there than the dynamic rule, the dynamic rule is their default; 0: no "
+        "check (default: twice --steps, at least 9)",
     )
     cal.add_argument(
         "--plan-refine",
