@@ -594,7 +594,9 @@ def check_finer_grid(
     """The table's planned default at ``num_steps`` (more than calibrated: what a generation there runs
     by default) run on ``samples`` (the rollout samples at that step count, ``uncached`` their outputs
     with every step full) with the table's coefficients mapped there and with α = 1, on the same full
-    steps. The table must have a planned default (a stored plan within the dynamic rule's error)."""
+    steps; then the dynamic rule there with the coefficients those two runs chose (whether the planned
+    default stays within its error above the calibrated count). The table must have a planned default
+    (a stored plan within the dynamic rule's error)."""
     plans = table.plans
     assert plans is not None
     references = [u for u in uncached if u is not None]
