@@ -229,7 +229,7 @@ def calibrate(
         raise ValueError(f"plan_refine must be an int >= 0, but got {plan_refine!r}")
     if finer_steps is not None and not is_int_at_least(finer_steps, 0):
         raise ValueError(f"finer_steps must be an int >= 0 or None, but got {finer_steps!r}")
-    if finer_steps and (pipeline_of(target) is None or not all(isinstance(s, Mapping) for s in samples)):
+    if finer_steps and (pipeline is None or not all(isinstance(s, Mapping) for s in samples)):
         raise ValueError(
             f"finer_steps={finer_steps} runs the samples at another step count, which needs a pipeline and "
             "keyword-argument samples (their num_inference_steps is set); pass finer_steps=0"

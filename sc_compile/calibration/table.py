@@ -190,13 +190,22 @@ class FinerGridCheck:
         return self.ones_errors if self.ones_better else self.table_errors
 
     @property
+    def planned_error(self) -> float:
+        """The planned default's mean error (dB) with the coefficients the verdict chose."""
+        return _mean(self.planned_errors)
+
+    @property
+    def dynamic_error(self) -> float | None:
+        """The dynamic rule's mean error (dB) there (``None``: not measured)."""
+        return _mean(self.dynamic_errors) if self.dynamic_errors else None
+
+    @property
     def planned_default_kept(self) -> bool:
         """The planned default stays the default above the calibrated step count: its mean error at
         ``num_steps`` is within the dynamic rule's there (the condition it met at the calibrated count),
         or the dynamic rule was not measured."""
-        if not self.dynamic_errors:
-            return True
-        return _mean(self.planned_errors) <= _mean(self.dynamic_errors)
+        dynamic = self.dynamic_error
+        return dynamic is None or self.planned_error <= dynamic
 
     @classmethod
     def assuming(cls, num_steps: int, *, ones_better: bool) -> FinerGridCheck:
@@ -211,9 +220,9 @@ class FinerGridCheck:
             f"({len(self.full_steps)} full): table {_mean(self.table_errors):.1f} dB, α = 1 "
             f"{_mean(self.ones_errors):.1f} dB; above the calibrated step count a generation predicts with {verdict}"
         )
-        if self.dynamic_errors:
+        if self.dynamic_error is not None:
             text += (
-                f"; the dynamic rule there {_mean(self.dynamic_errors):.1f} dB at {self.dynamic_full_steps:.1f} "
+                f"; the dynamic rule there {self.dynamic_error:.1f} dB at {self.dynamic_full_steps:.1f} "
                 "full, so "
                 + ("the planned default stays the default" if self.planned_default_kept else "it is the default")
             )

@@ -173,12 +173,11 @@ class Decisions:
                 # Above the calibrated count, where the table's check found the dynamic rule better there.
                 assert self.alpha is not None and self.alpha.finer is not None
                 check = self.alpha.finer
-                planned = sum(check.planned_errors) / len(check.planned_errors)
-                dynamic = sum(check.dynamic_errors) / len(check.dynamic_errors)
                 self._schedule = (
                     f"dynamic rule ε > δ (the default): above the table's calibrated {self.alpha.num_steps} steps the "
                     f"planned default runs where it stays within the dynamic rule's error, and the table's check at "
-                    f"{check.num_steps} steps found it did not ({planned:.1f} dB against {dynamic:.1f} dB)"
+                    f"{check.num_steps} steps found it did not ({check.planned_error:.1f} dB against "
+                    f"{check.dynamic_error:.1f} dB)"
                 )
             if self.second_order and self._stored_index is not None and self._plan_runs_with(self._stored_index) == 1:
                 # The stored plan was chosen with one difference (its rollouts were better so): it runs
